@@ -1,0 +1,16 @@
+include(Catch)
+
+# moed_add_test(NAME SOURCES a.cc b.cc LIBS x y [LABELS unit])
+# One Catch2 executable; each TEST_CASE becomes its own ctest test.
+function(moed_add_test name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;LIBS;LABELS" ${ARGN})
+  if(NOT ARG_LABELS)
+    set(ARG_LABELS unit)
+  endif()
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_LIBS} Catch2::Catch2WithMain)
+  catch_discover_tests(${name}
+    TEST_PREFIX "${name}:"
+    PROPERTIES LABELS "${ARG_LABELS}"
+               ENVIRONMENT "MOED_SHARED_DIR=${MOED_SHARED_DIR};MOED_BUILD_DIR=${CMAKE_BINARY_DIR}")
+endfunction()

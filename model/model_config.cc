@@ -1,0 +1,312 @@
+#include "model/model_config.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+#include "util/status_macros.h"
+
+namespace moed::model {
+namespace {
+
+using nlohmann::json;
+
+struct ArchitectureNames {
+  Architecture arch;
+  absl::string_view hf_class;
+  absl::string_view short_name;
+};
+constexpr ArchitectureNames kArchitectures[] = {
+    {Architecture::kMixtral, "MixtralForCausalLM", "mixtral"},
+    {Architecture::kQwen2Moe, "Qwen2MoeForCausalLM", "qwen2_moe"},
+    {Architecture::kQwen3Moe, "Qwen3MoeForCausalLM", "qwen3_moe"},
+    {Architecture::kOlmoe, "OlmoeForCausalLM", "olmoe"},
+};
+
+// Reads typed fields out of a parsed config, turning every problem into an error that names
+// the file and the key.
+class FieldReader {
+ public:
+  FieldReader(const json& root, absl::string_view source) : root_(root), source_(source) {}
+
+  absl::Status Error(absl::string_view key, absl::string_view problem) const {
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": \"", key, "\" ", problem));
+  }
+
+  const json* Find(absl::string_view key) const {
+    auto it = root_.find(std::string(key));
+    if (it == root_.end() || it->is_null()) return nullptr;
+    return &*it;
+  }
+
+  // A positive integer, required unless `fallback` is given.
+  absl::Status PositiveInt(absl::string_view key, int64_t* out,
+                           std::optional<int64_t> fallback = std::nullopt) const {
+    const json* value = Find(key);
+    if (value == nullptr) {
+      if (fallback.has_value()) {
+        *out = *fallback;
+        return absl::OkStatus();
+      }
+      return Error(key, "is missing");
+    }
+    if (!value->is_number_integer()) return Error(key, "must be an integer");
+    int64_t v = value->get<int64_t>();
+    if (v <= 0) return Error(key, absl::StrCat("must be positive, not ", v));
+    if (v > (int64_t{1} << 40)) return Error(key, absl::StrCat("is implausibly large: ", v));
+    *out = v;
+    return absl::OkStatus();
+  }
+
+  absl::Status PositiveNumber(absl::string_view key, double* out,
+                              std::optional<double> fallback = std::nullopt) const {
+    const json* value = Find(key);
+    if (value == nullptr) {
+      if (fallback.has_value()) {
+        *out = *fallback;
+        return absl::OkStatus();
+      }
+      return Error(key, "is missing");
+    }
+    if (!value->is_number()) return Error(key, "must be a number");
+    double v = value->get<double>();
+    if (!(v > 0)) return Error(key, "must be positive");
+    *out = v;
+    return absl::OkStatus();
+  }
+
+  absl::Status Bool(absl::string_view key, bool* out, bool fallback) const {
+    const json* value = Find(key);
+    if (value == nullptr) {
+      *out = fallback;
+      return absl::OkStatus();
+    }
+    if (!value->is_boolean()) return Error(key, "must be true or false");
+    *out = value->get<bool>();
+    return absl::OkStatus();
+  }
+
+  absl::Status String(absl::string_view key, std::string* out) const {
+    const json* value = Find(key);
+    if (value == nullptr) return absl::OkStatus();
+    if (!value->is_string()) return Error(key, "must be a string");
+    *out = value->get<std::string>();
+    return absl::OkStatus();
+  }
+
+  // A token id or a list of them (eos_token_id is either in real configs).
+  absl::Status TokenIds(absl::string_view key, std::vector<int64_t>* out) const {
+    const json* value = Find(key);
+    if (value == nullptr) return absl::OkStatus();
+    auto take = [&](const json& item) -> absl::Status {
+      if (!item.is_number_integer() || item.get<int64_t>() < 0) {
+        return Error(key, "must hold non-negative integer token ids");
+      }
+      out->push_back(item.get<int64_t>());
+      return absl::OkStatus();
+    };
+    if (value->is_array()) {
+      for (const json& item : *value) {
+        if (absl::Status s = take(item); !s.ok()) return s;
+      }
+      return absl::OkStatus();
+    }
+    return take(*value);
+  }
+
+ private:
+  const json& root_;
+  absl::string_view source_;
+};
+
+
+}  // namespace
+
+absl::string_view ArchitectureName(Architecture arch) {
+  for (const auto& names : kArchitectures) {
+    if (names.arch == arch) return names.hf_class;
+  }
+  return "?";
+}
+
+absl::string_view ArchitectureShortName(Architecture arch) {
+  for (const auto& names : kArchitectures) {
+    if (names.arch == arch) return names.short_name;
+  }
+  return "?";
+}
+
+absl::StatusOr<Architecture> ParseArchitectureShortName(absl::string_view name) {
+  for (const auto& names : kArchitectures) {
+    if (names.short_name == name) return names.arch;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown architecture '", name, "' (expected mixtral, qwen2_moe, qwen3_moe or olmoe)"));
+}
+
+bool ModelConfig::IsMoeLayer(int64_t layer) const {
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) {
+    return false;
+  }
+  return (layer + 1) % decoder_sparse_step == 0;
+}
+
+int64_t ModelConfig::NumMoeLayers() const {
+  int64_t n = 0;
+  for (int64_t layer = 0; layer < num_layers; ++layer) n += IsMoeLayer(layer) ? 1 : 0;
+  return n;
+}
+
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source) {
+  json root = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
+  }
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
+  }
+  FieldReader fields(root, source);
+  ModelConfig config;
+
+  const json* architectures = fields.Find("architectures");
+  if (architectures == nullptr || !architectures->is_array() || architectures->empty() ||
+      !(*architectures)[0].is_string()) {
+    return fields.Error("architectures", "must be a list naming the model class");
+  }
+  std::string hf_class = (*architectures)[0].get<std::string>();
+  bool known = false;
+  for (const auto& names : kArchitectures) {
+    if (names.hf_class == hf_class) {
+      config.architecture = names.arch;
+      known = true;
+    }
+  }
+  if (!known) {
+    return fields.Error("architectures",
+                        absl::StrCat("names ", hf_class,
+                                     ", which moed does not support (supported: "
+                                     "MixtralForCausalLM, Qwen2MoeForCausalLM, "
+                                     "Qwen3MoeForCausalLM, OlmoeForCausalLM)"));
+  }
+  MOED_RETURN_IF_ERROR(fields.String("model_type", &config.model_type));
+  MOED_RETURN_IF_ERROR(fields.String("torch_dtype", &config.torch_dtype));
+
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("vocab_size", &config.vocab_size));
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("hidden_size", &config.hidden_size));
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("num_hidden_layers", &config.num_layers));
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("num_attention_heads", &config.num_attention_heads));
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("num_key_value_heads", &config.num_key_value_heads,
+                                          config.num_attention_heads));
+  if (config.num_attention_heads % config.num_key_value_heads != 0) {
+    return fields.Error("num_key_value_heads",
+                        absl::StrCat("(", config.num_key_value_heads,
+                                     ") must divide num_attention_heads (",
+                                     config.num_attention_heads, ")"));
+  }
+  if (fields.Find("head_dim") == nullptr && config.hidden_size % config.num_attention_heads != 0) {
+    return fields.Error("head_dim", "is missing and hidden_size is not a multiple of the heads");
+  }
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("head_dim", &config.head_dim,
+                                          config.hidden_size / config.num_attention_heads));
+  if (config.head_dim % 2 != 0) return fields.Error("head_dim", "must be even for RoPE");
+  MOED_RETURN_IF_ERROR(
+      fields.PositiveInt("max_position_embeddings", &config.max_position_embeddings));
+  MOED_RETURN_IF_ERROR(fields.PositiveNumber("rms_norm_eps", &config.rms_norm_eps));
+  MOED_RETURN_IF_ERROR(fields.PositiveNumber("rope_theta", &config.rope_theta, 10000.0));
+  MOED_RETURN_IF_ERROR(fields.Bool("tie_word_embeddings", &config.tie_word_embeddings, false));
+
+  if (const json* scaling = fields.Find("rope_scaling"); scaling != nullptr) {
+    std::string type = "unknown";
+    if (scaling->is_object()) {
+      for (const char* key : {"rope_type", "type"}) {
+        auto it = scaling->find(key);
+        if (it != scaling->end() && it->is_string()) {
+          type = it->get<std::string>();
+          break;
+        }
+      }
+    }
+    return fields.Error("rope_scaling",
+                        absl::StrCat("of type '", type, "' is not supported (only null)"));
+  }
+  if (const json* hidden_act = fields.Find("hidden_act"); hidden_act != nullptr) {
+    if (!hidden_act->is_string() || hidden_act->get<std::string>() != "silu") {
+      return fields.Error("hidden_act", "must be \"silu\" (SwiGLU experts)");
+    }
+  }
+
+  switch (config.architecture) {
+    case Architecture::kMixtral:
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("num_local_experts", &config.num_experts));
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
+      config.norm_topk_prob = true;  // Mixtral always renormalises its top-k weights.
+      break;
+    case Architecture::kQwen2Moe:
+    case Architecture::kQwen3Moe:
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("num_experts", &config.num_experts));
+      MOED_RETURN_IF_ERROR(
+          fields.PositiveInt("moe_intermediate_size", &config.expert_intermediate_size));
+      MOED_RETURN_IF_ERROR(fields.Bool("norm_topk_prob", &config.norm_topk_prob,
+                                       config.architecture == Architecture::kQwen3Moe));
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("decoder_sparse_step", &config.decoder_sparse_step, 1));
+      MOED_RETURN_IF_ERROR(fields.TokenIds("mlp_only_layers", &config.mlp_only_layers));
+      for (int64_t layer : config.mlp_only_layers) {
+        if (layer >= config.num_layers) {
+          return fields.Error("mlp_only_layers",
+                              absl::StrCat("names layer ", layer, " of ", config.num_layers));
+        }
+      }
+      if (fields.Find("intermediate_size") != nullptr) {
+        MOED_RETURN_IF_ERROR(
+            fields.PositiveInt("intermediate_size", &config.dense_intermediate_size));
+      }
+      if (config.architecture == Architecture::kQwen2Moe &&
+          fields.Find("shared_expert_intermediate_size") != nullptr) {
+        MOED_RETURN_IF_ERROR(fields.PositiveInt("shared_expert_intermediate_size",
+                                                &config.shared_expert_intermediate_size));
+      }
+      if (config.NumMoeLayers() < config.num_layers && config.dense_intermediate_size == 0) {
+        return fields.Error("intermediate_size", "is needed for the dense MLP layers");
+      }
+      break;
+    case Architecture::kOlmoe:
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("num_experts", &config.num_experts));
+      MOED_RETURN_IF_ERROR(fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
+      MOED_RETURN_IF_ERROR(fields.Bool("norm_topk_prob", &config.norm_topk_prob, false));
+      if (const json* clip = fields.Find("clip_qkv"); clip != nullptr) {
+        return fields.Error("clip_qkv", "is not supported (only null)");
+      }
+      break;
+  }
+  MOED_RETURN_IF_ERROR(fields.PositiveInt("num_experts_per_tok", &config.experts_per_token));
+  if (config.experts_per_token > config.num_experts) {
+    return fields.Error("num_experts_per_tok",
+                        absl::StrCat("(", config.experts_per_token, ") exceeds the ",
+                                     config.num_experts, " experts"));
+  }
+
+  std::vector<int64_t> bos;
+  MOED_RETURN_IF_ERROR(fields.TokenIds("bos_token_id", &bos));
+  if (!bos.empty()) config.bos_token_id = bos.front();
+  MOED_RETURN_IF_ERROR(fields.TokenIds("eos_token_id", &config.eos_token_ids));
+  for (int64_t id : config.eos_token_ids) {
+    if (id >= config.vocab_size) {
+      return fields.Error("eos_token_id", absl::StrCat(id, " is outside the vocabulary"));
+    }
+  }
+  return config;
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
+  std::string path = model_dir + "/config.json";
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream text;
+  text << file.rdbuf();
+  if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
+  return ParseModelConfig(text.str(), path);
+}
+
+}  // namespace moed::model

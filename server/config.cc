@@ -1,0 +1,359 @@
+#include "server/config.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
+#include "nlohmann/json.hpp"
+#include "util/status_macros.h"
+
+namespace moed::server {
+namespace {
+
+using nlohmann::json;
+
+template <typename T>
+OptionSpec::Field F(T DaemonConfig::*member) {
+  return OptionSpec::Field(member);
+}
+
+std::string DefaultText(const OptionSpec& spec) {
+  DaemonConfig defaults;
+  return std::visit(
+      [&](auto member) -> std::string {
+        const auto& value = defaults.*member;
+        using T = std::decay_t<decltype(value)>;
+        if constexpr (std::is_same_v<T, std::string>) {
+          return value;
+        } else if constexpr (std::is_same_v<T, bool>) {
+          return value ? "true" : "false";
+        } else {
+          return absl::StrCat(value);
+        }
+      },
+      spec.field);
+}
+
+absl::Status CheckChoice(const OptionSpec& spec, const std::string& value) {
+  if (spec.choices.empty()) return absl::OkStatus();
+  for (const std::string& choice : spec.choices) {
+    if (choice == value) return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("'", value, "' is not one of ",
+                                                 absl::StrJoin(spec.choices, ", ")));
+}
+
+absl::Status CheckRangeOf(const OptionSpec& spec, int64_t value) {
+  if (value < spec.min_value || value > spec.max_value) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(value, " is out of range [", spec.min_value, ", ",
+                     spec.max_value == INT64_MAX ? std::string("max") : absl::StrCat(spec.max_value),
+                     "]"));
+  }
+  return absl::OkStatus();
+}
+
+// Sets an option from text (a flag's or an environment variable's value).
+absl::Status SetFromText(const OptionSpec& spec, const std::string& text, DaemonConfig* config) {
+  return std::visit(
+      [&](auto member) -> absl::Status {
+        auto& target = config->*member;
+        using T = std::decay_t<decltype(target)>;
+        if constexpr (std::is_same_v<T, std::string>) {
+          MOED_RETURN_IF_ERROR(CheckChoice(spec, text));
+          target = text;
+        } else if constexpr (std::is_same_v<T, int64_t>) {
+          int64_t value = 0;
+          if (!absl::SimpleAtoi(text, &value)) {
+            return absl::InvalidArgumentError(absl::StrCat("expected an integer, got '", text, "'"));
+          }
+          MOED_RETURN_IF_ERROR(CheckRangeOf(spec, value));
+          target = value;
+        } else if constexpr (std::is_same_v<T, bool>) {
+          std::string lower = absl::AsciiStrToLower(text);
+          if (lower == "true" || lower == "1" || lower == "yes") {
+            target = true;
+          } else if (lower == "false" || lower == "0" || lower == "no") {
+            target = false;
+          } else {
+            return absl::InvalidArgumentError(absl::StrCat("expected true or false, got '", text, "'"));
+          }
+        } else {
+          double value = 0;
+          if (!absl::SimpleAtod(text, &value)) {
+            return absl::InvalidArgumentError(absl::StrCat("expected a number, got '", text, "'"));
+          }
+          target = value;
+        }
+        return absl::OkStatus();
+      },
+      spec.field);
+}
+
+absl::Status SetFromJson(const OptionSpec& spec, const json& value, DaemonConfig* config) {
+  return std::visit(
+      [&](auto member) -> absl::Status {
+        auto& target = config->*member;
+        using T = std::decay_t<decltype(target)>;
+        if constexpr (std::is_same_v<T, std::string>) {
+          if (!value.is_string()) return absl::InvalidArgumentError("must be a string");
+          MOED_RETURN_IF_ERROR(CheckChoice(spec, value.get<std::string>()));
+          target = value.get<std::string>();
+        } else if constexpr (std::is_same_v<T, int64_t>) {
+          if (!value.is_number_integer()) return absl::InvalidArgumentError("must be an integer");
+          if (value.is_number_unsigned() && value.get<uint64_t>() > INT64_MAX) {
+            return absl::InvalidArgumentError("is out of range");
+          }
+          MOED_RETURN_IF_ERROR(CheckRangeOf(spec, value.get<int64_t>()));
+          target = value.get<int64_t>();
+        } else if constexpr (std::is_same_v<T, bool>) {
+          if (!value.is_boolean()) return absl::InvalidArgumentError("must be true or false");
+          target = value.get<bool>();
+        } else {
+          if (!value.is_number()) return absl::InvalidArgumentError("must be a number");
+          target = value.get<double>();
+        }
+        return absl::OkStatus();
+      },
+      spec.field);
+}
+
+const OptionSpec* FindOption(absl::string_view name) {
+  for (const OptionSpec& spec : DaemonOptions()) {
+    if (spec.name == name) return &spec;
+  }
+  return nullptr;
+}
+
+bool IsBoolOption(const OptionSpec& spec) {
+  return std::holds_alternative<bool DaemonConfig::*>(spec.field);
+}
+
+absl::Status WithContext(absl::string_view context, const absl::Status& status) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+}
+
+absl::Status ApplyConfigFile(const std::string& path, DaemonConfig* config) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError(absl::StrCat("config file ", path, ": cannot open"));
+  std::stringstream text;
+  text << file.rdbuf();
+  return ApplyConfigJson(text.str(), absl::StrCat("config file ", path), config);
+}
+
+}  // namespace
+
+std::string OptionSpec::EnvVar() const {
+  return "MOED_" + absl::AsciiStrToUpper(absl::StrReplaceAll(name, {{"-", "_"}}));
+}
+
+const std::vector<OptionSpec>& DaemonOptions() {
+  static const std::vector<OptionSpec> options = [] {
+    std::vector<OptionSpec> o;
+    o.push_back({.name = "model", .field = F(&DaemonConfig::model), .metavar = "DIR",
+                 .help = "Hugging Face checkpoint directory to serve (config.json, "
+                         "*.safetensors, tokenizer.json)"});
+    o.push_back({.name = "listen", .field = F(&DaemonConfig::listen), .metavar = "HOST:PORT",
+                 .help = "gRPC address; port 0 picks a free port. The first line on stdout is "
+                         "'listening on HOST:PORT'"});
+    o.push_back({.name = "config", .field = F(&DaemonConfig::config), .metavar = "FILE",
+                 .help = "JSON file of options, keyed by the long flag names; flags and MOED_* "
+                         "variables override it",
+                 .file_key = false});
+    o.push_back({.name = "served-model-name", .field = F(&DaemonConfig::served_model_name),
+                 .metavar = "NAME",
+                 .help = "Model name reported to clients (default: the model directory's name)"});
+    o.push_back({.name = "backend", .field = F(&DaemonConfig::backend), .metavar = "KIND",
+                 .help = "Compute backend: auto uses a CUDA device when there is one, else the CPU",
+                 .choices = {"auto", "cpu", "cuda"}});
+    o.push_back({.name = "cuda-device", .field = F(&DaemonConfig::cuda_device), .metavar = "N",
+                 .help = "CUDA device index for the cuda backend",
+                 .min_value = 0,
+                 .max_value = 1024});
+    o.push_back({.name = "log-level", .field = F(&DaemonConfig::log_level), .metavar = "LEVEL",
+                 .help = "Least severe log level written to stderr",
+                 .choices = {"trace", "debug", "info", "warn", "error"}});
+    o.push_back({.name = "log-format", .field = F(&DaemonConfig::log_format), .metavar = "FORMAT",
+                 .help = "text: one readable line per event; json: one JSON object per line",
+                 .choices = {"text", "json"}});
+    return o;
+  }();
+  return options;
+}
+
+EnvLookup ProcessEnvironment() {
+  return [](const std::string& name) -> std::optional<std::string> {
+    const char* value = std::getenv(name.c_str());
+    if (value == nullptr) return std::nullopt;
+    return std::string(value);
+  };
+}
+
+absl::Status ApplyConfigJson(absl::string_view text, absl::string_view source,
+                             DaemonConfig* config) {
+  json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
+  }
+  // Validate everything before changing anything, so a bad file leaves the config as it was.
+  DaemonConfig updated = *config;
+  for (const auto& [key, value] : root.items()) {
+    const OptionSpec* spec = FindOption(key);
+    if (spec == nullptr || !spec->file_key) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": unknown key \"", key, "\""));
+    }
+    MOED_RETURN_IF_ERROR(
+        WithContext(absl::StrCat(source, ": \"", key, "\""), SetFromJson(*spec, value, &updated)));
+  }
+  *config = std::move(updated);
+  return absl::OkStatus();
+}
+
+absl::Status SplitHostPort(absl::string_view address, std::string* host, int* port) {
+  size_t colon = address.rfind(':');
+  if (colon == absl::string_view::npos || colon == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' is not HOST:PORT"));
+  }
+  absl::string_view host_part = address.substr(0, colon);
+  if (host_part.front() == '[') {
+    if (host_part.back() != ']' || host_part.size() < 3) {
+      return absl::InvalidArgumentError(absl::StrCat("'", address, "' has a malformed IPv6 host"));
+    }
+  } else if (host_part.find(':') != absl::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", address, "': write IPv6 hosts in brackets, as [::1]:PORT"));
+  }
+  int value = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &value) || value < 0 || value > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("'", address, "' has no valid port (0-65535)"));
+  }
+  *host = std::string(host_part);
+  *port = value;
+  return absl::OkStatus();
+}
+
+absl::Status ValidateConfig(const DaemonConfig& config) {
+  std::string host;
+  int port = 0;
+  MOED_RETURN_IF_ERROR(WithContext("--listen", SplitHostPort(config.listen, &host, &port)));
+  if (config.model.empty()) {
+    return absl::InvalidArgumentError("no model to serve: pass --model DIR (or set MOED_MODEL)");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args,
+                                             const EnvLookup& env) {
+  struct FlagValue {
+    const OptionSpec* spec;
+    std::string value;
+  };
+  CommandLine result;
+  std::vector<FlagValue> flags;
+  for (size_t i = 0; i < args.size(); ++i) {
+    absl::string_view arg = args[i];
+    if (arg == "--help" || arg == "-h") {
+      result.action = Action::kHelp;
+      return result;
+    }
+    if (arg == "--version") {
+      result.action = Action::kVersion;
+      return result;
+    }
+    if (arg == "--help-markdown") {
+      result.action = Action::kHelpMarkdown;
+      return result;
+    }
+    if (arg.size() < 3 || arg.substr(0, 2) != "--") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected argument '", arg, "' (options are --name VALUE; see --help)"));
+    }
+    absl::string_view body = arg.substr(2);
+    std::optional<std::string> inline_value;
+    if (size_t eq = body.find('='); eq != absl::string_view::npos) {
+      inline_value = std::string(body.substr(eq + 1));
+      body = body.substr(0, eq);
+    }
+    const OptionSpec* spec = FindOption(body);
+    if (spec == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", body, " (see --help)"));
+    }
+    std::string value;
+    if (inline_value.has_value()) {
+      value = *inline_value;
+    } else if (IsBoolOption(*spec)) {
+      value = "true";
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("--", spec->name, " needs a value (",
+                                                     spec->metavar, ")"));
+    }
+    flags.push_back({spec, std::move(value)});
+  }
+
+  // The config file comes first so that variables and flags override it.
+  std::optional<std::string> config_path = env("MOED_CONFIG");
+  for (const FlagValue& flag : flags) {
+    if (flag.spec->name == "config") config_path = flag.value;
+  }
+  if (config_path.has_value() && !config_path->empty()) {
+    result.config.config = *config_path;
+    MOED_RETURN_IF_ERROR(ApplyConfigFile(*config_path, &result.config));
+  }
+  for (const OptionSpec& spec : DaemonOptions()) {
+    if (std::optional<std::string> value = env(spec.EnvVar()); value.has_value()) {
+      MOED_RETURN_IF_ERROR(WithContext(spec.EnvVar(), SetFromText(spec, *value, &result.config)));
+    }
+  }
+  for (const FlagValue& flag : flags) {
+    MOED_RETURN_IF_ERROR(
+        WithContext(absl::StrCat("--", flag.spec->name), SetFromText(*flag.spec, flag.value, &result.config)));
+  }
+  MOED_RETURN_IF_ERROR(ValidateConfig(result.config));
+  return result;
+}
+
+std::string HelpText() {
+  std::string text =
+      "moed: serving daemon for Mixture-of-Experts language models\n\n"
+      "usage: moed --model DIR [options]\n\n"
+      "Every option can also be set in the --config JSON file (same key, without --) or in the\n"
+      "environment variable shown. Precedence: flags, then variables, then the file.\n\n";
+  for (const OptionSpec& spec : DaemonOptions()) {
+    std::string head = absl::StrCat("  --", spec.name, " ", spec.metavar);
+    absl::StrAppend(&text, head, "\n      ", spec.help, "\n      default: ",
+                    DefaultText(spec).empty() ? "(none)" : DefaultText(spec));
+    if (!spec.choices.empty()) absl::StrAppend(&text, "; one of ", absl::StrJoin(spec.choices, ", "));
+    absl::StrAppend(&text, "; env: ", spec.EnvVar(), "\n");
+  }
+  absl::StrAppend(&text, "  --help\n      Print this text\n  --version\n      Print the version\n");
+  return text;
+}
+
+std::string OptionsMarkdown() {
+  std::string text =
+      "| flag | config key | environment | default | description |\n"
+      "| --- | --- | --- | --- | --- |\n";
+  for (const OptionSpec& spec : DaemonOptions()) {
+    std::string description = spec.help;
+    if (!spec.choices.empty()) {
+      absl::StrAppend(&description, " (one of: ", absl::StrJoin(spec.choices, ", "), ")");
+    }
+    std::string default_text = DefaultText(spec);
+    absl::StrAppend(&text, "| `--", spec.name, " ", spec.metavar, "` | ",
+                    spec.file_key ? absl::StrCat("`", spec.name, "`") : std::string("—"), " | `",
+                    spec.EnvVar(), "` | ", default_text.empty() ? "" : absl::StrCat("`", default_text, "`"),
+                    " | ", description, " |\n");
+  }
+  return text;
+}
+
+}  // namespace moed::server

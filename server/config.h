@@ -1,0 +1,78 @@
+// The daemon's configuration: one struct, each option declared once in DaemonOptions() with
+// its default, help text and environment variable. Flags, the JSON config file, environment
+// variables, --help and docs/configuration.md all come from that one table.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace moed::server {
+
+struct DaemonConfig {
+  std::string model;
+  std::string listen = "127.0.0.1:50051";
+  std::string config;
+  std::string served_model_name;
+  std::string backend = "auto";
+  int64_t cuda_device = 0;
+  std::string log_level = "info";
+  std::string log_format = "text";
+};
+
+struct OptionSpec {
+  using Field = std::variant<std::string DaemonConfig::*, int64_t DaemonConfig::*,
+                             bool DaemonConfig::*, double DaemonConfig::*>;
+  std::string name;  // long flag without "--"; also the config-file key
+  Field field;
+  std::string metavar;
+  std::string help;
+  std::vector<std::string> choices;  // non-empty: the value must be one of these
+  int64_t min_value = 0;             // for integers
+  int64_t max_value = INT64_MAX;
+  bool file_key = true;  // false for --config itself
+
+  // MOED_ followed by the name in upper case with '_' for '-'.
+  std::string EnvVar() const;
+};
+
+const std::vector<OptionSpec>& DaemonOptions();
+
+// Looks up an environment variable; injected so that tests need no global environment.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+EnvLookup ProcessEnvironment();
+
+enum class Action { kRun, kHelp, kVersion, kHelpMarkdown };
+
+struct CommandLine {
+  Action action = Action::kRun;
+  DaemonConfig config;
+};
+
+// Defaults, then the config file (--config or MOED_CONFIG), then MOED_* variables, then
+// flags; then validation. Errors are one line naming the flag, key or variable.
+absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args,
+                                             const EnvLookup& env);
+
+// Applies a JSON config file's text; keys are the long flag names.
+absl::Status ApplyConfigJson(absl::string_view text, absl::string_view source,
+                             DaemonConfig* config);
+
+// Checks relations and formats that single options cannot (listen address, a model given).
+absl::Status ValidateConfig(const DaemonConfig& config);
+
+std::string HelpText();
+// The markdown table in docs/configuration.md.
+std::string OptionsMarkdown();
+
+// Splits "host:port" or "[v6]:port"; port 0 means "pick a free one".
+absl::Status SplitHostPort(absl::string_view address, std::string* host, int* port);
+
+}  // namespace moed::server

@@ -1,0 +1,48 @@
+// The daemon: loads the model named by the configuration, picks the compute backend and
+// serves the gRPC API until told to stop.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/server.h"
+#include "kernels/backend.h"
+#include "model/model_config.h"
+#include "moed/v1/moed.grpc.pb.h"
+#include "server/config.h"
+#include "server/health_service.h"
+#include "spdlog/logger.h"
+
+namespace moed::server {
+
+class MoedService;
+
+class Daemon {
+ public:
+  static absl::StatusOr<std::unique_ptr<Daemon>> Create(const DaemonConfig& config,
+                                                        std::shared_ptr<spdlog::logger> logger);
+  ~Daemon();
+
+  // Binds the listening address and starts serving; returns the bound "host:port".
+  absl::StatusOr<std::string> Start();
+  // Stops accepting calls, lets calls in flight finish for up to `grace`, then cancels them.
+  void Shutdown(std::chrono::milliseconds grace);
+
+ private:
+  Daemon() = default;
+
+  DaemonConfig config_;
+  std::shared_ptr<spdlog::logger> logger_;
+  std::unique_ptr<kernels::Backend> backend_;
+  std::unique_ptr<MoedService> moed_service_;
+  std::unique_ptr<HealthService> health_service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+// ModelInfo's static part, from the model's config and the checkpoint directory.
+v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon);
+void FillDevice(const kernels::DeviceInfo& info, v1::Device* device);
+
+}  // namespace moed::server
