@@ -1,0 +1,50 @@
+#include "client/client.h"
+
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+
+namespace moed::client {
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+std::unique_ptr<Client> Client::Create(const std::string& address,
+                                       std::chrono::milliseconds timeout) {
+  return std::unique_ptr<Client>(
+      new Client(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), timeout));
+}
+
+Client::Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout)
+    : channel_(std::move(channel)),
+      moed_(v1::Moed::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)),
+      timeout_(timeout) {}
+
+void Client::SetDeadline(grpc::ClientContext* context) const {
+  context->set_deadline(std::chrono::system_clock::now() + timeout_);
+}
+
+absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Health(
+    const std::string& service) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status status = health_->Check(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response.status();
+}
+
+absl::StatusOr<v1::ModelInfoResponse> Client::ModelInfo() {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  v1::ModelInfoResponse response;
+  grpc::Status status = moed_->ModelInfo(&context, v1::ModelInfoRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+}  // namespace moed::client

@@ -1,0 +1,39 @@
+// A small C++ client for the moed gRPC API.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/channel.h"
+#include "moed/v1/moed.grpc.pb.h"
+
+namespace moed::client {
+
+// Maps a gRPC status onto the same canonical code.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+class Client {
+ public:
+  // Does not connect yet: the first call does, within its timeout.
+  static std::unique_ptr<Client> Create(const std::string& address,
+                                        std::chrono::milliseconds timeout);
+
+  // grpc.health.v1 Check for `service` ("" for the daemon as a whole).
+  absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
+      const std::string& service = "");
+  absl::StatusOr<v1::ModelInfoResponse> ModelInfo();
+
+ private:
+  Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout);
+  void SetDeadline(grpc::ClientContext* context) const;
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Moed::Stub> moed_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace moed::client

@@ -1,0 +1,117 @@
+// moectl: the command-line client. Commands that talk to a daemon print human text, or one
+// JSON object per line with --json.
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
+#include "client/client.h"
+#include "google/protobuf/util/json_util.h"
+
+namespace {
+
+struct GlobalOptions {
+  std::string server = "127.0.0.1:50051";
+  bool json = false;
+  double timeout_seconds = 10;
+};
+
+std::string ToJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  std::string out;
+  if (!google::protobuf::util::MessageToJsonString(message, &out, options).ok()) return "{}";
+  return out;
+}
+
+std::string Gib(uint64_t bytes) { return absl::StrFormat("%.2f GiB", bytes / double(1ull << 30)); }
+std::string Mib(uint64_t bytes) { return absl::StrFormat("%.2f MiB", bytes / double(1ull << 20)); }
+
+int Fail(const absl::Status& status, const GlobalOptions& options) {
+  std::cerr << "moectl: " << options.server << ": " << absl::StatusCodeToString(status.code())
+            << ": " << status.message() << "\n";
+  return 1;
+}
+
+std::unique_ptr<moed::client::Client> Connect(const GlobalOptions& options) {
+  return moed::client::Client::Create(
+      options.server, std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)));
+}
+
+int RunHealth(const GlobalOptions& options, const std::string& service) {
+  auto status = Connect(options)->Health(service);
+  if (!status.ok()) return Fail(status.status(), options);
+  std::string name = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(*status);
+  if (options.json) {
+    std::cout << "{\"service\":\"" << service << "\",\"status\":\"" << name << "\"}\n";
+  } else {
+    std::cout << (service.empty() ? "moed" : service) << ": " << name << "\n";
+  }
+  return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
+void PrintDevice(const moed::v1::Device& device) {
+  std::cout << "  " << device.name();
+  if (!device.compute_capability().empty()) std::cout << " (compute " << device.compute_capability() << ")";
+  std::cout << ": " << Gib(device.free_memory_bytes()) << " free of "
+            << Gib(device.total_memory_bytes()) << ", " << device.compute_units() << " compute units\n";
+}
+
+int RunInfo(const GlobalOptions& options) {
+  auto info = Connect(options)->ModelInfo();
+  if (!info.ok()) return Fail(info.status(), options);
+  if (options.json) {
+    std::cout << ToJson(*info) << "\n";
+    return 0;
+  }
+  std::cout << "model:        " << info->model_name() << " (" << info->architecture() << ", "
+            << info->dtype() << ")\n"
+            << "source:       " << info->source_path() << "\n"
+            << "shape:        " << info->num_layers() << " layers, hidden " << info->hidden_size()
+            << ", " << info->num_attention_heads() << " heads / " << info->num_key_value_heads()
+            << " KV heads of " << info->head_dim() << ", vocab " << info->vocab_size() << "\n"
+            << "experts:      " << info->num_experts() << " per layer, top-" << info->experts_per_token()
+            << ", intermediate " << info->expert_intermediate_size() << ", "
+            << Mib(info->expert_bytes()) << " each, " << Mib(info->total_expert_bytes()) << " in all\n"
+            << "context:      " << info->max_context_tokens() << " tokens\n"
+            << "tokenizer:    " << (info->has_tokenizer() ? "yes" : "no (token ids only)") << "\n"
+            << "backend:      " << info->backend() << "\n";
+  PrintDevice(info->device());
+  if (!info->backend_note().empty()) std::cout << "  (" << info->backend_note() << ")\n";
+  for (const auto& device : info->cuda_devices()) {
+    std::cout << "cuda device " << device.index() << ":\n";
+    PrintDevice(device);
+  }
+  std::cout << "version:      " << info->server_version() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  GlobalOptions options;
+  if (const char* env = std::getenv("MOED_SERVER"); env != nullptr) options.server = env;
+  CLI::App app{"moectl: command-line client for the moed daemon"};
+  app.require_subcommand(1);
+  app.add_option("--server", options.server, "daemon address HOST:PORT (env MOED_SERVER)")
+      ->capture_default_str();
+  app.add_flag("--json", options.json, "print one JSON object per line");
+  app.add_option("--timeout", options.timeout_seconds, "seconds to wait for the daemon")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
+  std::string service;
+  CLI::App* health = app.add_subcommand("health", "ask the daemon whether it is serving (exit 0 if so)");
+  health->add_option("--service", service, "service name; empty for the daemon as a whole");
+  CLI::App* info = app.add_subcommand("info", "describe the served model and the compute backend");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (health->parsed()) return RunHealth(options, service);
+  if (info->parsed()) return RunInfo(options);
+  return 2;
+}
