@@ -148,6 +148,8 @@ absl::StatusOr<std::string> Daemon::Start() {
   health_service_->SetStatus("moed.v1.Moed", grpc::health::v1::HealthCheckResponse::NOT_SERVING);
 
   grpc::ServerBuilder builder;
+  // gRPC sets SO_REUSEPORT by default, which would let a second daemon share a taken port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int bound_port = 0;
   builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &bound_port);
   builder.RegisterService(moed_service_.get());

@@ -1,0 +1,167 @@
+// The real moed and moectl binaries on loopback.
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+
+#include "client/client.h"
+#include "nlohmann/json.hpp"
+#include "tests/integration/daemon_process.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using grpc::health::v1::HealthCheckResponse;
+
+// One synthesized checkpoint shared by the tests of this binary.
+const fs::path& TestModel() {
+  static const fs::path dir = [] {
+    fs::path path = fs::temp_directory_path() / ("moed_daemon_test_" + std::to_string(getpid()));
+    fs::remove_all(path);
+    auto spec = tools::PresetSpec("tiny", model::Architecture::kQwen2Moe);
+    REQUIRE(spec.ok());
+    REQUIRE(tools::WriteCheckpoint(*spec, (path / "tiny-qwen2").string()).ok());
+    return path / "tiny-qwen2";
+  }();
+  return dir;
+}
+
+struct RunningDaemon {
+  explicit RunningDaemon(std::vector<std::string> extra_args = {}) {
+    std::vector<std::string> argv = {MOED_BINARY, "--model", TestModel().string(), "--listen",
+                                     "127.0.0.1:0"};
+    argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+    process = std::make_unique<ChildProcess>(argv);
+    REQUIRE(process->started());
+    std::optional<std::string> line = process->ReadStdoutLine(std::chrono::seconds(30));
+    REQUIRE(line.has_value());
+    REQUIRE(line->rfind("listening on 127.0.0.1:", 0) == 0);
+    address = line->substr(std::string("listening on ").size());
+  }
+  std::unique_ptr<ChildProcess> process;
+  std::string address;
+};
+
+TEST_CASE("the daemon serves Health and ModelInfo for its model, then stops on SIGTERM") {
+  RunningDaemon daemon;
+  auto client = client::Client::Create(daemon.address, std::chrono::seconds(10));
+
+  auto health = client->Health();
+  REQUIRE(health.ok());
+  CHECK(*health == HealthCheckResponse::SERVING);
+  CHECK(*client->Health("moed.v1.Moed") == HealthCheckResponse::SERVING);
+  CHECK(client->Health("no.such.Service").status().code() == absl::StatusCode::kNotFound);
+
+  auto info = client->ModelInfo();
+  REQUIRE(info.ok());
+  auto config = nlohmann::json::parse(std::ifstream(TestModel() / "config.json"));
+  CHECK(info->model_name() == "tiny-qwen2");
+  CHECK(info->architecture() == "Qwen2MoeForCausalLM");
+  CHECK(info->num_layers() == config["num_hidden_layers"]);
+  CHECK(info->num_experts() == config["num_experts"]);
+  CHECK(info->experts_per_token() == config["num_experts_per_tok"]);
+  CHECK(info->expert_intermediate_size() == config["moe_intermediate_size"]);
+  CHECK(info->shared_expert_intermediate_size() == config["shared_expert_intermediate_size"]);
+  CHECK(info->vocab_size() == config["vocab_size"]);
+  CHECK(info->has_tokenizer());
+  CHECK((info->backend() == "cpu" || info->backend() == "cuda"));
+  CHECK(info->device().total_memory_bytes() > 0);
+  CHECK(info->server_version() == MOED_VERSION);
+  if (info->cuda_devices_size() == 0) CHECK_FALSE(info->backend_note().empty());
+
+  CHECK(daemon.process->Stop(SIGTERM) == 0);
+  CHECK(daemon.process->stderr_text().find("received SIGTERM, shutting down") != std::string::npos);
+}
+
+TEST_CASE("SIGINT stops the daemon cleanly too") {
+  RunningDaemon daemon;
+  CHECK(daemon.process->Stop(SIGINT) == 0);
+}
+
+TEST_CASE("the daemon reads a JSON config file and writes JSON logs") {
+  fs::path config = TestModel().parent_path() / "moed.json";
+  std::ofstream(config) << R"({"served-model-name": "from-file", "log-format": "json"})";
+  RunningDaemon daemon({"--config", config.string()});
+  auto info = client::Client::Create(daemon.address, std::chrono::seconds(10))->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->model_name() == "from-file");
+  CHECK(daemon.process->Stop() == 0);
+  std::string logs = daemon.process->stderr_text();
+  size_t lines = 0;
+  for (size_t start = 0, end; (end = logs.find('\n', start)) != std::string::npos; start = end + 1) {
+    auto line = nlohmann::json::parse(logs.substr(start, end - start));
+    CHECK(line.contains("ts"));
+    CHECK(line.contains("msg"));
+    ++lines;
+  }
+  CHECK(lines >= 3);
+}
+
+TEST_CASE("bad flags, config files and models exit non-zero with a one-line error") {
+  struct Case {
+    std::vector<std::string> args;
+    int exit_code;
+    std::string message;
+  };
+  fs::path bad_config = TestModel().parent_path() / "bad.json";
+  std::ofstream(bad_config) << R"({"listen": 50051})";
+  fs::path empty_dir = TestModel().parent_path() / "empty";
+  fs::create_directories(empty_dir);
+  const std::vector<Case> cases = {
+      {{"--bogus"}, 2, "moed: error: unknown flag --bogus (see --help)"},
+      {{"--model"}, 2, "moed: error: --model needs a value (DIR)"},
+      {{}, 2, "moed: error: no model to serve: pass --model DIR (or set MOED_MODEL)"},
+      {{"--model", TestModel().string(), "--backend", "fpga"}, 2,
+       "moed: error: --backend: 'fpga' is not one of auto, cpu, cuda"},
+      {{"--config", bad_config.string()}, 2,
+       "moed: error: config file " + bad_config.string() + ": \"listen\": must be a string"},
+      {{"--model", empty_dir.string()}, 1,
+       "moed: error: " + empty_dir.string() + "/config.json: cannot open"},
+  };
+  for (const Case& c : cases) {
+    std::vector<std::string> argv = {MOED_BINARY};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    INFO(c.message);
+    CommandResult result = RunCommand(argv);
+    CHECK(result.exit_code == c.exit_code);
+    // The last line of stderr is the error, alone on its line.
+    std::string err = result.err;
+    while (!err.empty() && err.back() == '\n') err.pop_back();
+    CHECK(err.substr(err.rfind('\n') == std::string::npos ? 0 : err.rfind('\n') + 1) == c.message);
+    CHECK(result.out.empty());
+  }
+}
+
+TEST_CASE("a taken port is reported and the daemon exits 1") {
+  RunningDaemon first;
+  CommandResult second = RunCommand(
+      {MOED_BINARY, "--model", TestModel().string(), "--listen", first.address});
+  CHECK(second.exit_code == 1);
+  CHECK(second.err.find("cannot listen on " + first.address) != std::string::npos);
+}
+
+TEST_CASE("moectl health and info talk to the daemon") {
+  RunningDaemon daemon;
+  CommandResult health = RunCommand({MOECTL_BINARY, "--server", daemon.address, "health"});
+  CHECK(health.exit_code == 0);
+  CHECK(health.out == "moed: SERVING\n");
+
+  CommandResult info = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--json", "info"});
+  REQUIRE(info.exit_code == 0);
+  auto json = nlohmann::json::parse(info.out);
+  CHECK(json["model_name"] == "tiny-qwen2");
+  CHECK(json["num_experts"] == 8);
+
+  CommandResult human = RunCommand({MOECTL_BINARY, "--server", daemon.address, "info"});
+  CHECK(human.exit_code == 0);
+  CHECK(human.out.find("Qwen2MoeForCausalLM") != std::string::npos);
+
+  CHECK(daemon.process->Stop() == 0);
+  CommandResult gone = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--timeout", "1", "health"});
+  CHECK(gone.exit_code == 1);
+  CHECK(gone.err.find("UNAVAILABLE") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace moed::testing
