@@ -10,7 +10,8 @@ namespace moed::cache {
 
 absl::StatusOr<AlignedBuffer> AlignedBuffer::Allocate(size_t bytes, size_t alignment) {
   if (alignment == 0 || (alignment & (alignment - 1)) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("alignment ", alignment, " is not a power of two"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("alignment ", alignment, " is not a power of two"));
   }
   size_t rounded = AlignUp(bytes, alignment);
   AlignedBuffer buffer;

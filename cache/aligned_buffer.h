@@ -19,7 +19,8 @@ class AlignedBuffer {
  public:
   // `bytes` is rounded up to the alignment; the memory is touched once so that the first
   // read into it does not pay page faults.
-  static absl::StatusOr<AlignedBuffer> Allocate(size_t bytes, size_t alignment = kDirectIoAlignment);
+  static absl::StatusOr<AlignedBuffer> Allocate(size_t bytes,
+                                                size_t alignment = kDirectIoAlignment);
 
   AlignedBuffer() = default;
   AlignedBuffer(const AlignedBuffer&) = delete;

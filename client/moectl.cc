@@ -36,7 +36,8 @@ int Fail(const absl::Status& status, const GlobalOptions& options) {
 
 std::unique_ptr<moed::client::Client> Connect(const GlobalOptions& options) {
   return moed::client::Client::Create(
-      options.server, std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)));
+      options.server,
+      std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)));
 }
 
 int RunHealth(const GlobalOptions& options, const std::string& service) {
@@ -53,9 +54,11 @@ int RunHealth(const GlobalOptions& options, const std::string& service) {
 
 void PrintDevice(const moed::v1::Device& device) {
   std::cout << "  " << device.name();
-  if (!device.compute_capability().empty()) std::cout << " (compute " << device.compute_capability() << ")";
+  if (!device.compute_capability().empty())
+    std::cout << " (compute " << device.compute_capability() << ")";
   std::cout << ": " << Gib(device.free_memory_bytes()) << " free of "
-            << Gib(device.total_memory_bytes()) << ", " << device.compute_units() << " compute units\n";
+            << Gib(device.total_memory_bytes()) << ", " << device.compute_units()
+            << " compute units\n";
 }
 
 int RunInfo(const GlobalOptions& options) {
@@ -71,9 +74,10 @@ int RunInfo(const GlobalOptions& options) {
             << "shape:        " << info->num_layers() << " layers, hidden " << info->hidden_size()
             << ", " << info->num_attention_heads() << " heads / " << info->num_key_value_heads()
             << " KV heads of " << info->head_dim() << ", vocab " << info->vocab_size() << "\n"
-            << "experts:      " << info->num_experts() << " per layer, top-" << info->experts_per_token()
-            << ", intermediate " << info->expert_intermediate_size() << ", "
-            << Mib(info->expert_bytes()) << " each, " << Mib(info->total_expert_bytes()) << " in all\n"
+            << "experts:      " << info->num_experts() << " per layer, top-"
+            << info->experts_per_token() << ", intermediate " << info->expert_intermediate_size()
+            << ", " << Mib(info->expert_bytes()) << " each, " << Mib(info->total_expert_bytes())
+            << " in all\n"
             << "context:      " << info->max_context_tokens() << " tokens\n"
             << "tokenizer:    " << (info->has_tokenizer() ? "yes" : "no (token ids only)") << "\n"
             << "backend:      " << info->backend() << "\n";
@@ -102,7 +106,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
 
   std::string service;
-  CLI::App* health = app.add_subcommand("health", "ask the daemon whether it is serving (exit 0 if so)");
+  CLI::App* health =
+      app.add_subcommand("health", "ask the daemon whether it is serving (exit 0 if so)");
   health->add_option("--service", service, "service name; empty for the daemon as a whole");
   CLI::App* info = app.add_subcommand("info", "describe the served model and the compute backend");
 

@@ -7,3 +7,9 @@ elseif(MOED_SANITIZE STREQUAL "thread")
 elseif(NOT MOED_SANITIZE STREQUAL "")
   message(FATAL_ERROR "MOED_SANITIZE must be '', 'address' or 'thread', not '${MOED_SANITIZE}'")
 endif()
+
+if(MOED_FUZZ)
+  # Everything is instrumented for coverage; only the fuzz targets link libFuzzer's main.
+  add_compile_options(-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=address,undefined)
+endif()

@@ -21,7 +21,8 @@ std::string CpuModelName() {
   std::string line;
   while (std::getline(cpuinfo, line)) {
     if (absl::StartsWith(line, "model name")) {
-      std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(line, absl::MaxSplits(':', 1));
+      std::pair<absl::string_view, absl::string_view> kv =
+          absl::StrSplit(line, absl::MaxSplits(':', 1));
       return std::string(absl::StripAsciiWhitespace(kv.second));
     }
   }

@@ -121,7 +121,6 @@ class FieldReader {
   absl::string_view source_;
 };
 
-
 }  // namespace
 
 absl::string_view ArchitectureName(Architecture arch) {
@@ -159,7 +158,8 @@ int64_t ModelConfig::NumMoeLayers() const {
   return n;
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source) {
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
+                                             absl::string_view source) {
   json root = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
@@ -184,11 +184,10 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
     }
   }
   if (!known) {
-    return fields.Error("architectures",
-                        absl::StrCat("names ", hf_class,
-                                     ", which moed does not support (supported: "
-                                     "MixtralForCausalLM, Qwen2MoeForCausalLM, "
-                                     "Qwen3MoeForCausalLM, OlmoeForCausalLM)"));
+    return fields.Error("architectures", absl::StrCat("names ", hf_class,
+                                                      ", which moed does not support (supported: "
+                                                      "MixtralForCausalLM, Qwen2MoeForCausalLM, "
+                                                      "Qwen3MoeForCausalLM, OlmoeForCausalLM)"));
   }
   MOED_RETURN_IF_ERROR(fields.String("model_type", &config.model_type));
   MOED_RETURN_IF_ERROR(fields.String("torch_dtype", &config.torch_dtype));
@@ -200,10 +199,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
   MOED_RETURN_IF_ERROR(fields.PositiveInt("num_key_value_heads", &config.num_key_value_heads,
                                           config.num_attention_heads));
   if (config.num_attention_heads % config.num_key_value_heads != 0) {
-    return fields.Error("num_key_value_heads",
-                        absl::StrCat("(", config.num_key_value_heads,
-                                     ") must divide num_attention_heads (",
-                                     config.num_attention_heads, ")"));
+    return fields.Error("num_key_value_heads", absl::StrCat("(", config.num_key_value_heads,
+                                                            ") must divide num_attention_heads (",
+                                                            config.num_attention_heads, ")"));
   }
   if (fields.Find("head_dim") == nullptr && config.hidden_size % config.num_attention_heads != 0) {
     return fields.Error("head_dim", "is missing and hidden_size is not a multiple of the heads");
@@ -240,7 +238,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
   switch (config.architecture) {
     case Architecture::kMixtral:
       MOED_RETURN_IF_ERROR(fields.PositiveInt("num_local_experts", &config.num_experts));
-      MOED_RETURN_IF_ERROR(fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
+      MOED_RETURN_IF_ERROR(
+          fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
       config.norm_topk_prob = true;  // Mixtral always renormalises its top-k weights.
       break;
     case Architecture::kQwen2Moe:
@@ -250,7 +249,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
           fields.PositiveInt("moe_intermediate_size", &config.expert_intermediate_size));
       MOED_RETURN_IF_ERROR(fields.Bool("norm_topk_prob", &config.norm_topk_prob,
                                        config.architecture == Architecture::kQwen3Moe));
-      MOED_RETURN_IF_ERROR(fields.PositiveInt("decoder_sparse_step", &config.decoder_sparse_step, 1));
+      MOED_RETURN_IF_ERROR(
+          fields.PositiveInt("decoder_sparse_step", &config.decoder_sparse_step, 1));
       MOED_RETURN_IF_ERROR(fields.TokenIds("mlp_only_layers", &config.mlp_only_layers));
       for (int64_t layer : config.mlp_only_layers) {
         if (layer >= config.num_layers) {
@@ -273,7 +273,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::
       break;
     case Architecture::kOlmoe:
       MOED_RETURN_IF_ERROR(fields.PositiveInt("num_experts", &config.num_experts));
-      MOED_RETURN_IF_ERROR(fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
+      MOED_RETURN_IF_ERROR(
+          fields.PositiveInt("intermediate_size", &config.expert_intermediate_size));
       MOED_RETURN_IF_ERROR(fields.Bool("norm_topk_prob", &config.norm_topk_prob, false));
       if (const json* clip = fields.Find("clip_qkv"); clip != nullptr) {
         return fields.Error("clip_qkv", "is not supported (only null)");

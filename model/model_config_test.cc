@@ -72,7 +72,8 @@ TEST_CASE("errors name the file and the field") {
 TEST_CASE("a scaled RoPE is refused with its type") {
   nlohmann::json config = MixtralJson();
   config["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
-  CHECK(ErrorOf(config).find("rope_scaling\" of type 'yarn' is not supported") != std::string::npos);
+  CHECK(ErrorOf(config).find("rope_scaling\" of type 'yarn' is not supported") !=
+        std::string::npos);
 }
 
 TEST_CASE("unsupported architectures and malformed files are refused") {
@@ -111,8 +112,8 @@ TEST_CASE("Qwen2-MoE reads its sparse-layer pattern and shared expert") {
 }
 
 TEST_CASE("architecture short names round-trip") {
-  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe,
-                            Architecture::kOlmoe}) {
+  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe,
+                            Architecture::kQwen3Moe, Architecture::kOlmoe}) {
     CHECK(*ParseArchitectureShortName(ArchitectureShortName(arch)) == arch);
   }
   CHECK_FALSE(ParseArchitectureShortName("gpt2").ok());

@@ -41,13 +41,14 @@ absl::Status ValidateSamplingParams(const SamplingParams& params, uint32_t vocab
   for (const std::string& stop : params.stop) {
     if (stop.empty()) return Bad("stop", "contains an empty string");
     if (stop.size() > kMaxStopStringBytes) {
-      return Bad("stop", absl::StrCat("contains a string longer than ", kMaxStopStringBytes, " bytes"));
+      return Bad("stop",
+                 absl::StrCat("contains a string longer than ", kMaxStopStringBytes, " bytes"));
     }
   }
   for (uint32_t id : params.stop_token_ids) {
     if (id >= vocab_size) {
-      return Bad("stop_token_ids", absl::StrCat("contains ", id, ", outside the vocabulary of ",
-                                                vocab_size));
+      return Bad("stop_token_ids",
+                 absl::StrCat("contains ", id, ", outside the vocabulary of ", vocab_size));
     }
   }
   return absl::OkStatus();

@@ -44,16 +44,15 @@ absl::Status CheckChoice(const OptionSpec& spec, const std::string& value) {
   for (const std::string& choice : spec.choices) {
     if (choice == value) return absl::OkStatus();
   }
-  return absl::InvalidArgumentError(absl::StrCat("'", value, "' is not one of ",
-                                                 absl::StrJoin(spec.choices, ", ")));
+  return absl::InvalidArgumentError(
+      absl::StrCat("'", value, "' is not one of ", absl::StrJoin(spec.choices, ", ")));
 }
 
 absl::Status CheckRangeOf(const OptionSpec& spec, int64_t value) {
   if (value < spec.min_value || value > spec.max_value) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(value, " is out of range [", spec.min_value, ", ",
-                     spec.max_value == INT64_MAX ? std::string("max") : absl::StrCat(spec.max_value),
-                     "]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        value, " is out of range [", spec.min_value, ", ",
+        spec.max_value == INT64_MAX ? std::string("max") : absl::StrCat(spec.max_value), "]"));
   }
   return absl::OkStatus();
 }
@@ -70,7 +69,8 @@ absl::Status SetFromText(const OptionSpec& spec, const std::string& text, Daemon
         } else if constexpr (std::is_same_v<T, int64_t>) {
           int64_t value = 0;
           if (!absl::SimpleAtoi(text, &value)) {
-            return absl::InvalidArgumentError(absl::StrCat("expected an integer, got '", text, "'"));
+            return absl::InvalidArgumentError(
+                absl::StrCat("expected an integer, got '", text, "'"));
           }
           MOED_RETURN_IF_ERROR(CheckRangeOf(spec, value));
           target = value;
@@ -81,7 +81,8 @@ absl::Status SetFromText(const OptionSpec& spec, const std::string& text, Daemon
           } else if (lower == "false" || lower == "0" || lower == "no") {
             target = false;
           } else {
-            return absl::InvalidArgumentError(absl::StrCat("expected true or false, got '", text, "'"));
+            return absl::InvalidArgumentError(
+                absl::StrCat("expected true or false, got '", text, "'"));
           }
         } else {
           double value = 0;
@@ -156,30 +157,45 @@ std::string OptionSpec::EnvVar() const {
 const std::vector<OptionSpec>& DaemonOptions() {
   static const std::vector<OptionSpec> options = [] {
     std::vector<OptionSpec> o;
-    o.push_back({.name = "model", .field = F(&DaemonConfig::model), .metavar = "DIR",
+    o.push_back({.name = "model",
+                 .field = F(&DaemonConfig::model),
+                 .metavar = "DIR",
                  .help = "Hugging Face checkpoint directory to serve (config.json, "
                          "*.safetensors, tokenizer.json)"});
-    o.push_back({.name = "listen", .field = F(&DaemonConfig::listen), .metavar = "HOST:PORT",
+    o.push_back({.name = "listen",
+                 .field = F(&DaemonConfig::listen),
+                 .metavar = "HOST:PORT",
                  .help = "gRPC address; port 0 picks a free port. The first line on stdout is "
                          "'listening on HOST:PORT'"});
-    o.push_back({.name = "config", .field = F(&DaemonConfig::config), .metavar = "FILE",
+    o.push_back({.name = "config",
+                 .field = F(&DaemonConfig::config),
+                 .metavar = "FILE",
                  .help = "JSON file of options, keyed by the long flag names; flags and MOED_* "
                          "variables override it",
                  .file_key = false});
-    o.push_back({.name = "served-model-name", .field = F(&DaemonConfig::served_model_name),
+    o.push_back({.name = "served-model-name",
+                 .field = F(&DaemonConfig::served_model_name),
                  .metavar = "NAME",
                  .help = "Model name reported to clients (default: the model directory's name)"});
-    o.push_back({.name = "backend", .field = F(&DaemonConfig::backend), .metavar = "KIND",
+    o.push_back({.name = "backend",
+                 .field = F(&DaemonConfig::backend),
+                 .metavar = "KIND",
                  .help = "Compute backend: auto uses a CUDA device when there is one, else the CPU",
                  .choices = {"auto", "cpu", "cuda"}});
-    o.push_back({.name = "cuda-device", .field = F(&DaemonConfig::cuda_device), .metavar = "N",
+    o.push_back({.name = "cuda-device",
+                 .field = F(&DaemonConfig::cuda_device),
+                 .metavar = "N",
                  .help = "CUDA device index for the cuda backend",
                  .min_value = 0,
                  .max_value = 1024});
-    o.push_back({.name = "log-level", .field = F(&DaemonConfig::log_level), .metavar = "LEVEL",
+    o.push_back({.name = "log-level",
+                 .field = F(&DaemonConfig::log_level),
+                 .metavar = "LEVEL",
                  .help = "Least severe log level written to stderr",
                  .choices = {"trace", "debug", "info", "warn", "error"}});
-    o.push_back({.name = "log-format", .field = F(&DaemonConfig::log_format), .metavar = "FORMAT",
+    o.push_back({.name = "log-format",
+                 .field = F(&DaemonConfig::log_format),
+                 .metavar = "FORMAT",
                  .help = "text: one readable line per event; json: one JSON object per line",
                  .choices = {"text", "json"}});
     return o;
@@ -198,7 +214,8 @@ EnvLookup ProcessEnvironment() {
 absl::Status ApplyConfigJson(absl::string_view text, absl::string_view source,
                              DaemonConfig* config) {
   json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
+  if (root.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   if (!root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
   }
@@ -293,8 +310,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     } else if (i + 1 < args.size()) {
       value = args[++i];
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("--", spec->name, " needs a value (",
-                                                     spec->metavar, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", spec->name, " needs a value (", spec->metavar, ")"));
     }
     flags.push_back({spec, std::move(value)});
   }
@@ -314,8 +331,8 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     }
   }
   for (const FlagValue& flag : flags) {
-    MOED_RETURN_IF_ERROR(
-        WithContext(absl::StrCat("--", flag.spec->name), SetFromText(*flag.spec, flag.value, &result.config)));
+    MOED_RETURN_IF_ERROR(WithContext(absl::StrCat("--", flag.spec->name),
+                                     SetFromText(*flag.spec, flag.value, &result.config)));
   }
   MOED_RETURN_IF_ERROR(ValidateConfig(result.config));
   return result;
@@ -329,9 +346,10 @@ std::string HelpText() {
       "environment variable shown. Precedence: flags, then variables, then the file.\n\n";
   for (const OptionSpec& spec : DaemonOptions()) {
     std::string head = absl::StrCat("  --", spec.name, " ", spec.metavar);
-    absl::StrAppend(&text, head, "\n      ", spec.help, "\n      default: ",
-                    DefaultText(spec).empty() ? "(none)" : DefaultText(spec));
-    if (!spec.choices.empty()) absl::StrAppend(&text, "; one of ", absl::StrJoin(spec.choices, ", "));
+    absl::StrAppend(&text, head, "\n      ", spec.help,
+                    "\n      default: ", DefaultText(spec).empty() ? "(none)" : DefaultText(spec));
+    if (!spec.choices.empty())
+      absl::StrAppend(&text, "; one of ", absl::StrJoin(spec.choices, ", "));
     absl::StrAppend(&text, "; env: ", spec.EnvVar(), "\n");
   }
   absl::StrAppend(&text, "  --help\n      Print this text\n  --version\n      Print the version\n");
@@ -350,8 +368,9 @@ std::string OptionsMarkdown() {
     std::string default_text = DefaultText(spec);
     absl::StrAppend(&text, "| `--", spec.name, " ", spec.metavar, "` | ",
                     spec.file_key ? absl::StrCat("`", spec.name, "`") : std::string("—"), " | `",
-                    spec.EnvVar(), "` | ", default_text.empty() ? "" : absl::StrCat("`", default_text, "`"),
-                    " | ", description, " |\n");
+                    spec.EnvVar(), "` | ",
+                    default_text.empty() ? "" : absl::StrCat("`", default_text, "`"), " | ",
+                    description, " |\n");
   }
   return text;
 }

@@ -16,7 +16,8 @@ EnvLookup FakeEnv(std::map<std::string, std::string> vars) {
   };
 }
 
-std::string ErrorOf(const std::vector<std::string>& args, std::map<std::string, std::string> env = {}) {
+std::string ErrorOf(const std::vector<std::string>& args,
+                    std::map<std::string, std::string> env = {}) {
   absl::StatusOr<CommandLine> parsed = ParseCommandLine(args, FakeEnv(std::move(env)));
   REQUIRE_FALSE(parsed.ok());
   std::string message(parsed.status().message());
@@ -45,7 +46,8 @@ TEST_CASE("defaults: loopback and a model from the flags") {
 
 TEST_CASE("flags accept --name value and --name=value") {
   absl::StatusOr<CommandLine> parsed = ParseCommandLine(
-      {"--model=/m", "--listen", "[::1]:0", "--cuda-device=2", "--log-format", "json"}, FakeEnv({}));
+      {"--model=/m", "--listen", "[::1]:0", "--cuda-device=2", "--log-format", "json"},
+      FakeEnv({}));
   REQUIRE(parsed.ok());
   CHECK(parsed->config.listen == "[::1]:0");
   CHECK(parsed->config.cuda_device == 2);
@@ -53,7 +55,8 @@ TEST_CASE("flags accept --name value and --name=value") {
 }
 
 TEST_CASE("precedence: flags over environment over file over defaults") {
-  std::string file = WriteTempFile(R"({"model": "/from-file", "log-level": "debug", "backend": "cpu"})");
+  std::string file =
+      WriteTempFile(R"({"model": "/from-file", "log-level": "debug", "backend": "cpu"})");
   absl::StatusOr<CommandLine> parsed =
       ParseCommandLine({"--config", file, "--log-level", "warn"},
                        FakeEnv({{"MOED_LOG_LEVEL", "error"}, {"MOED_BACKEND", "cuda"}}));
@@ -74,11 +77,16 @@ TEST_CASE("precedence: flags over environment over file over defaults") {
 TEST_CASE("bad flags give one-line errors naming the problem") {
   CHECK(ErrorOf({"--model", "/m", "--bogus", "1"}) == "unknown flag --bogus (see --help)");
   CHECK(ErrorOf({"--model"}) == "--model needs a value (DIR)");
-  CHECK(ErrorOf({"--model", "/m", "--cuda-device", "x"}) == "--cuda-device: expected an integer, got 'x'");
-  CHECK(ErrorOf({"--model", "/m", "--cuda-device", "-1"}).rfind("--cuda-device: -1 is out of range", 0) == 0);
-  CHECK(ErrorOf({"--model", "/m", "--backend", "tpu"}) == "--backend: 'tpu' is not one of auto, cpu, cuda");
-  CHECK(ErrorOf({"--model", "/m", "--listen", "localhost"}) == "--listen: 'localhost' is not HOST:PORT");
-  CHECK(ErrorOf({"--model", "/m", "--listen", "h:70000"}).find("no valid port") != std::string::npos);
+  CHECK(ErrorOf({"--model", "/m", "--cuda-device", "x"}) ==
+        "--cuda-device: expected an integer, got 'x'");
+  CHECK(ErrorOf({"--model", "/m", "--cuda-device", "-1"})
+            .rfind("--cuda-device: -1 is out of range", 0) == 0);
+  CHECK(ErrorOf({"--model", "/m", "--backend", "tpu"}) ==
+        "--backend: 'tpu' is not one of auto, cpu, cuda");
+  CHECK(ErrorOf({"--model", "/m", "--listen", "localhost"}) ==
+        "--listen: 'localhost' is not HOST:PORT");
+  CHECK(ErrorOf({"--model", "/m", "--listen", "h:70000"}).find("no valid port") !=
+        std::string::npos);
   CHECK(ErrorOf({"--model", "/m", "--listen", "::1:5"}).find("brackets") != std::string::npos);
   CHECK(ErrorOf({"stray"}).rfind("unexpected argument 'stray'", 0) == 0);
   CHECK(ErrorOf({}) == "no model to serve: pass --model DIR (or set MOED_MODEL)");

@@ -47,8 +47,7 @@ class MoedService final : public v1::Moed::Service {
 
   grpc::Status Tokenize(grpc::ServerContext* /*context*/, const v1::TokenizeRequest* /*request*/,
                         v1::TokenizeResponse* /*response*/) override {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                        "this daemon build has no tokenizer yet");
+    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "this daemon build has no tokenizer yet");
   }
 
  private:
@@ -112,7 +111,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   for (const kernels::DeviceInfo& device : discovery.cuda_devices) {
     log.info("cuda device {}: {} (compute {}, {} SMs), {:.1f} GiB free of {:.1f} GiB", device.index,
              device.name, device.compute_capability, device.compute_units,
-             device.free_memory_bytes / double(1 << 30), device.total_memory_bytes / double(1 << 30));
+             device.free_memory_bytes / double(1 << 30),
+             device.total_memory_bytes / double(1 << 30));
   }
   MOED_ASSIGN_OR_RETURN(kernels::BackendChoice choice,
                         kernels::CreateBackend(kind, static_cast<int>(config.cuda_device)));
@@ -157,8 +157,8 @@ absl::StatusOr<std::string> Daemon::Start() {
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || bound_port == 0) {
     server_.reset();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", config_.listen,
-                                               " (address in use or not local?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", config_.listen, " (address in use or not local?)"));
   }
   // The model is loaded before Start(), so the daemon is ready as soon as it listens.
   health_service_->SetStatus("", grpc::health::v1::HealthCheckResponse::SERVING);

@@ -27,7 +27,8 @@ grpc::Status HealthService::Check(grpc::ServerContext* /*context*/,
   std::lock_guard lock(mutex_);
   auto it = statuses_.find(request->service());
   if (it == statuses_.end()) {
-    return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service '" + request->service() + "'");
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        "unknown service '" + request->service() + "'");
   }
   response->set_status(it->second);
   return grpc::Status::OK;

@@ -52,8 +52,8 @@ absl::StatusOr<std::shared_ptr<spdlog::logger>> MakeLogger(const std::string& na
   if (format == "json") {
     sink->set_formatter(std::make_unique<JsonFormatter>());
   } else if (format == "text") {
-    sink->set_formatter(
-        std::make_unique<spdlog::pattern_formatter>("%Y-%m-%dT%H:%M:%S.%eZ %l %v", spdlog::pattern_time_type::utc));
+    sink->set_formatter(std::make_unique<spdlog::pattern_formatter>(
+        "%Y-%m-%dT%H:%M:%S.%eZ %l %v", spdlog::pattern_time_type::utc));
   } else {
     return absl::InvalidArgumentError(absl::StrCat("unknown log format '", format, "'"));
   }

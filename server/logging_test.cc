@@ -1,8 +1,9 @@
 #include "server/logging.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cstdio>
-#include <unistd.h>
 
 #include "nlohmann/json.hpp"
 

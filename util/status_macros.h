@@ -7,11 +7,11 @@
 #define MOED_STATUS_CONCAT_INNER(a, b) a##b
 #define MOED_STATUS_CONCAT(a, b) MOED_STATUS_CONCAT_INNER(a, b)
 
-#define MOED_RETURN_IF_ERROR(expr)                     \
-  do {                                                 \
+#define MOED_RETURN_IF_ERROR(expr)                                  \
+  do {                                                              \
     if (::absl::Status _moed_status = (expr); !_moed_status.ok()) { \
-      return _moed_status;                             \
-    }                                                  \
+      return _moed_status;                                          \
+    }                                                               \
   } while (0)
 
 // MOED_ASSIGN_OR_RETURN(auto x, MakeX()); declares x or returns the error.

@@ -63,7 +63,8 @@ class CudaBackend final : public Backend {
     if (bytes == 0) return DeviceBuffer(this, nullptr, 0);
     if (absl::Status s = Bind(); !s.ok()) return s;
     void* data = nullptr;
-    if (absl::Status s = CudaStatus(cudaMalloc(&data, bytes), absl::StrCat("cudaMalloc(", bytes, ")"));
+    if (absl::Status s =
+            CudaStatus(cudaMalloc(&data, bytes), absl::StrCat("cudaMalloc(", bytes, ")"));
         !s.ok()) {
       return s;
     }
@@ -85,10 +86,10 @@ class CudaBackend final : public Backend {
     if (absl::Status s = CheckRange(src, src_offset, bytes); !s.ok()) return s;
     if (bytes == 0) return absl::OkStatus();
     if (absl::Status s = Bind(); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(
-            cudaMemcpyAsync(dst, static_cast<const char*>(src.data()) + src_offset, bytes,
-                            cudaMemcpyDeviceToHost, stream_),
-            "cudaMemcpyAsync(device to host)");
+    if (absl::Status s =
+            CudaStatus(cudaMemcpyAsync(dst, static_cast<const char*>(src.data()) + src_offset,
+                                       bytes, cudaMemcpyDeviceToHost, stream_),
+                       "cudaMemcpyAsync(device to host)");
         !s.ok()) {
       return s;
     }
@@ -105,9 +106,9 @@ class CudaBackend final : public Backend {
     if (absl::Status s = CheckRange(src, 0, count * sizeof(uint16_t)); !s.ok()) return s;
     if (absl::Status s = CheckRange(dst, 0, count * sizeof(float)); !s.ok()) return s;
     if (absl::Status s = Bind(); !s.ok()) return s;
-    return CudaStatus(static_cast<cudaError_t>(LaunchConvertBf16ToF32(
-                          static_cast<const uint16_t*>(src.data()),
-                          static_cast<float*>(dst.data()), count, stream_)),
+    return CudaStatus(static_cast<cudaError_t>(
+                          LaunchConvertBf16ToF32(static_cast<const uint16_t*>(src.data()),
+                                                 static_cast<float*>(dst.data()), count, stream_)),
                       "ConvertBf16ToF32 kernel launch");
   }
 
@@ -147,13 +148,13 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(int index) {
   absl::StatusOr<std::vector<DeviceInfo>> devices = ListDevices();
   if (!devices.ok()) return devices.status();
   if (index < 0 || index >= static_cast<int>(devices->size())) {
-    return absl::InvalidArgumentError(absl::StrCat("CUDA device ", index, " does not exist (",
-                                                   devices->size(), " visible)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", index, " does not exist (", devices->size(), " visible)"));
   }
   if (absl::Status s = CudaStatus(cudaSetDevice(index), "cudaSetDevice"); !s.ok()) return s;
   cudaStream_t stream = nullptr;
-  if (absl::Status s = CudaStatus(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
-                                  "cudaStreamCreate");
+  if (absl::Status s =
+          CudaStatus(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
       !s.ok()) {
     return s;
   }

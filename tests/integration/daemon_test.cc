@@ -89,7 +89,8 @@ TEST_CASE("the daemon reads a JSON config file and writes JSON logs") {
   CHECK(daemon.process->Stop() == 0);
   std::string logs = daemon.process->stderr_text();
   size_t lines = 0;
-  for (size_t start = 0, end; (end = logs.find('\n', start)) != std::string::npos; start = end + 1) {
+  for (size_t start = 0, end; (end = logs.find('\n', start)) != std::string::npos;
+       start = end + 1) {
     auto line = nlohmann::json::parse(logs.substr(start, end - start));
     CHECK(line.contains("ts"));
     CHECK(line.contains("msg"));
@@ -112,11 +113,14 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
       {{"--bogus"}, 2, "moed: error: unknown flag --bogus (see --help)"},
       {{"--model"}, 2, "moed: error: --model needs a value (DIR)"},
       {{}, 2, "moed: error: no model to serve: pass --model DIR (or set MOED_MODEL)"},
-      {{"--model", TestModel().string(), "--backend", "fpga"}, 2,
+      {{"--model", TestModel().string(), "--backend", "fpga"},
+       2,
        "moed: error: --backend: 'fpga' is not one of auto, cpu, cuda"},
-      {{"--config", bad_config.string()}, 2,
+      {{"--config", bad_config.string()},
+       2,
        "moed: error: config file " + bad_config.string() + ": \"listen\": must be a string"},
-      {{"--model", empty_dir.string()}, 1,
+      {{"--model", empty_dir.string()},
+       1,
        "moed: error: " + empty_dir.string() + "/config.json: cannot open"},
   };
   for (const Case& c : cases) {
@@ -135,8 +139,8 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
 
 TEST_CASE("a taken port is reported and the daemon exits 1") {
   RunningDaemon first;
-  CommandResult second = RunCommand(
-      {MOED_BINARY, "--model", TestModel().string(), "--listen", first.address});
+  CommandResult second =
+      RunCommand({MOED_BINARY, "--model", TestModel().string(), "--listen", first.address});
   CHECK(second.exit_code == 1);
   CHECK(second.err.find("cannot listen on " + first.address) != std::string::npos);
 }
@@ -158,7 +162,8 @@ TEST_CASE("moectl health and info talk to the daemon") {
   CHECK(human.out.find("Qwen2MoeForCausalLM") != std::string::npos);
 
   CHECK(daemon.process->Stop() == 0);
-  CommandResult gone = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--timeout", "1", "health"});
+  CommandResult gone =
+      RunCommand({MOECTL_BINARY, "--server", daemon.address, "--timeout", "1", "health"});
   CHECK(gone.exit_code == 1);
   CHECK(gone.err.find("UNAVAILABLE") != std::string::npos);
 }

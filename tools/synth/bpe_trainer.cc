@@ -48,8 +48,9 @@ absl::StatusOr<std::vector<std::string>> PreTokenize(absl::string_view text) {
   int error_code = 0;
   PCRE2_SIZE error_offset = 0;
   std::unique_ptr<pcre2_code, void (*)(pcre2_code*)> code(
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kGpt2SplitPattern.data()), kGpt2SplitPattern.size(),
-                    PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset, nullptr),
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kGpt2SplitPattern.data()),
+                    kGpt2SplitPattern.size(), PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset,
+                    nullptr),
       &pcre2_code_free);
   if (!code) return absl::InternalError("cannot compile the GPT-2 split pattern");
   std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data*)> match(
@@ -112,7 +113,8 @@ absl::StatusOr<BpeVocabulary> TrainByteLevelBpe(absl::string_view corpus, int ma
       std::vector<int> merged;
       merged.reserve(word.ids.size());
       for (size_t i = 0; i < word.ids.size(); ++i) {
-        if (i + 1 < word.ids.size() && word.ids[i] == best.first && word.ids[i + 1] == best.second) {
+        if (i + 1 < word.ids.size() && word.ids[i] == best.first &&
+            word.ids[i + 1] == best.second) {
           merged.push_back(new_id);
           ++i;
         } else {

@@ -53,8 +53,9 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorS
   uint64_t header_size = header_text.size();
   uint8_t size_bytes[8];
   for (int i = 0; i < 8; ++i) size_bytes[i] = static_cast<uint8_t>(header_size >> (8 * i));
-  bool ok = std::fwrite(size_bytes, 1, 8, file.get()) == 8 &&
-            std::fwrite(header_text.data(), 1, header_text.size(), file.get()) == header_text.size();
+  bool ok =
+      std::fwrite(size_bytes, 1, 8, file.get()) == 8 &&
+      std::fwrite(header_text.data(), 1, header_text.size(), file.get()) == header_text.size();
 
   constexpr int64_t kChunkBytes = 64 << 20;
   std::vector<uint8_t> buffer;

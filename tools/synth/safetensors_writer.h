@@ -26,7 +26,8 @@ struct TensorSpec {
 };
 
 // Fills `out` (NumBytes of the tensor) with the bytes of elements [begin, end) of the tensor.
-using TensorFiller = std::function<void(const TensorSpec& spec, int64_t begin, int64_t end, uint8_t* out)>;
+using TensorFiller =
+    std::function<void(const TensorSpec& spec, int64_t begin, int64_t end, uint8_t* out)>;
 
 // Writes `tensors` to `path` in the order given, asking `fill` for their bytes in chunks.
 // The header lists the tensors in the same order with `metadata` under "__metadata__".

@@ -28,17 +28,20 @@ int main(int argc, char** argv) {
       {"--head-dim", &moed::tools::SynthSpec::head_dim, "dimension of one head"},
       {"--experts", &moed::tools::SynthSpec::num_experts, "routed experts per layer"},
       {"--top-k", &moed::tools::SynthSpec::experts_per_token, "experts per token"},
-      {"--intermediate-size", &moed::tools::SynthSpec::expert_intermediate_size, "expert FFN width"},
+      {"--intermediate-size", &moed::tools::SynthSpec::expert_intermediate_size,
+       "expert FFN width"},
       {"--shared-intermediate-size", &moed::tools::SynthSpec::shared_expert_intermediate_size,
        "shared expert FFN width (qwen2_moe)"},
       {"--max-position", &moed::tools::SynthSpec::max_position_embeddings, "context length"},
   };
   std::map<std::string, int64_t> given;
 
-  CLI::App app{"moed-synth: write a synthetic MoE checkpoint (config.json, model.safetensors, "
-               "tokenizer.json) with random weights, deterministic for a seed"};
+  CLI::App app{
+      "moed-synth: write a synthetic MoE checkpoint (config.json, model.safetensors, "
+      "tokenizer.json) with random weights, deterministic for a seed"};
   app.add_option("--out", out, "directory to create (must not exist unless --force)")->required();
-  app.add_option("--arch", arch_name, "mixtral, qwen2_moe, qwen3_moe or olmoe")->capture_default_str();
+  app.add_option("--arch", arch_name, "mixtral, qwen2_moe, qwen3_moe or olmoe")
+      ->capture_default_str();
   app.add_option("--preset", preset, "tiny, demo, bench-1g or bench-6g")->capture_default_str();
   app.add_option("--seed", seed, "random seed")->capture_default_str();
   app.add_option("--dtype", dtype, "weight dtype: bf16 or f32")
@@ -46,7 +49,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bf16", "f32"}));
   app.add_flag("--force", force, "replace --out if it exists");
   for (const Override& o : int_overrides) {
-    app.add_option_function<int64_t>(o.flag, [&given, &o](int64_t v) { given[o.flag] = v; }, o.help);
+    app.add_option_function<int64_t>(
+        o.flag, [&given, &o](int64_t v) { given[o.flag] = v; }, o.help);
   }
   try {
     app.parse(argc, argv);
@@ -78,7 +82,8 @@ int main(int argc, char** argv) {
   }
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cout << "wrote " << out << " (" << arch_name << ", preset " << preset << ", "
-            << std::filesystem::file_size(std::filesystem::path(out) / "model.safetensors") / (1 << 20)
+            << std::filesystem::file_size(std::filesystem::path(out) / "model.safetensors") /
+                   (1 << 20)
             << " MiB of weights) in " << seconds << " s\n";
   return 0;
 }

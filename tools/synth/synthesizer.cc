@@ -1,12 +1,13 @@
 #include "tools/synth/synthesizer.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
-#include <unistd.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -95,7 +96,8 @@ void FillTensor(uint64_t seed, const TensorSpec& tensor, int64_t begin, int64_t 
     }
   };
   int64_t chunks = last_chunk - first_chunk + 1;
-  int threads = static_cast<int>(std::min<int64_t>(chunks, std::max(1u, std::thread::hardware_concurrency())));
+  int threads = static_cast<int>(
+      std::min<int64_t>(chunks, std::max(1u, std::thread::hardware_concurrency())));
   if (threads <= 1) {
     fill_chunks(first_chunk, last_chunk + 1);
     return;
@@ -218,7 +220,8 @@ absl::Status ValidateSpec(const SynthSpec& spec) {
     return absl::InvalidArgumentError("olmoe needs heads * head_dim == hidden size");
   }
   if (spec.vocab_size < 260) {
-    return absl::InvalidArgumentError("vocab size must be at least 260 (256 bytes and special tokens)");
+    return absl::InvalidArgumentError(
+        "vocab size must be at least 260 (256 bytes and special tokens)");
   }
   return absl::OkStatus();
 }
@@ -349,7 +352,8 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir) 
   temp += absl::StrCat(".tmp-", getpid());
   std::filesystem::remove_all(temp, error);
   if (!std::filesystem::create_directories(temp, error)) {
-    return absl::UnavailableError(absl::StrCat(temp.string(), ": cannot create: ", error.message()));
+    return absl::UnavailableError(
+        absl::StrCat(temp.string(), ": cannot create: ", error.message()));
   }
   auto fail = [&](absl::Status status) {
     std::filesystem::remove_all(temp, error);
@@ -359,11 +363,13 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir) 
   const std::vector<std::string> specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
   int64_t max_learned = spec.vocab_size - static_cast<int64_t>(specials.size());
   int64_t merges = std::min(spec.max_merges, max_learned - 256);
-  absl::StatusOr<BpeVocabulary> vocabulary = TrainByteLevelBpe(TokenizerCorpus(), static_cast<int>(merges));
+  absl::StatusOr<BpeVocabulary> vocabulary =
+      TrainByteLevelBpe(TokenizerCorpus(), static_cast<int>(merges));
   if (!vocabulary.ok()) return fail(vocabulary.status());
   int64_t eos = static_cast<int64_t>(vocabulary->tokens.size());  // first special token
 
-  if (absl::Status s = WriteText(temp / "tokenizer.json", TokenizerJson(*vocabulary, specials)); !s.ok()) {
+  if (absl::Status s = WriteText(temp / "tokenizer.json", TokenizerJson(*vocabulary, specials));
+      !s.ok()) {
     return fail(s);
   }
   nlohmann::ordered_json tokenizer_config = {
@@ -376,15 +382,17 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir) 
       {"model_max_length", spec.max_position_embeddings},
       {"tokenizer_class", "PreTrainedTokenizerFast"},
       {"chat_template",
-       "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+       "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+       "message['content'] "
        "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ "
        "'<|im_start|>assistant\n' }}{% endif %}"},
   };
   nlohmann::ordered_json generation_config = {
       {"bos_token_id", eos}, {"eos_token_id", eos}, {"transformers_version", "4.51.3"}};
-  for (auto [name, text] : {std::pair{"config.json", ConfigJson(spec, eos)},
-                            std::pair{"tokenizer_config.json", tokenizer_config.dump(2) + "\n"},
-                            std::pair{"generation_config.json", generation_config.dump(2) + "\n"}}) {
+  for (auto [name, text] :
+       {std::pair{"config.json", ConfigJson(spec, eos)},
+        std::pair{"tokenizer_config.json", tokenizer_config.dump(2) + "\n"},
+        std::pair{"generation_config.json", generation_config.dump(2) + "\n"}}) {
     if (absl::Status s = WriteText(temp / name, text); !s.ok()) return fail(s);
   }
   absl::Status written = WriteSafetensors(
@@ -394,7 +402,9 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir) 
       });
   if (!written.ok()) return fail(written);
   std::filesystem::rename(temp, out, error);
-  if (error) return fail(absl::UnavailableError(absl::StrCat("rename to ", out.string(), ": ", error.message())));
+  if (error)
+    return fail(
+        absl::UnavailableError(absl::StrCat("rename to ", out.string(), ": ", error.message())));
   return absl::OkStatus();
 }
 

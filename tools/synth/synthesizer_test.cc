@@ -1,10 +1,11 @@
 #include "tools/synth/synthesizer.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <unistd.h>
 
 #include "nlohmann/json.hpp"
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# moed's one entry point for users and CI.
+#
+#   ./dev.sh run [moed flags...]   install what is missing, build, create the demo model, start moed
+#   ./dev.sh test                   the same set-up, then every test through ctest
+#   ./dev.sh test --sanitize address|thread   the suite under ASan+UBSan or TSan (own build dir)
+#   ./dev.sh test --slow            TSan suite and long fuzzing (run before resolving concurrency
+#                                   or parser work)
+#   ./dev.sh build | deps           just build, or just install the Debian packages
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$(pwd)
+
+# Every Debian package the build, the tests and their peers need; a new machine has none.
+PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
+  libabsl-dev liburing-dev nlohmann-json3-dev catch2 libcpp-httplib-dev libspdlog-dev libfmt-dev
+  libcli11-dev libxxhash-dev libpcre2-dev libutf8proc-dev libbenchmark-dev
+  clang libclang-rt-14-dev
+  python3 python3-grpcio python3-protobuf python3-prometheus-client fio prometheus
+)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+install_deps() {
+  local missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing ${#missing[@]} Debian packages: ${missing[*]}"
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "dev.sh: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+shared_dir() { echo "${MOED_SHARED_DIR:-$ROOT/../shared}"; }
+
+# configure_and_build DIR [cmake args...]
+configure_and_build() {
+  local dir=$1; shift
+  local launcher=()
+  command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+  say "configuring $dir"
+  mkdir -p "$dir"
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DMOED_SHARED_DIR="$(shared_dir)" "${launcher[@]}" "$@" >"$dir/configure.log" 2>&1 ||
+    { cat "$dir/configure.log" >&2; exit 1; }
+  say "building $dir"
+  cmake --build "$dir" -j "$(nproc)"
+}
+
+run_ctest() {
+  local dir=$1; shift
+  say "testing $dir"
+  (cd "$dir" && ctest -j "$(nproc)" --output-on-failure --timeout 600 "$@")
+}
+
+cmd_run() {
+  install_deps
+  configure_and_build "$ROOT/build"
+  if [ ! -f "$ROOT/models/demo/config.json" ]; then
+    say "creating the demo model in models/demo"
+    "$ROOT/build/tools/moed-synth" --arch mixtral --preset demo --out "$ROOT/models/demo"
+  fi
+  cat >&2 <<MSG
+
+moed is starting on the demo model (a tiny Mixtral-shaped MoE with random weights).
+In another terminal:
+  build/client/moectl health
+  build/client/moectl info
+Stop it with Ctrl-C.
+
+MSG
+  exec "$ROOT/build/server/moed" --model "$ROOT/models/demo" "$@"
+}
+
+cmd_test() {
+  local sanitize="" slow=0
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --sanitize) sanitize=$2; shift 2 ;;
+      --sanitize=*) sanitize=${1#*=}; shift ;;
+      --slow) slow=1; shift ;;
+      *) echo "dev.sh test: unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+  install_deps
+  local shared; shared=$(shared_dir)
+  local ctest_filter=() conformance_note=""
+  if [ ! -d "$shared/golden" ]; then
+    ctest_filter=(-LE conformance)
+    conformance_note="the conformance tier did not run: no conformance data at $shared (it holds golden/ and tokenizers/; set MOED_SHARED_DIR to its path)"
+  fi
+  export TSAN_OPTIONS="suppressions=$ROOT/tests/tsan.supp ${TSAN_OPTIONS:-}"
+  export UBSAN_OPTIONS="print_stacktrace=1 halt_on_error=1 ${UBSAN_OPTIONS:-}"
+
+  if [ $slow -eq 1 ]; then
+    configure_and_build "$ROOT/build-tsan" -DMOED_SANITIZE=thread -DMOED_CUDA=OFF
+    run_ctest "$ROOT/build-tsan" "${ctest_filter[@]}"
+    CC=clang CXX=clang++ configure_and_build "$ROOT/build-fuzz" -DMOED_FUZZ=ON -DMOED_FUZZ_SECONDS=300
+    run_ctest "$ROOT/build-fuzz"
+  elif [ -n "$sanitize" ]; then
+    case $sanitize in address|thread) ;; *) echo "dev.sh: --sanitize address or thread" >&2; exit 2 ;; esac
+    local dir="$ROOT/build-$sanitize"
+    configure_and_build "$dir" -DMOED_SANITIZE="$sanitize" -DMOED_CUDA=OFF
+    run_ctest "$dir" "${ctest_filter[@]}"
+  else
+    configure_and_build "$ROOT/build"
+    CC=clang CXX=clang++ configure_and_build "$ROOT/build-fuzz" -DMOED_FUZZ=ON -DMOED_FUZZ_SECONDS=15
+    run_ctest "$ROOT/build-fuzz"
+    run_ctest "$ROOT/build" "${ctest_filter[@]}"
+  fi
+  if [ -n "$conformance_note" ]; then
+    echo
+    echo "NOTE: $conformance_note"
+  fi
+}
+
+case ${1:-} in
+  run) shift; cmd_run "$@" ;;
+  test) shift; cmd_test "$@" ;;
+  build) install_deps; configure_and_build "$ROOT/build" ;;
+  deps) install_deps ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
