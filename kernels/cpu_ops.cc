@@ -1,0 +1,331 @@
+#include "kernels/cpu_ops.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace moed::kernels::cpu {
+namespace {
+
+// Rows of w and tokens of x computed together: each w row is read once per token block and
+// each x row once per row block, and the independent accumulators hide FMA latency. The
+// per-(token, row) sum is always lanes over 16-column (AVX-512) or 8-column (AVX2) chunks in
+// column order, then the same horizontal reduction, then the scalar tail: the block shape
+// never changes it.
+constexpr int kRowBlock = 4;
+constexpr int kTokenBlock = 2;
+
+float LoadScalar(DType dtype, const void* data, int64_t i) {
+  switch (dtype) {
+    case DType::kF32:
+      return static_cast<const float*>(data)[i];
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
+  }
+  return 0;
+}
+
+// ---- scalar ---------------------------------------------------------------------------------
+
+void MatMulRowsScalar(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
+                      int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* row = static_cast<const char*>(w.data) + r * w.cols * DTypeSize(w.dtype);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = x + t * w.cols;
+      float sum = 0;
+      for (int64_t c = 0; c < w.cols; ++c) sum += LoadScalar(w.dtype, row, c) * xt[c];
+      y[t * w.rows + r] = sum;
+    }
+  }
+}
+
+// ---- AVX2 (8 lanes) -------------------------------------------------------------------------
+
+template <DType D>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 Load8(const void* row, int64_t c) {
+  if constexpr (D == DType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(row) + c);
+  } else if constexpr (D == DType::kF16) {
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + c)));
+  } else {
+    __m128i raw =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + c));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float Sum8(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <DType D, int R, int T>
+__attribute__((target("avx2,fma,f16c"))) void Block8(const WeightMatrix& w, const float* x,
+                                                     float* y, int64_t r, int64_t t) {
+  const int64_t cols = w.cols;
+  const int64_t vec_end = cols / 8 * 8;
+  const void* rows[R];
+  for (int i = 0; i < R; ++i) {
+    rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
+  }
+  __m256 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < vec_end; c += 8) {
+    __m256 xv[T];
+    for (int j = 0; j < T; ++j) xv[j] = _mm256_loadu_ps(x + (t + j) * cols + c);
+    for (int i = 0; i < R; ++i) {
+      __m256 wv = Load8<D>(rows[i], c);
+      for (int j = 0; j < T; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < T; ++j) {
+      float sum = Sum8(acc[i][j]);
+      const float* xt = x + (t + j) * cols;
+      for (int64_t c = vec_end; c < cols; ++c) sum += LoadScalar(D, rows[i], c) * xt[c];
+      y[(t + j) * w.rows + r + i] = sum;
+    }
+  }
+}
+
+// ---- AVX-512 (16 lanes) ---------------------------------------------------------------------
+
+template <DType D>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 Load16(const void* row, int64_t c) {
+  if constexpr (D == DType::kF32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + c);
+  } else if constexpr (D == DType::kF16) {
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c)));
+  } else {
+    __m256i raw =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+
+// A fixed pairwise order (and no _mm512_reduce_add_ps, which trips a GCC 12 warning).
+__attribute__((target("avx512f"))) inline float Sum16(__m512 v) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int width = 8; width >= 1; width /= 2) {
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  }
+  return lanes[0];
+}
+
+template <DType D, int R, int T>
+__attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, const float* x,
+                                                        float* y, int64_t r, int64_t t) {
+  const int64_t cols = w.cols;
+  const int64_t vec_end = cols / 16 * 16;
+  const void* rows[R];
+  for (int i = 0; i < R; ++i) {
+    rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
+  }
+  __m512 acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < vec_end; c += 16) {
+    __m512 xv[T];
+    for (int j = 0; j < T; ++j) xv[j] = _mm512_loadu_ps(x + (t + j) * cols + c);
+    for (int i = 0; i < R; ++i) {
+      __m512 wv = Load16<D>(rows[i], c);
+      for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < T; ++j) {
+      float sum = Sum16(acc[i][j]);
+      const float* xt = x + (t + j) * cols;
+      for (int64_t c = vec_end; c < cols; ++c) sum += LoadScalar(D, rows[i], c) * xt[c];
+      y[(t + j) * w.rows + r + i] = sum;
+    }
+  }
+}
+
+template <DType D, bool Avx512>
+void MatMulRowsSimd(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
+                    int64_t r1) {
+  auto block = [&](auto rows_tag, auto tokens_tag, int64_t r, int64_t t) {
+    constexpr int R = decltype(rows_tag)::value;
+    constexpr int T = decltype(tokens_tag)::value;
+    if constexpr (Avx512) {
+      Block16<D, R, T>(w, x, y, r, t);
+    } else {
+      Block8<D, R, T>(w, x, y, r, t);
+    }
+  };
+  using R4 = std::integral_constant<int, kRowBlock>;
+  using R1 = std::integral_constant<int, 1>;
+  using T2 = std::integral_constant<int, kTokenBlock>;
+  using T1 = std::integral_constant<int, 1>;
+  int64_t r = r0;
+  for (; r + kRowBlock <= r1; r += kRowBlock) {
+    int64_t t = 0;
+    for (; t + kTokenBlock <= n; t += kTokenBlock) block(R4{}, T2{}, r, t);
+    for (; t < n; ++t) block(R4{}, T1{}, r, t);
+  }
+  for (; r < r1; ++r) {
+    int64_t t = 0;
+    for (; t + kTokenBlock <= n; t += kTokenBlock) block(R1{}, T2{}, r, t);
+    for (; t < n; ++t) block(R1{}, T1{}, r, t);
+  }
+}
+
+template <bool Avx512>
+void MatMulRowsSimdAnyType(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
+                           int64_t r1) {
+  switch (w.dtype) {
+    case DType::kF32:
+      return MatMulRowsSimd<DType::kF32, Avx512>(w, x, n, y, r0, r1);
+    case DType::kF16:
+      return MatMulRowsSimd<DType::kF16, Avx512>(w, x, n, y, r0, r1);
+    case DType::kBF16:
+      return MatMulRowsSimd<DType::kBF16, Avx512>(w, x, n, y, r0, r1);
+  }
+}
+
+}  // namespace
+
+Isa DetectIsa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
+    return Isa::kAvx2;
+  }
+  return Isa::kScalar;
+}
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+  }
+  return "?";
+}
+
+void MatMulWithIsa(Isa isa, const WeightMatrix& w, const float* x, int64_t n, float* y,
+                   ThreadPool& pool) {
+  if (n <= 0 || w.rows <= 0) return;
+  // Split rows across threads in multiples of the row block, so blocks never straddle threads
+  // (results would not change if they did; it just keeps every block full).
+  int64_t row_blocks = (w.rows + kRowBlock - 1) / kRowBlock;
+  pool.ParallelFor(row_blocks, [&](int64_t b0, int64_t b1) {
+    int64_t r0 = b0 * kRowBlock;
+    int64_t r1 = std::min(w.rows, b1 * kRowBlock);
+    switch (isa) {
+      case Isa::kScalar:
+        return MatMulRowsScalar(w, x, n, y, r0, r1);
+      case Isa::kAvx2:
+        return MatMulRowsSimdAnyType<false>(w, x, n, y, r0, r1);
+      case Isa::kAvx512:
+        return MatMulRowsSimdAnyType<true>(w, x, n, y, r0, r1);
+    }
+  });
+}
+
+void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool& pool) {
+  static const Isa isa = DetectIsa();  // a property of the processor, computed once
+  MatMulWithIsa(isa, w, x, n, y, pool);
+}
+
+void RmsNorm(const float* x, const float* weight, int64_t n, int64_t width, float eps, float* y) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = x + t * width;
+    double sum = 0;
+    for (int64_t i = 0; i < width; ++i) sum += static_cast<double>(xt[i]) * xt[i];
+    float scale = static_cast<float>(1.0 / std::sqrt(sum / width + eps));
+    float* yt = y + t * width;
+    for (int64_t i = 0; i < width; ++i) yt[i] = xt[i] * scale * weight[i];
+  }
+}
+
+void RopeNeox(float* x, int64_t n, int64_t heads, int64_t head_dim, const int64_t* positions,
+              double theta) {
+  const int64_t half = head_dim / 2;
+  std::vector<float> cos_table(half), sin_table(half);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / head_dim);
+      double angle = static_cast<double>(positions[t]) * inv_freq;
+      cos_table[i] = static_cast<float>(std::cos(angle));
+      sin_table[i] = static_cast<float>(std::sin(angle));
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos_table[i] - b * sin_table[i];
+        v[i + half] = b * cos_table[i] + a * sin_table[i];
+      }
+    }
+  }
+}
+
+void Attention(const float* q, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
+               const float* k_cache, const float* v_cache, const int64_t* positions, float* out,
+               ThreadPool& pool) {
+  const int64_t group = heads / kv_heads;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  pool.ParallelFor(n * heads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t t = item / heads;
+      int64_t h = item % heads;
+      int64_t kv = h / group;
+      int64_t len = positions[t] + 1;
+      const float* qv = q + (t * heads + h) * head_dim;
+      scores.resize(static_cast<size_t>(len));
+      float max_score = -INFINITY;
+      for (int64_t p = 0; p < len; ++p) {
+        const float* kp = k_cache + (p * kv_heads + kv) * head_dim;
+        float dot = 0;
+        for (int64_t i = 0; i < head_dim; ++i) dot += qv[i] * kp[i];
+        scores[p] = dot * scale;
+        max_score = std::max(max_score, scores[p]);
+      }
+      double total = 0;
+      for (int64_t p = 0; p < len; ++p) {
+        scores[p] = std::exp(scores[p] - max_score);
+        total += scores[p];
+      }
+      float* o = out + (t * heads + h) * head_dim;
+      std::fill(o, o + head_dim, 0.0f);
+      float inv_total = static_cast<float>(1.0 / total);
+      for (int64_t p = 0; p < len; ++p) {
+        const float* vp = v_cache + (p * kv_heads + kv) * head_dim;
+        float weight = scores[p] * inv_total;
+        for (int64_t i = 0; i < head_dim; ++i) o[i] += weight * vp[i];
+      }
+    }
+  });
+}
+
+void SiluMul(const float* gate, const float* up, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void ToFloat(DType dtype, const void* data, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = LoadScalar(dtype, data, i);
+}
+
+}  // namespace moed::kernels::cpu
