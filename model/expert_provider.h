@@ -1,0 +1,33 @@
+// The seam between the architectures and wherever expert weights live. Architecture code
+// asks for the experts a layer needs and computes each when the provider hands it over; it
+// never assumes all experts are in memory. The expert cache implements this over the store.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/cpu_ops.h"
+
+namespace moed::model {
+
+// One routed expert's SwiGLU weights: down(silu(gate x) * up x).
+struct ExpertWeights {
+  kernels::WeightMatrix gate;  // [intermediate, hidden]
+  kernels::WeightMatrix up;    // [intermediate, hidden]
+  kernels::WeightMatrix down;  // [hidden, intermediate]
+};
+
+class ExpertProvider {
+ public:
+  virtual ~ExpertProvider() = default;
+
+  // Calls `compute` once for each of `experts` of `layer`, in whatever order they become
+  // usable; the weights stay valid (pinned) until `compute` returns. Stops at the first error
+  // (from the provider or from `compute`) and returns it.
+  virtual absl::Status ForEachExpert(
+      int layer, const std::vector<int>& experts,
+      const std::function<absl::Status(int expert, const ExpertWeights& weights)>& compute) = 0;
+};
+
+}  // namespace moed::model

@@ -1,0 +1,57 @@
+// Every golden case of ../shared/golden: prompt logits and the greedy continuation, against
+// llama.cpp's reference numbers (README: 1e-4 on logits, greedy ids exact).
+#include <catch2/catch.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "model/generate.h"
+#include "nlohmann/json.hpp"
+
+namespace moed::model {
+namespace {
+
+double MaxAbsDiff(const std::vector<float>& ours, const nlohmann::json& reference) {
+  REQUIRE(ours.size() == reference.size());
+  double worst = 0;
+  for (size_t i = 0; i < ours.size(); ++i) {
+    worst = std::max(worst, std::abs(double(ours[i]) - reference[i].get<double>()));
+  }
+  return worst;
+}
+
+void CheckGolden(const std::string& name) {
+  const char* shared = std::getenv("MOED_SHARED_DIR");
+  REQUIRE(shared != nullptr);
+  std::string dir = std::string(shared) + "/golden/" + name;
+  auto model = Model::Load(dir, 2);
+  REQUIRE(model.ok());
+  nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
+  REQUIRE(cases["cases"].size() == 3);
+  for (const auto& c : cases["cases"]) {
+    std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();
+    INFO(name << " prompt of " << prompt.size());
+    auto result = ScoreAndGreedy(**model, prompt, static_cast<int>(c["greedy"].size()));
+    REQUIRE(result.ok());
+    REQUIRE(result->prompt_logits.size() == c["prompt_logits"].size());
+    double worst_prompt = 0, worst_greedy = 0;
+    for (size_t i = 0; i < result->prompt_logits.size(); ++i) {
+      worst_prompt = std::max(worst_prompt, MaxAbsDiff(result->prompt_logits[i], c["prompt_logits"][i]));
+    }
+    CHECK(result->greedy == c["greedy"].get<std::vector<int32_t>>());
+    for (size_t i = 0; i < result->greedy_logits.size(); ++i) {
+      worst_greedy = std::max(worst_greedy, MaxAbsDiff(result->greedy_logits[i], c["greedy_logits"][i]));
+    }
+    INFO("max |diff| prompt " << worst_prompt << ", greedy " << worst_greedy);
+    CHECK(worst_prompt <= 1e-4);
+    CHECK(worst_greedy <= 1e-4);
+  }
+}
+
+TEST_CASE("golden mixtral") { CheckGolden("mixtral"); }
+TEST_CASE("golden qwen2_moe") { CheckGolden("qwen2_moe"); }
+TEST_CASE("golden qwen3_moe") { CheckGolden("qwen3_moe"); }
+TEST_CASE("golden olmoe") { CheckGolden("olmoe"); }
+
+}  // namespace
+}  // namespace moed::model
