@@ -4,9 +4,13 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
+#include "model/generate.h"
+#include "nlohmann/json.hpp"
 
 namespace {
 
@@ -91,6 +95,36 @@ int RunInfo(const GlobalOptions& options) {
   return 0;
 }
 
+// Local: loads the checkpoint itself, no daemon. Prints one JSON object with the golden
+// cases' fields.
+int RunLogits(const std::string& model_dir, const std::string& tokens_text, int greedy,
+              int threads) {
+  std::vector<int32_t> tokens;
+  for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(piece, &id)) {
+      std::cerr << "moectl logits: --tokens: '" << piece << "' is not a token id\n";
+      return 2;
+    }
+    tokens.push_back(id);
+  }
+  auto model = moed::model::Model::Load(model_dir, threads);
+  if (!model.ok()) {
+    std::cerr << "moectl logits: " << model.status().message() << "\n";
+    return 1;
+  }
+  auto result = moed::model::ScoreAndGreedy(**model, tokens, greedy);
+  if (!result.ok()) {
+    std::cerr << "moectl logits: " << result.status().message() << "\n";
+    return 1;
+  }
+  nlohmann::json out = {{"prompt_logits", result->prompt_logits},
+                        {"greedy", result->greedy},
+                        {"greedy_logits", result->greedy_logits}};
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -111,6 +145,18 @@ int main(int argc, char** argv) {
   health->add_option("--service", service, "service name; empty for the daemon as a whole");
   CLI::App* info = app.add_subcommand("info", "describe the served model and the compute backend");
 
+  std::string model_dir, tokens_text;
+  int greedy = 0, threads = 0;
+  CLI::App* logits = app.add_subcommand(
+      "logits", "run a checkpoint locally: logits of every prompt position and a greedy "
+                "continuation, as one JSON object");
+  logits->add_option("--model", model_dir, "Hugging Face checkpoint directory")->required();
+  logits->add_option("--tokens", tokens_text, "prompt token ids, comma-separated")->required();
+  logits->add_option("--greedy", greedy, "greedy steps after the prompt")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  logits->add_option("--threads", threads, "compute threads (0: every core)")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -118,5 +164,6 @@ int main(int argc, char** argv) {
   }
   if (health->parsed()) return RunHealth(options, service);
   if (info->parsed()) return RunInfo(options);
+  if (logits->parsed()) return RunLogits(model_dir, tokens_text, greedy, threads);
   return 2;
 }
