@@ -70,8 +70,7 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
     for (const json& dim : *shape_it) {
       if (!dim.is_number_unsigned()) return bad("shape holds a value that is not a size");
       uint64_t d = dim.get<uint64_t>();
-      if (d != 0 && bytes > data_size / d) return bad("shape is larger than the file");
-      bytes *= d;
+      if (__builtin_mul_overflow(bytes, d, &bytes)) return bad("shape is larger than any file");
       info.shape.push_back(static_cast<int64_t>(d));
     }
     for (const json& offset : *offsets_it) {
@@ -132,21 +131,21 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) munmap(const_cast<uint8_t*>(data_), size_);
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  MOED_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> mapped, MappedFile::Open(path));
-  if (mapped->size() < 8) {
-    return absl::DataLossError(absl::StrCat(path, ": too short for a safetensors file (",
-                                            mapped->size(), " bytes)"));
+absl::StatusOr<ParsedSafetensors> ParseSafetensorsBytes(const uint8_t* bytes, uint64_t size,
+                                                        absl::string_view source) {
+  if (size < 8) {
+    return absl::DataLossError(
+        absl::StrCat(source, ": too short for a safetensors file (", size, " bytes)"));
   }
   uint64_t header_size = 0;
-  for (int i = 0; i < 8; ++i) header_size |= static_cast<uint64_t>(mapped->data()[i]) << (8 * i);
-  if (header_size > kMaxHeaderBytes || header_size > mapped->size() - 8) {
-    return absl::DataLossError(absl::StrCat(path, ": header length ", header_size,
+  for (int i = 0; i < 8; ++i) header_size |= static_cast<uint64_t>(bytes[i]) << (8 * i);
+  if (header_size > kMaxHeaderBytes || header_size > size - 8) {
+    return absl::DataLossError(absl::StrCat(source, ": header length ", header_size,
                                             " exceeds the file (truncated or not safetensors)"));
   }
-  absl::string_view header(reinterpret_cast<const char*>(mapped->data() + 8), header_size);
-  uint64_t data_size = mapped->size() - 8 - header_size;
-  absl::StatusOr<std::vector<TensorInfo>> tensors = ParseSafetensorsHeader(header, data_size, path);
+  absl::string_view header(reinterpret_cast<const char*>(bytes + 8), header_size);
+  uint64_t data_size = size - 8 - header_size;
+  absl::StatusOr<std::vector<TensorInfo>> tensors = ParseSafetensorsHeader(header, data_size, source);
   if (!tensors.ok()) {
     // Offsets past the end of the data mean the file was cut short.
     if (absl::StrContains(tensors.status().message(), "truncated")) {
@@ -154,10 +153,17 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     return tensors.status();
   }
+  return ParsedSafetensors{*std::move(tensors), 8 + header_size};
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  MOED_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> mapped, MappedFile::Open(path));
+  MOED_ASSIGN_OR_RETURN(ParsedSafetensors parsed,
+                        ParseSafetensorsBytes(mapped->data(), mapped->size(), path));
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
-  file->data_ = mapped->data() + 8 + header_size;
+  file->data_ = mapped->data() + parsed.data_offset;
   file->file_ = std::move(mapped);
-  file->tensors_ = *std::move(tensors);
+  file->tensors_ = std::move(parsed.tensors);
   return file;
 }
 

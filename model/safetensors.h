@@ -31,6 +31,15 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
                                                                uint64_t data_size,
                                                                absl::string_view source);
 
+// Parses a whole safetensors file held in memory: the 8-byte little-endian header length, the
+// header, and the data section it describes. Returns the tensors and where the data starts.
+struct ParsedSafetensors {
+  std::vector<TensorInfo> tensors;
+  uint64_t data_offset = 0;
+};
+absl::StatusOr<ParsedSafetensors> ParseSafetensorsBytes(const uint8_t* bytes, uint64_t size,
+                                                        absl::string_view source);
+
 // A read-only memory mapping of a whole file.
 class MappedFile {
  public:
