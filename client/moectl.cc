@@ -1,6 +1,8 @@
 // moectl: the command-line client. Commands that talk to a daemon print human text, or one
 // JSON object per line with --json.
 #include <iostream>
+#include <optional>
+#include <sstream>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -10,6 +12,7 @@
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
 #include "model/generate.h"
+#include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 namespace {
@@ -125,6 +128,55 @@ int RunLogits(const std::string& model_dir, const std::string& tokens_text, int 
   return 0;
 }
 
+std::optional<std::unique_ptr<moed::model::Tokenizer>> LoadTokenizer(const std::string& path,
+                                                                     const char* command) {
+  auto tokenizer = moed::model::Tokenizer::FromFile(path);
+  if (!tokenizer.ok()) {
+    std::cerr << "moectl " << command << ": " << tokenizer.status().message() << "\n";
+    return std::nullopt;
+  }
+  return *std::move(tokenizer);
+}
+
+// Local: prints the ids as a JSON array.
+int RunTokenize(const std::string& path, std::optional<std::string> text, bool add_special) {
+  auto tokenizer = LoadTokenizer(path, "tokenize");
+  if (!tokenizer) return 1;
+  if (!text.has_value()) {
+    std::stringstream in;
+    in << std::cin.rdbuf();
+    text = in.str();
+  }
+  auto ids = (*tokenizer)->Encode(*text, add_special);
+  if (!ids.ok()) {
+    std::cerr << "moectl tokenize: " << ids.status().message() << "\n";
+    return 1;
+  }
+  std::cout << nlohmann::json(*ids).dump() << "\n";
+  return 0;
+}
+
+int RunDetokenize(const std::string& path, const std::string& ids_text, bool skip_special) {
+  std::vector<int32_t> ids;
+  for (absl::string_view piece : absl::StrSplit(ids_text, ',', absl::SkipWhitespace())) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(piece, &id)) {
+      std::cerr << "moectl detokenize: --ids: '" << piece << "' is not a token id\n";
+      return 2;
+    }
+    ids.push_back(id);
+  }
+  auto tokenizer = LoadTokenizer(path, "detokenize");
+  if (!tokenizer) return 1;
+  auto text = (*tokenizer)->Decode(ids, skip_special);
+  if (!text.ok()) {
+    std::cerr << "moectl detokenize: " << text.status().message() << "\n";
+    return 1;
+  }
+  std::cout << *text;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -157,6 +209,19 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   logits->add_option("--threads", threads, "compute threads (0: every core)")->capture_default_str();
 
+  std::string tokenizer_path, text, ids_text;
+  bool read_stdin = false, add_special = false, skip_special = false;
+  CLI::App* tokenize = app.add_subcommand("tokenize", "text to token ids with a tokenizer.json (JSON array)");
+  tokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json")->required();
+  auto* text_option = tokenize->add_option("--text", text, "the text");
+  auto* stdin_option = tokenize->add_flag("--stdin", read_stdin, "read the text from standard input");
+  text_option->excludes(stdin_option);
+  tokenize->add_flag("--add-special-tokens", add_special, "apply the post-processor (BOS)");
+  CLI::App* detokenize = app.add_subcommand("detokenize", "token ids to text with a tokenizer.json");
+  detokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json")->required();
+  detokenize->add_option("--ids", ids_text, "comma-separated token ids")->required();
+  detokenize->add_flag("--skip-special-tokens", skip_special, "leave special tokens out");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -165,5 +230,13 @@ int main(int argc, char** argv) {
   if (health->parsed()) return RunHealth(options, service);
   if (info->parsed()) return RunInfo(options);
   if (logits->parsed()) return RunLogits(model_dir, tokens_text, greedy, threads);
+  if (tokenize->parsed()) {
+    if (text_option->count() == 0 && !read_stdin) {
+      std::cerr << "moectl tokenize: give --text T or --stdin\n";
+      return 2;
+    }
+    return RunTokenize(tokenizer_path, read_stdin ? std::nullopt : std::optional<std::string>(text), add_special);
+  }
+  if (detokenize->parsed()) return RunDetokenize(tokenizer_path, ids_text, skip_special);
   return 2;
 }

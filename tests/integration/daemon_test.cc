@@ -170,3 +170,42 @@ TEST_CASE("moectl health and info talk to the daemon") {
 
 }  // namespace
 }  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("moectl logits, tokenize and detokenize run locally") {
+  CommandResult logits = RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(), "--tokens",
+                                     "5,300,17", "--greedy", "3"});
+  REQUIRE(logits.exit_code == 0);
+  auto json = nlohmann::json::parse(logits.out);
+  REQUIRE(json["prompt_logits"].size() == 3);
+  CHECK(json["prompt_logits"][0].size() == 512);
+  REQUIRE(json["greedy"].size() == 3);
+  REQUIRE(json["greedy_logits"].size() == 3);
+  // Each greedy token is the argmax of the logits before it.
+  auto argmax = [](const nlohmann::json& row) {
+    auto values = row.get<std::vector<float>>();
+    return static_cast<int>(std::max_element(values.begin(), values.end()) - values.begin());
+  };
+  CHECK(json["greedy"][0] == argmax(json["prompt_logits"][2]));
+  CHECK(json["greedy"][1] == argmax(json["greedy_logits"][0]));
+
+  CommandResult bad = RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(), "--tokens", "5,9999"});
+  CHECK(bad.exit_code == 1);
+  CHECK(bad.err.find("token id 9999 is outside the vocabulary of 512") != std::string::npos);
+
+  std::string tokenizer = (TestModel() / "tokenizer.json").string();
+  CommandResult ids = RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "héllo, 世界"});
+  REQUIRE(ids.exit_code == 0);
+  auto id_list = nlohmann::json::parse(ids.out).get<std::vector<int>>();
+  REQUIRE_FALSE(id_list.empty());
+  std::string joined;
+  for (size_t i = 0; i < id_list.size(); ++i) joined += (i ? "," : "") + std::to_string(id_list[i]);
+  CommandResult text = RunCommand({MOECTL_BINARY, "detokenize", "--tokenizer", tokenizer, "--ids", joined});
+  CHECK(text.exit_code == 0);
+  CHECK(text.out == "héllo, 世界");
+}
+
+}  // namespace
+}  // namespace moed::testing
