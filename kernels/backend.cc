@@ -66,7 +66,7 @@ Discovery DiscoverDevices() {
   return discovery;
 }
 
-absl::StatusOr<BackendChoice> CreateBackend(BackendKind kind, int cuda_device) {
+absl::StatusOr<BackendChoice> CreateBackend(BackendKind kind, [[maybe_unused]] int cuda_device) {
   BackendChoice choice;
   if (kind == BackendKind::kCpu) {
     choice.backend = std::make_unique<CpuBackend>();

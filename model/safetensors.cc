@@ -49,8 +49,9 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
       if (!entry.is_object()) return HeaderError(source, "__metadata__ is not an object");
       continue;
     }
+    const std::string& tensor_name = name;  // clang 14 cannot capture structured bindings
     auto bad = [&](absl::string_view what) {
-      return HeaderError(source, absl::StrCat("tensor ", name, ": ", what));
+      return HeaderError(source, absl::StrCat("tensor ", tensor_name, ": ", what));
     };
     if (!entry.is_object()) return bad("entry is not an object");
     auto dtype_it = entry.find("dtype");
