@@ -1,0 +1,75 @@
+// Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, seeded
+// sampling; and stop-string matching on the decoded text.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/types/span.h"
+
+namespace moed::model {
+
+struct SamplingParams {
+  uint32_t max_tokens = 0;  // 0: up to the end of the context
+  float temperature = 1.0f;  // 0: greedy
+  float top_p = 1.0f;
+  uint32_t top_k = 0;  // 0: off
+  float min_p = 0.0f;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+  std::vector<uint32_t> stop_token_ids;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  bool ignore_eos = false;
+  bool logprobs = false;
+  uint32_t top_logprobs = 0;
+};
+
+struct TokenChoice {
+  int32_t token = 0;
+  // log-probability of `token` under the penalised distribution before temperature and
+  // truncation (the model's own view, as OpenAI reports it).
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top_logprobs;  // most likely first
+};
+
+class Sampler {
+ public:
+  // `prompt` feeds the repetition penalty; `default_seed` is used when params.seed is unset.
+  Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt, uint64_t default_seed);
+
+  // Picks the next token and remembers it for the penalties.
+  TokenChoice Next(absl::Span<const float> logits);
+
+ private:
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  absl::flat_hash_map<int32_t, int> output_counts_;
+  absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty
+};
+
+// Watches generated text for stop strings. Text that might be the start of a stop string is
+// held back until it is clear.
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+
+  struct Result {
+    std::string emit;                    // text that is safe to send
+    std::optional<std::string> matched;  // the stop string found; generation ends
+  };
+  Result Add(const std::string& delta);
+  // At the end of generation, whatever was held back.
+  std::string Flush();
+
+ private:
+  std::vector<std::string> stops_;
+  std::string pending_;
+};
+
+}  // namespace moed::model
