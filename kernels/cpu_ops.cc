@@ -16,6 +16,7 @@ namespace {
 // never changes it.
 constexpr int kRowBlock = 4;
 constexpr int kTokenBlock = 2;
+constexpr int64_t kPrefetchElements = 256;
 
 float LoadScalar(DType dtype, const void* data, int64_t i) {
   switch (dtype) {
@@ -75,21 +76,29 @@ __attribute__((target("avx2,fma,f16c"))) void Block8(const WeightMatrix& w, cons
   const int64_t cols = w.cols;
   const int64_t vec_end = cols / 8 * 8;
   const void* rows[R];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
   }
   __m256 acc[R][T];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < vec_end; c += 8) {
     __m256 xv[T];
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) xv[j] = _mm256_loadu_ps(x + (t + j) * cols + c);
+    #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       __m256 wv = Load8<D>(rows[i], c);
+      #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) {
       float sum = Sum8(acc[i][j]);
       const float* xt = x + (t + j) * cols;
@@ -115,15 +124,8 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 Load16(const void* row
   }
 }
 
-// A fixed pairwise order (and no _mm512_reduce_add_ps, which trips a GCC 12 warning).
-__attribute__((target("avx512f"))) inline float Sum16(__m512 v) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, v);
-  for (int width = 8; width >= 1; width /= 2) {
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  }
-  return lanes[0];
-}
+// A fixed tree: halves, then quarters, ... (the same order for every call).
+__attribute__((target("avx512f"))) inline float Sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 template <DType D, int R, int T>
 __attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, const float* x,
@@ -131,21 +133,31 @@ __attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, 
   const int64_t cols = w.cols;
   const int64_t vec_end = cols / 16 * 16;
   const void* rows[R];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
   }
   __m512 acc[R][T];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < vec_end; c += 16) {
     __m512 xv[T];
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) xv[j] = _mm512_loadu_ps(x + (t + j) * cols + c);
+    #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
+      // Stream ahead of the hardware prefetcher, which restarts at every row.
+      _mm_prefetch(static_cast<const char*>(rows[i]) + (c + kPrefetchElements) * sizeof(uint16_t) * (D == DType::kF32 ? 2 : 1), _MM_HINT_T0);
       __m512 wv = Load16<D>(rows[i], c);
+      #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
+    #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) {
       float sum = Sum16(acc[i][j]);
       const float* xt = x + (t + j) * cols;
@@ -167,19 +179,24 @@ void MatMulRowsSimd(const WeightMatrix& w, const float* x, int64_t n, float* y, 
       Block8<D, R, T>(w, x, y, r, t);
     }
   };
+  // AVX-512 has 32 vector registers: room for 4 rows x 4 tokens of accumulators.
+  constexpr int kTokens = Avx512 ? 2 * kTokenBlock : kTokenBlock;
   using R4 = std::integral_constant<int, kRowBlock>;
   using R1 = std::integral_constant<int, 1>;
-  using T2 = std::integral_constant<int, kTokenBlock>;
+  using TB = std::integral_constant<int, kTokens>;
+  using T2 = std::integral_constant<int, 2>;
   using T1 = std::integral_constant<int, 1>;
   int64_t r = r0;
   for (; r + kRowBlock <= r1; r += kRowBlock) {
     int64_t t = 0;
-    for (; t + kTokenBlock <= n; t += kTokenBlock) block(R4{}, T2{}, r, t);
+    for (; t + kTokens <= n; t += kTokens) block(R4{}, TB{}, r, t);
+    for (; t + 2 <= n; t += 2) block(R4{}, T2{}, r, t);
     for (; t < n; ++t) block(R4{}, T1{}, r, t);
   }
   for (; r < r1; ++r) {
     int64_t t = 0;
-    for (; t + kTokenBlock <= n; t += kTokenBlock) block(R1{}, T2{}, r, t);
+    for (; t + kTokens <= n; t += kTokens) block(R1{}, TB{}, r, t);
+    for (; t + 2 <= n; t += 2) block(R1{}, T2{}, r, t);
     for (; t < n; ++t) block(R1{}, T1{}, r, t);
   }
 }

@@ -1,8 +1,18 @@
 #include "kernels/thread_pool.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 
 namespace moed::kernels {
+namespace {
+
+// A decode step issues hundreds of short parallel loops; sleeping on a condition variable
+// between them costs a futex round trip each. Spin this many pauses (tens of microseconds)
+// before sleeping.
+constexpr int kSpinIterations = 20000;
+
+}  // namespace
 
 ThreadPool::ThreadPool(int threads) {
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -12,7 +22,7 @@ ThreadPool::ThreadPool(int threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard lock(mutex_);
-    stopping_ = true;
+    stopping_.store(true, std::memory_order_release);
   }
   work_ready_.notify_all();
   for (auto& worker : workers_) worker.join();
@@ -25,40 +35,47 @@ void ThreadPool::ParallelFor(int64_t count, const std::function<void(int64_t, in
     body(0, count);
     return;
   }
+  body_ = &body;
+  count_ = count;
+  pending_.store(parts - 1, std::memory_order_relaxed);
   {
-    std::lock_guard lock(mutex_);
-    body_ = &body;
-    count_ = count;
-    pending_ = parts - 1;
-    ++generation_;
+    std::lock_guard lock(mutex_);  // pairs with the workers' predicate check
+    generation_.fetch_add(1, std::memory_order_release);
   }
   work_ready_.notify_all();
   body(0, count / parts);  // the caller takes range 0
-  std::unique_lock lock(mutex_);
-  work_done_.wait(lock, [&] { return pending_ == 0; });
-  body_ = nullptr;
+  for (int spin = 0; spin < kSpinIterations && pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    _mm_pause();
+  }
+  if (pending_.load(std::memory_order_acquire) != 0) {
+    std::unique_lock lock(mutex_);
+    work_done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+  }
 }
 
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   while (true) {
-    const std::function<void(int64_t, int64_t)>* body;
-    int64_t count;
-    {
-      std::unique_lock lock(mutex_);
-      work_ready_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-      if (stopping_) return;
-      seen = generation_;
-      body = body_;
-      count = count_;
+    for (int spin = 0; spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen &&
+                       !stopping_.load(std::memory_order_acquire);
+         ++spin) {
+      _mm_pause();
     }
+    if (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_acquire)) {
+      std::unique_lock lock(mutex_);
+      work_ready_.wait(lock, [&] {
+        return stopping_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+      });
+    }
+    if (stopping_.load(std::memory_order_acquire)) return;
+    seen = generation_.load(std::memory_order_acquire);
     const int parts = size();
-    int64_t begin = count * index / parts;
-    int64_t end = count * (index + 1) / parts;
-    if (begin < end) (*body)(begin, end);
-    {
+    int64_t begin = count_ * index / parts;
+    int64_t end = count_ * (index + 1) / parts;
+    if (begin < end) (*body_)(begin, end);
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
       std::lock_guard lock(mutex_);
-      if (--pending_ == 0) work_done_.notify_one();
+      work_done_.notify_one();
     }
   }
 }
