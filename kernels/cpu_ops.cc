@@ -32,8 +32,37 @@ float LoadScalar(DType dtype, const void* data, int64_t i) {
 
 // ---- scalar ---------------------------------------------------------------------------------
 
+void MatMulRowsScalarQuantized(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
+                               int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = x + t * w.cols;
+      float sum = 0;
+      if (w.quantization == Quantization::kInt8PerRow) {
+        const int8_t* row = static_cast<const int8_t*>(w.data) + r * w.cols;
+        for (int64_t c = 0; c < w.cols; ++c) sum += static_cast<float>(row[c]) * xt[c];
+        sum *= w.scales[r];
+      } else {
+        const int64_t g = w.group_size, groups = w.cols / g;
+        const uint8_t* row = static_cast<const uint8_t*>(w.data) + r * (w.cols / 2);
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          float group_sum = 0;
+          for (int64_t j = 0; j < g / 2; ++j) {
+            uint8_t byte = row[gi * g / 2 + j];
+            group_sum += static_cast<float>((byte & 0xF) - 8) * xt[gi * g + j];
+            group_sum += static_cast<float>((byte >> 4) - 8) * xt[gi * g + g / 2 + j];
+          }
+          sum += group_sum * w.scales[r * groups + gi];
+        }
+      }
+      y[t * w.rows + r] = sum;
+    }
+  }
+}
+
 void MatMulRowsScalar(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
                       int64_t r1) {
+  if (w.quantization != Quantization::kNone) return MatMulRowsScalarQuantized(w, x, n, y, r0, r1);
   for (int64_t r = r0; r < r1; ++r) {
     const char* row = static_cast<const char*>(w.data) + r * w.cols * DTypeSize(w.dtype);
     for (int64_t t = 0; t < n; ++t) {
@@ -167,6 +196,131 @@ __attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, 
   }
 }
 
+// ---- AVX-512 quantized (int8 per row, int4 grouped) -------------------------------------------
+
+template <int R, int T>
+__attribute__((target("avx512f,avx512bw"))) void Block16Int8(const WeightMatrix& w, const float* x,
+                                                            float* y, int64_t r, int64_t t) {
+  const int64_t cols = w.cols;
+  const int64_t vec_end = cols / 16 * 16;
+  const int8_t* rows[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) rows[i] = static_cast<const int8_t*>(w.data) + (r + i) * cols;
+  __m512 acc[R][T];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < vec_end; c += 16) {
+    __m512 xv[T];
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) xv[j] = _mm512_loadu_ps(x + (t + j) * cols + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c + 2 * kPrefetchElements), _MM_HINT_T0);
+      __m512 wv = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i] + c))));
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) {
+      float sum = Sum16(acc[i][j]);
+      const float* xt = x + (t + j) * cols;
+      for (int64_t c = vec_end; c < cols; ++c) sum += static_cast<float>(rows[i][c]) * xt[c];
+      y[(t + j) * w.rows + r + i] = sum * w.scales[r + i];
+    }
+  }
+}
+
+// Needs group_size % 32 == 0 (each 16-byte run unpacks into 16 + 16 columns).
+template <int R, int T>
+__attribute__((target("avx512f,avx512bw"))) void Block16Int4(const WeightMatrix& w, const float* x,
+                                                            float* y, int64_t r, int64_t t) {
+  const int64_t cols = w.cols, g = w.group_size, groups = cols / g;
+  const uint8_t* rows[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) rows[i] = static_cast<const uint8_t*>(w.data) + (r + i) * (cols / 2);
+  const __m512i low_mask = _mm512_set1_epi32(0xF);
+  const __m512i eight = _mm512_set1_epi32(8);
+  __m512 acc[R][T];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m512 part[R][T];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) part[i][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < g / 2; b += 16) {
+      const int64_t lo_col = gi * g + b, hi_col = lo_col + g / 2;
+      __m512 x_lo[T], x_hi[T];
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) {
+        x_lo[j] = _mm512_loadu_ps(x + (t + j) * cols + lo_col);
+        x_hi[j] = _mm512_loadu_ps(x + (t + j) * cols + hi_col);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* bytes_at = rows[i] + gi * g / 2 + b;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes_at + kPrefetchElements), _MM_HINT_T0);
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes_at)));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low_mask), eight));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+#pragma GCC unroll 8
+        for (int j = 0; j < T; ++j) {
+          part[i][j] = _mm512_fmadd_ps(lo, x_lo[j], part[i][j]);
+          part[i][j] = _mm512_fmadd_ps(hi, x_hi[j], part[i][j]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      __m512 scale = _mm512_set1_ps(w.scales[(r + i) * groups + gi]);
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(part[i][j], scale, acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) y[(t + j) * w.rows + r + i] = Sum16(acc[i][j]);
+}
+
+// Rows [r0, r1) of a quantized matrix with AVX-512, in 4-row x 2-token blocks.
+void MatMulRowsQuantizedAvx512(const WeightMatrix& w, const float* x, int64_t n, float* y,
+                               int64_t r0, int64_t r1) {
+  auto run = [&](auto rows_tag, auto tokens_tag, int64_t r, int64_t t) {
+    constexpr int R = decltype(rows_tag)::value;
+    constexpr int T = decltype(tokens_tag)::value;
+    if (w.quantization == Quantization::kInt8PerRow) {
+      Block16Int8<R, T>(w, x, y, r, t);
+    } else {
+      Block16Int4<R, T>(w, x, y, r, t);
+    }
+  };
+  using R4 = std::integral_constant<int, 4>;
+  using R1 = std::integral_constant<int, 1>;
+  using T2 = std::integral_constant<int, 2>;
+  using T1 = std::integral_constant<int, 1>;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) run(R4{}, T2{}, r, t);
+    for (; t < n; ++t) run(R4{}, T1{}, r, t);
+  }
+  for (; r < r1; ++r) {
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) run(R1{}, T2{}, r, t);
+    for (; t < n; ++t) run(R1{}, T1{}, r, t);
+  }
+}
+
 template <DType D, bool Avx512>
 void MatMulRowsSimd(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
                     int64_t r1) {
@@ -244,6 +398,12 @@ void MatMulWithIsa(Isa isa, const WeightMatrix& w, const float* x, int64_t n, fl
   pool.ParallelFor(row_blocks, [&](int64_t b0, int64_t b1) {
     int64_t r0 = b0 * kRowBlock;
     int64_t r1 = std::min(w.rows, b1 * kRowBlock);
+    if (w.quantization != Quantization::kNone) {
+      // int4 with groups that are not a multiple of 32 columns takes the plain loop.
+      bool simd = isa == Isa::kAvx512 &&
+                  (w.quantization == Quantization::kInt8PerRow || w.group_size % 32 == 0);
+      return simd ? MatMulRowsQuantizedAvx512(w, x, n, y, r0, r1) : MatMulRowsScalar(w, x, n, y, r0, r1);
+    }
     switch (isa) {
       case Isa::kScalar:
         return MatMulRowsScalar(w, x, n, y, r0, r1);
@@ -343,4 +503,68 @@ void ToFloat(DType dtype, const void* data, int64_t count, float* out) {
   for (int64_t i = 0; i < count; ++i) out[i] = LoadScalar(dtype, data, i);
 }
 
+void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* scales) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = w + r * cols;
+    float max_abs = 0;
+    for (int64_t c = 0; c < cols; ++c) max_abs = std::max(max_abs, std::abs(row[c]));
+    float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
+    scales[r] = scale;
+    for (int64_t c = 0; c < cols; ++c) {
+      q[r * cols + c] = static_cast<int8_t>(std::clamp(std::nearbyint(row[c] / scale), -127.0f, 127.0f));
+    }
+  }
+}
+
+void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size, uint8_t* packed,
+                  float* scales) {
+  const int64_t groups = cols / group_size, half = group_size / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const float* group = w + r * cols + gi * group_size;
+      float max_abs = 0;
+      for (int64_t c = 0; c < group_size; ++c) max_abs = std::max(max_abs, std::abs(group[c]));
+      float scale = max_abs > 0 ? max_abs / 7.0f : 1.0f;
+      scales[r * groups + gi] = scale;
+      auto code = [&](float v) {
+        return static_cast<uint8_t>(std::clamp(std::nearbyint(v / scale), -7.0f, 7.0f) + 8.0f);
+      };
+      uint8_t* out = packed + r * (cols / 2) + gi * half;
+      for (int64_t j = 0; j < half; ++j) out[j] = static_cast<uint8_t>(code(group[j]) | (code(group[j + half]) << 4));
+    }
+  }
+}
+
+float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col) {
+  switch (w.quantization) {
+    case Quantization::kNone:
+      return LoadScalar(w.dtype, static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
+    case Quantization::kInt8PerRow:
+      return static_cast<float>(static_cast<const int8_t*>(w.data)[row * w.cols + col]) * w.scales[row];
+    case Quantization::kInt4Grouped: {
+      const int64_t g = w.group_size, gi = col / g, within = col % g, half = g / 2;
+      uint8_t byte = static_cast<const uint8_t*>(w.data)[row * (w.cols / 2) + gi * half + within % half];
+      int q = within < half ? (byte & 0xF) : (byte >> 4);
+      return static_cast<float>(q - 8) * w.scales[row * (w.cols / g) + gi];
+    }
+  }
+  return 0;
+}
+
 }  // namespace moed::kernels::cpu
+
+namespace moed::kernels {
+
+int64_t WeightMatrix::DataBytes() const {
+  switch (quantization) {
+    case Quantization::kNone:
+      return rows * cols * static_cast<int64_t>(DTypeSize(dtype));
+    case Quantization::kInt8PerRow:
+      return rows * cols;
+    case Quantization::kInt4Grouped:
+      return rows * cols / 2;
+  }
+  return 0;
+}
+
+}  // namespace moed::kernels

@@ -10,12 +10,29 @@
 
 namespace moed::kernels {
 
+// How a weight matrix's values are stored.
+enum class Quantization {
+  kNone,         // `dtype` values, row-major
+  kInt8PerRow,   // int8 row-major; value = q * scales[row]
+  kInt4Grouped,  // 4-bit, groups of `group_size` columns; value = (q - 8) * scales[row * groups + g]
+};
+
 // A row-major [rows, cols] weight matrix in host memory.
+//
+// Int4 layout: each row is cols / 2 bytes; within a group of G columns starting at g0, byte
+// g0 / 2 + j holds column g0 + j in its low nibble and column g0 + j + G / 2 in its high
+// nibble, so that a run of bytes unpacks into two runs of consecutive columns.
 struct WeightMatrix {
   DType dtype = DType::kF32;
   const void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
+  Quantization quantization = Quantization::kNone;
+  const float* scales = nullptr;
+  int64_t group_size = 0;  // int4 only
+
+  // Bytes of `data` (without the scales).
+  int64_t DataBytes() const;
 };
 
 namespace cpu {
@@ -51,6 +68,15 @@ void SiluMul(const float* gate, const float* up, int64_t count, float* out);
 
 // Widens `count` weights to fp32.
 void ToFloat(DType dtype, const void* data, int64_t count, float* out);
+
+// Quantizes rows of fp32 weights: int8 with one scale per row (max |w| / 127), int4 with one
+// scale per group of `group_size` columns (max |w| / 7), rounding to nearest. `group_size`
+// must be even and divide `cols`.
+void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* scales);
+void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size, uint8_t* packed,
+                  float* scales);
+// The value a quantized matrix stores at (row, col).
+float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col);
 
 }  // namespace cpu
 }  // namespace moed::kernels

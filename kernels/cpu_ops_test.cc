@@ -152,3 +152,85 @@ TEST_CASE("rmsnorm, rope, silu and attention match their formulas") {
 
 }  // namespace
 }  // namespace moed::kernels::cpu
+
+namespace moed::kernels::cpu {
+namespace {
+
+struct QuantizedWeights {
+  std::vector<int8_t> q8;
+  std::vector<uint8_t> q4;
+  std::vector<float> scales;
+  WeightMatrix matrix;
+};
+
+QuantizedWeights Quantize(Quantization kind, const std::vector<float>& w, int64_t rows, int64_t cols,
+                          int64_t group) {
+  QuantizedWeights out;
+  if (kind == Quantization::kInt8PerRow) {
+    out.q8.resize(rows * cols);
+    out.scales.resize(rows);
+    QuantizeInt8(w.data(), rows, cols, out.q8.data(), out.scales.data());
+    out.matrix = {DType::kF32, out.q8.data(), rows, cols, kind, out.scales.data(), 0};
+  } else {
+    out.q4.resize(rows * cols / 2);
+    out.scales.resize(rows * cols / group);
+    QuantizeInt4(w.data(), rows, cols, group, out.q4.data(), out.scales.data());
+    out.matrix = {DType::kF32, out.q4.data(), rows, cols, kind, out.scales.data(), group};
+  }
+  return out;
+}
+
+TEST_CASE("quantization stays within half a step of the original weights") {
+  const int64_t rows = 9, cols = 128;
+  std::vector<float> w = RandomActivations(rows * cols, 21);
+  for (auto [kind, group, levels] : {std::tuple{Quantization::kInt8PerRow, int64_t{0}, 127.0f},
+                                     std::tuple{Quantization::kInt4Grouped, int64_t{32}, 7.0f},
+                                     std::tuple{Quantization::kInt4Grouped, int64_t{64}, 7.0f}}) {
+    QuantizedWeights q = Quantize(kind, w, rows, cols, group);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        int64_t span = kind == Quantization::kInt8PerRow ? cols : group;
+        float max_abs = 0;
+        for (int64_t k = c / span * span; k < c / span * span + span; ++k) max_abs = std::max(max_abs, std::abs(w[r * cols + k]));
+        float step = max_abs / levels;
+        REQUIRE(std::abs(DequantizedValue(q.matrix, r, c) - w[r * cols + c]) <= step / 2 * 1.0001f);
+      }
+    }
+  }
+}
+
+TEST_CASE("int8 and int4 matmul match a double loop over the dequantized weights, batch invariantly") {
+  ThreadPool pool(2);
+  for (auto [kind, group] : {std::pair{Quantization::kInt8PerRow, int64_t{0}}, std::pair{Quantization::kInt4Grouped, int64_t{32}},
+                             std::pair{Quantization::kInt4Grouped, int64_t{64}}, std::pair{Quantization::kInt4Grouped, int64_t{16}}}) {
+    for (auto [rows, cols, n] : {std::tuple{int64_t{7}, int64_t{64}, int64_t{3}}, std::tuple{int64_t{33}, int64_t{192}, int64_t{5}}}) {
+      std::vector<float> w = RandomActivations(rows * cols, 3);
+      QuantizedWeights q = Quantize(kind, w, rows, cols, group);
+      std::vector<float> x = RandomActivations(n * cols, 4);
+      for (Isa isa : SupportedIsas()) {
+        INFO(IsaName(isa) << " group " << group << " " << rows << "x" << cols);
+        std::vector<float> y(n * rows);
+        MatMulWithIsa(isa, q.matrix, x.data(), n, y.data(), pool);
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t r = 0; r < rows; ++r) {
+            double expected = 0, magnitude = 0;
+            for (int64_t c = 0; c < cols; ++c) {
+              double term = double(DequantizedValue(q.matrix, r, c)) * x[t * cols + c];
+              expected += term;
+              magnitude += std::abs(term);
+            }
+            REQUIRE(std::abs(y[t * rows + r] - expected) <= 1e-5 * magnitude + 1e-6);
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          std::vector<float> alone(rows);
+          MatMulWithIsa(isa, q.matrix, x.data() + t * cols, 1, alone.data(), pool);
+          for (int64_t r = 0; r < rows; ++r) REQUIRE(alone[r] == y[t * rows + r]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moed::kernels::cpu
