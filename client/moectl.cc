@@ -11,7 +11,9 @@
 #include "absl/strings/str_split.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
+#include "cache/store_reader.h"
 #include "model/generate.h"
+#include "util/status_macros.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -100,8 +102,8 @@ int RunInfo(const GlobalOptions& options) {
 
 // Local: loads the checkpoint itself, no daemon. Prints one JSON object with the golden
 // cases' fields.
-int RunLogits(const std::string& model_dir, const std::string& tokens_text, int greedy,
-              int threads) {
+int RunLogits(const std::string& model_dir, const std::string& store_dir,
+              const std::string& precision_name, const std::string& tokens_text, int greedy, int threads) {
   std::vector<int32_t> tokens;
   for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
@@ -111,7 +113,18 @@ int RunLogits(const std::string& model_dir, const std::string& tokens_text, int 
     }
     tokens.push_back(id);
   }
-  auto model = moed::model::Model::Load(model_dir, threads);
+  absl::StatusOr<std::unique_ptr<moed::model::Model>> model;
+  if (!store_dir.empty()) {
+    model = [&]() -> absl::StatusOr<std::unique_ptr<moed::model::Model>> {
+      MOED_ASSIGN_OR_RETURN(moed::cache::Precision precision, moed::cache::ParsePrecision(precision_name));
+      MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store, moed::cache::Store::Open(store_dir));
+      MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::model::ExpertProvider> experts,
+                            moed::cache::LoadAllExperts(store, precision));
+      return moed::model::Model::Create(store->config(), store, std::move(experts), threads);
+    }();
+  } else {
+    model = moed::model::Model::Load(model_dir, threads);
+  }
   if (!model.ok()) {
     std::cerr << "moectl logits: " << model.status().message() << "\n";
     return 1;
@@ -202,7 +215,13 @@ int main(int argc, char** argv) {
   CLI::App* logits = app.add_subcommand(
       "logits", "run a checkpoint locally: logits of every prompt position and a greedy "
                 "continuation, as one JSON object");
-  logits->add_option("--model", model_dir, "Hugging Face checkpoint directory")->required();
+  std::string store_dir, precision_name = "source";
+  auto* model_option = logits->add_option("--model", model_dir, "Hugging Face checkpoint directory");
+  auto* store_option = logits->add_option("--store", store_dir, "expert store directory (from moed-pack)");
+  model_option->excludes(store_option);
+  logits->add_option("--expert-precision", precision_name, "with --store: source (exact), int8 or int4")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"source", "int8", "int4"}));
   logits->add_option("--tokens", tokens_text, "prompt token ids, comma-separated")->required();
   logits->add_option("--greedy", greedy, "greedy steps after the prompt")
       ->capture_default_str()
@@ -229,7 +248,13 @@ int main(int argc, char** argv) {
   }
   if (health->parsed()) return RunHealth(options, service);
   if (info->parsed()) return RunInfo(options);
-  if (logits->parsed()) return RunLogits(model_dir, tokens_text, greedy, threads);
+  if (logits->parsed()) {
+    if (model_dir.empty() == store_dir.empty()) {
+      std::cerr << "moectl logits: give exactly one of --model DIR and --store DIR\n";
+      return 2;
+    }
+    return RunLogits(model_dir, store_dir, precision_name, tokens_text, greedy, threads);
+  }
   if (tokenize->parsed()) {
     if (text_option->count() == 0 && !read_stdin) {
       std::cerr << "moectl tokenize: give --text T or --stdin\n";

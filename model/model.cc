@@ -20,7 +20,7 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 // Looks tensors up by name and checks them against the shapes the config implies.
 class WeightBinder {
  public:
-  explicit WeightBinder(const Checkpoint& checkpoint) : checkpoint_(checkpoint) {}
+  explicit WeightBinder(const TensorSource& checkpoint) : checkpoint_(checkpoint) {}
 
   absl::StatusOr<TensorRef> Tensor(const std::string& name, const std::vector<int64_t>& shape) {
     MOED_ASSIGN_OR_RETURN(TensorRef ref, checkpoint_.Find(name));
@@ -54,7 +54,7 @@ class WeightBinder {
   }
 
  private:
-  const Checkpoint& checkpoint_;
+  const TensorSource& checkpoint_;
 };
 
 std::string ExpertTensorPrefix(const ModelConfig& config, int layer, int expert) {
@@ -89,24 +89,46 @@ KvCache::KvCache(const ModelConfig& config, int64_t capacity) : capacity_(capaci
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int threads) {
+  MOED_ASSIGN_OR_RETURN(ModelConfig c, LoadModelConfig(dir));
+  MOED_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> opened, Checkpoint::Open(dir));
+  std::shared_ptr<const Checkpoint> checkpoint = std::move(opened);
+  WeightBinder bind(*checkpoint);
+  std::vector<std::vector<ExpertWeights>> experts(static_cast<size_t>(c.num_layers));
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    if (!c.IsMoeLayer(layer)) continue;
+    for (int e = 0; e < c.num_experts; ++e) {
+      std::string ep = ExpertTensorPrefix(c, layer, e);
+      absl::StatusOr<DenseMlp> mlp =
+          c.architecture == Architecture::kMixtral
+              ? bind.Mlp(ep, "w1", "w3", "w2", c.hidden_size, c.expert_intermediate_size)
+              : bind.Mlp(ep, "gate_proj", "up_proj", "down_proj", c.hidden_size, c.expert_intermediate_size);
+      if (!mlp.ok()) return mlp.status();
+      experts[layer].push_back({mlp->gate, mlp->up, mlp->down});
+    }
+  }
+  return Create(c, checkpoint, std::make_unique<CheckpointExpertProvider>(std::move(experts)), threads);
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
+                                                     std::shared_ptr<const TensorSource> dense,
+                                                     std::unique_ptr<ExpertProvider> experts, int threads) {
   std::unique_ptr<Model> model(new Model());
-  MOED_ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
-  MOED_ASSIGN_OR_RETURN(model->checkpoint_, Checkpoint::Open(dir));
+  model->config_ = config;
+  model->dense_ = std::move(dense);
   const ModelConfig& c = model->config_;
-  WeightBinder bind(*model->checkpoint_);
+  WeightBinder bind(*model->dense_);
   const int64_t h = c.hidden_size;
   const int64_t q_width = c.num_attention_heads * c.head_dim;
   const int64_t kv_width = c.num_key_value_heads * c.head_dim;
 
   MOED_ASSIGN_OR_RETURN(model->embed_, bind.Matrix("model.embed_tokens.weight", c.vocab_size, h));
   MOED_ASSIGN_OR_RETURN(model->final_norm_, bind.Vector("model.norm.weight", h));
-  if (model->checkpoint_->Contains("lm_head.weight") || !c.tie_word_embeddings) {
+  if (model->dense_->Contains("lm_head.weight") || !c.tie_word_embeddings) {
     MOED_ASSIGN_OR_RETURN(model->lm_head_, bind.Matrix("lm_head.weight", c.vocab_size, h));
   } else {
     model->lm_head_ = model->embed_;
   }
 
-  std::vector<std::vector<ExpertWeights>> experts(static_cast<size_t>(c.num_layers));
   for (int layer = 0; layer < c.num_layers; ++layer) {
     LayerWeights w;
     std::string p = absl::StrCat("model.layers.", layer, ".");
@@ -117,7 +139,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
     MOED_ASSIGN_OR_RETURN(w.v, bind.Matrix(p + "self_attn.v_proj.weight", kv_width, h));
     MOED_ASSIGN_OR_RETURN(w.o, bind.Matrix(p + "self_attn.o_proj.weight", h, q_width));
     // Qwen2-MoE has q/k/v biases; they are detected from the tensors, as the config may not say.
-    if (model->checkpoint_->Contains(p + "self_attn.q_proj.bias")) {
+    if (model->dense_->Contains(p + "self_attn.q_proj.bias")) {
       MOED_ASSIGN_OR_RETURN(w.q_bias, bind.Vector(p + "self_attn.q_proj.bias", q_width));
       MOED_ASSIGN_OR_RETURN(w.k_bias, bind.Vector(p + "self_attn.k_proj.bias", kv_width));
       MOED_ASSIGN_OR_RETURN(w.v_bias, bind.Vector(p + "self_attn.v_proj.bias", kv_width));
@@ -136,15 +158,6 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
     } else {
       std::string moe = c.architecture == Architecture::kMixtral ? p + "block_sparse_moe." : p + "mlp.";
       MOED_ASSIGN_OR_RETURN(w.router, bind.Matrix(moe + "gate.weight", c.num_experts, h));
-      for (int e = 0; e < c.num_experts; ++e) {
-        std::string ep = ExpertTensorPrefix(c, layer, e);
-        absl::StatusOr<DenseMlp> mlp =
-            c.architecture == Architecture::kMixtral
-                ? bind.Mlp(ep, "w1", "w3", "w2", h, c.expert_intermediate_size)
-                : bind.Mlp(ep, "gate_proj", "up_proj", "down_proj", h, c.expert_intermediate_size);
-        if (!mlp.ok()) return mlp.status();
-        experts[layer].push_back({mlp->gate, mlp->up, mlp->down});
-      }
       if (c.shared_expert_intermediate_size > 0) {
         w.has_shared_expert = true;
         MOED_ASSIGN_OR_RETURN(w.shared_expert,
@@ -155,7 +168,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
     }
     model->layers_.push_back(std::move(w));
   }
-  model->experts_ = std::make_unique<CheckpointExpertProvider>(std::move(experts));
+  model->experts_ = std::move(experts);
   model->pool_ = std::make_unique<kernels::ThreadPool>(threads);
   return model;
 }

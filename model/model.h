@@ -74,6 +74,13 @@ class Model {
   // shape) and serves the experts from the checkpoint's mapping.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, int threads = 0);
 
+  // A model whose dense weights come from `dense` (kept alive by the model) and whose routed
+  // experts come from `experts`.
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
+                                                       std::shared_ptr<const TensorSource> dense,
+                                                       std::unique_ptr<ExpertProvider> experts,
+                                                       int threads = 0);
+
   const ModelConfig& config() const { return config_; }
 
   // Runs one step: every input's tokens are appended to its cache. Fails without touching
@@ -89,7 +96,7 @@ class Model {
   void Mlp(const DenseMlp& mlp, const float* x, int64_t n, float* out);
 
   ModelConfig config_;
-  std::unique_ptr<Checkpoint> checkpoint_;
+  std::shared_ptr<const TensorSource> dense_;
   std::vector<float> final_norm_;
   kernels::WeightMatrix embed_, lm_head_;
   std::vector<LayerWeights> layers_;

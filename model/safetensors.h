@@ -80,15 +80,23 @@ struct TensorRef {
   const std::string* file = nullptr;
 };
 
+// Named tensors in memory: a checkpoint, or an expert store's dense weights.
+class TensorSource {
+ public:
+  virtual ~TensorSource() = default;
+  // NOT_FOUND naming the tensor and where it was looked for when it is absent.
+  virtual absl::StatusOr<TensorRef> Find(absl::string_view name) const = 0;
+  virtual bool Contains(absl::string_view name) const = 0;
+};
+
 // Every tensor of a checkpoint directory, from model.safetensors.index.json when present,
 // else from model.safetensors, else from every *.safetensors file in it.
-class Checkpoint {
+class Checkpoint final : public TensorSource {
  public:
   static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
 
-  // NOT_FOUND naming the tensor and the directory when it is absent.
-  absl::StatusOr<TensorRef> Find(absl::string_view name) const;
-  bool Contains(absl::string_view name) const { return index_.contains(std::string(name)); }
+  absl::StatusOr<TensorRef> Find(absl::string_view name) const override;
+  bool Contains(absl::string_view name) const override { return index_.contains(name); }
   const std::string& dir() const { return dir_; }
   size_t num_tensors() const { return index_.size(); }
   std::vector<std::string> TensorNames() const;

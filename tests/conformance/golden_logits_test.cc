@@ -4,8 +4,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <unistd.h>
 
+#include "cache/store_reader.h"
 #include "model/generate.h"
+#include "tools/pack/pack.h"
 #include "nlohmann/json.hpp"
 
 namespace moed::model {
@@ -45,6 +48,44 @@ void CheckGolden(const std::string& name) {
     INFO("max |diff| prompt " << worst_prompt << ", greedy " << worst_greedy);
     CHECK(worst_prompt <= 1e-4);
     CHECK(worst_greedy <= 1e-4);
+  }
+}
+
+// The golden checkpoints packed into stores: the source precision gives bitwise the
+// checkpoint's logits (and so matches the reference too).
+void CheckGoldenStore(const std::string& name) {
+  const char* shared = std::getenv("MOED_SHARED_DIR");
+  REQUIRE(shared != nullptr);
+  std::string dir = std::string(shared) + "/golden/" + name;
+  std::filesystem::path store_dir =
+      std::filesystem::temp_directory_path() / ("moed_golden_store_" + name + "_" + std::to_string(getpid()));
+  std::filesystem::remove_all(store_dir);
+  REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
+  auto store = cache::Store::Open(store_dir.string());
+  REQUIRE(store.ok());
+  auto experts = cache::LoadAllExperts(*store, cache::Precision::kSource);
+  REQUIRE(experts.ok());
+  auto from_store = Model::Create((*store)->config(), *store, *std::move(experts), 2);
+  REQUIRE(from_store.ok());
+  auto from_checkpoint = Model::Load(dir, 2);
+  REQUIRE(from_checkpoint.ok());
+  nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
+  for (const auto& c : cases["cases"]) {
+    std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();
+    auto a = ScoreAndGreedy(**from_store, prompt, static_cast<int>(c["greedy"].size()));
+    auto b = ScoreAndGreedy(**from_checkpoint, prompt, static_cast<int>(c["greedy"].size()));
+    REQUIRE((a.ok() && b.ok()));
+    CHECK(a->prompt_logits == b->prompt_logits);
+    CHECK(a->greedy_logits == b->greedy_logits);
+    CHECK(a->greedy == c["greedy"].get<std::vector<int32_t>>());
+  }
+  std::filesystem::remove_all(store_dir);
+}
+
+TEST_CASE("golden stores give the checkpoints' logits bitwise") {
+  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+    INFO(name);
+    CheckGoldenStore(name);
   }
 }
 

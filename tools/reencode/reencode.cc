@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
+#include "tools/checkpoint_files.h"
 #include "tools/synth/safetensors_writer.h"
 #include "util/status_macros.h"
 
@@ -69,20 +70,14 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
   fs::create_directories(out_dir, error);
   if (error) return absl::UnavailableError(absl::StrCat(out_dir, ": ", error.message()));
 
-  // Copy everything that is not weights; config.json gets the new dtype.
-  for (const auto& entry : fs::directory_iterator(model_dir)) {
-    std::string name = entry.path().filename().string();
-    if (entry.path().extension() == ".safetensors" || name == "model.safetensors.index.json") continue;
-    if (name == "config.json") {
-      std::ifstream in(entry.path());
-      nlohmann::ordered_json config = nlohmann::ordered_json::parse(in, nullptr, false);
-      if (config.is_discarded()) return absl::InvalidArgumentError(entry.path().string() + ": not JSON");
-      config["torch_dtype"] = TorchDtype(options.dtype);
-      std::ofstream(fs::path(out_dir) / name) << config.dump(2) << "\n";
-    } else if (entry.is_regular_file()) {
-      fs::copy_file(entry.path(), fs::path(out_dir) / name, error);
-      if (error) return absl::UnavailableError(absl::StrCat(name, ": ", error.message()));
-    }
+  // Everything that is not weights comes along; config.json gets the new dtype.
+  MOED_RETURN_IF_ERROR(CopyNonWeightFiles(model_dir, out_dir));
+  {
+    std::ifstream in(fs::path(model_dir) / "config.json");
+    nlohmann::ordered_json config = nlohmann::ordered_json::parse(in, nullptr, false);
+    if (config.is_discarded()) return absl::InvalidArgumentError(model_dir + "/config.json: not JSON");
+    config["torch_dtype"] = TorchDtype(options.dtype);
+    std::ofstream(fs::path(out_dir) / "config.json") << config.dump(2) << "\n";
   }
 
   std::vector<std::string> names = checkpoint->TensorNames();

@@ -1,0 +1,176 @@
+// moed-pack and the store reader: exact logits from the source precision, deterministic
+// bytes, and clear errors for corrupt, truncated or malformed stores.
+#include "tools/pack/pack.h"
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <unistd.h>
+
+#include "cache/store_reader.h"
+#include "model/generate.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::tools {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TempDir {
+  TempDir() : path(fs::temp_directory_path() / ("moed_pack_test_" + std::to_string(getpid()))) {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  fs::path path;
+};
+
+std::string ReadFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+const std::vector<int32_t> kPrompt = {3, 77, 410, 12, 9};
+
+model::GreedyResult FromStore(const fs::path& store_dir, cache::Precision precision) {
+  auto store = cache::Store::Open(store_dir.string());
+  INFO(store.status().ToString());
+  REQUIRE(store.ok());
+  auto experts = cache::LoadAllExperts(*store, precision);
+  REQUIRE(experts.ok());
+  auto model = model::Model::Create((*store)->config(), *store, *std::move(experts), 2);
+  REQUIRE(model.ok());
+  auto result = model::ScoreAndGreedy(**model, kPrompt, 4);
+  REQUIRE(result.ok());
+  return *std::move(result);
+}
+
+double MaxDiff(const model::GreedyResult& a, const model::GreedyResult& b) {
+  double worst = 0;
+  for (size_t r = 0; r < a.prompt_logits.size(); ++r) {
+    for (size_t i = 0; i < a.prompt_logits[r].size(); ++i) {
+      worst = std::max(worst, double(std::abs(a.prompt_logits[r][i] - b.prompt_logits[r][i])));
+    }
+  }
+  return worst;
+}
+
+TEST_CASE("a store's source precision gives bitwise the checkpoint's logits; int8 and int4 stay close") {
+  TempDir tmp;
+  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe, model::Architecture::kQwen3Moe,
+                    model::Architecture::kOlmoe}) {
+    std::string name(model::ArchitectureShortName(arch));
+    INFO(name);
+    fs::path checkpoint = tmp.path / name;
+    REQUIRE(WriteCheckpoint(*PresetSpec("tiny", arch), checkpoint.string()).ok());
+    fs::path store = tmp.path / (name + "-store");
+    REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{}).ok());
+
+    auto model = model::Model::Load(checkpoint.string(), 2);
+    REQUIRE(model.ok());
+    auto reference = model::ScoreAndGreedy(**model, kPrompt, 4);
+    REQUIRE(reference.ok());
+
+    model::GreedyResult exact = FromStore(store, cache::Precision::kSource);
+    CHECK(exact.prompt_logits == reference->prompt_logits);
+    CHECK(exact.greedy_logits == reference->greedy_logits);
+    CHECK(exact.greedy == reference->greedy);
+
+    double int8_error = MaxDiff(FromStore(store, cache::Precision::kInt8), *reference);
+    double int4_error = MaxDiff(FromStore(store, cache::Precision::kInt4), *reference);
+    INFO("int8 " << int8_error << ", int4 " << int4_error);
+    CHECK(int8_error > 0);
+    CHECK(int8_error < int4_error);  // more bits, less error
+    CHECK(int4_error < 0.5);
+  }
+}
+
+TEST_CASE("packing is deterministic, atomic and refuses to overwrite") {
+  TempDir tmp;
+  fs::path checkpoint = tmp.path / "m";
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string()).ok());
+  REQUIRE(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).ok());
+  REQUIRE(Pack(checkpoint.string(), (tmp.path / "b").string(), PackOptions{}).ok());
+  for (const char* file : {"manifest.json", "dense.bin", "experts.bin", "config.json", "tokenizer.json"}) {
+    CHECK(ReadFile(tmp.path / "a" / file) == ReadFile(tmp.path / "b" / file));
+  }
+  CHECK(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).code() == absl::StatusCode::kAlreadyExists);
+  // A failed pack (no such checkpoint) leaves nothing behind.
+  CHECK_FALSE(Pack((tmp.path / "missing").string(), (tmp.path / "c").string(), PackOptions{}).ok());
+  for (const auto& entry : fs::directory_iterator(tmp.path)) {
+    CHECK(entry.path().filename().string().find(".tmp-") == std::string::npos);
+    CHECK(entry.path().filename() != "c");
+  }
+  // Every blob is aligned for O_DIRECT.
+  auto store = cache::Store::Open((tmp.path / "a").string());
+  REQUIRE(store.ok());
+  for (const cache::BlobEntry& blob : (*store)->manifest().blobs) CHECK(blob.offset % 4096 == 0);
+  CHECK((*store)->manifest().blobs.size() == 2 * 8 * 3);  // layers x experts x precisions
+}
+
+TEST_CASE("corrupt and truncated stores fail with errors that say where") {
+  TempDir tmp;
+  fs::path checkpoint = tmp.path / "m";
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string()).ok());
+  fs::path store = tmp.path / "s";
+  REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{{cache::Precision::kSource}, 64}).ok());
+  auto opened = cache::Store::Open(store.string());
+  REQUIRE(opened.ok());
+  const cache::BlobEntry blob = *(*opened)->manifest().FindBlob(1, 5, cache::Precision::kSource);
+  opened->reset();
+
+  SECTION("a flipped byte in an expert blob") {
+    {
+      std::fstream file(store / "experts.bin", std::ios::in | std::ios::out | std::ios::binary);
+      file.seekp(static_cast<std::streamoff>(blob.offset + 100));
+      file.put('\x5A');
+    }
+    auto s = cache::Store::Open(store.string());
+    REQUIRE(s.ok());  // expert blobs are verified when read, not at open
+    auto experts = cache::LoadAllExperts(*s, cache::Precision::kSource);
+    CHECK(experts.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(experts.status().message() == "layer 1 expert 5 (source): checksum mismatch in " + (store / "experts.bin").string() +
+                                            " at offset " + std::to_string(blob.offset));
+  }
+  SECTION("a truncated experts.bin") {
+    fs::resize_file(store / "experts.bin", fs::file_size(store / "experts.bin") - 4096);
+    auto s = cache::Store::Open(store.string());
+    CHECK(s.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(s.status().message().find("truncated") != std::string::npos);
+  }
+  SECTION("a corrupt dense tensor") {
+    {
+      std::fstream file(store / "dense.bin", std::ios::in | std::ios::out | std::ios::binary);
+      file.seekp(10);
+      file.put('\x01');
+    }
+    auto s = cache::Store::Open(store.string());
+    CHECK(s.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(s.status().message().find("fails its checksum") != std::string::npos);
+  }
+  SECTION("a precision the store was not packed with") {
+    auto s = cache::Store::Open(store.string());
+    REQUIRE(s.ok());
+    CHECK(cache::LoadAllExperts(*s, cache::Precision::kInt4).status().message().find("has no int4 blobs") !=
+          std::string::npos);
+  }
+  SECTION("a damaged manifest") {
+    std::string manifest = ReadFile(store / "manifest.json");
+    std::string aligned = "\"offset\": " + std::to_string(blob.offset);
+    size_t at = manifest.find(aligned);
+    REQUIRE(at != std::string::npos);
+    manifest.replace(at, aligned.size(), "\"offset\": " + std::to_string(blob.offset + 8));
+    std::ofstream(store / "manifest.json") << manifest;
+    auto s = cache::Store::Open(store.string());
+    CHECK(s.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(s.status().message().find("is not aligned or lies outside experts.bin") != std::string::npos);
+    std::ofstream(store / "manifest.json") << "{\"format\": \"moed-store\", \"version\": 9}";
+    CHECK(cache::Store::Open(store.string()).status().message().find("version 9 is not supported") != std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace moed::tools
