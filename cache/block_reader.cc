@@ -1,0 +1,315 @@
+#include "cache/block_reader.h"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace moed::cache {
+namespace {
+
+absl::StatusOr<int> OpenForReading(const std::string& path, bool direct) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+  if (fd < 0 && direct && errno == EINVAL) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // tmpfs
+  if (fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  return fd;
+}
+
+// A request cut into pieces no larger than max_request_bytes; the whole completes when every
+// piece has.
+struct Pending {
+  ReadRequest request;
+  int pieces_left = 0;
+  absl::Status status;
+};
+
+class IoUringReader final : public BlockReader {
+ public:
+  IoUringReader(int fd, const ReaderOptions& options, ReadCallback callback)
+      : fd_(fd), options_(options), callback_(std::move(callback)) {}
+
+  absl::Status Init() {
+    int rc = io_uring_queue_init(static_cast<unsigned>(std::max(1, options_.queue_depth)) * 2, &ring_, 0);
+    if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_queue_init: ", std::strerror(-rc)));
+    ring_ready_ = true;
+    completer_ = std::thread([this] { CompletionLoop(); });
+    return absl::OkStatus();
+  }
+
+  ~IoUringReader() override {
+    if (ring_ready_) {
+      {
+        std::unique_lock lock(mutex_);
+        idle_.wait(lock, [&] { return in_flight_ == 0 && queue_.empty(); });
+        stopping_ = true;
+        // Wake the completion thread with a no-op.
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data64(sqe, kStopTag);
+        io_uring_submit(&ring_);
+      }
+      completer_.join();
+      io_uring_queue_exit(&ring_);
+    }
+    ::close(fd_);
+  }
+
+  absl::string_view name() const override { return "io_uring"; }
+
+  absl::Status Submit(absl::Span<const ReadRequest> requests) override {
+    std::lock_guard lock(mutex_);
+    for (const ReadRequest& request : requests) {
+      if (request.size == 0) return absl::InvalidArgumentError("empty read request");
+    }
+    for (const ReadRequest& request : requests) {
+      uint64_t id = next_id_++;
+      Pending& pending = pending_[id];
+      pending.request = request;
+      for (uint64_t at = 0; at < request.size; at += options_.max_request_bytes) {
+        queue_.push_back({id, at, std::min(options_.max_request_bytes, request.size - at)});
+        ++pending.pieces_left;
+      }
+      stats_.requests++;
+      stats_.bytes += request.size;
+    }
+    return SubmitQueuedLocked();
+  }
+
+  ReaderStats stats() const override {
+    std::lock_guard lock(mutex_);
+    return stats_;
+  }
+
+ private:
+  static constexpr uint64_t kStopTag = ~0ull;
+  struct Piece {
+    uint64_t id;
+    uint64_t at;    // offset within the request
+    uint64_t size;  // bytes still to read
+  };
+
+  absl::Status SubmitQueuedLocked() {
+    int added = 0;
+    while (!queue_.empty() && in_flight_ < options_.queue_depth) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+      if (sqe == nullptr) break;
+      Piece piece = queue_.front();
+      queue_.pop_front();
+      const ReadRequest& request = pending_[piece.id].request;
+      io_uring_prep_read(sqe, fd_, request.buffer + piece.at, static_cast<unsigned>(piece.size),
+                         request.offset + piece.at);
+      auto* carried = new Piece(piece);
+      io_uring_sqe_set_data(sqe, carried);
+      ++in_flight_;
+      ++added;
+    }
+    stats_.max_in_flight = std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(in_flight_));
+    if (added > 0) {
+      int rc = io_uring_submit(&ring_);
+      if (rc < 0) return absl::InternalError(absl::StrCat("io_uring_submit: ", std::strerror(-rc)));
+    }
+    return absl::OkStatus();
+  }
+
+  // Callbacks run on the completion thread without the lock (they may submit more reads), so
+  // a caller of Submit never sees its callback run inside Submit.
+  void DeliverFinishedLocked() {
+    if (finished_.empty() || delivering_) return;
+    delivering_ = true;
+    while (!finished_.empty()) {
+      auto [tag, status] = finished_.front();
+      finished_.pop_front();
+      mutex_.unlock();
+      callback_(tag, status);
+      mutex_.lock();
+    }
+    delivering_ = false;
+    if (in_flight_ == 0 && queue_.empty()) idle_.notify_all();
+  }
+
+  void CompletionLoop() {
+    while (true) {
+      io_uring_cqe* cqe = nullptr;
+      int rc = io_uring_wait_cqe(&ring_, &cqe);
+      if (rc == -EINTR) continue;
+      if (rc < 0) continue;
+      uint64_t data = io_uring_cqe_get_data64(cqe);
+      int result = cqe->res;
+      io_uring_cqe_seen(&ring_, cqe);
+      std::unique_lock lock(mutex_);
+      if (data == kStopTag) return;
+      std::unique_ptr<Piece> piece(reinterpret_cast<Piece*>(data));
+      --in_flight_;
+      Pending& pending = pending_[piece->id];
+      if (result < 0) {
+        if (pending.status.ok()) {
+          pending.status = absl::DataLossError(absl::StrCat("read error at offset ", pending.request.offset + piece->at,
+                                                            ": ", std::strerror(-result)));
+        }
+      } else if (static_cast<uint64_t>(result) < piece->size) {
+        if (result == 0) {
+          if (pending.status.ok()) {
+            pending.status = absl::DataLossError(absl::StrCat("short read at offset ", pending.request.offset + piece->at,
+                                                              " (end of file)"));
+          }
+        } else {
+          // A partial read: queue the rest at the front.
+          queue_.push_front({piece->id, piece->at + static_cast<uint64_t>(result), piece->size - static_cast<uint64_t>(result)});
+          ++pending.pieces_left;
+        }
+      }
+      if (--pending.pieces_left == 0) {
+        finished_.push_back({pending.request.tag, pending.status});
+        pending_.erase(piece->id);
+      }
+      (void)SubmitQueuedLocked();
+      DeliverFinishedLocked();
+      if (in_flight_ == 0 && queue_.empty() && finished_.empty()) idle_.notify_all();
+    }
+  }
+
+  int fd_;
+  ReaderOptions options_;
+  ReadCallback callback_;
+  io_uring ring_{};
+  bool ring_ready_ = false;
+  std::thread completer_;
+  mutable std::mutex mutex_;
+  std::condition_variable idle_;
+  std::deque<Piece> queue_;
+  std::map<uint64_t, Pending> pending_;
+  std::deque<std::pair<uint64_t, absl::Status>> finished_;
+  bool delivering_ = false;
+  uint64_t next_id_ = 0;
+  int in_flight_ = 0;
+  bool stopping_ = false;
+  ReaderStats stats_;
+};
+
+class PreadReader final : public BlockReader {
+ public:
+  PreadReader(int fd, const ReaderOptions& options, ReadCallback callback)
+      : fd_(fd), options_(options), callback_(std::move(callback)) {
+    for (int i = 0; i < std::max(1, options.queue_depth); ++i) workers_.emplace_back([this] { Work(); });
+  }
+  ~PreadReader() override {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    ready_.notify_all();
+    for (auto& worker : workers_) worker.join();
+    ::close(fd_);
+  }
+
+  absl::string_view name() const override { return "pread"; }
+
+  absl::Status Submit(absl::Span<const ReadRequest> requests) override {
+    {
+      std::lock_guard lock(mutex_);
+      for (const ReadRequest& request : requests) {
+        if (request.size == 0) return absl::InvalidArgumentError("empty read request");
+      }
+      for (const ReadRequest& request : requests) {
+        queue_.push_back(request);
+        stats_.requests++;
+        stats_.bytes += request.size;
+      }
+    }
+    ready_.notify_all();
+    return absl::OkStatus();
+  }
+
+  ReaderStats stats() const override {
+    std::lock_guard lock(mutex_);
+    return stats_;
+  }
+
+ private:
+  void Work() {
+    while (true) {
+      ReadRequest request;
+      {
+        std::unique_lock lock(mutex_);
+        ready_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, nothing left
+        request = queue_.front();
+        queue_.pop_front();
+        stats_.max_in_flight = std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(++in_flight_));
+      }
+      absl::Status status;
+      uint64_t done = 0;
+      while (done < request.size) {
+        uint64_t want = std::min(options_.max_request_bytes, request.size - done);
+        ssize_t n = ::pread(fd_, request.buffer + done, want, static_cast<off_t>(request.offset + done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+          status = absl::DataLossError(absl::StrCat("read error at offset ", request.offset + done, ": ", std::strerror(errno)));
+          break;
+        }
+        if (n == 0) {
+          status = absl::DataLossError(absl::StrCat("short read at offset ", request.offset + done, " (end of file)"));
+          break;
+        }
+        done += static_cast<uint64_t>(n);
+      }
+      {
+        std::lock_guard lock(mutex_);
+        --in_flight_;
+      }
+      callback_(request.tag, status);
+    }
+  }
+
+  int fd_;
+  ReaderOptions options_;
+  ReadCallback callback_;
+  std::vector<std::thread> workers_;
+  mutable std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<ReadRequest> queue_;
+  bool stopping_ = false;
+  int in_flight_ = 0;
+  ReaderStats stats_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReader(const std::string& path, const ReaderOptions& options,
+                                                               ReadCallback callback) {
+  absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
+  if (!fd.ok()) return fd.status();
+  auto reader = std::make_unique<IoUringReader>(*fd, options, std::move(callback));
+  if (absl::Status s = reader->Init(); !s.ok()) return s;
+  return std::unique_ptr<BlockReader>(std::move(reader));
+}
+
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& path, const ReaderOptions& options,
+                                                             ReadCallback callback) {
+  absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
+  if (!fd.ok()) return fd.status();
+  return std::unique_ptr<BlockReader>(new PreadReader(*fd, options, std::move(callback)));
+}
+
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenBestReader(const std::string& path, const ReaderOptions& options,
+                                                            ReadCallback callback, std::string* note) {
+  absl::StatusOr<std::unique_ptr<BlockReader>> uring = OpenIoUringReader(path, options, callback);
+  if (uring.ok()) return uring;
+  if (note != nullptr) {
+    *note = absl::StrCat("io_uring is not available (", uring.status().message(), "); reading with a pread pool");
+  }
+  return OpenPreadReader(path, options, std::move(callback));
+}
+
+}  // namespace moed::cache

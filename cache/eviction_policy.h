@@ -1,0 +1,45 @@
+// Eviction policies behind one narrow interface, keyed by (layer, expert) so that the same
+// objects run inside the cache and in the offline trace replay.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace moed::cache {
+
+struct ExpertKey {
+  int layer = 0;
+  int expert = 0;
+  bool operator==(const ExpertKey& other) const { return layer == other.layer && expert == other.expert; }
+  template <typename H>
+  friend H AbslHashValue(H h, const ExpertKey& key) {
+    return H::combine(std::move(h), key.layer, key.expert);
+  }
+};
+
+class EvictionPolicy {
+ public:
+  virtual ~EvictionPolicy() = default;
+  virtual absl::string_view name() const = 0;
+  // An expert was used (a hit, or just loaded), at logical time `tick`.
+  virtual void Touch(const ExpertKey& key, uint64_t tick) = 0;
+  // An expert left the tier.
+  virtual void Remove(const ExpertKey& key) = 0;
+  // Which of `candidates` (resident and not pinned; never empty) to evict.
+  virtual ExpertKey Victim(const std::vector<ExpertKey>& candidates) = 0;
+  // The prefetcher's estimate that `key` is needed soon, in [0, 1] (scored policy only).
+  virtual void Predict(const ExpertKey& /*key*/, double /*probability*/) {}
+};
+
+enum class PolicyKind { kLru, kLfu, kScored };
+absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name);  // "lru", "lfu", "scored"
+std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind);
+
+}  // namespace moed::cache

@@ -1,0 +1,361 @@
+#include "cache/expert_cache.h"
+
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "util/status_macros.h"
+
+namespace moed::cache {
+
+absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text) {
+  std::string s = absl::AsciiStrToUpper(absl::StripAsciiWhitespace(text));
+  uint64_t multiplier = 1;
+  if (!s.empty()) {
+    switch (s.back()) {
+      case 'K':
+        multiplier = 1ull << 10;
+        break;
+      case 'M':
+        multiplier = 1ull << 20;
+        break;
+      case 'G':
+        multiplier = 1ull << 30;
+        break;
+      case 'T':
+        multiplier = 1ull << 40;
+        break;
+      default:
+        break;
+    }
+    if (multiplier != 1) s.pop_back();
+  }
+  uint64_t value = 0;
+  if (s.empty() || !absl::SimpleAtoi(s, &value) || value > UINT64_MAX / multiplier) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a byte count (plain bytes or with K, M, G, T)"));
+  }
+  return value * multiplier;
+}
+
+uint64_t ExpertCache::SlotBytes(const Store& store, Precision precision) {
+  auto it = store.manifest().layouts.find(precision);
+  return it == store.manifest().layouts.end() ? 0 : it->second.padded_size;
+}
+
+uint64_t ExpertCache::MinimumDeviceBytes(const Store& store, Precision precision) {
+  return 2 * SlotBytes(store, precision);
+}
+
+ExpertCache::ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options)
+    : store_(std::move(store)), options_(options) {}
+
+absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr<const Store> store,
+                                                                 const CacheOptions& options,
+                                                                 ReaderFactory reader_factory, std::string* note) {
+  const Manifest& m = store->manifest();
+  if (!m.HasPrecision(options.precision)) {
+    return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ", PrecisionName(options.precision),
+                                                   " blobs (pack with --precisions including it)"));
+  }
+  const uint64_t slot_bytes = SlotBytes(*store, options.precision);
+  const uint64_t experts = static_cast<uint64_t>(store->config().NumMoeLayers()) * static_cast<uint64_t>(m.num_experts);
+  uint64_t device_bytes = options.device_bytes == 0 ? experts * slot_bytes : options.device_bytes;
+  if (device_bytes < MinimumDeviceBytes(*store, options.precision)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device cache budget of ", device_bytes, " bytes is below the minimum of ",
+        MinimumDeviceBytes(*store, options.precision), " bytes (two ", PrecisionName(options.precision),
+        " expert slots of ", slot_bytes, " bytes)"));
+  }
+  if (options.host_bytes > 0 && options.host_bytes < slot_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("host cache budget of ", options.host_bytes,
+                                                   " bytes is below one expert slot (", slot_bytes,
+                                                   " bytes); use 0 for no host tier"));
+  }
+  std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
+  cache->layout_ = &cache->store_->manifest().layouts.at(options.precision);
+
+  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget, PolicyKind policy) -> absl::Status {
+    uint64_t slots = std::min(budget / slot_bytes, experts);
+    tier.name = name;
+    tier.slot_bytes = slot_bytes;
+    MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * slot_bytes));
+    tier.slots.resize(slots);
+    for (int i = static_cast<int>(slots) - 1; i >= 0; --i) tier.free.push_back(i);
+    tier.policy = MakePolicy(policy);
+    tier.counters.slots = slots;
+    return absl::OkStatus();
+  };
+  MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", device_bytes, options.device_policy));
+  if (options.host_bytes > 0) {
+    cache->host_ = std::make_unique<Tier>();
+    MOED_RETURN_IF_ERROR(make_tier(*cache->host_, "host", options.host_bytes, options.host_policy));
+  }
+
+  ExpertCache* raw = cache.get();
+  ReadCallback callback = [raw](uint64_t tag, absl::Status status) { raw->OnReadComplete(tag, std::move(status)); };
+  if (reader_factory) {
+    MOED_ASSIGN_OR_RETURN(cache->reader_, reader_factory(callback));
+  } else if (options.allow_io_uring) {
+    MOED_ASSIGN_OR_RETURN(cache->reader_, OpenBestReader(cache->store_->experts_path(), options.reader, callback, note));
+  } else {
+    MOED_ASSIGN_OR_RETURN(cache->reader_, OpenPreadReader(cache->store_->experts_path(), options.reader, callback));
+  }
+  return cache;
+}
+
+ExpertCache::~ExpertCache() {
+  // Reads still in flight write into our slots: stop the reader first.
+  reader_.reset();
+}
+
+int ExpertCache::AllocateSlotLocked(Tier& tier) {
+  if (!tier.free.empty()) {
+    int slot = tier.free.back();
+    tier.free.pop_back();
+    return slot;
+  }
+  std::vector<ExpertKey> candidates;
+  for (const Slot& slot : tier.slots) {
+    if (slot.state == SlotState::kReady && slot.pins == 0) candidates.push_back(slot.key);
+  }
+  if (candidates.empty()) return -1;
+  ExpertKey victim = tier.policy->Victim(candidates);
+  int slot = tier.index.at(victim);
+  tier.index.erase(victim);
+  tier.policy->Remove(victim);
+  tier.slots[slot].state = SlotState::kFree;
+  ++tier.counters.evictions;
+  return slot;
+}
+
+void ExpertCache::ReleaseSlotLocked(Tier& tier, int slot) {
+  Slot& s = tier.slots[slot];
+  if (--s.pins == 0 && s.state == SlotState::kFree) tier.free.push_back(slot);
+}
+
+absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot) {
+  Slot& slot = device_.slots[device_slot];
+  slot.state = SlotState::kLoading;
+  slot.key = key;
+  device_.index[key] = device_slot;
+  MOED_ASSIGN_OR_RETURN(const BlobEntry* blob, store_->Blob(key.layer, key.expert, options_.precision));
+  const uint64_t bytes = layout_->padded_size;
+  if (host_ != nullptr) {
+    auto it = host_->index.find(key);
+    if (it != host_->index.end() && host_->slots[it->second].state == SlotState::kReady) {
+      // Host hit: copy to the device tier now. (With a GPU backend this is an async H2D copy.)
+      ++host_->counters.hits;
+      host_->policy->Touch(key, tick_);
+      std::memcpy(device_.SlotData(device_slot), host_->SlotData(it->second), bytes);
+      device_.counters.bytes_in += bytes;
+      slot.state = SlotState::kReady;
+      device_.policy->Touch(key, tick_);
+      return absl::OkStatus();
+    }
+    ++host_->counters.misses;
+  }
+  Load load{key, blob, false, -1, device_slot};
+  uint8_t* target = device_.SlotData(device_slot);
+  if (host_ != nullptr && !host_->index.contains(key)) {
+    int host_slot = AllocateSlotLocked(*host_);
+    if (host_slot >= 0) {  // else every host slot is busy: read straight into the device tier
+      Slot& hs = host_->slots[host_slot];
+      hs.state = SlotState::kLoading;
+      hs.key = key;
+      hs.pins = 1;
+      host_->index[key] = host_slot;
+      load.into_host = true;
+      load.host_slot = host_slot;
+      target = host_->SlotData(host_slot);
+    }
+  }
+  uint64_t tag = next_tag_++;
+  loads_[tag] = load;
+  ++ssd_reads_;
+  ssd_bytes_ += bytes;
+  ReadRequest request{blob->offset, bytes, target, tag};
+  absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
+  if (!submitted.ok()) {
+    loads_.erase(tag);
+    return submitted;
+  }
+  return absl::OkStatus();
+}
+
+void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
+  Load load;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = loads_.find(tag);
+    if (it == loads_.end()) return;
+    load = it->second;
+    loads_.erase(it);
+  }
+  // The target slots are pinned by this load: verify and copy without the lock.
+  const uint64_t bytes = layout_->padded_size;
+  uint8_t* read_into = load.into_host ? host_->SlotData(load.host_slot) : device_.SlotData(load.device_slot);
+  if (!status.ok()) {
+    status = BlobError(*store_, *load.blob, status.message());
+  } else if (Checksum(read_into, bytes) != load.blob->xxh64) {
+    status = BlobError(*store_, *load.blob, "checksum mismatch");
+  }
+  if (status.ok() && load.into_host) std::memcpy(device_.SlotData(load.device_slot), read_into, bytes);
+
+  std::lock_guard lock(mutex_);
+  Slot& device_slot = device_.slots[load.device_slot];
+  if (status.ok()) {
+    device_slot.state = SlotState::kReady;
+    device_.policy->Touch(load.key, tick_);
+    device_.counters.bytes_in += bytes;
+    if (load.into_host) {
+      host_->slots[load.host_slot].state = SlotState::kReady;
+      host_->policy->Touch(load.key, tick_);
+      host_->counters.bytes_in += bytes;
+      ReleaseSlotLocked(*host_, load.host_slot);
+    }
+  } else {
+    ++failed_reads_;
+    device_slot.state = SlotState::kFree;
+    device_.index.erase(load.key);
+    if (load.into_host) {
+      host_->slots[load.host_slot].state = SlotState::kFree;
+      host_->index.erase(load.key);
+      ReleaseSlotLocked(*host_, load.host_slot);
+    }
+    failures_[load.key] = status;
+  }
+  changed_.notify_all();
+}
+
+absl::Status ExpertCache::ForEachExpert(
+    int layer, const std::vector<int>& experts,
+    const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) {
+  std::unique_lock lock(mutex_);
+  std::vector<int> ready, waiting, deferred;
+  absl::flat_hash_map<int, int> slot_of;
+  for (int e : experts) {
+    ExpertKey key{layer, e};
+    ++tick_;
+    auto it = device_.index.find(key);
+    if (it != device_.index.end()) {
+      Slot& slot = device_.slots[it->second];
+      ++slot.pins;
+      slot_of[e] = it->second;
+      if (slot.state == SlotState::kReady) {
+        ++device_.counters.hits;
+        device_.policy->Touch(key, tick_);
+        ready.push_back(e);
+      } else {
+        waiting.push_back(e);
+      }
+    } else {
+      ++device_.counters.misses;
+      deferred.push_back(e);
+    }
+  }
+  absl::Status first_error;
+  size_t remaining = experts.size();
+  // Starts loads for deferred experts while slots can be had.
+  auto start_deferred = [&] {
+    while (!deferred.empty() && first_error.ok()) {
+      int slot = AllocateSlotLocked(device_);
+      if (slot < 0) return;
+      int e = deferred.front();
+      deferred.erase(deferred.begin());
+      device_.slots[slot].pins = 1;
+      slot_of[e] = slot;
+      absl::Status started = StartLoadLocked({layer, e}, slot);
+      if (!started.ok()) {
+        device_.slots[slot].state = SlotState::kFree;
+        device_.index.erase(ExpertKey{layer, e});
+        ReleaseSlotLocked(device_, slot);
+        first_error = started;
+        --remaining;
+        continue;
+      }
+      if (device_.slots[slot].state == SlotState::kReady) {
+        ready.push_back(e);  // host hit: copied already
+      } else {
+        waiting.push_back(e);
+      }
+    }
+  };
+  start_deferred();
+
+  while (remaining > 0) {
+    if (!first_error.ok() && !deferred.empty()) {
+      remaining -= deferred.size();  // never started: nothing to drain
+      deferred.clear();
+      if (remaining == 0) break;
+    }
+    int e = -1;
+    bool failed = false;
+    auto wait_start = std::chrono::steady_clock::now();
+    bool waited = false;
+    while (e < 0) {
+      if (!ready.empty()) {
+        e = ready.back();
+        ready.pop_back();
+        break;
+      }
+      for (size_t i = 0; i < waiting.size(); ++i) {
+        int w = waiting[i];
+        ExpertKey key{layer, w};
+        auto failure = failures_.find(key);
+        const Slot& slot = device_.slots[slot_of[w]];
+        if (failure != failures_.end()) {
+          if (first_error.ok()) first_error = failure->second;
+          failures_.erase(failure);
+          e = w;
+          failed = true;
+        } else if (slot.state == SlotState::kReady && slot.key == key) {
+          e = w;
+        } else {
+          continue;
+        }
+        waiting.erase(waiting.begin() + static_cast<int64_t>(i));
+        break;
+      }
+      if (e >= 0) break;
+      start_deferred();
+      if (!ready.empty()) continue;
+      waited = true;
+      changed_.wait(lock);
+    }
+    if (waited) wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
+    const int slot = slot_of[e];
+    --remaining;
+    if (!failed && first_error.ok()) {
+      model::ExpertWeights weights = ExpertWeightsInBlob(*layout_, device_.SlotData(slot));
+      lock.unlock();
+      absl::Status computed = compute(e, weights);
+      lock.lock();
+      if (!computed.ok() && first_error.ok()) first_error = computed;
+    }
+    ReleaseSlotLocked(device_, slot);
+    start_deferred();
+  }
+  return first_error;
+}
+
+CacheCounters ExpertCache::counters() const {
+  std::lock_guard lock(mutex_);
+  CacheCounters c;
+  c.device = device_.counters;
+  c.device.resident = 0;
+  for (const Slot& slot : device_.slots) c.device.resident += slot.state == SlotState::kReady ? 1 : 0;
+  if (host_ != nullptr) {
+    c.host = host_->counters;
+    c.host.resident = 0;
+    for (const Slot& slot : host_->slots) c.host.resident += slot.state == SlotState::kReady ? 1 : 0;
+  }
+  c.ssd_reads = ssd_reads_;
+  c.ssd_bytes = ssd_bytes_;
+  c.failed_reads = failed_reads_;
+  c.wait_seconds = wait_seconds_;
+  return c;
+}
+
+}  // namespace moed::cache

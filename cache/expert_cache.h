@@ -1,0 +1,136 @@
+// The tiered expert cache: a device tier (on the CPU backend, RAM with its own budget), an
+// optional host tier, and the store on SSD read through a BlockReader. It implements the
+// model's ExpertProvider: a layer asks for the experts its tokens chose and computes each as
+// it becomes resident, those already in the device tier first. A slot in use is never evicted.
+// It knows nothing of requests.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "cache/aligned_buffer.h"
+#include "cache/block_reader.h"
+#include "cache/eviction_policy.h"
+#include "cache/store_reader.h"
+#include "model/expert_provider.h"
+
+namespace moed::cache {
+
+struct CacheOptions {
+  Precision precision = Precision::kSource;
+  uint64_t device_bytes = 0;  // 0: room for every expert
+  uint64_t host_bytes = 0;    // 0: no host tier
+  PolicyKind device_policy = PolicyKind::kLru;
+  PolicyKind host_policy = PolicyKind::kLru;
+  ReaderOptions reader;
+  bool allow_io_uring = true;  // false: the pread pool
+};
+
+struct TierCounters {
+  uint64_t hits = 0;
+  uint64_t misses = 0;
+  uint64_t bytes_in = 0;  // bytes copied or read into this tier
+  uint64_t evictions = 0;
+  uint64_t slots = 0;
+  uint64_t resident = 0;
+};
+
+struct CacheCounters {
+  TierCounters device;
+  TierCounters host;
+  uint64_t ssd_reads = 0;
+  uint64_t ssd_bytes = 0;
+  uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches
+  double wait_seconds = 0;    // time the compute thread waited for experts
+};
+
+// Makes the reader for a cache; tests inject fault-injecting readers through this.
+using ReaderFactory = std::function<absl::StatusOr<std::unique_ptr<BlockReader>>(ReadCallback callback)>;
+
+class ExpertCache final : public model::ExpertProvider {
+ public:
+  // The smallest device budget that works (two slots: one computing, one streaming in).
+  static uint64_t MinimumDeviceBytes(const Store& store, Precision precision);
+  // Bytes of one slot of `precision`.
+  static uint64_t SlotBytes(const Store& store, Precision precision);
+
+  // `reader_factory` may be empty: then io_uring (or the pread pool where io_uring is refused)
+  // over the store's experts.bin; `note` receives why it fell back, if it did.
+  static absl::StatusOr<std::unique_ptr<ExpertCache>> Create(std::shared_ptr<const Store> store,
+                                                             const CacheOptions& options,
+                                                             ReaderFactory reader_factory = {},
+                                                             std::string* note = nullptr);
+  ~ExpertCache() override;
+
+  absl::Status ForEachExpert(
+      int layer, const std::vector<int>& experts,
+      const std::function<absl::Status(int expert, const model::ExpertWeights& weights)>& compute) override;
+
+  CacheCounters counters() const;
+  absl::string_view reader_name() const { return reader_->name(); }
+  const CacheOptions& options() const { return options_; }
+
+ private:
+  enum class SlotState { kFree, kLoading, kReady };
+  struct Slot {
+    SlotState state = SlotState::kFree;
+    ExpertKey key;
+    int pins = 0;
+  };
+  struct Tier {
+    std::string name;
+    AlignedBuffer memory;
+    uint64_t slot_bytes = 0;
+    std::vector<Slot> slots;
+    absl::flat_hash_map<ExpertKey, int> index;  // resident or loading
+    std::vector<int> free;
+    std::unique_ptr<EvictionPolicy> policy;
+    TierCounters counters;
+    uint8_t* SlotData(int slot) { return memory.data() + static_cast<uint64_t>(slot) * slot_bytes; }
+  };
+  // A read in flight: into `tier`'s `slot`; on success also copied into device slot
+  // `device_slot` when the read went to the host tier.
+  struct Load {
+    ExpertKey key;
+    const BlobEntry* blob = nullptr;
+    bool into_host = false;
+    int host_slot = -1;
+    int device_slot = -1;
+  };
+
+  ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
+  // A free slot of `tier`, evicting an unpinned ready one if needed; -1 when all are busy.
+  int AllocateSlotLocked(Tier& tier);
+  void ReleaseSlotLocked(Tier& tier, int slot);
+  // Starts making `key` resident in device slot `slot` (already allocated, pinned).
+  absl::Status StartLoadLocked(const ExpertKey& key, int device_slot);
+  void OnReadComplete(uint64_t tag, absl::Status status);
+
+  std::shared_ptr<const Store> store_;
+  CacheOptions options_;
+  const BlobLayout* layout_ = nullptr;
+  std::unique_ptr<BlockReader> reader_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  Tier device_;
+  std::unique_ptr<Tier> host_;  // null without a host tier
+  absl::flat_hash_map<uint64_t, Load> loads_;  // by tag
+  absl::flat_hash_map<ExpertKey, absl::Status> failures_;  // failed loads not yet reported
+  uint64_t next_tag_ = 1;
+  uint64_t tick_ = 0;
+  uint64_t ssd_reads_ = 0, ssd_bytes_ = 0, failed_reads_ = 0;
+  double wait_seconds_ = 0;
+};
+
+// "1073741824", "1G", "512M", "64K" (powers of 1024).
+absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text);
+
+}  // namespace moed::cache

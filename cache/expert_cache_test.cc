@@ -1,0 +1,222 @@
+// The tiered expert cache under the real model: exact results at every budget, policy and
+// reader; counters; and failures that name the expert and leave the cache usable.
+#include "cache/expert_cache.h"
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "cache/fault_injecting_reader.h"
+#include "model/generate.h"
+#include "tools/pack/pack.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::cache {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Fixture {
+  explicit Fixture(model::Architecture arch) {
+    root = fs::temp_directory_path() / ("moed_cache_test_" + std::to_string(getpid()) + "_" +
+                                        std::string(model::ArchitectureShortName(arch)));
+    fs::remove_all(root);
+    fs::create_directories(root);
+    REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", arch), (root / "m").string()).ok());
+    REQUIRE(tools::Pack((root / "m").string(), (root / "s").string(), tools::PackOptions{}).ok());
+    auto opened = Store::Open((root / "s").string());
+    REQUIRE(opened.ok());
+    store = *opened;
+    auto model = model::Model::Load((root / "m").string(), 2);
+    REQUIRE(model.ok());
+    auto result = model::ScoreAndGreedy(**model, kPrompt, 6);
+    REQUIRE(result.ok());
+    reference = *std::move(result);
+  }
+  ~Fixture() { fs::remove_all(root); }
+
+  uint64_t AllExpertsBytes(Precision p) const {
+    return ExpertCache::SlotBytes(*store, p) * store->config().NumMoeLayers() * store->config().num_experts;
+  }
+
+  static inline const std::vector<int32_t> kPrompt = {3, 77, 410, 12, 9, 250, 100};
+  fs::path root;
+  std::shared_ptr<Store> store;
+  model::GreedyResult reference;
+};
+
+struct Run {
+  absl::StatusOr<model::GreedyResult> result;
+  CacheCounters counters;
+};
+
+Run RunWith(const Fixture& f, const CacheOptions& options, ReaderFactory factory = {}) {
+  auto cache = ExpertCache::Create(f.store, options, std::move(factory));
+  INFO(cache.status().ToString());
+  REQUIRE(cache.ok());
+  ExpertCache* raw = cache->get();
+  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+  REQUIRE(model.ok());
+  Run run{model::ScoreAndGreedy(**model, Fixture::kPrompt, 6), {}};
+  run.counters = raw->counters();
+  return run;
+}
+
+TEST_CASE("logits are bitwise those of all-resident execution at every budget, tier, policy and reader") {
+  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen3Moe}) {
+    Fixture f(arch);
+    const uint64_t all = f.AllExpertsBytes(Precision::kSource);
+    const uint64_t minimum = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+    for (uint64_t budget : {minimum, all / 4, all / 2, all}) {
+      for (uint64_t host : {uint64_t{0}, all / 2}) {
+        for (PolicyKind policy : {PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored}) {
+          for (bool io_uring : {true, false}) {
+            INFO(model::ArchitectureShortName(arch) << " budget " << budget << " host " << host << " policy "
+                                                    << static_cast<int>(policy) << " io_uring " << io_uring);
+            CacheOptions options;
+            options.device_bytes = std::max(budget, minimum);
+            options.host_bytes = host;
+            options.device_policy = options.host_policy = policy;
+            options.allow_io_uring = io_uring;
+            Run run = RunWith(f, options);
+            REQUIRE(run.result.ok());
+            CHECK(run.result->prompt_logits == f.reference.prompt_logits);
+            CHECK(run.result->greedy_logits == f.reference.greedy_logits);
+            CHECK(run.result->greedy == f.reference.greedy);
+            CHECK(run.counters.failed_reads == 0);
+            if (budget == all && host == 0) {
+              // Each expert is read at most once when everything fits.
+              CHECK(run.counters.ssd_reads <= static_cast<uint64_t>(f.store->config().NumMoeLayers() *
+                                                                    f.store->config().num_experts));
+              CHECK(run.counters.device.evictions == 0);
+            }
+            if (budget == minimum) CHECK(run.counters.device.evictions > 0);
+            if (host > 0 && budget == minimum) CHECK(run.counters.host.hits > 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("a budget below the minimum is refused with the minimum") {
+  Fixture f(model::Architecture::kMixtral);
+  CacheOptions options;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource) - 1;
+  auto cache = ExpertCache::Create(f.store, options);
+  REQUIRE_FALSE(cache.ok());
+  CHECK(cache.status().message().find("is below the minimum of " +
+                                      std::to_string(ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource))) !=
+        std::string::npos);
+  options.device_bytes = 0;
+  options.host_bytes = 100;
+  CHECK(ExpertCache::Create(f.store, options).status().message().find("below one expert slot") != std::string::npos);
+}
+
+TEST_CASE("quantized precisions run from the cache too") {
+  Fixture f(model::Architecture::kMixtral);
+  for (Precision p : {Precision::kInt8, Precision::kInt4}) {
+    CacheOptions options;
+    options.precision = p;
+    options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, p);
+    Run small = RunWith(f, options);
+    options.device_bytes = 0;
+    Run all = RunWith(f, options);
+    REQUIRE((small.result.ok() && all.result.ok()));
+    CHECK(small.result->prompt_logits == all.result->prompt_logits);  // budget never changes results
+    CHECK(small.counters.ssd_bytes < 2 * f.AllExpertsBytes(Precision::kSource) * 16);
+  }
+}
+
+TEST_CASE("read faults fail the step naming the expert; the cache stays consistent") {
+  Fixture f(model::Architecture::kMixtral);
+  // An expert the prompt's first token uses in layer 1.
+  const int used = f.reference.routing[1][0][0];
+  const BlobEntry* victim = f.store->manifest().FindBlob(1, used, Precision::kSource);
+  REQUIRE(victim != nullptr);
+  for (Fault fault : {Fault::kIoError, Fault::kShortRead, Fault::kCorrupt}) {
+    INFO(static_cast<int>(fault));
+    FaultInjectingReader* injector = nullptr;
+    CacheOptions options;
+    options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+    auto cache = ExpertCache::Create(f.store, options, [&](ReadCallback callback) -> absl::StatusOr<std::unique_ptr<BlockReader>> {
+      auto reader = FaultInjectingReader::Open(f.store->experts_path(), std::move(callback));
+      if (!reader.ok()) return reader.status();
+      injector = reader->get();
+      return std::unique_ptr<BlockReader>(*std::move(reader));
+    });
+    REQUIRE(cache.ok());
+    ExpertCache* raw = cache->get();
+    injector->Inject(victim->offset, fault, 1000);
+    auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+    REQUIRE(model.ok());
+    auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE_FALSE(failed.ok());
+    CHECK(failed.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(failed.status().message().rfind("layer 1 expert " + std::to_string(used) + " (source): ", 0) == 0);
+    CHECK(failed.status().message().find("experts.bin at offset " + std::to_string(victim->offset)) != std::string::npos);
+    if (fault == Fault::kCorrupt) CHECK(failed.status().message().find("checksum mismatch") != std::string::npos);
+    CHECK(raw->counters().failed_reads >= 1);
+    // Clear the fault: the same cache now serves the same prompt exactly.
+    injector->Clear();
+    auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE(healed.ok());
+    CHECK(healed->prompt_logits == f.reference.prompt_logits);
+    CHECK(healed->greedy == f.reference.greedy);
+  }
+}
+
+TEST_CASE("a corrupted store file fails only the steps that need the damaged expert") {
+  Fixture f(model::Architecture::kMixtral);
+  const BlobEntry* victim = f.store->manifest().FindBlob(0, 6, Precision::kSource);
+  {
+    std::fstream file(f.store->experts_path(), std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(victim->offset + 4000));
+    file.put('\x7F');
+  }
+  CacheOptions options;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+  auto cache = ExpertCache::Create(f.store, options);
+  REQUIRE(cache.ok());
+  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+  REQUIRE(model.ok());
+  // Find one token routed to layer 0 expert 6 and one that avoids it.
+  int needs = -1, avoids = -1;
+  auto reference = model::Model::Load((f.root / "m").string(), 1);
+  REQUIRE(reference.ok());
+  for (int token = 0; token < 512 && (needs < 0 || avoids < 0); ++token) {
+    auto r = model::ScoreAndGreedy(**reference, {token}, 0);
+    REQUIRE(r.ok());
+    const auto& chosen = r->routing[0][0];
+    bool uses = std::find(chosen.begin(), chosen.end(), 6) != chosen.end();
+    if (uses && needs < 0) needs = token;
+    if (!uses && avoids < 0) avoids = token;
+  }
+  REQUIRE((needs >= 0 && avoids >= 0));
+  auto bad = model::ScoreAndGreedy(**model, {needs}, 0);
+  CHECK(bad.status().message().rfind("layer 0 expert 6 (source): checksum mismatch", 0) == 0);
+  // A request that does not touch the damaged expert in layer 0 is still served.
+  auto good = model::ScoreAndGreedy(**model, {avoids}, 0);
+  if (good.ok()) {
+    auto expected = model::ScoreAndGreedy(**reference, {avoids}, 0);
+    CHECK(good->prompt_logits == expected->prompt_logits);
+  } else {
+    // Its later layers may still route to a damaged expert: then the error names it.
+    CHECK(good.status().message().find("expert 6 (source): checksum mismatch") != std::string::npos);
+  }
+}
+
+TEST_CASE("byte sizes parse with binary suffixes") {
+  CHECK(*ParseByteSize("1024") == 1024);
+  CHECK(*ParseByteSize("64K") == 65536);
+  CHECK(*ParseByteSize("3m") == 3ull << 20);
+  CHECK(*ParseByteSize("2G") == 2ull << 30);
+  CHECK_FALSE(ParseByteSize("").ok());
+  CHECK_FALSE(ParseByteSize("1.5G").ok());
+  CHECK_FALSE(ParseByteSize("99999999999999999999").ok());
+  CHECK_FALSE(ParseByteSize("G").ok());
+}
+
+}  // namespace
+}  // namespace moed::cache
