@@ -11,6 +11,8 @@
 #include "absl/strings/str_split.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
+#include "cache/expert_cache.h"
+#include "cache/routing_trace.h"
 #include "cache/store_reader.h"
 #include "model/generate.h"
 #include "util/status_macros.h"
@@ -100,12 +102,31 @@ int RunInfo(const GlobalOptions& options) {
   return 0;
 }
 
-// Local: loads the checkpoint itself, no daemon. Prints one JSON object with the golden
-// cases' fields.
-int RunLogits(const std::string& model_dir, const std::string& store_dir,
-              const std::string& precision_name, const std::string& tokens_text, int greedy, int threads) {
+struct LogitsOptions {
+  std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0", policy = "lru";
+  std::string tokens, record_routing;
+  int greedy = 0, threads = 0;
+};
+
+absl::StatusOr<std::unique_ptr<moed::model::Model>> OpenForLogits(const LogitsOptions& o) {
+  if (o.store_dir.empty()) return moed::model::Model::Load(o.model_dir, o.threads);
+  moed::cache::CacheOptions cache;
+  MOED_ASSIGN_OR_RETURN(cache.precision, moed::cache::ParsePrecision(o.precision));
+  MOED_ASSIGN_OR_RETURN(cache.device_bytes, moed::cache::ParseByteSize(o.device_bytes));
+  MOED_ASSIGN_OR_RETURN(cache.host_bytes, moed::cache::ParseByteSize(o.host_bytes));
+  MOED_ASSIGN_OR_RETURN(cache.device_policy, moed::cache::ParsePolicyKind(o.policy));
+  cache.host_policy = cache.device_policy;
+  MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store, moed::cache::Store::Open(o.store_dir));
+  MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::cache::ExpertCache> experts,
+                        moed::cache::ExpertCache::Create(store, cache));
+  return moed::model::Model::Create(store->config(), store, std::move(experts), o.threads);
+}
+
+// Local: loads the checkpoint or store itself, no daemon. Prints one JSON object with the
+// golden cases' fields.
+int RunLogits(const LogitsOptions& o) {
   std::vector<int32_t> tokens;
-  for (absl::string_view piece : absl::StrSplit(tokens_text, ',', absl::SkipWhitespace())) {
+  for (absl::string_view piece : absl::StrSplit(o.tokens, ',', absl::SkipWhitespace())) {
     int32_t id = 0;
     if (!absl::SimpleAtoi(piece, &id)) {
       std::cerr << "moectl logits: --tokens: '" << piece << "' is not a token id\n";
@@ -113,26 +134,25 @@ int RunLogits(const std::string& model_dir, const std::string& store_dir,
     }
     tokens.push_back(id);
   }
-  absl::StatusOr<std::unique_ptr<moed::model::Model>> model;
-  if (!store_dir.empty()) {
-    model = [&]() -> absl::StatusOr<std::unique_ptr<moed::model::Model>> {
-      MOED_ASSIGN_OR_RETURN(moed::cache::Precision precision, moed::cache::ParsePrecision(precision_name));
-      MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store, moed::cache::Store::Open(store_dir));
-      MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::model::ExpertProvider> experts,
-                            moed::cache::LoadAllExperts(store, precision));
-      return moed::model::Model::Create(store->config(), store, std::move(experts), threads);
-    }();
-  } else {
-    model = moed::model::Model::Load(model_dir, threads);
-  }
+  auto model = OpenForLogits(o);
   if (!model.ok()) {
     std::cerr << "moectl logits: " << model.status().message() << "\n";
     return 1;
   }
-  auto result = moed::model::ScoreAndGreedy(**model, tokens, greedy);
+  auto result = moed::model::ScoreAndGreedy(**model, tokens, o.greedy);
   if (!result.ok()) {
     std::cerr << "moectl logits: " << result.status().message() << "\n";
     return 1;
+  }
+  if (!o.record_routing.empty()) {
+    const auto& c = (*model)->config();
+    auto trace = moed::cache::TraceFromRouting(result->routing, static_cast<int>(c.num_experts),
+                                               static_cast<int>(c.experts_per_token), static_cast<int>(tokens.size()),
+                                               o.store_dir.empty() ? o.model_dir : o.store_dir);
+    if (absl::Status s = moed::cache::AppendRoutingTrace(o.record_routing, trace); !s.ok()) {
+      std::cerr << "moectl logits: " << s.message() << "\n";
+      return 1;
+    }
   }
   nlohmann::json out = {{"prompt_logits", result->prompt_logits},
                         {"greedy", result->greedy},
@@ -210,23 +230,31 @@ int main(int argc, char** argv) {
   health->add_option("--service", service, "service name; empty for the daemon as a whole");
   CLI::App* info = app.add_subcommand("info", "describe the served model and the compute backend");
 
-  std::string model_dir, tokens_text;
-  int greedy = 0, threads = 0;
+  LogitsOptions logits_options;
   CLI::App* logits = app.add_subcommand(
-      "logits", "run a checkpoint locally: logits of every prompt position and a greedy "
+      "logits", "run a checkpoint or store locally: logits of every prompt position and a greedy "
                 "continuation, as one JSON object");
-  std::string store_dir, precision_name = "source";
-  auto* model_option = logits->add_option("--model", model_dir, "Hugging Face checkpoint directory");
-  auto* store_option = logits->add_option("--store", store_dir, "expert store directory (from moed-pack)");
+  auto* model_option = logits->add_option("--model", logits_options.model_dir, "Hugging Face checkpoint directory");
+  auto* store_option = logits->add_option("--store", logits_options.store_dir, "expert store directory (from moed-pack)");
   model_option->excludes(store_option);
-  logits->add_option("--expert-precision", precision_name, "with --store: source (exact), int8 or int4")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"source", "int8", "int4"}));
-  logits->add_option("--tokens", tokens_text, "prompt token ids, comma-separated")->required();
-  logits->add_option("--greedy", greedy, "greedy steps after the prompt")
+  logits->add_option("--tokens", logits_options.tokens, "prompt token ids, comma-separated")->required();
+  logits->add_option("--greedy", logits_options.greedy, "greedy steps after the prompt")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  logits->add_option("--threads", threads, "compute threads (0: every core)")->capture_default_str();
+  logits->add_option("--threads", logits_options.threads, "compute threads (0: every core)")->capture_default_str();
+  logits->add_option("--expert-precision", logits_options.precision, "with --store: source (exact), int8 or int4")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"source", "int8", "int4"}));
+  logits->add_option("--device-cache-bytes", logits_options.device_bytes,
+                     "with --store: device tier budget (K/M/G suffixes; 0: every expert)")
+      ->capture_default_str();
+  logits->add_option("--host-cache-bytes", logits_options.host_bytes, "with --store: host tier budget (0: none)")
+      ->capture_default_str();
+  logits->add_option("--eviction-policy", logits_options.policy, "with --store: lru, lfu or scored")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lru", "lfu", "scored"}));
+  logits->add_option("--record-routing", logits_options.record_routing,
+                     "append the routing of the run (every token, every layer) to this .jsonl trace");
 
   std::string tokenizer_path, text, ids_text;
   bool read_stdin = false, add_special = false, skip_special = false;
@@ -249,11 +277,11 @@ int main(int argc, char** argv) {
   if (health->parsed()) return RunHealth(options, service);
   if (info->parsed()) return RunInfo(options);
   if (logits->parsed()) {
-    if (model_dir.empty() == store_dir.empty()) {
+    if (logits_options.model_dir.empty() == logits_options.store_dir.empty()) {
       std::cerr << "moectl logits: give exactly one of --model DIR and --store DIR\n";
       return 2;
     }
-    return RunLogits(model_dir, store_dir, precision_name, tokens_text, greedy, threads);
+    return RunLogits(logits_options);
   }
   if (tokenize->parsed()) {
     if (text_option->count() == 0 && !read_stdin) {

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <unistd.h>
 
+#include "cache/expert_cache.h"
 #include "cache/store_reader.h"
 #include "model/generate.h"
 #include "tools/pack/pack.h"
@@ -51,8 +52,8 @@ void CheckGolden(const std::string& name) {
   }
 }
 
-// The golden checkpoints packed into stores: the source precision gives bitwise the
-// checkpoint's logits (and so matches the reference too).
+// The golden checkpoints packed into stores and run through the expert cache: the source
+// precision gives bitwise the all-resident checkpoint's logits at every budget.
 void CheckGoldenStore(const std::string& name) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
@@ -63,26 +64,35 @@ void CheckGoldenStore(const std::string& name) {
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
   REQUIRE(store.ok());
-  auto experts = cache::LoadAllExperts(*store, cache::Precision::kSource);
-  REQUIRE(experts.ok());
-  auto from_store = Model::Create((*store)->config(), *store, *std::move(experts), 2);
-  REQUIRE(from_store.ok());
   auto from_checkpoint = Model::Load(dir, 2);
   REQUIRE(from_checkpoint.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
-  for (const auto& c : cases["cases"]) {
-    std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();
-    auto a = ScoreAndGreedy(**from_store, prompt, static_cast<int>(c["greedy"].size()));
-    auto b = ScoreAndGreedy(**from_checkpoint, prompt, static_cast<int>(c["greedy"].size()));
-    REQUIRE((a.ok() && b.ok()));
-    CHECK(a->prompt_logits == b->prompt_logits);
-    CHECK(a->greedy_logits == b->greedy_logits);
-    CHECK(a->greedy == c["greedy"].get<std::vector<int32_t>>());
+  const uint64_t slot = cache::ExpertCache::SlotBytes(**store, cache::Precision::kSource);
+  const uint64_t all = slot * (*store)->config().NumMoeLayers() * (*store)->config().num_experts;
+  const uint64_t minimum = cache::ExpertCache::MinimumDeviceBytes(**store, cache::Precision::kSource);
+  // The minimum, 25 %, 50 % and 100 % of the experts, in exact mode.
+  for (uint64_t budget : {minimum, std::max(minimum, all / 4), std::max(minimum, all / 2), all}) {
+    INFO("device budget " << budget << " of " << all);
+    cache::CacheOptions options;
+    options.device_bytes = budget;
+    auto experts = cache::ExpertCache::Create(*store, options);
+    REQUIRE(experts.ok());
+    auto from_store = Model::Create((*store)->config(), *store, *std::move(experts), 2);
+    REQUIRE(from_store.ok());
+    for (const auto& c : cases["cases"]) {
+      std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();
+      auto a = ScoreAndGreedy(**from_store, prompt, static_cast<int>(c["greedy"].size()));
+      auto b = ScoreAndGreedy(**from_checkpoint, prompt, static_cast<int>(c["greedy"].size()));
+      REQUIRE((a.ok() && b.ok()));
+      CHECK(a->prompt_logits == b->prompt_logits);
+      CHECK(a->greedy_logits == b->greedy_logits);
+      CHECK(a->greedy == c["greedy"].get<std::vector<int32_t>>());
+    }
   }
   std::filesystem::remove_all(store_dir);
 }
 
-TEST_CASE("golden stores give the checkpoints' logits bitwise") {
+TEST_CASE("golden stores give the checkpoints' logits bitwise at every cache budget") {
   for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
     INFO(name);
     CheckGoldenStore(name);
