@@ -1,0 +1,32 @@
+// Offline replay of routing traces through the cache's eviction policies, next to Belady's
+// optimal (evict what is needed furthest in the future) for the same trace and budget.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cache/eviction_policy.h"
+#include "cache/routing_trace.h"
+
+namespace moed::cache {
+
+struct ReplayBudget {
+  // per_layer > 0: every layer has its own `per_layer` slots. Otherwise `shared` slots serve
+  // all layers, as the engine's cache does.
+  int per_layer = 0;
+  int shared = 0;
+};
+
+struct ReplayResult {
+  uint64_t requests = 0;
+  uint64_t hits = 0;
+  double hit_rate() const { return requests == 0 ? 0 : static_cast<double>(hits) / static_cast<double>(requests); }
+};
+
+// Each sequence starts with an empty cache; the experts of one (token, layer) are pinned
+// while it is served, as in the engine. `policy` nullopt means Belady's optimum.
+ReplayResult Replay(const std::vector<RoutingTrace>& traces, const ReplayBudget& budget,
+                    std::optional<PolicyKind> policy);
+
+}  // namespace moed::cache
