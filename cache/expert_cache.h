@@ -20,6 +20,7 @@
 #include "cache/eviction_policy.h"
 #include "cache/store_reader.h"
 #include "model/expert_provider.h"
+#include "util/byte_size.h"
 
 namespace moed::cache {
 
@@ -130,7 +131,6 @@ class ExpertCache final : public model::ExpertProvider {
   double wait_seconds_ = 0;
 };
 
-// "1073741824", "1G", "512M", "64K" (powers of 1024).
-absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text);
+using util::ParseByteSize;
 
 }  // namespace moed::cache

@@ -98,6 +98,18 @@ int RunInfo(const GlobalOptions& options) {
     std::cout << "cuda device " << device.index() << ":\n";
     PrintDevice(device);
   }
+  if (info->has_expert_cache()) {
+    const auto& c = info->expert_cache();
+    std::cout << "expert cache: " << c.precision() << " experts, " << c.eviction_policy() << " eviction, reader "
+              << c.reader() << "\n"
+              << "  device: " << c.device_resident() << " of " << c.device_slots() << " slots of "
+              << Mib(c.slot_bytes()) << " (" << Mib(c.device_budget_bytes()) << ")\n"
+              << "  host:   " << c.host_resident() << " of " << c.host_slots() << " slots ("
+              << Mib(c.host_budget_bytes()) << ")\n"
+              << "  hits " << c.device_hits() << ", misses " << c.device_misses() << ", host hits " << c.host_hits()
+              << ", disk reads " << c.ssd_reads() << " (" << Mib(c.ssd_bytes()) << "), failed " << c.failed_reads()
+              << "\n";
+  }
   std::cout << "version:      " << info->server_version() << "\n";
   return 0;
 }

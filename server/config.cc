@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "nlohmann/json.hpp"
+#include "util/byte_size.h"
 #include "util/status_macros.h"
 
 namespace moed::server {
@@ -57,6 +58,8 @@ absl::Status CheckRangeOf(const OptionSpec& spec, int64_t value) {
   return absl::OkStatus();
 }
 
+absl::Status SetFromText(const OptionSpec& spec, const std::string& text, DaemonConfig* config);
+
 // Sets an option from text (a flag's or an environment variable's value).
 absl::Status SetFromText(const OptionSpec& spec, const std::string& text, DaemonConfig* config) {
   return std::visit(
@@ -68,7 +71,14 @@ absl::Status SetFromText(const OptionSpec& spec, const std::string& text, Daemon
           target = text;
         } else if constexpr (std::is_same_v<T, int64_t>) {
           int64_t value = 0;
-          if (!absl::SimpleAtoi(text, &value)) {
+          if (spec.byte_size) {
+            absl::StatusOr<uint64_t> bytes = util::ParseByteSize(text);
+            if (!bytes.ok()) return bytes.status();
+            if (*bytes > static_cast<uint64_t>(INT64_MAX)) {
+              return absl::InvalidArgumentError("is out of range");
+            }
+            value = static_cast<int64_t>(*bytes);
+          } else if (!absl::SimpleAtoi(text, &value)) {
             return absl::InvalidArgumentError(
                 absl::StrCat("expected an integer, got '", text, "'"));
           }
@@ -106,7 +116,11 @@ absl::Status SetFromJson(const OptionSpec& spec, const json& value, DaemonConfig
           MOED_RETURN_IF_ERROR(CheckChoice(spec, value.get<std::string>()));
           target = value.get<std::string>();
         } else if constexpr (std::is_same_v<T, int64_t>) {
-          if (!value.is_number_integer()) return absl::InvalidArgumentError("must be an integer");
+          if (spec.byte_size && value.is_string()) return SetFromText(spec, value.get<std::string>(), config);
+          if (!value.is_number_integer()) {
+            return absl::InvalidArgumentError(spec.byte_size ? "must be a byte count (an integer or a string like \"4G\")"
+                                                             : "must be an integer");
+          }
           if (value.is_number_unsigned() && value.get<uint64_t>() > INT64_MAX) {
             return absl::InvalidArgumentError("is out of range");
           }
@@ -162,6 +176,26 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .metavar = "DIR",
                  .help = "Hugging Face checkpoint directory to serve (config.json, "
                          "*.safetensors, tokenizer.json)"});
+    o.push_back({.name = "store", .field = F(&DaemonConfig::store), .metavar = "DIR",
+                 .help = "expert store to serve (from moed-pack); experts are staged from disk through "
+                         "the tiered cache"});
+    o.push_back({.name = "device-cache-bytes", .field = F(&DaemonConfig::device_cache_bytes), .metavar = "BYTES",
+                 .help = "with --store: budget of the device expert tier (on the CPU backend, RAM); 0 holds "
+                         "every expert",
+                 .byte_size = true});
+    o.push_back({.name = "host-cache-bytes", .field = F(&DaemonConfig::host_cache_bytes), .metavar = "BYTES",
+                 .help = "with --store: budget of the host RAM tier between disk and device; 0 means none",
+                 .byte_size = true});
+    o.push_back({.name = "expert-precision", .field = F(&DaemonConfig::expert_precision), .metavar = "P",
+                 .help = "with --store: which copy every expert runs from; source is exact",
+                 .choices = {"source", "int8", "int4"}});
+    o.push_back({.name = "eviction-policy", .field = F(&DaemonConfig::eviction_policy), .metavar = "POLICY",
+                 .help = "with --store: how the cache tiers choose what to evict",
+                 .choices = {"lru", "lfu", "scored"}});
+    o.push_back({.name = "io-queue-depth", .field = F(&DaemonConfig::io_queue_depth), .metavar = "N",
+                 .help = "with --store: expert reads in flight",
+                 .min_value = 1,
+                 .max_value = 1024});
     o.push_back({.name = "listen",
                  .field = F(&DaemonConfig::listen),
                  .metavar = "HOST:PORT",
@@ -260,8 +294,11 @@ absl::Status ValidateConfig(const DaemonConfig& config) {
   std::string host;
   int port = 0;
   MOED_RETURN_IF_ERROR(WithContext("--listen", SplitHostPort(config.listen, &host, &port)));
-  if (config.model.empty()) {
-    return absl::InvalidArgumentError("no model to serve: pass --model DIR (or set MOED_MODEL)");
+  if (config.model.empty() && config.store.empty()) {
+    return absl::InvalidArgumentError("no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)");
+  }
+  if (!config.model.empty() && !config.store.empty()) {
+    return absl::InvalidArgumentError("--model and --store are exclusive: serve a checkpoint or a store");
   }
   return absl::OkStatus();
 }
@@ -341,7 +378,7 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
 std::string HelpText() {
   std::string text =
       "moed: serving daemon for Mixture-of-Experts language models\n\n"
-      "usage: moed --model DIR [options]\n\n"
+      "usage: moed (--model DIR | --store DIR) [options]\n\n"
       "Every option can also be set in the --config JSON file (same key, without --) or in the\n"
       "environment variable shown. Precedence: flags, then variables, then the file.\n\n";
   for (const OptionSpec& spec : DaemonOptions()) {

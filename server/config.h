@@ -18,6 +18,12 @@ namespace moed::server {
 
 struct DaemonConfig {
   std::string model;
+  std::string store;
+  int64_t device_cache_bytes = 0;
+  int64_t host_cache_bytes = 0;
+  std::string expert_precision = "source";
+  std::string eviction_policy = "lru";
+  int64_t io_queue_depth = 16;
   std::string listen = "127.0.0.1:50051";
   std::string config;
   std::string served_model_name;
@@ -38,6 +44,7 @@ struct OptionSpec {
   int64_t min_value = 0;             // for integers
   int64_t max_value = INT64_MAX;
   bool file_key = true;  // false for --config itself
+  bool byte_size = false;  // integers written as byte counts, K/M/G/T suffixes allowed
 
   // MOED_ followed by the name in upper case with '_' for '-'.
   std::string EnvVar() const;

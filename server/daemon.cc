@@ -26,8 +26,9 @@ std::string DirectoryName(const std::string& path) {
 
 class MoedService final : public v1::Moed::Service {
  public:
-  MoedService(v1::ModelInfoResponse info, kernels::Backend* backend)
-      : info_(std::move(info)), backend_(backend) {}
+  MoedService(v1::ModelInfoResponse info, kernels::Backend* backend, std::shared_ptr<cache::ExpertCache> cache,
+              std::shared_ptr<cache::Store> store)
+      : info_(std::move(info)), backend_(backend), cache_(std::move(cache)), store_(std::move(store)) {}
 
   grpc::Status ModelInfo(grpc::ServerContext* /*context*/, const v1::ModelInfoRequest* /*request*/,
                          v1::ModelInfoResponse* response) override {
@@ -36,6 +37,7 @@ class MoedService final : public v1::Moed::Service {
     if (absl::StatusOr<kernels::DeviceInfo> device = backend_->device(); device.ok()) {
       FillDevice(*device, response->mutable_device());
     }
+    if (cache_ != nullptr) FillCacheInfo(*cache_, *store_, response->mutable_expert_cache());
     return grpc::Status::OK;
   }
 
@@ -53,7 +55,35 @@ class MoedService final : public v1::Moed::Service {
  private:
   const v1::ModelInfoResponse info_;
   kernels::Backend* backend_;
+  std::shared_ptr<cache::ExpertCache> cache_;
+  std::shared_ptr<cache::Store> store_;
 };
+
+void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store, v1::ExpertCacheInfo* info) {
+  const cache::CacheOptions& options = cache.options();
+  cache::CacheCounters counters = cache.counters();
+  const uint64_t slot = cache::ExpertCache::SlotBytes(store, options.precision);
+  info->set_precision(std::string(cache::PrecisionName(options.precision)));
+  info->set_slot_bytes(slot);
+  info->set_device_slots(counters.device.slots);
+  info->set_host_slots(counters.host.slots);
+  info->set_device_budget_bytes(counters.device.slots * slot);
+  info->set_host_budget_bytes(counters.host.slots * slot);
+  info->set_device_resident(counters.device.resident);
+  info->set_host_resident(counters.host.resident);
+  info->set_reader(std::string(cache.reader_name()));
+  info->set_eviction_policy(options.device_policy == cache::PolicyKind::kLru   ? "lru"
+                            : options.device_policy == cache::PolicyKind::kLfu ? "lfu"
+                                                                                : "scored");
+  info->set_device_hits(counters.device.hits);
+  info->set_device_misses(counters.device.misses);
+  info->set_host_hits(counters.host.hits);
+  info->set_ssd_reads(counters.ssd_reads);
+  info->set_ssd_bytes(counters.ssd_bytes);
+  info->set_evictions(counters.device.evictions + counters.host.evictions);
+  info->set_failed_reads(counters.failed_reads);
+  info->set_wait_seconds(counters.wait_seconds);
+}
 
 void FillDevice(const kernels::DeviceInfo& info, v1::Device* device) {
   device->set_index(info.index);
@@ -66,10 +96,10 @@ void FillDevice(const kernels::DeviceInfo& info, v1::Device* device) {
 
 v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon) {
   v1::ModelInfoResponse info;
-  info.set_model_name(daemon.served_model_name.empty() ? DirectoryName(daemon.model)
-                                                       : daemon.served_model_name);
+  const std::string& dir = daemon.store.empty() ? daemon.model : daemon.store;
+  info.set_model_name(daemon.served_model_name.empty() ? DirectoryName(dir) : daemon.served_model_name);
   info.set_architecture(std::string(model::ArchitectureName(config.architecture)));
-  info.set_source_path(std::filesystem::absolute(daemon.model).lexically_normal().string());
+  info.set_source_path(std::filesystem::absolute(dir).lexically_normal().string());
   info.set_dtype(config.torch_dtype);
   info.set_vocab_size(static_cast<uint32_t>(config.vocab_size));
   info.set_hidden_size(static_cast<uint32_t>(config.hidden_size));
@@ -87,7 +117,7 @@ v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const Daem
   info.set_expert_bytes(static_cast<uint64_t>(expert_bytes));
   info.set_total_expert_bytes(
       static_cast<uint64_t>(expert_bytes * config.num_experts * config.NumMoeLayers()));
-  info.set_has_tokenizer(std::filesystem::exists(daemon.model + "/tokenizer.json"));
+  info.set_has_tokenizer(std::filesystem::exists(dir + "/tokenizer.json"));
   for (int64_t eos : config.eos_token_ids) info.add_eos_token_ids(static_cast<uint32_t>(eos));
   info.set_server_version(MOED_VERSION);
   return info;
@@ -100,8 +130,32 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   daemon->logger_ = std::move(logger);
   spdlog::logger& log = *daemon->logger_;
 
-  MOED_ASSIGN_OR_RETURN(model::ModelConfig model_config, model::LoadModelConfig(config.model));
-  log.info("model {}: {} with {} layers, {} experts (top-{}), hidden {}, vocab {}", config.model,
+  model::ModelConfig model_config;
+  if (!config.store.empty()) {
+    MOED_ASSIGN_OR_RETURN(daemon->store_, cache::Store::Open(config.store));
+    model_config = daemon->store_->config();
+    cache::CacheOptions options;
+    options.device_bytes = static_cast<uint64_t>(config.device_cache_bytes);
+    options.host_bytes = static_cast<uint64_t>(config.host_cache_bytes);
+    MOED_ASSIGN_OR_RETURN(options.precision, cache::ParsePrecision(config.expert_precision));
+    MOED_ASSIGN_OR_RETURN(options.device_policy, cache::ParsePolicyKind(config.eviction_policy));
+    options.host_policy = options.device_policy;
+    options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
+    std::string note;
+    MOED_ASSIGN_OR_RETURN(std::unique_ptr<cache::ExpertCache> expert_cache,
+                          cache::ExpertCache::Create(daemon->store_, options, {}, &note));
+    if (!note.empty()) log.warn("{}", note);
+    daemon->cache_ = std::move(expert_cache);
+    cache::CacheCounters counters = daemon->cache_->counters();
+    log.info("expert cache: {} experts, {} device slots, {} host slots of {:.1f} MiB, reader {}",
+             config.expert_precision, counters.device.slots, counters.host.slots,
+             cache::ExpertCache::SlotBytes(*daemon->store_, options.precision) / double(1 << 20),
+             daemon->cache_->reader_name());
+  } else {
+    MOED_ASSIGN_OR_RETURN(model_config, model::LoadModelConfig(config.model));
+  }
+  log.info("model {}: {} with {} layers, {} experts (top-{}), hidden {}, vocab {}",
+           config.store.empty() ? config.model : config.store,
            model::ArchitectureName(model_config.architecture), model_config.num_layers,
            model_config.num_experts, model_config.experts_per_token, model_config.hidden_size,
            model_config.vocab_size);
@@ -131,7 +185,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     FillDevice(cuda_device, info.add_cuda_devices());
   }
   info.set_backend_note(choice.fallback_reason);
-  daemon->moed_service_ = std::make_unique<MoedService>(std::move(info), daemon->backend_.get());
+  daemon->moed_service_ =
+      std::make_unique<MoedService>(std::move(info), daemon->backend_.get(), daemon->cache_, daemon->store_);
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;
 }

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "grpcpp/server.h"
+#include "cache/expert_cache.h"
 #include "kernels/backend.h"
 #include "model/model_config.h"
 #include "moed/v1/moed.grpc.pb.h"
@@ -36,13 +37,16 @@ class Daemon {
   DaemonConfig config_;
   std::shared_ptr<spdlog::logger> logger_;
   std::unique_ptr<kernels::Backend> backend_;
+  std::shared_ptr<cache::Store> store_;
+  std::shared_ptr<cache::ExpertCache> cache_;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;
   std::unique_ptr<grpc::Server> server_;
 };
 
-// ModelInfo's static part, from the model's config and the checkpoint directory.
+// ModelInfo's static part, from the model's config and the checkpoint or store directory.
 v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon);
 void FillDevice(const kernels::DeviceInfo& info, v1::Device* device);
+void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store, v1::ExpertCacheInfo* info);
 
 }  // namespace moed::server

@@ -6,6 +6,7 @@
 #include "client/client.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/daemon_process.h"
+#include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
 namespace moed::testing {
@@ -112,7 +113,7 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
   const std::vector<Case> cases = {
       {{"--bogus"}, 2, "moed: error: unknown flag --bogus (see --help)"},
       {{"--model"}, 2, "moed: error: --model needs a value (DIR)"},
-      {{}, 2, "moed: error: no model to serve: pass --model DIR (or set MOED_MODEL)"},
+      {{}, 2, "moed: error: no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)"},
       {{"--model", TestModel().string(), "--backend", "fpga"},
        2,
        "moed: error: --backend: 'fpga' is not one of auto, cpu, cuda"},
@@ -205,6 +206,39 @@ TEST_CASE("moectl logits, tokenize and detokenize run locally") {
   CommandResult text = RunCommand({MOECTL_BINARY, "detokenize", "--tokenizer", tokenizer, "--ids", joined});
   CHECK(text.exit_code == 0);
   CHECK(text.out == "héllo, 世界");
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("the daemon serves an expert store and refuses a budget below the minimum") {
+  fs::path store = TestModel().parent_path() / "store";
+  if (!fs::exists(store)) REQUIRE(tools::Pack(TestModel().string(), store.string(), tools::PackOptions{}).ok());
+  // Two slots of the tiny qwen2 source blobs are the minimum.
+  CommandResult too_small = RunCommand({MOED_BINARY, "--store", store.string(), "--device-cache-bytes", "4K",
+                                        "--listen", "127.0.0.1:0"});
+  CHECK(too_small.exit_code == 1);
+  CHECK(too_small.err.find("device cache budget of 4096 bytes is below the minimum of") != std::string::npos);
+
+  std::vector<std::string> argv = {MOED_BINARY, "--store", store.string(), "--device-cache-bytes", "1M",
+                                   "--host-cache-bytes", "512K", "--listen", "127.0.0.1:0"};
+  ChildProcess daemon(argv);
+  auto line = daemon.ReadStdoutLine(std::chrono::seconds(30));
+  REQUIRE(line.has_value());
+  std::string address = line->substr(std::string("listening on ").size());
+  auto info = client::Client::Create(address, std::chrono::seconds(10))->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->model_name() == "store");
+  CHECK(info->architecture() == "Qwen2MoeForCausalLM");
+  REQUIRE(info->has_expert_cache());
+  CHECK(info->expert_cache().precision() == "source");
+  CHECK(info->expert_cache().device_slots() * info->expert_cache().slot_bytes() <= (1u << 20));
+  CHECK(info->expert_cache().host_slots() > 0);
+  CHECK((info->expert_cache().reader() == "io_uring" || info->expert_cache().reader() == "pread"));
+  CHECK(daemon.Stop() == 0);
 }
 
 }  // namespace
