@@ -161,23 +161,24 @@ int main(int argc, char** argv) {
     moed::cache::ExpertCache* raw = cache->get();
     auto model = moed::model::Model::Create(c, *store, *std::move(cache), 0);
     if (!model.ok()) return 1;
-    moed::model::KvCache kv(c, 8 + steps + 4);
+    moed::model::KvCache kv(c, 8 + steps + 32);
     moed::model::SequenceInput input{&kv, {1, 2, 3, 4}, false};
     if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
-    // Warm the cache for the resident run: one pass so every expert is loaded once.
-    int32_t next = 5;
-    for (int warm = 0; warm < (fraction == 1.0 ? 6 : 2); ++warm) {
-      input.tokens = {next};
-      auto out = (*model)->Forward(absl::MakeSpan(&input, 1));
-      next = static_cast<int32_t>(std::max_element(out->logits.begin(), out->logits.end()) - out->logits.begin());
+    // The synthetic model's greedy output soon repeats one token, which would make routing
+    // unrealistically repetitive: feed a fixed pseudo-random token stream instead (the same
+    // for every budget), so consecutive tokens route like unrelated text.
+    std::mt19937 tokens(7);
+    auto next_token = [&] { return static_cast<int32_t>(tokens() % static_cast<uint32_t>(c.vocab_size)); };
+    // Warm-up: the resident run loads every expert it will use at least once.
+    for (int warm = 0; warm < (fraction == 1.0 ? 24 : 2); ++warm) {
+      input.tokens = {next_token()};
+      if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     }
     auto before = raw->counters();
     auto start = Clock::now();
     for (int s = 0; s < steps; ++s) {
-      input.tokens = {next};
-      auto out = (*model)->Forward(absl::MakeSpan(&input, 1));
-      if (!out.ok()) return 1;
-      next = static_cast<int32_t>(std::max_element(out->logits.begin(), out->logits.end()) - out->logits.begin());
+      input.tokens = {next_token()};
+      if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     }
     double seconds = Seconds(start, Clock::now()) / steps;
     auto after = raw->counters();
