@@ -17,18 +17,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-DType ToWriterDType(kernels::DType dtype) {
-  switch (dtype) {
-    case kernels::DType::kF32:
-      return DType::kF32;
-    case kernels::DType::kF16:
-      return DType::kF16;
-    case kernels::DType::kBF16:
-      return DType::kBF16;
-  }
-  return DType::kF32;
-}
-
 const char* TorchDtype(kernels::DType dtype) {
   switch (dtype) {
     case kernels::DType::kF32:
@@ -91,7 +79,7 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
     std::vector<TensorSpec> specs;
     for (size_t i = begin; i < end; ++i) {
       MOED_ASSIGN_OR_RETURN(model::TensorRef ref, checkpoint->Find(names[i]));
-      specs.push_back({names[i], ref.info->shape, ToWriterDType(options.dtype)});
+      specs.push_back({names[i], ref.info->shape, options.dtype});
       weight_map[names[i]] = file;
     }
     MOED_RETURN_IF_ERROR(WriteSafetensors(

@@ -9,20 +9,6 @@
 
 namespace moed::tools {
 
-const char* DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16:
-      return "BF16";
-    case DType::kF16:
-      return "F16";
-    case DType::kF32:
-      return "F32";
-  }
-  return "?";
-}
-
-size_t DTypeSize(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
-
 int64_t TensorSpec::NumElements() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -39,7 +25,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorS
   header["__metadata__"] = meta;
   uint64_t offset = 0;
   for (const TensorSpec& tensor : tensors) {
-    header[tensor.name] = {{"dtype", DTypeName(tensor.dtype)},
+    header[tensor.name] = {{"dtype", std::string(kernels::DTypeName(tensor.dtype))},
                            {"shape", tensor.shape},
                            {"data_offsets", {offset, offset + tensor.NumBytes()}}};
     offset += tensor.NumBytes();
@@ -61,10 +47,10 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorS
   std::vector<uint8_t> buffer;
   for (const TensorSpec& tensor : tensors) {
     if (!ok) break;
-    int64_t elements_per_chunk = std::max<int64_t>(1, kChunkBytes / DTypeSize(tensor.dtype));
+    int64_t elements_per_chunk = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(kernels::DTypeSize(tensor.dtype)));
     for (int64_t begin = 0; begin < tensor.NumElements() && ok; begin += elements_per_chunk) {
       int64_t end = std::min(tensor.NumElements(), begin + elements_per_chunk);
-      buffer.resize(static_cast<size_t>(end - begin) * DTypeSize(tensor.dtype));
+      buffer.resize(static_cast<size_t>(end - begin) * kernels::DTypeSize(tensor.dtype));
       fill(tensor, begin, end, buffer.data());
       ok = std::fwrite(buffer.data(), 1, buffer.size(), file.get()) == buffer.size();
     }

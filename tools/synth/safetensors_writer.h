@@ -8,13 +8,11 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kernels/dtype.h"
 
 namespace moed::tools {
 
-enum class DType { kBF16, kF16, kF32 };
-
-const char* DTypeName(DType dtype);  // "BF16", "F16", "F32"
-size_t DTypeSize(DType dtype);
+using kernels::DType;
 
 struct TensorSpec {
   std::string name;
@@ -22,7 +20,7 @@ struct TensorSpec {
   DType dtype = DType::kBF16;
 
   int64_t NumElements() const;
-  uint64_t NumBytes() const { return static_cast<uint64_t>(NumElements()) * DTypeSize(dtype); }
+  uint64_t NumBytes() const { return static_cast<uint64_t>(NumElements()) * kernels::DTypeSize(dtype); }
 };
 
 // Fills `out` (NumBytes of the tensor) with the bytes of elements [begin, end) of the tensor.
