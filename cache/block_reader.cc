@@ -21,8 +21,10 @@ namespace {
 
 absl::StatusOr<int> OpenForReading(const std::string& path, bool direct) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
-  if (fd < 0 && direct && errno == EINVAL) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // tmpfs
-  if (fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  if (fd < 0 && direct && errno == EINVAL)
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);  // tmpfs
+  if (fd < 0)
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   return fd;
 }
 
@@ -40,8 +42,10 @@ class IoUringReader final : public BlockReader {
       : fd_(fd), options_(options), callback_(std::move(callback)) {}
 
   absl::Status Init() {
-    int rc = io_uring_queue_init(static_cast<unsigned>(std::max(1, options_.queue_depth)) * 2, &ring_, 0);
-    if (rc < 0) return absl::UnavailableError(absl::StrCat("io_uring_queue_init: ", std::strerror(-rc)));
+    int rc = io_uring_queue_init(static_cast<unsigned>(std::max(1, options_.queue_depth)) * 2,
+                                 &ring_, 0);
+    if (rc < 0)
+      return absl::UnavailableError(absl::StrCat("io_uring_queue_init: ", std::strerror(-rc)));
     ring_ready_ = true;
     completer_ = std::thread([this] { CompletionLoop(); });
     return absl::OkStatus();
@@ -114,7 +118,8 @@ class IoUringReader final : public BlockReader {
       ++in_flight_;
       ++added;
     }
-    stats_.max_in_flight = std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(in_flight_));
+    stats_.max_in_flight =
+        std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(in_flight_));
     if (added > 0) {
       int rc = io_uring_submit(&ring_);
       if (rc < 0) return absl::InternalError(absl::StrCat("io_uring_submit: ", std::strerror(-rc)));
@@ -154,18 +159,20 @@ class IoUringReader final : public BlockReader {
       Pending& pending = pending_[piece->id];
       if (result < 0) {
         if (pending.status.ok()) {
-          pending.status = absl::DataLossError(absl::StrCat("read error at offset ", pending.request.offset + piece->at,
+          pending.status = absl::DataLossError(absl::StrCat("read error at offset ",
+                                                            pending.request.offset + piece->at,
                                                             ": ", std::strerror(-result)));
         }
       } else if (static_cast<uint64_t>(result) < piece->size) {
         if (result == 0) {
           if (pending.status.ok()) {
-            pending.status = absl::DataLossError(absl::StrCat("short read at offset ", pending.request.offset + piece->at,
-                                                              " (end of file)"));
+            pending.status = absl::DataLossError(absl::StrCat(
+                "short read at offset ", pending.request.offset + piece->at, " (end of file)"));
           }
         } else {
           // A partial read: queue the rest at the front.
-          queue_.push_front({piece->id, piece->at + static_cast<uint64_t>(result), piece->size - static_cast<uint64_t>(result)});
+          queue_.push_front({piece->id, piece->at + static_cast<uint64_t>(result),
+                             piece->size - static_cast<uint64_t>(result)});
           ++pending.pieces_left;
         }
       }
@@ -201,7 +208,8 @@ class PreadReader final : public BlockReader {
  public:
   PreadReader(int fd, const ReaderOptions& options, ReadCallback callback)
       : fd_(fd), options_(options), callback_(std::move(callback)) {
-    for (int i = 0; i < std::max(1, options.queue_depth); ++i) workers_.emplace_back([this] { Work(); });
+    for (int i = 0; i < std::max(1, options.queue_depth); ++i)
+      workers_.emplace_back([this] { Work(); });
   }
   ~PreadReader() override {
     {
@@ -246,20 +254,24 @@ class PreadReader final : public BlockReader {
         if (queue_.empty()) return;  // stopping, nothing left
         request = queue_.front();
         queue_.pop_front();
-        stats_.max_in_flight = std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(++in_flight_));
+        stats_.max_in_flight =
+            std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(++in_flight_));
       }
       absl::Status status;
       uint64_t done = 0;
       while (done < request.size) {
         uint64_t want = std::min(options_.max_request_bytes, request.size - done);
-        ssize_t n = ::pread(fd_, request.buffer + done, want, static_cast<off_t>(request.offset + done));
+        ssize_t n =
+            ::pread(fd_, request.buffer + done, want, static_cast<off_t>(request.offset + done));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
-          status = absl::DataLossError(absl::StrCat("read error at offset ", request.offset + done, ": ", std::strerror(errno)));
+          status = absl::DataLossError(absl::StrCat("read error at offset ", request.offset + done,
+                                                    ": ", std::strerror(errno)));
           break;
         }
         if (n == 0) {
-          status = absl::DataLossError(absl::StrCat("short read at offset ", request.offset + done, " (end of file)"));
+          status = absl::DataLossError(
+              absl::StrCat("short read at offset ", request.offset + done, " (end of file)"));
           break;
         }
         done += static_cast<uint64_t>(n);
@@ -286,7 +298,8 @@ class PreadReader final : public BlockReader {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReader(const std::string& path, const ReaderOptions& options,
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReader(const std::string& path,
+                                                               const ReaderOptions& options,
                                                                ReadCallback callback) {
   absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
   if (!fd.ok()) return fd.status();
@@ -295,19 +308,23 @@ absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReader(const std::string
   return std::unique_ptr<BlockReader>(std::move(reader));
 }
 
-absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& path, const ReaderOptions& options,
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& path,
+                                                             const ReaderOptions& options,
                                                              ReadCallback callback) {
   absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
   if (!fd.ok()) return fd.status();
   return std::unique_ptr<BlockReader>(new PreadReader(*fd, options, std::move(callback)));
 }
 
-absl::StatusOr<std::unique_ptr<BlockReader>> OpenBestReader(const std::string& path, const ReaderOptions& options,
-                                                            ReadCallback callback, std::string* note) {
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenBestReader(const std::string& path,
+                                                            const ReaderOptions& options,
+                                                            ReadCallback callback,
+                                                            std::string* note) {
   absl::StatusOr<std::unique_ptr<BlockReader>> uring = OpenIoUringReader(path, options, callback);
   if (uring.ok()) return uring;
   if (note != nullptr) {
-    *note = absl::StrCat("io_uring is not available (", uring.status().message(), "); reading with a pread pool");
+    *note = absl::StrCat("io_uring is not available (", uring.status().message(),
+                         "); reading with a pread pool");
   }
   return OpenPreadReader(path, options, std::move(callback));
 }

@@ -16,10 +16,10 @@
 namespace moed::cache {
 
 struct ReadRequest {
-  uint64_t offset = 0;       // multiple of 4096 (O_DIRECT)
-  uint64_t size = 0;         // multiple of 4096
+  uint64_t offset = 0;        // multiple of 4096 (O_DIRECT)
+  uint64_t size = 0;          // multiple of 4096
   uint8_t* buffer = nullptr;  // 4096-aligned, `size` bytes
-  uint64_t tag = 0;          // handed back with the completion
+  uint64_t tag = 0;           // handed back with the completion
 };
 
 // Called once per request, from the reader's completion thread: OK when all `size` bytes
@@ -43,9 +43,9 @@ class BlockReader {
 };
 
 struct ReaderOptions {
-  int queue_depth = 16;                    // reads in flight
+  int queue_depth = 16;                     // reads in flight
   uint64_t max_request_bytes = 4ull << 20;  // larger requests are split into pieces this big
-  bool direct_io = true;                   // O_DIRECT (falls back to buffered where refused)
+  bool direct_io = true;                    // O_DIRECT (falls back to buffered where refused)
 };
 
 // io_uring over `path`. Fails (and the caller may fall back) where io_uring is not permitted.
@@ -60,6 +60,7 @@ absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& 
 // io_uring when it works, else the pread pool; `note` says why when it fell back.
 absl::StatusOr<std::unique_ptr<BlockReader>> OpenBestReader(const std::string& path,
                                                             const ReaderOptions& options,
-                                                            ReadCallback callback, std::string* note);
+                                                            ReadCallback callback,
+                                                            std::string* note);
 
 }  // namespace moed::cache

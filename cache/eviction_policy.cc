@@ -38,7 +38,9 @@ class LfuPolicy final : public EvictionPolicy {
   ExpertKey Victim(const std::vector<ExpertKey>& candidates) override {
     const ExpertKey* best = &candidates.front();
     for (const ExpertKey& key : candidates) {
-      if (count_[key] < count_[*best] || (count_[key] == count_[*best] && last_[key] < last_[*best])) best = &key;
+      if (count_[key] < count_[*best] ||
+          (count_[key] == count_[*best] && last_[key] < last_[*best]))
+        best = &key;
     }
     return *best;
   }
@@ -55,13 +57,16 @@ class ScoredPolicy final : public EvictionPolicy {
   absl::string_view name() const override { return "scored"; }
   void Touch(const ExpertKey& key, uint64_t tick) override {
     Entry& e = entries_[key];
-    e.frequency = e.frequency * std::exp(-kFrequencyDecay * static_cast<double>(tick - e.last)) + 1.0;
+    e.frequency =
+        e.frequency * std::exp(-kFrequencyDecay * static_cast<double>(tick - e.last)) + 1.0;
     e.last = tick;
     now_ = std::max(now_, tick);
     e.prediction = 0;  // a prediction is consumed by the use it predicted
   }
   void Remove(const ExpertKey& /*key*/) override {}
-  void Predict(const ExpertKey& key, double probability) override { entries_[key].prediction = probability; }
+  void Predict(const ExpertKey& key, double probability) override {
+    entries_[key].prediction = probability;
+  }
   ExpertKey Victim(const std::vector<ExpertKey>& candidates) override {
     const ExpertKey* best = &candidates.front();
     double best_score = Score(*best);
@@ -98,7 +103,8 @@ absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name) {
   if (name == "lru") return PolicyKind::kLru;
   if (name == "lfu") return PolicyKind::kLfu;
   if (name == "scored") return PolicyKind::kScored;
-  return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", name, "' (expected lru, lfu or scored)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown eviction policy '", name, "' (expected lru, lfu or scored)"));
 }
 
 std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind) {

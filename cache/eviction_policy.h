@@ -17,7 +17,9 @@ namespace moed::cache {
 struct ExpertKey {
   int layer = 0;
   int expert = 0;
-  bool operator==(const ExpertKey& other) const { return layer == other.layer && expert == other.expert; }
+  bool operator==(const ExpertKey& other) const {
+    return layer == other.layer && expert == other.expert;
+  }
   template <typename H>
   friend H AbslHashValue(H h, const ExpertKey& key) {
     return H::combine(std::move(h), key.layer, key.expert);

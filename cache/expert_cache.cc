@@ -24,20 +24,23 @@ ExpertCache::ExpertCache(std::shared_ptr<const Store> store, const CacheOptions&
 
 absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr<const Store> store,
                                                                  const CacheOptions& options,
-                                                                 ReaderFactory reader_factory, std::string* note) {
+                                                                 ReaderFactory reader_factory,
+                                                                 std::string* note) {
   const Manifest& m = store->manifest();
   if (!m.HasPrecision(options.precision)) {
-    return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ", PrecisionName(options.precision),
+    return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ",
+                                                   PrecisionName(options.precision),
                                                    " blobs (pack with --precisions including it)"));
   }
   const uint64_t slot_bytes = SlotBytes(*store, options.precision);
-  const uint64_t experts = static_cast<uint64_t>(store->config().NumMoeLayers()) * static_cast<uint64_t>(m.num_experts);
+  const uint64_t experts =
+      static_cast<uint64_t>(store->config().NumMoeLayers()) * static_cast<uint64_t>(m.num_experts);
   uint64_t device_bytes = options.device_bytes == 0 ? experts * slot_bytes : options.device_bytes;
   if (device_bytes < MinimumDeviceBytes(*store, options.precision)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "device cache budget of ", device_bytes, " bytes is below the minimum of ",
-        MinimumDeviceBytes(*store, options.precision), " bytes (two ", PrecisionName(options.precision),
-        " expert slots of ", slot_bytes, " bytes)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("device cache budget of ", device_bytes, " bytes is below the minimum of ",
+                     MinimumDeviceBytes(*store, options.precision), " bytes (two ",
+                     PrecisionName(options.precision), " expert slots of ", slot_bytes, " bytes)"));
   }
   if (options.host_bytes > 0 && options.host_bytes < slot_bytes) {
     return absl::InvalidArgumentError(absl::StrCat("host cache budget of ", options.host_bytes,
@@ -47,7 +50,8 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr
   std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
   cache->layout_ = &cache->store_->manifest().layouts.at(options.precision);
 
-  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget, PolicyKind policy) -> absl::Status {
+  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget,
+                       PolicyKind policy) -> absl::Status {
     uint64_t slots = std::min(budget / slot_bytes, experts);
     tier.name = name;
     tier.slot_bytes = slot_bytes;
@@ -65,13 +69,17 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr
   }
 
   ExpertCache* raw = cache.get();
-  ReadCallback callback = [raw](uint64_t tag, absl::Status status) { raw->OnReadComplete(tag, std::move(status)); };
+  ReadCallback callback = [raw](uint64_t tag, absl::Status status) {
+    raw->OnReadComplete(tag, std::move(status));
+  };
   if (reader_factory) {
     MOED_ASSIGN_OR_RETURN(cache->reader_, reader_factory(callback));
   } else if (options.allow_io_uring) {
-    MOED_ASSIGN_OR_RETURN(cache->reader_, OpenBestReader(cache->store_->experts_path(), options.reader, callback, note));
+    MOED_ASSIGN_OR_RETURN(cache->reader_, OpenBestReader(cache->store_->experts_path(),
+                                                         options.reader, callback, note));
   } else {
-    MOED_ASSIGN_OR_RETURN(cache->reader_, OpenPreadReader(cache->store_->experts_path(), options.reader, callback));
+    MOED_ASSIGN_OR_RETURN(cache->reader_,
+                          OpenPreadReader(cache->store_->experts_path(), options.reader, callback));
   }
   return cache;
 }
@@ -111,7 +119,8 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
   slot.state = SlotState::kLoading;
   slot.key = key;
   device_.index[key] = device_slot;
-  MOED_ASSIGN_OR_RETURN(const BlobEntry* blob, store_->Blob(key.layer, key.expert, options_.precision));
+  MOED_ASSIGN_OR_RETURN(const BlobEntry* blob,
+                        store_->Blob(key.layer, key.expert, options_.precision));
   const uint64_t bytes = layout_->padded_size;
   if (host_ != nullptr) {
     auto it = host_->index.find(key);
@@ -166,13 +175,15 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   }
   // The target slots are pinned by this load: verify and copy without the lock.
   const uint64_t bytes = layout_->padded_size;
-  uint8_t* read_into = load.into_host ? host_->SlotData(load.host_slot) : device_.SlotData(load.device_slot);
+  uint8_t* read_into =
+      load.into_host ? host_->SlotData(load.host_slot) : device_.SlotData(load.device_slot);
   if (!status.ok()) {
     status = BlobError(*store_, *load.blob, status.message());
   } else if (Checksum(read_into, bytes) != load.blob->xxh64) {
     status = BlobError(*store_, *load.blob, "checksum mismatch");
   }
-  if (status.ok() && load.into_host) std::memcpy(device_.SlotData(load.device_slot), read_into, bytes);
+  if (status.ok() && load.into_host)
+    std::memcpy(device_.SlotData(load.device_slot), read_into, bytes);
 
   std::lock_guard lock(mutex_);
   Slot& device_slot = device_.slots[load.device_slot];
@@ -295,7 +306,9 @@ absl::Status ExpertCache::ForEachExpert(
       waited = true;
       changed_.wait(lock);
     }
-    if (waited) wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
+    if (waited)
+      wait_seconds_ +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
     const int slot = slot_of[e];
     --remaining;
     if (!failed && first_error.ok()) {
@@ -316,11 +329,13 @@ CacheCounters ExpertCache::counters() const {
   CacheCounters c;
   c.device = device_.counters;
   c.device.resident = 0;
-  for (const Slot& slot : device_.slots) c.device.resident += slot.state == SlotState::kReady ? 1 : 0;
+  for (const Slot& slot : device_.slots)
+    c.device.resident += slot.state == SlotState::kReady ? 1 : 0;
   if (host_ != nullptr) {
     c.host = host_->counters;
     c.host.resident = 0;
-    for (const Slot& slot : host_->slots) c.host.resident += slot.state == SlotState::kReady ? 1 : 0;
+    for (const Slot& slot : host_->slots)
+      c.host.resident += slot.state == SlotState::kReady ? 1 : 0;
   }
   c.ssd_reads = ssd_reads_;
   c.ssd_bytes = ssd_bytes_;

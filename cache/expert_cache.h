@@ -53,7 +53,8 @@ struct CacheCounters {
 };
 
 // Makes the reader for a cache; tests inject fault-injecting readers through this.
-using ReaderFactory = std::function<absl::StatusOr<std::unique_ptr<BlockReader>>(ReadCallback callback)>;
+using ReaderFactory =
+    std::function<absl::StatusOr<std::unique_ptr<BlockReader>>(ReadCallback callback)>;
 
 class ExpertCache final : public model::ExpertProvider {
  public:
@@ -72,7 +73,8 @@ class ExpertCache final : public model::ExpertProvider {
 
   absl::Status ForEachExpert(
       int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int expert, const model::ExpertWeights& weights)>& compute) override;
+      const std::function<absl::Status(int expert, const model::ExpertWeights& weights)>& compute)
+      override;
 
   CacheCounters counters() const;
   absl::string_view reader_name() const { return reader_->name(); }
@@ -122,8 +124,8 @@ class ExpertCache final : public model::ExpertProvider {
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   Tier device_;
-  std::unique_ptr<Tier> host_;  // null without a host tier
-  absl::flat_hash_map<uint64_t, Load> loads_;  // by tag
+  std::unique_ptr<Tier> host_;                             // null without a host tier
+  absl::flat_hash_map<uint64_t, Load> loads_;              // by tag
   absl::flat_hash_map<ExpertKey, absl::Status> failures_;  // failed loads not yet reported
   uint64_t next_tag_ = 1;
   uint64_t tick_ = 0;

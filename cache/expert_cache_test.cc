@@ -2,10 +2,11 @@
 // reader; counters; and failures that name the expert and leave the cache usable.
 #include "cache/expert_cache.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "cache/fault_injecting_reader.h"
 #include "model/generate.h"
@@ -37,7 +38,8 @@ struct Fixture {
   ~Fixture() { fs::remove_all(root); }
 
   uint64_t AllExpertsBytes(Precision p) const {
-    return ExpertCache::SlotBytes(*store, p) * store->config().NumMoeLayers() * store->config().num_experts;
+    return ExpertCache::SlotBytes(*store, p) * store->config().NumMoeLayers() *
+           store->config().num_experts;
   }
 
   static inline const std::vector<int32_t> kPrompt = {3, 77, 410, 12, 9, 250, 100};
@@ -63,7 +65,8 @@ Run RunWith(const Fixture& f, const CacheOptions& options, ReaderFactory factory
   return run;
 }
 
-TEST_CASE("logits are bitwise those of all-resident execution at every budget, tier, policy and reader") {
+TEST_CASE(
+    "logits are bitwise those of all-resident execution at every budget, tier, policy and reader") {
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen3Moe}) {
     Fixture f(arch);
     const uint64_t all = f.AllExpertsBytes(Precision::kSource);
@@ -72,8 +75,9 @@ TEST_CASE("logits are bitwise those of all-resident execution at every budget, t
       for (uint64_t host : {uint64_t{0}, all / 2}) {
         for (PolicyKind policy : {PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored}) {
           for (bool io_uring : {true, false}) {
-            INFO(model::ArchitectureShortName(arch) << " budget " << budget << " host " << host << " policy "
-                                                    << static_cast<int>(policy) << " io_uring " << io_uring);
+            INFO(model::ArchitectureShortName(arch)
+                 << " budget " << budget << " host " << host << " policy "
+                 << static_cast<int>(policy) << " io_uring " << io_uring);
             CacheOptions options;
             options.device_bytes = std::max(budget, minimum);
             options.host_bytes = host;
@@ -87,8 +91,9 @@ TEST_CASE("logits are bitwise those of all-resident execution at every budget, t
             CHECK(run.counters.failed_reads == 0);
             if (budget == all && host == 0) {
               // Each expert is read at most once when everything fits.
-              CHECK(run.counters.ssd_reads <= static_cast<uint64_t>(f.store->config().NumMoeLayers() *
-                                                                    f.store->config().num_experts));
+              CHECK(run.counters.ssd_reads <=
+                    static_cast<uint64_t>(f.store->config().NumMoeLayers() *
+                                          f.store->config().num_experts));
               CHECK(run.counters.device.evictions == 0);
             }
             if (budget == minimum) CHECK(run.counters.device.evictions > 0);
@@ -107,11 +112,12 @@ TEST_CASE("a budget below the minimum is refused with the minimum") {
   auto cache = ExpertCache::Create(f.store, options);
   REQUIRE_FALSE(cache.ok());
   CHECK(cache.status().message().find("is below the minimum of " +
-                                      std::to_string(ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource))) !=
-        std::string::npos);
+                                      std::to_string(ExpertCache::MinimumDeviceBytes(
+                                          *f.store, Precision::kSource))) != std::string::npos);
   options.device_bytes = 0;
   options.host_bytes = 100;
-  CHECK(ExpertCache::Create(f.store, options).status().message().find("below one expert slot") != std::string::npos);
+  CHECK(ExpertCache::Create(f.store, options).status().message().find("below one expert slot") !=
+        std::string::npos);
 }
 
 TEST_CASE("quantized precisions run from the cache too") {
@@ -124,7 +130,8 @@ TEST_CASE("quantized precisions run from the cache too") {
     options.device_bytes = 0;
     Run all = RunWith(f, options);
     REQUIRE((small.result.ok() && all.result.ok()));
-    CHECK(small.result->prompt_logits == all.result->prompt_logits);  // budget never changes results
+    CHECK(small.result->prompt_logits ==
+          all.result->prompt_logits);  // budget never changes results
     CHECK(small.counters.ssd_bytes < 2 * f.AllExpertsBytes(Precision::kSource) * 16);
   }
 }
@@ -140,12 +147,14 @@ TEST_CASE("read faults fail the step naming the expert; the cache stays consiste
     FaultInjectingReader* injector = nullptr;
     CacheOptions options;
     options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
-    auto cache = ExpertCache::Create(f.store, options, [&](ReadCallback callback) -> absl::StatusOr<std::unique_ptr<BlockReader>> {
-      auto reader = FaultInjectingReader::Open(f.store->experts_path(), std::move(callback));
-      if (!reader.ok()) return reader.status();
-      injector = reader->get();
-      return std::unique_ptr<BlockReader>(*std::move(reader));
-    });
+    auto cache = ExpertCache::Create(
+        f.store, options,
+        [&](ReadCallback callback) -> absl::StatusOr<std::unique_ptr<BlockReader>> {
+          auto reader = FaultInjectingReader::Open(f.store->experts_path(), std::move(callback));
+          if (!reader.ok()) return reader.status();
+          injector = reader->get();
+          return std::unique_ptr<BlockReader>(*std::move(reader));
+        });
     REQUIRE(cache.ok());
     ExpertCache* raw = cache->get();
     injector->Inject(victim->offset, fault, 1000);
@@ -154,9 +163,12 @@ TEST_CASE("read faults fail the step naming the expert; the cache stays consiste
     auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
     REQUIRE_FALSE(failed.ok());
     CHECK(failed.status().code() == absl::StatusCode::kDataLoss);
-    CHECK(failed.status().message().rfind("layer 1 expert " + std::to_string(used) + " (source): ", 0) == 0);
-    CHECK(failed.status().message().find("experts.bin at offset " + std::to_string(victim->offset)) != std::string::npos);
-    if (fault == Fault::kCorrupt) CHECK(failed.status().message().find("checksum mismatch") != std::string::npos);
+    CHECK(failed.status().message().rfind("layer 1 expert " + std::to_string(used) + " (source): ",
+                                          0) == 0);
+    CHECK(failed.status().message().find("experts.bin at offset " +
+                                         std::to_string(victim->offset)) != std::string::npos);
+    if (fault == Fault::kCorrupt)
+      CHECK(failed.status().message().find("checksum mismatch") != std::string::npos);
     CHECK(raw->counters().failed_reads >= 1);
     // Clear the fault: the same cache now serves the same prompt exactly.
     injector->Clear();
@@ -203,7 +215,8 @@ TEST_CASE("a corrupted store file fails only the steps that need the damaged exp
     CHECK(good->prompt_logits == expected->prompt_logits);
   } else {
     // Its later layers may still route to a damaged expert: then the error names it.
-    CHECK(good.status().message().find("expert 6 (source): checksum mismatch") != std::string::npos);
+    CHECK(good.status().message().find("expert 6 (source): checksum mismatch") !=
+          std::string::npos);
   }
 }
 

@@ -18,7 +18,8 @@ enum class Fault { kIoError, kShortRead, kCorrupt };
 class FaultInjectingReader final : public BlockReader {
  public:
   // Opens a pread reader over `path` underneath.
-  static absl::StatusOr<std::unique_ptr<FaultInjectingReader>> Open(const std::string& path, ReadCallback callback) {
+  static absl::StatusOr<std::unique_ptr<FaultInjectingReader>> Open(const std::string& path,
+                                                                    ReadCallback callback) {
     std::unique_ptr<FaultInjectingReader> reader(new FaultInjectingReader(std::move(callback)));
     FaultInjectingReader* raw = reader.get();
     ReaderOptions options;
@@ -58,13 +59,15 @@ class FaultInjectingReader final : public BlockReader {
         if (it != faults_.end() && it->second.second > 0) {
           --it->second.second;
           if (it->second.first == Fault::kIoError) {
-            fail_now.push_back({request.tag, absl::DataLossError(absl::StrCat("read error at offset ", request.offset,
-                                                                              ": Input/output error (injected)"))});
+            fail_now.push_back({request.tag, absl::DataLossError(absl::StrCat(
+                                                 "read error at offset ", request.offset,
+                                                 ": Input/output error (injected)"))});
             continue;
           }
           if (it->second.first == Fault::kShortRead) {
-            fail_now.push_back({request.tag, absl::DataLossError(absl::StrCat("short read at offset ", request.offset,
-                                                                              " (injected)"))});
+            fail_now.push_back(
+                {request.tag, absl::DataLossError(absl::StrCat("short read at offset ",
+                                                               request.offset, " (injected)"))});
             continue;
           }
           corrupt_[request.tag] = request.buffer;

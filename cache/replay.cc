@@ -14,7 +14,8 @@ struct Request {
   uint64_t group;  // requests of one (token, layer) share a group: they are pinned together
 };
 
-ReplayResult ReplaySequence(const RoutingTrace& trace, const ReplayBudget& budget, std::optional<PolicyKind> kind) {
+ReplayResult ReplaySequence(const RoutingTrace& trace, const ReplayBudget& budget,
+                            std::optional<PolicyKind> kind) {
   std::vector<Request> requests;
   uint64_t group = 0;
   for (const auto& token : trace.tokens) {
@@ -52,10 +53,12 @@ ReplayResult ReplaySequence(const RoutingTrace& trace, const ReplayBudget& budge
     if (full) {
       // Candidates: resident, in scope, not pinned by the current (token, layer).
       absl::flat_hash_set<ExpertKey> pinned;
-      for (size_t j = i; j-- > 0 && requests[j].group == requests[i].group;) pinned.insert(requests[j].key);
+      for (size_t j = i; j-- > 0 && requests[j].group == requests[i].group;)
+        pinned.insert(requests[j].key);
       std::vector<ExpertKey> candidates;
       for (const auto& [k, next] : resident) {
-        if ((budget.per_layer == 0 || k.layer == key.layer) && !pinned.contains(k)) candidates.push_back(k);
+        if ((budget.per_layer == 0 || k.layer == key.layer) && !pinned.contains(k))
+          candidates.push_back(k);
       }
       if (candidates.empty()) continue;  // cannot cache it: a miss that stays a miss
       std::sort(candidates.begin(), candidates.end(), [](const ExpertKey& a, const ExpertKey& b) {
@@ -66,9 +69,9 @@ ReplayResult ReplaySequence(const RoutingTrace& trace, const ReplayBudget& budge
         victim = policy->Victim(candidates);
         policy->Remove(victim);
       } else {
-        victim = *std::max_element(candidates.begin(), candidates.end(), [&](const ExpertKey& a, const ExpertKey& b) {
-          return resident[a] < resident[b];
-        });
+        victim = *std::max_element(
+            candidates.begin(), candidates.end(),
+            [&](const ExpertKey& a, const ExpertKey& b) { return resident[a] < resident[b]; });
       }
       resident.erase(victim);
       --per_layer_count[victim.layer];

@@ -21,7 +21,9 @@ struct ReplayBudget {
 struct ReplayResult {
   uint64_t requests = 0;
   uint64_t hits = 0;
-  double hit_rate() const { return requests == 0 ? 0 : static_cast<double>(hits) / static_cast<double>(requests); }
+  double hit_rate() const {
+    return requests == 0 ? 0 : static_cast<double>(hits) / static_cast<double>(requests);
+  }
 };
 
 // Each sequence starts with an empty cache; the experts of one (token, layer) are pinned

@@ -28,7 +28,8 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
       *out = it->get<int>();
       return true;
     };
-    if (!get_int("num_layers", &t.num_layers) || !get_int("num_experts", &t.num_experts) || !get_int("top_k", &t.top_k)) {
+    if (!get_int("num_layers", &t.num_layers) || !get_int("num_experts", &t.num_experts) ||
+        !get_int("top_k", &t.top_k)) {
       return bad("needs integer num_layers, num_experts and top_k");
     }
     get_int("num_prefill_tokens", &t.num_prefill_tokens);
@@ -36,7 +37,8 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
     if (j.contains("task") && j["task"].is_string()) t.task = j["task"];
     if (!j.contains("tokens") || !j["tokens"].is_array()) return bad("needs a tokens list");
     for (const auto& token : j["tokens"]) {
-      if (!token.is_array() || static_cast<int>(token.size()) != t.num_layers) return bad("a token does not list every layer");
+      if (!token.is_array() || static_cast<int>(token.size()) != t.num_layers)
+        return bad("a token does not list every layer");
       std::vector<std::optional<std::vector<int>>> layers;
       for (const auto& layer : token) {
         if (layer.is_null()) {
@@ -46,7 +48,8 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
         if (!layer.is_array()) return bad("a layer entry is neither null nor a list");
         std::vector<int> experts;
         for (const auto& e : layer) {
-          if (!e.is_number_integer() || e.get<int>() < 0 || e.get<int>() >= t.num_experts) return bad("expert id out of range");
+          if (!e.is_number_integer() || e.get<int>() < 0 || e.get<int>() >= t.num_experts)
+            return bad("expert id out of range");
           experts.push_back(e.get<int>());
         }
         layers.emplace_back(std::move(experts));
@@ -71,13 +74,14 @@ absl::Status AppendRoutingTrace(const std::string& path, const RoutingTrace& tra
     }
     tokens.push_back(std::move(layers));
   }
-  nlohmann::ordered_json line = {{"model", trace.model},
-                                 {"num_layers", trace.num_layers},
-                                 {"num_experts", trace.num_experts},
-                                 {"top_k", trace.top_k},
-                                 {"num_prefill_tokens", trace.num_prefill_tokens},
-                                 {"num_decode_tokens", static_cast<int>(trace.tokens.size()) - trace.num_prefill_tokens},
-                                 {"tokens", std::move(tokens)}};
+  nlohmann::ordered_json line = {
+      {"model", trace.model},
+      {"num_layers", trace.num_layers},
+      {"num_experts", trace.num_experts},
+      {"top_k", trace.top_k},
+      {"num_prefill_tokens", trace.num_prefill_tokens},
+      {"num_decode_tokens", static_cast<int>(trace.tokens.size()) - trace.num_prefill_tokens},
+      {"tokens", std::move(tokens)}};
   std::ofstream out(path, std::ios::app);
   out << line.dump() << "\n";
   out.close();
@@ -85,8 +89,9 @@ absl::Status AppendRoutingTrace(const std::string& path, const RoutingTrace& tra
   return absl::OkStatus();
 }
 
-RoutingTrace TraceFromRouting(const std::vector<std::vector<std::vector<int>>>& routing, int num_experts, int top_k,
-                              int num_prefill_tokens, const std::string& model) {
+RoutingTrace TraceFromRouting(const std::vector<std::vector<std::vector<int>>>& routing,
+                              int num_experts, int top_k, int num_prefill_tokens,
+                              const std::string& model) {
   RoutingTrace trace;
   trace.model = model;
   trace.num_layers = static_cast<int>(routing.size());

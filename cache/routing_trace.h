@@ -28,7 +28,8 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
 // Appends one line.
 absl::Status AppendRoutingTrace(const std::string& path, const RoutingTrace& trace);
 // From the model's routing (routing[layer][token]) of one sequence.
-RoutingTrace TraceFromRouting(const std::vector<std::vector<std::vector<int>>>& routing, int num_experts, int top_k,
-                              int num_prefill_tokens, const std::string& model);
+RoutingTrace TraceFromRouting(const std::vector<std::vector<std::vector<int>>>& routing,
+                              int num_experts, int top_k, int num_prefill_tokens,
+                              const std::string& model);
 
 }  // namespace moed::cache

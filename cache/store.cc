@@ -48,19 +48,23 @@ class Reader {
   absl::Status Error(absl::string_view where, absl::string_view what) const {
     return absl::InvalidArgumentError(absl::StrCat(source_, ": ", where, ": ", what));
   }
-  absl::StatusOr<uint64_t> Unsigned(const json& node, const char* key, absl::string_view where) const {
+  absl::StatusOr<uint64_t> Unsigned(const json& node, const char* key,
+                                    absl::string_view where) const {
     auto it = node.find(key);
     if (it == node.end() || !it->is_number_unsigned()) {
       return Error(where, absl::StrCat("\"", key, "\" must be a non-negative integer"));
     }
     return it->get<uint64_t>();
   }
-  absl::StatusOr<std::string> String(const json& node, const char* key, absl::string_view where) const {
+  absl::StatusOr<std::string> String(const json& node, const char* key,
+                                     absl::string_view where) const {
     auto it = node.find(key);
-    if (it == node.end() || !it->is_string()) return Error(where, absl::StrCat("\"", key, "\" must be a string"));
+    if (it == node.end() || !it->is_string())
+      return Error(where, absl::StrCat("\"", key, "\" must be a string"));
     return it->get<std::string>();
   }
-  absl::StatusOr<uint64_t> HexValue(const json& node, const char* key, absl::string_view where) const {
+  absl::StatusOr<uint64_t> HexValue(const json& node, const char* key,
+                                    absl::string_view where) const {
     MOED_ASSIGN_OR_RETURN(std::string text, String(node, key, where));
     uint64_t value = 0;
     if (text.size() != 16 || !absl::SimpleHexAtoi(text, &value)) {
@@ -73,7 +77,8 @@ class Reader {
   absl::string_view source_;
 };
 
-absl::StatusOr<MatrixLayout> ParseMatrix(const json& node, const Reader& read, const std::string& where) {
+absl::StatusOr<MatrixLayout> ParseMatrix(const json& node, const Reader& read,
+                                         const std::string& where) {
   if (!node.is_object()) return read.Error(where, "must be an object");
   MatrixLayout m;
   MOED_ASSIGN_OR_RETURN(std::string dtype, read.String(node, "dtype", where));
@@ -90,7 +95,8 @@ absl::StatusOr<MatrixLayout> ParseMatrix(const json& node, const Reader& read, c
   }
   MOED_ASSIGN_OR_RETURN(uint64_t rows, read.Unsigned(node, "rows", where));
   MOED_ASSIGN_OR_RETURN(uint64_t cols, read.Unsigned(node, "cols", where));
-  if (rows == 0 || cols == 0 || rows > (1u << 24) || cols > (1u << 24)) return read.Error(where, "bad shape");
+  if (rows == 0 || cols == 0 || rows > (1u << 24) || cols > (1u << 24))
+    return read.Error(where, "bad shape");
   m.rows = static_cast<int64_t>(rows);
   m.cols = static_cast<int64_t>(cols);
   MOED_ASSIGN_OR_RETURN(m.offset, read.Unsigned(node, "offset", where));
@@ -121,7 +127,8 @@ absl::Status CheckMatrix(const MatrixLayout& m, uint64_t size, int64_t group, co
       scales = static_cast<uint64_t>(m.rows) * static_cast<uint64_t>(m.cols / group) * 4;
       break;
   }
-  if (m.bytes != expected || m.scales_bytes != scales) return read.Error(where, "byte counts do not match the shape");
+  if (m.bytes != expected || m.scales_bytes != scales)
+    return read.Error(where, "byte counts do not match the shape");
   if (m.offset + m.bytes > size || m.scales_offset + m.scales_bytes > size) {
     return read.Error(where, "lies outside the blob");
   }
@@ -146,12 +153,15 @@ absl::StatusOr<Precision> ParsePrecision(absl::string_view name) {
   if (name == "source") return Precision::kSource;
   if (name == "int8") return Precision::kInt8;
   if (name == "int4") return Precision::kInt4;
-  return absl::InvalidArgumentError(absl::StrCat("unknown precision '", name, "' (expected source, int8 or int4)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown precision '", name, "' (expected source, int8 or int4)"));
 }
 
 const BlobEntry* Manifest::FindBlob(int layer, int expert, Precision precision) const {
   // Blobs are stored in (layer, expert, precision) order.
-  auto key = [](const BlobEntry& b) { return std::tuple(b.layer, b.expert, static_cast<int>(b.precision)); };
+  auto key = [](const BlobEntry& b) {
+    return std::tuple(b.layer, b.expert, static_cast<int>(b.precision));
+  };
   auto target = std::tuple(layer, expert, static_cast<int>(precision));
   auto it = std::lower_bound(blobs.begin(), blobs.end(), target,
                              [&](const BlobEntry& b, const auto& t) { return key(b) < t; });
@@ -209,11 +219,14 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
   json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
   Reader read(source);
   if (root.is_discarded() || !root.is_object()) return read.Error("manifest", "not a JSON object");
-  if (root.value("format", "") != "moed-store") return read.Error("manifest", "\"format\" is not \"moed-store\"");
+  if (root.value("format", "") != "moed-store")
+    return read.Error("manifest", "\"format\" is not \"moed-store\"");
   Manifest m;
   MOED_ASSIGN_OR_RETURN(uint64_t version, read.Unsigned(root, "version", "manifest"));
   if (version != kStoreVersion) {
-    return read.Error("manifest", absl::StrCat("version ", version, " is not supported (this build reads ", kStoreVersion, ")"));
+    return read.Error("manifest",
+                      absl::StrCat("version ", version, " is not supported (this build reads ",
+                                   kStoreVersion, ")"));
   }
   MOED_ASSIGN_OR_RETURN(m.architecture, read.String(root, "architecture", "manifest"));
   MOED_ASSIGN_OR_RETURN(std::string source_dtype, read.String(root, "source_dtype", "manifest"));
@@ -228,7 +241,8 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
   m.num_layers = static_cast<int>(layers);
   m.num_experts = static_cast<int>(experts);
 
-  if (!root.contains("layouts") || !root["layouts"].is_object()) return read.Error("manifest", "\"layouts\" must be an object");
+  if (!root.contains("layouts") || !root["layouts"].is_object())
+    return read.Error("manifest", "\"layouts\" must be an object");
   for (const auto& [name, node] : root["layouts"].items()) {
     std::string where = absl::StrCat("layout ", name);
     MOED_ASSIGN_OR_RETURN(Precision precision, ParsePrecision(name));
@@ -236,18 +250,22 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     BlobLayout layout;
     MOED_ASSIGN_OR_RETURN(layout.size, read.Unsigned(node, "size", where));
     MOED_ASSIGN_OR_RETURN(layout.padded_size, read.Unsigned(node, "padded_size", where));
-    if (layout.padded_size % kBlobAlignment != 0 || layout.padded_size < layout.size || layout.size == 0) {
+    if (layout.padded_size % kBlobAlignment != 0 || layout.padded_size < layout.size ||
+        layout.size == 0) {
       return read.Error(where, "padded_size must be a multiple of 4096 holding size");
     }
-    for (auto [part, target] : {std::pair{"gate", &layout.gate}, std::pair{"up", &layout.up}, std::pair{"down", &layout.down}}) {
+    for (auto [part, target] : {std::pair{"gate", &layout.gate}, std::pair{"up", &layout.up},
+                                std::pair{"down", &layout.down}}) {
       if (!node.contains(part)) return read.Error(where, absl::StrCat("has no ", part));
       MOED_ASSIGN_OR_RETURN(*target, ParseMatrix(node[part], read, absl::StrCat(where, " ", part)));
-      MOED_RETURN_IF_ERROR(CheckMatrix(*target, layout.size, m.int4_group_size, read, absl::StrCat(where, " ", part)));
+      MOED_RETURN_IF_ERROR(CheckMatrix(*target, layout.size, m.int4_group_size, read,
+                                       absl::StrCat(where, " ", part)));
     }
     m.layouts[precision] = layout;
     m.precisions.push_back(precision);
   }
-  if (!m.HasPrecision(Precision::kSource)) return read.Error("manifest", "the source precision is missing");
+  if (!m.HasPrecision(Precision::kSource))
+    return read.Error("manifest", "the source precision is missing");
 
   if (!root.contains("dense") || !root["dense"].is_object() || !root["dense"].contains("tensors") ||
       !root["dense"]["tensors"].is_array()) {
@@ -261,10 +279,12 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     std::string where = absl::StrCat("dense tensor ", t.name);
     MOED_ASSIGN_OR_RETURN(std::string dtype, read.String(node, "dtype", where));
     MOED_ASSIGN_OR_RETURN(t.dtype, kernels::ParseSafetensorsDType(dtype));
-    if (!node.contains("shape") || !node["shape"].is_array()) return read.Error(where, "\"shape\" must be a list");
+    if (!node.contains("shape") || !node["shape"].is_array())
+      return read.Error(where, "\"shape\" must be a list");
     uint64_t elements = 1;
     for (const json& d : node["shape"]) {
-      if (!d.is_number_unsigned() || __builtin_mul_overflow(elements, d.get<uint64_t>(), &elements)) {
+      if (!d.is_number_unsigned() ||
+          __builtin_mul_overflow(elements, d.get<uint64_t>(), &elements)) {
         return read.Error(where, "bad shape");
       }
       t.shape.push_back(d.get<int64_t>());
@@ -273,7 +293,8 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     MOED_ASSIGN_OR_RETURN(t.bytes, read.Unsigned(node, "bytes", where));
     MOED_ASSIGN_OR_RETURN(t.xxh64, read.HexValue(node, "xxh64", where));
     uint64_t expected = 0;
-    if (__builtin_mul_overflow(elements, kernels::DTypeSize(t.dtype), &expected) || t.bytes != expected) {
+    if (__builtin_mul_overflow(elements, kernels::DTypeSize(t.dtype), &expected) ||
+        t.bytes != expected) {
       return read.Error(where, "byte count does not match the shape");
     }
     if (t.offset > m.dense_file_size || t.bytes > m.dense_file_size - t.offset) {
@@ -282,8 +303,8 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     m.dense.push_back(std::move(t));
   }
 
-  if (!root.contains("experts") || !root["experts"].is_object() || !root["experts"].contains("blobs") ||
-      !root["experts"]["blobs"].is_array()) {
+  if (!root.contains("experts") || !root["experts"].is_object() ||
+      !root["experts"].contains("blobs") || !root["experts"]["blobs"].is_array()) {
     return read.Error("manifest", "\"experts\" must hold a blobs list");
   }
   MOED_ASSIGN_OR_RETURN(m.experts_file_size, read.Unsigned(root["experts"], "size", "experts"));
@@ -302,7 +323,8 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     MOED_ASSIGN_OR_RETURN(b.offset, read.Unsigned(node, "offset", where));
     MOED_ASSIGN_OR_RETURN(b.xxh64, read.HexValue(node, "xxh64", where));
     uint64_t padded = m.layouts[b.precision].padded_size;
-    if (b.offset % kBlobAlignment != 0 || b.offset > m.experts_file_size || padded > m.experts_file_size - b.offset) {
+    if (b.offset % kBlobAlignment != 0 || b.offset > m.experts_file_size ||
+        padded > m.experts_file_size - b.offset) {
       return read.Error(where, "is not aligned or lies outside experts.bin");
     }
     m.blobs.push_back(b);
@@ -315,12 +337,14 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     const BlobEntry& a = m.blobs[i - 1];
     const BlobEntry& b = m.blobs[i];
     if (a.layer == b.layer && a.expert == b.expert && a.precision == b.precision) {
-      return read.Error(absl::StrCat("blob layer ", b.layer, " expert ", b.expert), "is listed twice");
+      return read.Error(absl::StrCat("blob layer ", b.layer, " expert ", b.expert),
+                        "is listed twice");
     }
   }
   // Blobs must not overlap.
   std::vector<std::pair<uint64_t, uint64_t>> extents;
-  for (const BlobEntry& b : m.blobs) extents.emplace_back(b.offset, b.offset + m.layouts[b.precision].padded_size);
+  for (const BlobEntry& b : m.blobs)
+    extents.emplace_back(b.offset, b.offset + m.layouts[b.precision].padded_size);
   std::sort(extents.begin(), extents.end());
   for (size_t i = 1; i < extents.size(); ++i) {
     if (extents[i].first < extents[i - 1].second) return read.Error("experts", "blobs overlap");
@@ -336,10 +360,12 @@ model::ExpertWeights ExpertWeightsInBlob(const BlobLayout& layout, const uint8_t
     w.rows = m.rows;
     w.cols = m.cols;
     w.quantization = m.quantization;
-    w.scales = m.scales_bytes > 0 ? reinterpret_cast<const float*>(blob + m.scales_offset) : nullptr;
-    w.group_size = m.quantization == kernels::Quantization::kInt4Grouped
-                       ? static_cast<int64_t>(m.scales_bytes > 0 ? m.cols / (m.scales_bytes / 4 / m.rows) : 0)
-                       : 0;
+    w.scales =
+        m.scales_bytes > 0 ? reinterpret_cast<const float*>(blob + m.scales_offset) : nullptr;
+    w.group_size =
+        m.quantization == kernels::Quantization::kInt4Grouped
+            ? static_cast<int64_t>(m.scales_bytes > 0 ? m.cols / (m.scales_bytes / 4 / m.rows) : 0)
+            : 0;
     return w;
   };
   return {view(layout.gate), view(layout.up), view(layout.down)};

@@ -35,7 +35,7 @@ struct MatrixLayout {
   kernels::DType dtype = kernels::DType::kBF16;  // source precision only
   kernels::Quantization quantization = kernels::Quantization::kNone;
   int64_t rows = 0, cols = 0;
-  uint64_t offset = 0;         // of the values, from the blob's start
+  uint64_t offset = 0;  // of the values, from the blob's start
   uint64_t bytes = 0;
   uint64_t scales_offset = 0;  // fp32 scales (quantized only)
   uint64_t scales_bytes = 0;
@@ -70,7 +70,7 @@ struct Manifest {
   std::string architecture;
   kernels::DType source_dtype = kernels::DType::kBF16;
   int64_t int4_group_size = 0;
-  int num_layers = 0;     // of the model; only MoE layers have blobs
+  int num_layers = 0;  // of the model; only MoE layers have blobs
   int num_experts = 0;
   std::vector<Precision> precisions;
   std::map<Precision, BlobLayout> layouts;

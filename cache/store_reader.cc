@@ -25,7 +25,9 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
   store->dir_ = dir;
   std::string manifest_path = dir + "/manifest.json";
   std::ifstream in(manifest_path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(manifest_path, ": cannot open (is ", dir, " an expert store?)"));
+  if (!in)
+    return absl::NotFoundError(
+        absl::StrCat(manifest_path, ": cannot open (is ", dir, " an expert store?)"));
   std::stringstream text;
   text << in.rdbuf();
   MOED_ASSIGN_OR_RETURN(store->manifest_, ParseManifest(text.str(), manifest_path));
@@ -33,14 +35,16 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
   const Manifest& m = store->manifest_;
   if (std::string(model::ArchitectureName(store->config_.architecture)) != m.architecture ||
       store->config_.num_layers != m.num_layers || store->config_.num_experts != m.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(manifest_path, ": does not match ", dir, "/config.json"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(manifest_path, ": does not match ", dir, "/config.json"));
   }
   // Every MoE layer needs every expert in the source precision.
   for (int layer = 0; layer < m.num_layers; ++layer) {
     if (!store->config_.IsMoeLayer(layer)) continue;
     for (int e = 0; e < m.num_experts; ++e) {
       if (m.FindBlob(layer, e, Precision::kSource) == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(manifest_path, ": no source blob for layer ", layer, " expert ", e));
+        return absl::InvalidArgumentError(
+            absl::StrCat(manifest_path, ": no source blob for layer ", layer, " expert ", e));
       }
     }
   }
@@ -49,7 +53,8 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
   MOED_ASSIGN_OR_RETURN(store->dense_, model::MappedFile::Open(store->dense_path_));
   if (store->dense_->size() < m.dense_file_size) {
     return absl::DataLossError(absl::StrCat(store->dense_path_, ": holds ", store->dense_->size(),
-                                            " bytes but the manifest lists ", m.dense_file_size, " (truncated)"));
+                                            " bytes but the manifest lists ", m.dense_file_size,
+                                            " (truncated)"));
   }
   store->dense_infos_.reserve(m.dense.size());
   for (const DenseTensor& t : m.dense) {
@@ -70,12 +75,14 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
   store->experts_path_ = dir + "/experts.bin";
   store->experts_fd_ = ::open(store->experts_path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (store->experts_fd_ < 0) {
-    return absl::NotFoundError(absl::StrCat(store->experts_path_, ": cannot open: ", std::strerror(errno)));
+    return absl::NotFoundError(
+        absl::StrCat(store->experts_path_, ": cannot open: ", std::strerror(errno)));
   }
   off_t size = lseek(store->experts_fd_, 0, SEEK_END);
   if (size < 0 || static_cast<uint64_t>(size) < m.experts_file_size) {
-    return absl::DataLossError(absl::StrCat(store->experts_path_, ": holds ", size, " bytes but the manifest lists ",
-                                            m.experts_file_size, " (truncated)"));
+    return absl::DataLossError(absl::StrCat(store->experts_path_, ": holds ", size,
+                                            " bytes but the manifest lists ", m.experts_file_size,
+                                            " (truncated)"));
   }
   return store;
 }
@@ -86,7 +93,8 @@ Store::~Store() {
 
 absl::StatusOr<model::TensorRef> Store::Find(absl::string_view name) const {
   auto it = dense_index_.find(name);
-  if (it == dense_index_.end()) return absl::NotFoundError(absl::StrCat(dir_, ": store has no dense tensor ", name));
+  if (it == dense_index_.end())
+    return absl::NotFoundError(absl::StrCat(dir_, ": store has no dense tensor ", name));
   const model::TensorInfo& info = dense_infos_[it->second];
   return model::TensorRef{&info, dense_->data() + info.begin, &dense_path_};
 }
@@ -96,8 +104,9 @@ bool Store::Contains(absl::string_view name) const { return dense_index_.contain
 absl::StatusOr<const BlobEntry*> Store::Blob(int layer, int expert, Precision precision) const {
   const BlobEntry* blob = manifest_.FindBlob(layer, expert, precision);
   if (blob == nullptr) {
-    return absl::NotFoundError(absl::StrCat(dir_, ": no ", PrecisionName(precision), " blob for layer ", layer,
-                                            " expert ", expert, " (pack with --precisions including it)"));
+    return absl::NotFoundError(absl::StrCat(dir_, ": no ", PrecisionName(precision),
+                                            " blob for layer ", layer, " expert ", expert,
+                                            " (pack with --precisions including it)"));
   }
   return blob;
 }
@@ -106,10 +115,13 @@ absl::Status Store::ReadBlob(const BlobEntry& blob, uint8_t* buffer) const {
   const uint64_t size = manifest_.layouts.at(blob.precision).padded_size;
   uint64_t done = 0;
   while (done < size) {
-    ssize_t n = ::pread(experts_fd_, buffer + done, size - done, static_cast<off_t>(blob.offset + done));
+    ssize_t n =
+        ::pread(experts_fd_, buffer + done, size - done, static_cast<off_t>(blob.offset + done));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return BlobError(*this, blob, absl::StrCat("read error (", std::strerror(errno), ")"));
-    if (n == 0) return BlobError(*this, blob, absl::StrCat("short read (", done, " of ", size, " bytes)"));
+    if (n < 0)
+      return BlobError(*this, blob, absl::StrCat("read error (", std::strerror(errno), ")"));
+    if (n == 0)
+      return BlobError(*this, blob, absl::StrCat("short read (", done, " of ", size, " bytes)"));
     done += static_cast<uint64_t>(n);
   }
   if (Checksum(buffer, size) != blob.xxh64) return BlobError(*this, blob, "checksum mismatch");
@@ -120,9 +132,12 @@ namespace {
 
 class ResidentStoreExperts final : public model::ExpertProvider {
  public:
-  ResidentStoreExperts(std::shared_ptr<const Store> store, Precision precision, AlignedBuffer memory,
-                       std::vector<std::vector<model::ExpertWeights>> weights)
-      : store_(std::move(store)), precision_(precision), memory_(std::move(memory)), weights_(std::move(weights)) {}
+  ResidentStoreExperts(std::shared_ptr<const Store> store, Precision precision,
+                       AlignedBuffer memory, std::vector<std::vector<model::ExpertWeights>> weights)
+      : store_(std::move(store)),
+        precision_(precision),
+        memory_(std::move(memory)),
+        weights_(std::move(weights)) {}
 
   absl::Status ForEachExpert(
       int layer, const std::vector<int>& experts,
@@ -140,11 +155,12 @@ class ResidentStoreExperts final : public model::ExpertProvider {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<model::ExpertProvider>> LoadAllExperts(std::shared_ptr<const Store> store,
-                                                                      Precision precision) {
+absl::StatusOr<std::unique_ptr<model::ExpertProvider>> LoadAllExperts(
+    std::shared_ptr<const Store> store, Precision precision) {
   const Manifest& m = store->manifest();
   if (!m.HasPrecision(precision)) {
-    return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ", PrecisionName(precision),
+    return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ",
+                                                   PrecisionName(precision),
                                                    " blobs (pack with --precisions including it)"));
   }
   const BlobLayout& layout = m.layouts.at(precision);

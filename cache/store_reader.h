@@ -50,7 +50,7 @@ class Store final : public model::TensorSource {
 absl::Status BlobError(const Store& store, const BlobEntry& blob, absl::string_view what);
 
 // Every expert of one precision read into memory at start-up: the all-resident case.
-absl::StatusOr<std::unique_ptr<model::ExpertProvider>> LoadAllExperts(std::shared_ptr<const Store> store,
-                                                                      Precision precision);
+absl::StatusOr<std::unique_ptr<model::ExpertProvider>> LoadAllExperts(
+    std::shared_ptr<const Store> store, Precision precision);
 
 }  // namespace moed::cache

@@ -9,15 +9,15 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "client/client.h"
-#include "google/protobuf/util/json_util.h"
 #include "cache/expert_cache.h"
 #include "cache/routing_trace.h"
 #include "cache/store_reader.h"
+#include "client/client.h"
+#include "google/protobuf/util/json_util.h"
 #include "model/generate.h"
-#include "util/status_macros.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "util/status_macros.h"
 
 namespace {
 
@@ -100,22 +100,23 @@ int RunInfo(const GlobalOptions& options) {
   }
   if (info->has_expert_cache()) {
     const auto& c = info->expert_cache();
-    std::cout << "expert cache: " << c.precision() << " experts, " << c.eviction_policy() << " eviction, reader "
-              << c.reader() << "\n"
+    std::cout << "expert cache: " << c.precision() << " experts, " << c.eviction_policy()
+              << " eviction, reader " << c.reader() << "\n"
               << "  device: " << c.device_resident() << " of " << c.device_slots() << " slots of "
               << Mib(c.slot_bytes()) << " (" << Mib(c.device_budget_bytes()) << ")\n"
               << "  host:   " << c.host_resident() << " of " << c.host_slots() << " slots ("
               << Mib(c.host_budget_bytes()) << ")\n"
-              << "  hits " << c.device_hits() << ", misses " << c.device_misses() << ", host hits " << c.host_hits()
-              << ", disk reads " << c.ssd_reads() << " (" << Mib(c.ssd_bytes()) << "), failed " << c.failed_reads()
-              << "\n";
+              << "  hits " << c.device_hits() << ", misses " << c.device_misses() << ", host hits "
+              << c.host_hits() << ", disk reads " << c.ssd_reads() << " (" << Mib(c.ssd_bytes())
+              << "), failed " << c.failed_reads() << "\n";
   }
   std::cout << "version:      " << info->server_version() << "\n";
   return 0;
 }
 
 struct LogitsOptions {
-  std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0", policy = "lru";
+  std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0",
+                                    policy = "lru";
   std::string tokens, record_routing;
   int greedy = 0, threads = 0;
 };
@@ -128,7 +129,8 @@ absl::StatusOr<std::unique_ptr<moed::model::Model>> OpenForLogits(const LogitsOp
   MOED_ASSIGN_OR_RETURN(cache.host_bytes, moed::cache::ParseByteSize(o.host_bytes));
   MOED_ASSIGN_OR_RETURN(cache.device_policy, moed::cache::ParsePolicyKind(o.policy));
   cache.host_policy = cache.device_policy;
-  MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store, moed::cache::Store::Open(o.store_dir));
+  MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store,
+                        moed::cache::Store::Open(o.store_dir));
   MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::cache::ExpertCache> experts,
                         moed::cache::ExpertCache::Create(store, cache));
   return moed::model::Model::Create(store->config(), store, std::move(experts), o.threads);
@@ -158,9 +160,9 @@ int RunLogits(const LogitsOptions& o) {
   }
   if (!o.record_routing.empty()) {
     const auto& c = (*model)->config();
-    auto trace = moed::cache::TraceFromRouting(result->routing, static_cast<int>(c.num_experts),
-                                               static_cast<int>(c.experts_per_token), static_cast<int>(tokens.size()),
-                                               o.store_dir.empty() ? o.model_dir : o.store_dir);
+    auto trace = moed::cache::TraceFromRouting(
+        result->routing, static_cast<int>(c.num_experts), static_cast<int>(c.experts_per_token),
+        static_cast<int>(tokens.size()), o.store_dir.empty() ? o.model_dir : o.store_dir);
     if (absl::Status s = moed::cache::AppendRoutingTrace(o.record_routing, trace); !s.ok()) {
       std::cerr << "moectl logits: " << s.message() << "\n";
       return 1;
@@ -244,39 +246,53 @@ int main(int argc, char** argv) {
 
   LogitsOptions logits_options;
   CLI::App* logits = app.add_subcommand(
-      "logits", "run a checkpoint or store locally: logits of every prompt position and a greedy "
-                "continuation, as one JSON object");
-  auto* model_option = logits->add_option("--model", logits_options.model_dir, "Hugging Face checkpoint directory");
-  auto* store_option = logits->add_option("--store", logits_options.store_dir, "expert store directory (from moed-pack)");
+      "logits",
+      "run a checkpoint or store locally: logits of every prompt position and a greedy "
+      "continuation, as one JSON object");
+  auto* model_option =
+      logits->add_option("--model", logits_options.model_dir, "Hugging Face checkpoint directory");
+  auto* store_option = logits->add_option("--store", logits_options.store_dir,
+                                          "expert store directory (from moed-pack)");
   model_option->excludes(store_option);
-  logits->add_option("--tokens", logits_options.tokens, "prompt token ids, comma-separated")->required();
+  logits->add_option("--tokens", logits_options.tokens, "prompt token ids, comma-separated")
+      ->required();
   logits->add_option("--greedy", logits_options.greedy, "greedy steps after the prompt")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  logits->add_option("--threads", logits_options.threads, "compute threads (0: every core)")->capture_default_str();
-  logits->add_option("--expert-precision", logits_options.precision, "with --store: source (exact), int8 or int4")
+  logits->add_option("--threads", logits_options.threads, "compute threads (0: every core)")
+      ->capture_default_str();
+  logits
+      ->add_option("--expert-precision", logits_options.precision,
+                   "with --store: source (exact), int8 or int4")
       ->capture_default_str()
       ->check(CLI::IsMember({"source", "int8", "int4"}));
-  logits->add_option("--device-cache-bytes", logits_options.device_bytes,
-                     "with --store: device tier budget (K/M/G suffixes; 0: every expert)")
+  logits
+      ->add_option("--device-cache-bytes", logits_options.device_bytes,
+                   "with --store: device tier budget (K/M/G suffixes; 0: every expert)")
       ->capture_default_str();
-  logits->add_option("--host-cache-bytes", logits_options.host_bytes, "with --store: host tier budget (0: none)")
+  logits
+      ->add_option("--host-cache-bytes", logits_options.host_bytes,
+                   "with --store: host tier budget (0: none)")
       ->capture_default_str();
   logits->add_option("--eviction-policy", logits_options.policy, "with --store: lru, lfu or scored")
       ->capture_default_str()
       ->check(CLI::IsMember({"lru", "lfu", "scored"}));
-  logits->add_option("--record-routing", logits_options.record_routing,
-                     "append the routing of the run (every token, every layer) to this .jsonl trace");
+  logits->add_option(
+      "--record-routing", logits_options.record_routing,
+      "append the routing of the run (every token, every layer) to this .jsonl trace");
 
   std::string tokenizer_path, text, ids_text;
   bool read_stdin = false, add_special = false, skip_special = false;
-  CLI::App* tokenize = app.add_subcommand("tokenize", "text to token ids with a tokenizer.json (JSON array)");
+  CLI::App* tokenize =
+      app.add_subcommand("tokenize", "text to token ids with a tokenizer.json (JSON array)");
   tokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json")->required();
   auto* text_option = tokenize->add_option("--text", text, "the text");
-  auto* stdin_option = tokenize->add_flag("--stdin", read_stdin, "read the text from standard input");
+  auto* stdin_option =
+      tokenize->add_flag("--stdin", read_stdin, "read the text from standard input");
   text_option->excludes(stdin_option);
   tokenize->add_flag("--add-special-tokens", add_special, "apply the post-processor (BOS)");
-  CLI::App* detokenize = app.add_subcommand("detokenize", "token ids to text with a tokenizer.json");
+  CLI::App* detokenize =
+      app.add_subcommand("detokenize", "token ids to text with a tokenizer.json");
   detokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json")->required();
   detokenize->add_option("--ids", ids_text, "comma-separated token ids")->required();
   detokenize->add_flag("--skip-special-tokens", skip_special, "leave special tokens out");
@@ -300,7 +316,8 @@ int main(int argc, char** argv) {
       std::cerr << "moectl tokenize: give --text T or --stdin\n";
       return 2;
     }
-    return RunTokenize(tokenizer_path, read_stdin ? std::nullopt : std::optional<std::string>(text), add_special);
+    return RunTokenize(tokenizer_path, read_stdin ? std::nullopt : std::optional<std::string>(text),
+                       add_special);
   }
   if (detokenize->parsed()) return RunDetokenize(tokenizer_path, ids_text, skip_special);
   return 2;

@@ -32,8 +32,8 @@ float LoadScalar(DType dtype, const void* data, int64_t i) {
 
 // ---- scalar ---------------------------------------------------------------------------------
 
-void MatMulRowsScalarQuantized(const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
-                               int64_t r1) {
+void MatMulRowsScalarQuantized(const WeightMatrix& w, const float* x, int64_t n, float* y,
+                               int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t t = 0; t < n; ++t) {
       const float* xt = x + t * w.cols;
@@ -105,29 +105,30 @@ __attribute__((target("avx2,fma,f16c"))) void Block8(const WeightMatrix& w, cons
   const int64_t cols = w.cols;
   const int64_t vec_end = cols / 8 * 8;
   const void* rows[R];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
+    rows[i] =
+        static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
   }
   __m256 acc[R][T];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t c = 0; c < vec_end; c += 8) {
     __m256 xv[T];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) xv[j] = _mm256_loadu_ps(x + (t + j) * cols + c);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       __m256 wv = Load8<D>(rows[i], c);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) {
       float sum = Sum8(acc[i][j]);
       const float* xt = x + (t + j) * cols;
@@ -144,8 +145,8 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 Load16(const void* row
   if constexpr (D == DType::kF32) {
     return _mm512_loadu_ps(static_cast<const float*>(row) + c);
   } else if constexpr (D == DType::kF16) {
-    return _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c)));
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c)));
   } else {
     __m256i raw =
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c));
@@ -158,35 +159,38 @@ __attribute__((target("avx512f"))) inline float Sum16(__m512 v) { return _mm512_
 
 template <DType D, int R, int T>
 __attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, const float* x,
-                                                        float* y, int64_t r, int64_t t) {
+                                                         float* y, int64_t r, int64_t t) {
   const int64_t cols = w.cols;
   const int64_t vec_end = cols / 16 * 16;
   const void* rows[R];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    rows[i] = static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
+    rows[i] =
+        static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
   }
   __m512 acc[R][T];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < vec_end; c += 16) {
     __m512 xv[T];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) xv[j] = _mm512_loadu_ps(x + (t + j) * cols + c);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       // Stream ahead of the hardware prefetcher, which restarts at every row.
-      _mm_prefetch(static_cast<const char*>(rows[i]) + (c + kPrefetchElements) * sizeof(uint16_t) * (D == DType::kF32 ? 2 : 1), _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(rows[i]) +
+                       (c + kPrefetchElements) * sizeof(uint16_t) * (D == DType::kF32 ? 2 : 1),
+                   _MM_HINT_T0);
       __m512 wv = Load16<D>(rows[i], c);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < T; ++j) {
       float sum = Sum16(acc[i][j]);
       const float* xt = x + (t + j) * cols;
@@ -200,7 +204,7 @@ __attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, 
 
 template <int R, int T>
 __attribute__((target("avx512f,avx512bw"))) void Block16Int8(const WeightMatrix& w, const float* x,
-                                                            float* y, int64_t r, int64_t t) {
+                                                             float* y, int64_t r, int64_t t) {
   const int64_t cols = w.cols;
   const int64_t vec_end = cols / 16 * 16;
   const int8_t* rows[R];
@@ -239,7 +243,7 @@ __attribute__((target("avx512f,avx512bw"))) void Block16Int8(const WeightMatrix&
 // Needs group_size % 32 == 0 (each 16-byte run unpacks into 16 + 16 columns).
 template <int R, int T>
 __attribute__((target("avx512f,avx512bw"))) void Block16Int4(const WeightMatrix& w, const float* x,
-                                                            float* y, int64_t r, int64_t t) {
+                                                             float* y, int64_t r, int64_t t) {
   const int64_t cols = w.cols, g = w.group_size, groups = cols / g;
   const uint8_t* rows[R];
 #pragma GCC unroll 8
@@ -269,7 +273,8 @@ __attribute__((target("avx512f,avx512bw"))) void Block16Int4(const WeightMatrix&
       for (int i = 0; i < R; ++i) {
         const uint8_t* bytes_at = rows[i] + gi * g / 2 + b;
         _mm_prefetch(reinterpret_cast<const char*>(bytes_at + kPrefetchElements), _MM_HINT_T0);
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes_at)));
+        __m512i bytes =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes_at)));
         __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low_mask), eight));
         __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
 #pragma GCC unroll 8
@@ -402,7 +407,8 @@ void MatMulWithIsa(Isa isa, const WeightMatrix& w, const float* x, int64_t n, fl
       // int4 with groups that are not a multiple of 32 columns takes the plain loop.
       bool simd = isa == Isa::kAvx512 &&
                   (w.quantization == Quantization::kInt8PerRow || w.group_size % 32 == 0);
-      return simd ? MatMulRowsQuantizedAvx512(w, x, n, y, r0, r1) : MatMulRowsScalar(w, x, n, y, r0, r1);
+      return simd ? MatMulRowsQuantizedAvx512(w, x, n, y, r0, r1)
+                  : MatMulRowsScalar(w, x, n, y, r0, r1);
     }
     switch (isa) {
       case Isa::kScalar:
@@ -511,7 +517,8 @@ void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* 
     float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
     scales[r] = scale;
     for (int64_t c = 0; c < cols; ++c) {
-      q[r * cols + c] = static_cast<int8_t>(std::clamp(std::nearbyint(row[c] / scale), -127.0f, 127.0f));
+      q[r * cols + c] =
+          static_cast<int8_t>(std::clamp(std::nearbyint(row[c] / scale), -127.0f, 127.0f));
     }
   }
 }
@@ -530,7 +537,8 @@ void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size
         return static_cast<uint8_t>(std::clamp(std::nearbyint(v / scale), -7.0f, 7.0f) + 8.0f);
       };
       uint8_t* out = packed + r * (cols / 2) + gi * half;
-      for (int64_t j = 0; j < half; ++j) out[j] = static_cast<uint8_t>(code(group[j]) | (code(group[j + half]) << 4));
+      for (int64_t j = 0; j < half; ++j)
+        out[j] = static_cast<uint8_t>(code(group[j]) | (code(group[j + half]) << 4));
     }
   }
 }
@@ -538,12 +546,15 @@ void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size
 float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col) {
   switch (w.quantization) {
     case Quantization::kNone:
-      return LoadScalar(w.dtype, static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
+      return LoadScalar(w.dtype,
+                        static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
     case Quantization::kInt8PerRow:
-      return static_cast<float>(static_cast<const int8_t*>(w.data)[row * w.cols + col]) * w.scales[row];
+      return static_cast<float>(static_cast<const int8_t*>(w.data)[row * w.cols + col]) *
+             w.scales[row];
     case Quantization::kInt4Grouped: {
       const int64_t g = w.group_size, gi = col / g, within = col % g, half = g / 2;
-      uint8_t byte = static_cast<const uint8_t*>(w.data)[row * (w.cols / 2) + gi * half + within % half];
+      uint8_t byte =
+          static_cast<const uint8_t*>(w.data)[row * (w.cols / 2) + gi * half + within % half];
       int q = within < half ? (byte & 0xF) : (byte >> 4);
       return static_cast<float>(q - 8) * w.scales[row * (w.cols / g) + gi];
     }

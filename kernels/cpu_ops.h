@@ -14,7 +14,8 @@ namespace moed::kernels {
 enum class Quantization {
   kNone,         // `dtype` values, row-major
   kInt8PerRow,   // int8 row-major; value = q * scales[row]
-  kInt4Grouped,  // 4-bit, groups of `group_size` columns; value = (q - 8) * scales[row * groups + g]
+  kInt4Grouped,  // 4-bit, groups of `group_size` columns; value = (q - 8) * scales[row * groups +
+                 // g]
 };
 
 // A row-major [rows, cols] weight matrix in host memory.

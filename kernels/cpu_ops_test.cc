@@ -136,13 +136,15 @@ TEST_CASE("rmsnorm, rope, silu and attention match their formulas") {
         double total = 0;
         for (int64_t s = 0; s <= positions[t]; ++s) {
           double dot = 0;
-          for (int i = 0; i < d; ++i) dot += q[(t * heads + h) * d + i] * k[(s * kv_heads + kv) * d + i];
+          for (int i = 0; i < d; ++i)
+            dot += q[(t * heads + h) * d + i] * k[(s * kv_heads + kv) * d + i];
           p.push_back(std::exp(dot / std::sqrt(double(d))));
           total += p.back();
         }
         for (int i = 0; i < d; ++i) {
           double expected = 0;
-          for (int64_t s = 0; s <= positions[t]; ++s) expected += p[s] / total * v[(s * kv_heads + kv) * d + i];
+          for (int64_t s = 0; s <= positions[t]; ++s)
+            expected += p[s] / total * v[(s * kv_heads + kv) * d + i];
           CHECK(out[(t * heads + h) * d + i] == Approx(expected).margin(1e-5));
         }
       }
@@ -163,8 +165,8 @@ struct QuantizedWeights {
   WeightMatrix matrix;
 };
 
-QuantizedWeights Quantize(Quantization kind, const std::vector<float>& w, int64_t rows, int64_t cols,
-                          int64_t group) {
+QuantizedWeights Quantize(Quantization kind, const std::vector<float>& w, int64_t rows,
+                          int64_t cols, int64_t group) {
   QuantizedWeights out;
   if (kind == Quantization::kInt8PerRow) {
     out.q8.resize(rows * cols);
@@ -191,7 +193,8 @@ TEST_CASE("quantization stays within half a step of the original weights") {
       for (int64_t c = 0; c < cols; ++c) {
         int64_t span = kind == Quantization::kInt8PerRow ? cols : group;
         float max_abs = 0;
-        for (int64_t k = c / span * span; k < c / span * span + span; ++k) max_abs = std::max(max_abs, std::abs(w[r * cols + k]));
+        for (int64_t k = c / span * span; k < c / span * span + span; ++k)
+          max_abs = std::max(max_abs, std::abs(w[r * cols + k]));
         float step = max_abs / levels;
         REQUIRE(std::abs(DequantizedValue(q.matrix, r, c) - w[r * cols + c]) <= step / 2 * 1.0001f);
       }
@@ -199,11 +202,15 @@ TEST_CASE("quantization stays within half a step of the original weights") {
   }
 }
 
-TEST_CASE("int8 and int4 matmul match a double loop over the dequantized weights, batch invariantly") {
+TEST_CASE(
+    "int8 and int4 matmul match a double loop over the dequantized weights, batch invariantly") {
   ThreadPool pool(2);
-  for (auto [kind, group] : {std::pair{Quantization::kInt8PerRow, int64_t{0}}, std::pair{Quantization::kInt4Grouped, int64_t{32}},
-                             std::pair{Quantization::kInt4Grouped, int64_t{64}}, std::pair{Quantization::kInt4Grouped, int64_t{16}}}) {
-    for (auto [rows, cols, n] : {std::tuple{int64_t{7}, int64_t{64}, int64_t{3}}, std::tuple{int64_t{33}, int64_t{192}, int64_t{5}}}) {
+  for (auto [kind, group] : {std::pair{Quantization::kInt8PerRow, int64_t{0}},
+                             std::pair{Quantization::kInt4Grouped, int64_t{32}},
+                             std::pair{Quantization::kInt4Grouped, int64_t{64}},
+                             std::pair{Quantization::kInt4Grouped, int64_t{16}}}) {
+    for (auto [rows, cols, n] : {std::tuple{int64_t{7}, int64_t{64}, int64_t{3}},
+                                 std::tuple{int64_t{33}, int64_t{192}, int64_t{5}}}) {
       std::vector<float> w = RandomActivations(rows * cols, 3);
       QuantizedWeights q = Quantize(kind, w, rows, cols, group);
       std::vector<float> x = RandomActivations(n * cols, 4);

@@ -29,20 +29,20 @@ uint16_t F32ToF16(float value) {
   std::memcpy(&bits, &value, 4);
   uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000);
   uint32_t abs = bits & 0x7FFFFFFF;
-  if (abs > 0x7F800000) return sign | 0x7E00;                 // NaN
-  if (abs >= 0x477FF000) return sign | 0x7C00;                // rounds to infinity
-  if (abs < 0x33000001) return sign;                          // rounds to zero
+  if (abs > 0x7F800000) return sign | 0x7E00;   // NaN
+  if (abs >= 0x477FF000) return sign | 0x7C00;  // rounds to infinity
+  if (abs < 0x33000001) return sign;            // rounds to zero
   int exponent = static_cast<int>(abs >> 23) - 127;
   uint32_t mantissa = (abs & 0x7FFFFF) | 0x800000;
-  int shift = exponent >= -14 ? 13 : 13 + (-14 - exponent);   // subnormals lose more bits
+  int shift = exponent >= -14 ? 13 : 13 + (-14 - exponent);  // subnormals lose more bits
   uint32_t half_mantissa = mantissa >> shift;
   uint32_t remainder = mantissa & ((1u << shift) - 1);
   uint32_t halfway = 1u << (shift - 1);
   if (remainder > halfway || (remainder == halfway && (half_mantissa & 1))) ++half_mantissa;
   uint32_t half_exponent = exponent >= -14 ? static_cast<uint32_t>(exponent + 15) : 0;
   // half_mantissa carries the implicit bit for normals; adding lets a carry bump the exponent.
-  uint32_t result = exponent >= -14 ? ((half_exponent << 10) + (half_mantissa - 0x400))
-                                    : half_mantissa;
+  uint32_t result =
+      exponent >= -14 ? ((half_exponent << 10) + (half_mantissa - 0x400)) : half_mantissa;
   return static_cast<uint16_t>(sign | result);
 }
 

@@ -44,7 +44,8 @@ void ThreadPool::ParallelFor(int64_t count, const std::function<void(int64_t, in
   }
   work_ready_.notify_all();
   body(0, count / parts);  // the caller takes range 0
-  for (int spin = 0; spin < kSpinIterations && pending_.load(std::memory_order_acquire) != 0; ++spin) {
+  for (int spin = 0; spin < kSpinIterations && pending_.load(std::memory_order_acquire) != 0;
+       ++spin) {
     _mm_pause();
   }
   if (pending_.load(std::memory_order_acquire) != 0) {
@@ -56,15 +57,18 @@ void ThreadPool::ParallelFor(int64_t count, const std::function<void(int64_t, in
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   while (true) {
-    for (int spin = 0; spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen &&
-                       !stopping_.load(std::memory_order_acquire);
+    for (int spin = 0;
+         spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen &&
+         !stopping_.load(std::memory_order_acquire);
          ++spin) {
       _mm_pause();
     }
-    if (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_acquire)) {
+    if (generation_.load(std::memory_order_acquire) == seen &&
+        !stopping_.load(std::memory_order_acquire)) {
       std::unique_lock lock(mutex_);
       work_ready_.wait(lock, [&] {
-        return stopping_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+        return stopping_.load(std::memory_order_acquire) ||
+               generation_.load(std::memory_order_acquire) != seen;
       });
     }
     if (stopping_.load(std::memory_order_acquire)) return;

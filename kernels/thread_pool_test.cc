@@ -1,7 +1,7 @@
 #include "kernels/thread_pool.h"
 
-#include <catch2/catch.hpp>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <vector>
 
 namespace moed::kernels {

@@ -19,8 +19,8 @@ absl::StatusOr<GreedyResult> ScoreAndGreedy(Model& model, const std::vector<int3
   if (steps < 0) return absl::InvalidArgumentError("greedy steps must be >= 0");
   int64_t needed = static_cast<int64_t>(prompt.size()) + steps;
   if (needed > config.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt.size(), " tokens) plus ", steps,
-                                                   " steps exceeds the context of ",
+    return absl::InvalidArgumentError(absl::StrCat("prompt (", prompt.size(), " tokens) plus ",
+                                                   steps, " steps exceeds the context of ",
                                                    config.max_position_embeddings));
   }
   KvCache cache(config, needed);
@@ -37,7 +37,8 @@ absl::StatusOr<GreedyResult> ScoreAndGreedy(Model& model, const std::vector<int3
   if (!out.ok()) return out.status();
   const int64_t vocab = config.vocab_size;
   for (int64_t r = 0; r < out->rows; ++r) {
-    result.prompt_logits.emplace_back(out->logits.begin() + r * vocab, out->logits.begin() + (r + 1) * vocab);
+    result.prompt_logits.emplace_back(out->logits.begin() + r * vocab,
+                                      out->logits.begin() + (r + 1) * vocab);
   }
   keep_routing(out->routing);
   int32_t next = Argmax(result.prompt_logits.back().data(), vocab);

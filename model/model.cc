@@ -25,9 +25,9 @@ class WeightBinder {
   absl::StatusOr<TensorRef> Tensor(const std::string& name, const std::vector<int64_t>& shape) {
     MOED_ASSIGN_OR_RETURN(TensorRef ref, checkpoint_.Find(name));
     if (ref.info->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          *ref.file, ": tensor ", name, " has shape ", ShapeText(ref.info->shape), ", but config.json implies ",
-          ShapeText(shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(*ref.file, ": tensor ", name, " has shape ", ShapeText(ref.info->shape),
+                       ", but config.json implies ", ShapeText(shape)));
     }
     return ref;
   }
@@ -44,8 +44,9 @@ class WeightBinder {
     return out;
   }
 
-  absl::StatusOr<DenseMlp> Mlp(const std::string& prefix, absl::string_view gate, absl::string_view up,
-                               absl::string_view down, int64_t hidden, int64_t inter) {
+  absl::StatusOr<DenseMlp> Mlp(const std::string& prefix, absl::string_view gate,
+                               absl::string_view up, absl::string_view down, int64_t hidden,
+                               int64_t inter) {
     DenseMlp mlp;
     MOED_ASSIGN_OR_RETURN(mlp.gate, Matrix(absl::StrCat(prefix, gate, ".weight"), inter, hidden));
     MOED_ASSIGN_OR_RETURN(mlp.up, Matrix(absl::StrCat(prefix, up, ".weight"), inter, hidden));
@@ -101,17 +102,20 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
       absl::StatusOr<DenseMlp> mlp =
           c.architecture == Architecture::kMixtral
               ? bind.Mlp(ep, "w1", "w3", "w2", c.hidden_size, c.expert_intermediate_size)
-              : bind.Mlp(ep, "gate_proj", "up_proj", "down_proj", c.hidden_size, c.expert_intermediate_size);
+              : bind.Mlp(ep, "gate_proj", "up_proj", "down_proj", c.hidden_size,
+                         c.expert_intermediate_size);
       if (!mlp.ok()) return mlp.status();
       experts[layer].push_back({mlp->gate, mlp->up, mlp->down});
     }
   }
-  return Create(c, checkpoint, std::make_unique<CheckpointExpertProvider>(std::move(experts)), threads);
+  return Create(c, checkpoint, std::make_unique<CheckpointExpertProvider>(std::move(experts)),
+                threads);
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
                                                      std::shared_ptr<const TensorSource> dense,
-                                                     std::unique_ptr<ExpertProvider> experts, int threads) {
+                                                     std::unique_ptr<ExpertProvider> experts,
+                                                     int threads) {
   std::unique_ptr<Model> model(new Model());
   model->config_ = config;
   model->dense_ = std::move(dense);
@@ -153,17 +157,19 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
     }
     w.moe = c.IsMoeLayer(layer);
     if (!w.moe) {
-      MOED_ASSIGN_OR_RETURN(w.dense_mlp, bind.Mlp(p + "mlp.", "gate_proj", "up_proj", "down_proj", h,
-                                                  c.dense_intermediate_size));
+      MOED_ASSIGN_OR_RETURN(w.dense_mlp, bind.Mlp(p + "mlp.", "gate_proj", "up_proj", "down_proj",
+                                                  h, c.dense_intermediate_size));
     } else {
-      std::string moe = c.architecture == Architecture::kMixtral ? p + "block_sparse_moe." : p + "mlp.";
+      std::string moe =
+          c.architecture == Architecture::kMixtral ? p + "block_sparse_moe." : p + "mlp.";
       MOED_ASSIGN_OR_RETURN(w.router, bind.Matrix(moe + "gate.weight", c.num_experts, h));
       if (c.shared_expert_intermediate_size > 0) {
         w.has_shared_expert = true;
         MOED_ASSIGN_OR_RETURN(w.shared_expert,
-                              bind.Mlp(moe + "shared_expert.", "gate_proj", "up_proj", "down_proj", h,
-                                       c.shared_expert_intermediate_size));
-        MOED_ASSIGN_OR_RETURN(w.shared_expert_gate, bind.Matrix(moe + "shared_expert_gate.weight", 1, h));
+                              bind.Mlp(moe + "shared_expert.", "gate_proj", "up_proj", "down_proj",
+                                       h, c.shared_expert_intermediate_size));
+        MOED_ASSIGN_OR_RETURN(w.shared_expert_gate,
+                              bind.Matrix(moe + "shared_expert_gate.weight", 1, h));
       }
     }
     model->layers_.push_back(std::move(w));
@@ -223,8 +229,8 @@ absl::Status Model::MoeBlock(int layer, const float* x, int64_t n, float* out, R
     if (!tokens_of[e].empty()) needed.push_back(e);
   }
   std::vector<float> gathered, gate, up, down;
-  MOED_RETURN_IF_ERROR(experts_->ForEachExpert(
-      layer, needed, [&](int e, const ExpertWeights& ew) -> absl::Status {
+  MOED_RETURN_IF_ERROR(
+      experts_->ForEachExpert(layer, needed, [&](int e, const ExpertWeights& ew) -> absl::Status {
         const auto& tokens = tokens_of[e];
         const int64_t m = static_cast<int64_t>(tokens.size());
         const int64_t inter = ew.gate.rows;
@@ -278,14 +284,15 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
     if (input.tokens.empty()) return absl::InvalidArgumentError("input without tokens");
     for (int32_t token : input.tokens) {
       if (token < 0 || token >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", token, " is outside the vocabulary of ",
-                                                       c.vocab_size));
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", token, " is outside the vocabulary of ", c.vocab_size));
       }
     }
     int64_t end = input.cache->length() + static_cast<int64_t>(input.tokens.size());
     if (end > input.cache->capacity()) {
       return absl::OutOfRangeError(absl::StrCat("sequence would reach ", end,
-                                                " tokens, beyond its context of ", input.cache->capacity()));
+                                                " tokens, beyond its context of ",
+                                                input.cache->capacity()));
     }
     n += static_cast<int64_t>(input.tokens.size());
   }
@@ -296,8 +303,9 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   for (size_t s = 0; s < inputs.size(); ++s) {
     for (size_t i = 0; i < inputs[s].tokens.size(); ++i) {
       int64_t t = static_cast<int64_t>(positions.size());
-      const char* row = static_cast<const char*>(embed_.data) +
-                        inputs[s].tokens[i] * h * static_cast<int64_t>(kernels::DTypeSize(embed_.dtype));
+      const char* row =
+          static_cast<const char*>(embed_.data) +
+          inputs[s].tokens[i] * h * static_cast<int64_t>(kernels::DTypeSize(embed_.dtype));
       kernels::cpu::ToFloat(embed_.dtype, row, h, hidden.data() + t * h);
       positions.push_back(inputs[s].cache->length() + static_cast<int64_t>(i));
       token_source.push_back({s, static_cast<int64_t>(i)});
@@ -338,11 +346,13 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
     for (SequenceInput& input : inputs) {
       const int64_t m = static_cast<int64_t>(input.tokens.size());
       KvCache& cache = *input.cache;
-      std::copy_n(k.data() + t0 * kv_width, m * kv_width, cache.keys_[layer].data() + cache.length_ * kv_width);
-      std::copy_n(v.data() + t0 * kv_width, m * kv_width, cache.values_[layer].data() + cache.length_ * kv_width);
-      kernels::cpu::Attention(q.data() + t0 * q_width, m, heads, kv_heads, d, cache.keys_[layer].data(),
-                              cache.values_[layer].data(), positions.data() + t0,
-                              attn.data() + t0 * q_width, *pool_);
+      std::copy_n(k.data() + t0 * kv_width, m * kv_width,
+                  cache.keys_[layer].data() + cache.length_ * kv_width);
+      std::copy_n(v.data() + t0 * kv_width, m * kv_width,
+                  cache.values_[layer].data() + cache.length_ * kv_width);
+      kernels::cpu::Attention(q.data() + t0 * q_width, m, heads, kv_heads, d,
+                              cache.keys_[layer].data(), cache.values_[layer].data(),
+                              positions.data() + t0, attn.data() + t0 * q_width, *pool_);
       t0 += m;
     }
     kernels::cpu::MatMul(w.o, attn.data(), n, projected.data(), *pool_);
@@ -357,7 +367,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
     }
     for (size_t i = 0; i < hidden.size(); ++i) hidden[i] += projected[i];
   }
-  for (SequenceInput& input : inputs) input.cache->length_ += static_cast<int64_t>(input.tokens.size());
+  for (SequenceInput& input : inputs)
+    input.cache->length_ += static_cast<int64_t>(input.tokens.size());
 
   // Final norm and the vocabulary projection, only for the rows asked for.
   std::vector<int64_t> rows;
@@ -373,7 +384,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   }
   std::vector<float> selected(rows.size() * static_cast<size_t>(h));
   for (size_t r = 0; r < rows.size(); ++r) {
-    kernels::cpu::RmsNorm(hidden.data() + rows[r] * h, final_norm_.data(), 1, h, eps, selected.data() + r * h);
+    kernels::cpu::RmsNorm(hidden.data() + rows[r] * h, final_norm_.data(), 1, h, eps,
+                          selected.data() + r * h);
   }
   output.rows = static_cast<int64_t>(rows.size());
   output.logits.resize(rows.size() * static_cast<size_t>(c.vocab_size));

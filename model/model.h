@@ -61,11 +61,11 @@ struct LayerWeights {
   std::vector<float> q_bias, k_bias, v_bias;  // empty when the checkpoint has none
   std::vector<float> q_norm, k_norm;          // Qwen3 (per head) / OLMoE (whole width)
   bool moe = true;
-  kernels::WeightMatrix router;               // [experts, hidden]
+  kernels::WeightMatrix router;  // [experts, hidden]
   bool has_shared_expert = false;
-  DenseMlp shared_expert;                     // Qwen2-MoE
-  kernels::WeightMatrix shared_expert_gate;   // [1, hidden]
-  DenseMlp dense_mlp;                         // non-MoE layers
+  DenseMlp shared_expert;                    // Qwen2-MoE
+  kernels::WeightMatrix shared_expert_gate;  // [1, hidden]
+  DenseMlp dense_mlp;                        // non-MoE layers
 };
 
 class Model {
@@ -88,7 +88,9 @@ class Model {
   absl::StatusOr<ForwardOutput> Forward(absl::Span<SequenceInput> inputs);
 
   // Replaces where the experts come from (the expert cache, in offloaded mode).
-  void SetExpertProvider(std::unique_ptr<ExpertProvider> provider) { experts_ = std::move(provider); }
+  void SetExpertProvider(std::unique_ptr<ExpertProvider> provider) {
+    experts_ = std::move(provider);
+  }
 
  private:
   Model() = default;

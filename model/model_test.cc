@@ -2,10 +2,11 @@
 // invariance, prefill/decode agreement and refusal of bad input.
 #include "model/model.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "model/generate.h"
 #include "tools/reencode/reencode.h"
@@ -46,8 +47,8 @@ const std::vector<int32_t> kPrompt = {5, 300, 17, 42, 99, 7, 256};
 
 TEST_CASE("fp32 and sharded copies give bitwise the same logits; fp16 nearly") {
   TempDir tmp;
-  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe,
-                            Architecture::kOlmoe}) {
+  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe,
+                            Architecture::kQwen3Moe, Architecture::kOlmoe}) {
     INFO(ArchitectureShortName(arch));
     std::string name(ArchitectureShortName(arch));
     fs::path source = Synthesize(tmp.path, arch, name);
@@ -56,7 +57,8 @@ TEST_CASE("fp32 and sharded copies give bitwise the same logits; fp16 nearly") {
     tools::ReencodeOptions f32{kernels::DType::kF32, 1};
     REQUIRE(tools::Reencode(source.string(), (tmp.path / (name + "-f32")).string(), f32).ok());
     tools::ReencodeOptions shards{kernels::DType::kBF16, 3};
-    REQUIRE(tools::Reencode(source.string(), (tmp.path / (name + "-sharded")).string(), shards).ok());
+    REQUIRE(
+        tools::Reencode(source.string(), (tmp.path / (name + "-sharded")).string(), shards).ok());
     CHECK(fs::exists(tmp.path / (name + "-sharded") / "model-00003-of-00003.safetensors"));
     CHECK(fs::exists(tmp.path / (name + "-sharded") / "model.safetensors.index.json"));
     for (const char* variant : {"-f32", "-sharded"}) {
@@ -72,7 +74,8 @@ TEST_CASE("fp32 and sharded copies give bitwise the same logits; fp16 nearly") {
     double worst = 0;
     for (size_t r = 0; r < half.prompt_logits.size(); ++r) {
       for (size_t i = 0; i < half.prompt_logits[r].size(); ++i) {
-        worst = std::max(worst, double(std::abs(half.prompt_logits[r][i] - reference.prompt_logits[r][i])));
+        worst = std::max(
+            worst, double(std::abs(half.prompt_logits[r][i] - reference.prompt_logits[r][i])));
       }
     }
     CHECK(worst < 1e-4);  // only bf16 values too small for fp16's normal range move
@@ -96,7 +99,8 @@ TEST_CASE("prefill and token-by-token decode agree bitwise; so do batched sequen
     SequenceInput one{&decode_cache, {kPrompt[i]}, false};
     auto out = (*model)->Forward(absl::MakeSpan(&one, 1));
     REQUIRE(out.ok());
-    std::vector<float> expected(all->logits.begin() + i * vocab, all->logits.begin() + (i + 1) * vocab);
+    std::vector<float> expected(all->logits.begin() + i * vocab,
+                                all->logits.begin() + (i + 1) * vocab);
     CHECK(out->logits == expected);
   }
 
@@ -110,10 +114,11 @@ TEST_CASE("prefill and token-by-token decode agree bitwise; so do batched sequen
   SequenceInput sa{&a_alone, {1, 2, 3}, false}, sb{&b_alone, {9}, false};
   auto ra = (*model)->Forward(absl::MakeSpan(&sa, 1));
   auto rb = (*model)->Forward(absl::MakeSpan(&sb, 1));
-  CHECK(std::vector<float>(together->logits.begin(), together->logits.begin() + vocab) == ra->logits);
+  CHECK(std::vector<float>(together->logits.begin(), together->logits.begin() + vocab) ==
+        ra->logits);
   CHECK(std::vector<float>(together->logits.begin() + vocab, together->logits.end()) == rb->logits);
   REQUIRE(together->routing.size() == 3);
-  CHECK(together->routing[0].size() == 4);  // one entry per token of the step
+  CHECK(together->routing[0].size() == 4);     // one entry per token of the step
   CHECK(together->routing[0][0].size() == 4);  // top-4 in the tiny qwen3 shape
 }
 
@@ -129,7 +134,8 @@ TEST_CASE("bad tokens and a full context are refused and change nothing") {
   CHECK(out.status().message() == "token id 512 is outside the vocabulary of 512");
   CHECK(cache.length() == 0);
   SequenceInput too_long{&cache, {1, 2, 3, 4, 5}, false};
-  CHECK((*model)->Forward(absl::MakeSpan(&too_long, 1)).status().code() == absl::StatusCode::kOutOfRange);
+  CHECK((*model)->Forward(absl::MakeSpan(&too_long, 1)).status().code() ==
+        absl::StatusCode::kOutOfRange);
   CHECK(cache.length() == 0);
   CHECK_FALSE(ScoreAndGreedy(**model, {1}, 300).ok());  // over max_position_embeddings
 }
@@ -155,11 +161,13 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
     std::ofstream(dir / "config.json") << config;
     auto model = Model::Load(dir.string());
     CHECK(model.status().message() ==
-          weights.string() + ": tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape "
-                             "[128, 64], but config.json implies [64, 64]");
+          weights.string() +
+              ": tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape "
+              "[128, 64], but config.json implies [64, 64]");
   }
   SECTION("garbage instead of a header") {
-    std::ofstream(weights, std::ios::binary | std::ios::in | std::ios::out).write("\x10\0\0\0\0\0\0\0not json at all!", 24);
+    std::ofstream(weights, std::ios::binary | std::ios::in | std::ios::out)
+        .write("\x10\0\0\0\0\0\0\0not json at all!", 24);
     auto model = Model::Load(dir.string());
     CHECK_FALSE(model.ok());
     CHECK(model.status().message().find(weights.string()) != std::string::npos);
@@ -174,7 +182,8 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
   }
   SECTION("no weights at all") {
     fs::remove(weights);
-    CHECK(Model::Load(dir.string()).status().message() == dir.string() + ": no *.safetensors files");
+    CHECK(Model::Load(dir.string()).status().message() ==
+          dir.string() + ": no *.safetensors files");
   }
 }
 

@@ -64,7 +64,8 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
     }
     TensorInfo info;
     info.name = name;
-    absl::StatusOr<kernels::DType> dtype = kernels::ParseSafetensorsDType(dtype_it->get<std::string>());
+    absl::StatusOr<kernels::DType> dtype =
+        kernels::ParseSafetensorsDType(dtype_it->get<std::string>());
     if (!dtype.ok()) return bad(dtype.status().message());
     info.dtype = *dtype;
     uint64_t bytes = kernels::DTypeSize(info.dtype);
@@ -85,8 +86,8 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
                               " bytes (truncated file?)"));
     }
     if (info.end - info.begin != bytes) {
-      return bad(absl::StrCat("holds ", info.end - info.begin, " bytes but its shape and dtype need ",
-                              bytes));
+      return bad(absl::StrCat("holds ", info.end - info.begin,
+                              " bytes but its shape and dtype need ", bytes));
     }
     tensors.push_back(std::move(info));
   }
@@ -105,7 +106,8 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(absl::string_view
 
 absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     int saved = errno;
@@ -146,7 +148,8 @@ absl::StatusOr<ParsedSafetensors> ParseSafetensorsBytes(const uint8_t* bytes, ui
   }
   absl::string_view header(reinterpret_cast<const char*>(bytes + 8), header_size);
   uint64_t data_size = size - 8 - header_size;
-  absl::StatusOr<std::vector<TensorInfo>> tensors = ParseSafetensorsHeader(header, data_size, source);
+  absl::StatusOr<std::vector<TensorInfo>> tensors =
+      ParseSafetensorsHeader(header, data_size, source);
   if (!tensors.ok()) {
     // Offsets past the end of the data mean the file was cut short.
     if (absl::StrContains(tensors.status().message(), "truncated")) {
@@ -181,14 +184,15 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     json index = json::parse(text.str(), nullptr, false);
     if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(index_path.string(), ": not a safetensors index (needs a weight_map object)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          index_path.string(), ": not a safetensors index (needs a weight_map object)"));
     }
     std::set<std::string> unique_files;
     for (const auto& [tensor, file] : index["weight_map"].items()) {
       if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos) {
-        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map entry for ",
-                                                       tensor, " is not a file name in the directory"));
+        return absl::InvalidArgumentError(absl::StrCat(index_path.string(),
+                                                       ": weight_map entry for ", tensor,
+                                                       " is not a file name in the directory"));
       }
       unique_files.insert(file.get<std::string>());
       expected_location[tensor] = file.get<std::string>();
@@ -198,7 +202,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
     files.push_back("model.safetensors");
   } else {
     for (const auto& entry : fs::directory_iterator(dir, error)) {
-      if (entry.path().extension() == ".safetensors") files.push_back(entry.path().filename().string());
+      if (entry.path().extension() == ".safetensors")
+        files.push_back(entry.path().filename().string());
     }
     std::sort(files.begin(), files.end());
     if (error) return absl::NotFoundError(absl::StrCat(dir, ": cannot list: ", error.message()));
@@ -218,8 +223,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       if (!expected_location.empty()) {
         auto it = expected_location.find(tensor.name);
         if (it == expected_location.end() || it->second != name) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              file->path(), ": holds ", tensor.name, ", which the index places elsewhere"));
+          return absl::InvalidArgumentError(absl::StrCat(file->path(), ": holds ", tensor.name,
+                                                         ", which the index places elsewhere"));
         }
       }
       checkpoint->index_[tensor.name] = TensorRef{&tensor, file->TensorData(tensor), &file->path()};

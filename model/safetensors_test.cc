@@ -39,15 +39,20 @@ TEST_CASE("bad headers are refused naming the file, the tensor and the problem")
   CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", 8) ==
         "m.safetensors: tensor w: holds 8 bytes but its shape and dtype need 12");
   CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 10)
-            .find("fall outside the data section of 10 bytes (truncated file?)") != std::string::npos);
+            .find("fall outside the data section of 10 bytes (truncated file?)") !=
+        std::string::npos);
   CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", 4)
             .find("not a size") != std::string::npos);
-  CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [1]}})", 4).find("data_offsets") != std::string::npos);
+  CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [1]}})", 4).find("data_offsets") !=
+        std::string::npos);
   CHECK(ErrorOf(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
                 12) == "m.safetensors: tensors a and b overlap");
-  CHECK(ErrorOf(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296, 2], "data_offsets": [0, 4]}})", 4)
-            .find("larger than any file") != std::string::npos);
+  CHECK(
+      ErrorOf(
+          R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296, 2], "data_offsets": [0, 4]}})",
+          4)
+          .find("larger than any file") != std::string::npos);
 }
 
 TEST_CASE("whole-file parsing checks the length prefix") {
@@ -62,12 +67,15 @@ TEST_CASE("whole-file parsing checks the length prefix") {
   REQUIRE(ok.ok());
   CHECK(ok->data_offset == 8 + header.size());
   // Cut short: the tensor no longer fits, and that is data loss.
-  auto cut = ParseSafetensorsBytes(reinterpret_cast<const uint8_t*>(file.data()), file.size() - 3, "t");
+  auto cut =
+      ParseSafetensorsBytes(reinterpret_cast<const uint8_t*>(file.data()), file.size() - 3, "t");
   CHECK(cut.status().code() == absl::StatusCode::kDataLoss);
   length = 1 << 30;
   std::memcpy(file.data(), &length, 8);
-  auto huge = ParseSafetensorsBytes(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t");
-  CHECK(huge.status().message().find("header length 1073741824 exceeds the file") != std::string::npos);
+  auto huge =
+      ParseSafetensorsBytes(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "t");
+  CHECK(huge.status().message().find("header length 1073741824 exceeds the file") !=
+        std::string::npos);
 }
 
 }  // namespace

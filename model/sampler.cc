@@ -6,7 +6,8 @@
 
 namespace moed::model {
 
-Sampler::Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt, uint64_t default_seed)
+Sampler::Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt,
+                 uint64_t default_seed)
     : params_(params), rng_(params.seed.value_or(default_seed)) {
   for (int32_t token : prompt) seen_[token] = true;
 }
@@ -23,7 +24,8 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
     }
   }
   for (const auto& [token, count] : output_counts_) {
-    logits[token] -= params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
+    logits[token] -=
+        params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
   }
 
   // Log-probabilities of the penalised distribution, for logprobs.
@@ -36,7 +38,9 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
   // Candidates most likely first; ties to the lower id, so the order is deterministic.
   std::vector<int32_t> order(static_cast<size_t>(vocab));
   std::iota(order.begin(), order.end(), 0);
-  auto by_logit = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  auto by_logit = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
 
   TokenChoice choice;
   if (params_.temperature == 0.0f || params_.top_k == 1) {
@@ -44,19 +48,22 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
   } else {
     size_t keep = order.size();
     if (params_.top_k > 0) keep = std::min<size_t>(keep, params_.top_k);
-    std::partial_sort(order.begin(), order.begin() + static_cast<int64_t>(keep), order.end(), by_logit);
+    std::partial_sort(order.begin(), order.begin() + static_cast<int64_t>(keep), order.end(),
+                      by_logit);
     order.resize(keep);
     // Probabilities at this temperature over the kept candidates.
     std::vector<double> p(order.size());
     double sum = 0;
     for (size_t i = 0; i < order.size(); ++i) {
-      sum += p[i] = std::exp((static_cast<double>(logits[order[i]]) - logits[order[0]]) / params_.temperature);
+      sum += p[i] = std::exp((static_cast<double>(logits[order[i]]) - logits[order[0]]) /
+                             params_.temperature);
     }
     for (double& v : p) v /= sum;
     size_t cut = p.size();
     if (params_.min_p > 0) {
       double floor = params_.min_p * p[0];
-      cut = static_cast<size_t>(std::find_if(p.begin(), p.end(), [&](double v) { return v < floor; }) - p.begin());
+      cut = static_cast<size_t>(
+          std::find_if(p.begin(), p.end(), [&](double v) { return v < floor; }) - p.begin());
     }
     if (params_.top_p < 1.0f) {
       double cumulative = 0;

@@ -14,7 +14,7 @@
 namespace moed::model {
 
 struct SamplingParams {
-  uint32_t max_tokens = 0;  // 0: up to the end of the context
+  uint32_t max_tokens = 0;   // 0: up to the end of the context
   float temperature = 1.0f;  // 0: greedy
   float top_p = 1.0f;
   uint32_t top_k = 0;  // 0: off

@@ -54,8 +54,8 @@ TEST_CASE("top-k, top-p and min-p remove the unlikely tail") {
     SamplingParams p;
     p.seed = 3;
     if (variant == 0) p.top_k = 2;
-    if (variant == 1) p.top_p = 0.9f;   // p ≈ {0.727, 0.268, 0.005, ...}: the first two reach 0.9
-    if (variant == 2) p.min_p = 0.2f;   // floor 0.145: only the first two
+    if (variant == 1) p.top_p = 0.9f;  // p ≈ {0.727, 0.268, 0.005, ...}: the first two reach 0.9
+    if (variant == 2) p.min_p = 0.2f;  // floor 0.145: only the first two
     Sampler sampler(p, {}, 0);
     for (int i = 0; i < 2000; ++i) {
       int32_t t = sampler.Next(logits).token;

@@ -39,7 +39,8 @@ int Utf8Length(unsigned char lead) {
 bool ValidCharAt(absl::string_view text, size_t i, int len) {
   if (len == 0 || i + len > text.size()) return false;
   utf8proc_int32_t cp;
-  return utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + i), len, &cp) == len;
+  return utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + i), len, &cp) ==
+         len;
 }
 
 // Replaces each invalid byte with U+FFFD (as from_utf8_lossy does, one per maximal bad run).
@@ -90,7 +91,8 @@ struct ByteAlphabet {
   ByteAlphabet() {
     int shifted = 0;
     for (int b = 0; b < 256; ++b) {
-      bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       byte_to_symbol[b] = CodePointToUtf8(printable ? b : 256 + shifted++);
       symbol_to_byte[byte_to_symbol[b]] = static_cast<uint8_t>(b);
     }
@@ -102,7 +104,7 @@ struct ByteAlphabet {
 class Regex {
  public:
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(absl::string_view pattern,
-                                                       absl::string_view source) {
+                                                        absl::string_view source) {
     int error_code = 0;
     PCRE2_SIZE offset = 0;
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
@@ -111,7 +113,8 @@ class Regex {
       PCRE2_UCHAR message[256];
       pcre2_get_error_message(error_code, message, sizeof(message));
       return absl::InvalidArgumentError(absl::StrCat(source, ": split pattern does not compile at ",
-                                                     offset, ": ", reinterpret_cast<char*>(message)));
+                                                     offset, ": ",
+                                                     reinterpret_cast<char*>(message)));
     }
     pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // best effort; the interpreter is the fallback
     auto regex = std::unique_ptr<Regex>(new Regex());
@@ -181,7 +184,9 @@ struct AddedToken {
   bool rstrip;
 };
 
-bool IsSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+bool IsSpace(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 }  // namespace
 
@@ -215,9 +220,10 @@ struct Tokenizer::Impl {
         case NormalizerStep::kNfc: {
           // By length, not NUL-terminated: text may hold NUL characters.
           utf8proc_uint8_t* nfc = nullptr;
-          utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
-                                            static_cast<utf8proc_ssize_t>(out.size()), &nfc,
-                                            static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+          utf8proc_ssize_t n =
+              utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
+                           static_cast<utf8proc_ssize_t>(out.size()), &nfc,
+                           static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
           if (n >= 0) out.assign(reinterpret_cast<char*>(nfc), static_cast<size_t>(n));
           std::free(nfc);  // invalid UTF-8 (n < 0) stays as it is
           break;
@@ -260,8 +266,9 @@ struct Tokenizer::Impl {
           }
           case PreTokenizerStep::kMetaspace: {
             std::string replaced = absl::StrReplaceAll(piece, {{" ", step.replacement}});
-            bool prepend = step.prepend_scheme == "always" ||
-                           (step.prepend_scheme == "first" && first_segment && &piece == &pieces.front());
+            bool prepend =
+                step.prepend_scheme == "always" ||
+                (step.prepend_scheme == "first" && first_segment && &piece == &pieces.front());
             if (prepend && !replaced.empty() && !absl::StartsWith(replaced, step.replacement)) {
               replaced = step.replacement + replaced;
             }
@@ -303,7 +310,8 @@ struct Tokenizer::Impl {
       } else if (byte_fallback) {
         for (unsigned char b : ch) symbols.push_back(byte_tokens[b]);
       } else if (unk_id.has_value()) {
-        if (!(fuse_unk && !symbols.empty() && symbols.back() == *unk_id)) symbols.push_back(*unk_id);
+        if (!(fuse_unk && !symbols.empty() && symbols.back() == *unk_id))
+          symbols.push_back(*unk_id);
       } else {
         return absl::InvalidArgumentError(
             absl::StrCat(source, ": the vocabulary cannot encode '", ch, "' and has no unk token"));
@@ -441,7 +449,8 @@ struct Tokenizer::Impl {
             }
             token.erase(0, cut * step.a.size());
             int cut_end = 0;
-            while (cut_end < step.stop && token.size() >= step.a.size() && absl::EndsWith(token, step.a)) {
+            while (cut_end < step.stop && token.size() >= step.a.size() &&
+                   absl::EndsWith(token, step.a)) {
               token.resize(token.size() - step.a.size());
               ++cut_end;
             }
@@ -467,7 +476,8 @@ absl::Status Unsupported(absl::string_view source, absl::string_view what, const
   std::string type = node.is_object() && node.contains("type") && node["type"].is_string()
                          ? node["type"].get<std::string>()
                          : node.dump().substr(0, 60);
-  return absl::InvalidArgumentError(absl::StrCat(source, ": ", what, " '", type, "' is not supported"));
+  return absl::InvalidArgumentError(
+      absl::StrCat(source, ": ", what, " '", type, "' is not supported"));
 }
 
 std::string StringField(const json& node, const char* key, const std::string& fallback = "") {
@@ -493,13 +503,15 @@ absl::Status ParseNormalizer(const json& node, absl::string_view source, Tokeniz
   if (node.is_null()) return absl::OkStatus();
   std::string type = StringField(node, "type");
   if (type == "Sequence" && node.contains("normalizers") && node["normalizers"].is_array()) {
-    for (const json& child : node["normalizers"]) MOED_RETURN_IF_ERROR(ParseNormalizer(child, source, impl));
+    for (const json& child : node["normalizers"])
+      MOED_RETURN_IF_ERROR(ParseNormalizer(child, source, impl));
   } else if (type == "NFC") {
     impl->normalizers.push_back({NormalizerStep::kNfc, "", ""});
   } else if (type == "Prepend") {
     impl->normalizers.push_back({NormalizerStep::kPrepend, StringField(node, "prepend"), ""});
   } else if (type == "Replace" && PlainPattern(node)) {
-    impl->normalizers.push_back({NormalizerStep::kReplace, *PlainPattern(node), StringField(node, "content")});
+    impl->normalizers.push_back(
+        {NormalizerStep::kReplace, *PlainPattern(node), StringField(node, "content")});
   } else {
     return Unsupported(source, "normalizer", node);
   }
@@ -511,7 +523,8 @@ absl::Status ParsePreTokenizer(const json& node, absl::string_view source, Token
   std::string type = StringField(node, "type");
   PreTokenizerStep step;
   if (type == "Sequence" && node.contains("pretokenizers") && node["pretokenizers"].is_array()) {
-    for (const json& child : node["pretokenizers"]) MOED_RETURN_IF_ERROR(ParsePreTokenizer(child, source, impl));
+    for (const json& child : node["pretokenizers"])
+      MOED_RETURN_IF_ERROR(ParsePreTokenizer(child, source, impl));
     return absl::OkStatus();
   } else if (type == "ByteLevel") {
     step.kind = PreTokenizerStep::kByteLevel;
@@ -525,10 +538,12 @@ absl::Status ParsePreTokenizer(const json& node, absl::string_view source, Token
     auto pattern = node.find("pattern");
     std::string behavior = StringField(node, "behavior");
     if (pattern == node.end() || !pattern->is_object() || !pattern->contains("Regex") ||
-        !(*pattern)["Regex"].is_string() || behavior != "Isolated" || BoolField(node, "invert", false)) {
+        !(*pattern)["Regex"].is_string() || behavior != "Isolated" ||
+        BoolField(node, "invert", false)) {
       return absl::InvalidArgumentError(
-          absl::StrCat(source, ": pre-tokenizer 'Split' is supported only with a Regex pattern, "
-                               "behavior Isolated and invert false"));
+          absl::StrCat(source,
+                       ": pre-tokenizer 'Split' is supported only with a Regex pattern, "
+                       "behavior Isolated and invert false"));
     }
     step.kind = PreTokenizerStep::kSplit;
     MOED_ASSIGN_OR_RETURN(std::unique_ptr<Regex> regex,
@@ -537,12 +552,13 @@ absl::Status ParsePreTokenizer(const json& node, absl::string_view source, Token
   } else if (type == "Metaspace") {
     step.kind = PreTokenizerStep::kMetaspace;
     step.replacement = StringField(node, "replacement", "\u2581");
-    step.prepend_scheme = StringField(node, "prepend_scheme",
-                                      BoolField(node, "add_prefix_space", true) ? "always" : "never");
+    step.prepend_scheme = StringField(
+        node, "prepend_scheme", BoolField(node, "add_prefix_space", true) ? "always" : "never");
     step.split = BoolField(node, "split", true);
-    if (step.prepend_scheme != "always" && step.prepend_scheme != "first" && step.prepend_scheme != "never") {
-      return absl::InvalidArgumentError(
-          absl::StrCat(source, ": Metaspace prepend_scheme '", step.prepend_scheme, "' is not supported"));
+    if (step.prepend_scheme != "always" && step.prepend_scheme != "first" &&
+        step.prepend_scheme != "never") {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": Metaspace prepend_scheme '",
+                                                     step.prepend_scheme, "' is not supported"));
     }
   } else {
     return Unsupported(source, "pre-tokenizer", node);
@@ -556,7 +572,8 @@ absl::Status ParseDecoder(const json& node, absl::string_view source, Tokenizer:
   std::string type = StringField(node, "type");
   DecoderStep step;
   if (type == "Sequence" && node.contains("decoders") && node["decoders"].is_array()) {
-    for (const json& child : node["decoders"]) MOED_RETURN_IF_ERROR(ParseDecoder(child, source, impl));
+    for (const json& child : node["decoders"])
+      MOED_RETURN_IF_ERROR(ParseDecoder(child, source, impl));
     return absl::OkStatus();
   } else if (type == "ByteLevel") {
     step.kind = DecoderStep::kByteLevel;
@@ -587,14 +604,17 @@ absl::Status ParsePostProcessor(const json& node, absl::string_view source, Toke
   std::string type = StringField(node, "type");
   if (type == "ByteLevel") return absl::OkStatus();  // only adjusts offsets
   if (type == "Sequence" && node.contains("processors") && node["processors"].is_array()) {
-    for (const json& child : node["processors"]) MOED_RETURN_IF_ERROR(ParsePostProcessor(child, source, impl));
+    for (const json& child : node["processors"])
+      MOED_RETURN_IF_ERROR(ParsePostProcessor(child, source, impl));
     return absl::OkStatus();
   }
   if (type != "TemplateProcessing") return Unsupported(source, "post-processor", node);
   auto single = node.find("single");
   auto specials = node.find("special_tokens");
-  if (single == node.end() || !single->is_array() || specials == node.end() || !specials->is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": TemplateProcessing needs single and special_tokens"));
+  if (single == node.end() || !single->is_array() || specials == node.end() ||
+      !specials->is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": TemplateProcessing needs single and special_tokens"));
   }
   bool seen_sequence = false;
   for (const json& item : *single) {
@@ -603,15 +623,19 @@ absl::Status ParsePostProcessor(const json& node, absl::string_view source, Toke
       continue;
     }
     if (!item.contains("SpecialToken") || !item["SpecialToken"].is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": unexpected TemplateProcessing item"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": unexpected TemplateProcessing item"));
     }
     std::string name = StringField(item["SpecialToken"], "id");
     auto entry = specials->find(name);
-    if (entry == specials->end() || !entry->is_object() || !entry->contains("ids") || !(*entry)["ids"].is_array()) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": TemplateProcessing names unknown special token ", name));
+    if (entry == specials->end() || !entry->is_object() || !entry->contains("ids") ||
+        !(*entry)["ids"].is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": TemplateProcessing names unknown special token ", name));
     }
     for (const json& id : (*entry)["ids"]) {
-      if (!id.is_number_integer()) return absl::InvalidArgumentError(absl::StrCat(source, ": bad special token id"));
+      if (!id.is_number_integer())
+        return absl::InvalidArgumentError(absl::StrCat(source, ": bad special token id"));
       (seen_sequence ? impl->template_suffix : impl->template_prefix).push_back(id.get<int32_t>());
     }
   }
@@ -622,15 +646,18 @@ absl::Status ParseModel(const json& node, absl::string_view source, Tokenizer::I
   if (!node.is_object() || StringField(node, "type") != "BPE") {
     return Unsupported(source, "model", node.is_object() ? node : json::object());
   }
-  if (!StringField(node, "continuing_subword_prefix").empty() || !StringField(node, "end_of_word_suffix").empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ": BPE continuing_subword_prefix / end_of_word_suffix are not supported"));
+  if (!StringField(node, "continuing_subword_prefix").empty() ||
+      !StringField(node, "end_of_word_suffix").empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": BPE continuing_subword_prefix / end_of_word_suffix are not supported"));
   }
   auto vocab = node.find("vocab");
-  if (vocab == node.end() || !vocab->is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": BPE model has no vocab"));
+  if (vocab == node.end() || !vocab->is_object())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": BPE model has no vocab"));
   for (const auto& [token, id] : vocab->items()) {
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (1 << 24)) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": vocab entry '", token, "' has a bad id"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": vocab entry '", token, "' has a bad id"));
     }
     int32_t value = id.get<int32_t>();
     impl->vocab[token] = value;
@@ -642,7 +669,9 @@ absl::Status ParseModel(const json& node, absl::string_view source, Tokenizer::I
   impl->ignore_merges = BoolField(node, "ignore_merges", false);
   if (std::string unk = StringField(node, "unk_token"); !unk.empty()) {
     auto it = impl->vocab.find(unk);
-    if (it == impl->vocab.end()) return absl::InvalidArgumentError(absl::StrCat(source, ": unk_token ", unk, " is not in the vocab"));
+    if (it == impl->vocab.end())
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": unk_token ", unk, " is not in the vocab"));
     impl->unk_id = it->second;
   }
   if (impl->byte_fallback) {
@@ -651,13 +680,15 @@ absl::Status ParseModel(const json& node, absl::string_view source, Tokenizer::I
       std::snprintf(name, sizeof(name), "<0x%02X>", b);
       auto it = impl->vocab.find(name);
       if (it == impl->vocab.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(source, ": byte_fallback needs token ", name));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": byte_fallback needs token ", name));
       }
       impl->byte_tokens[b] = it->second;
     }
   }
   auto merges = node.find("merges");
-  if (merges == node.end() || !merges->is_array()) return absl::InvalidArgumentError(absl::StrCat(source, ": BPE model has no merges"));
+  if (merges == node.end() || !merges->is_array())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": BPE model has no merges"));
   int32_t rank = 0;
   for (const json& merge : *merges) {
     std::string left, right;
@@ -668,17 +699,20 @@ absl::Status ParseModel(const json& node, absl::string_view source, Tokenizer::I
       const std::string& text = merge.get_ref<const std::string&>();
       size_t space = text.find(' ');
       if (space == std::string::npos || text.find(' ', space + 1) != std::string::npos) {
-        return absl::InvalidArgumentError(absl::StrCat(source, ": merge '", text, "' is not two tokens"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": merge '", text, "' is not two tokens"));
       }
       left = text.substr(0, space);
       right = text.substr(space + 1);
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": merge ", rank, " is neither [a, b] nor \"a b\""));
-    }
-    auto l = impl->vocab.find(left), r = impl->vocab.find(right), m = impl->vocab.find(left + right);
-    if (l == impl->vocab.end() || r == impl->vocab.end() || m == impl->vocab.end()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(source, ": merge ", rank, " ('", left, "', '", right, "') uses tokens not in the vocab"));
+          absl::StrCat(source, ": merge ", rank, " is neither [a, b] nor \"a b\""));
+    }
+    auto l = impl->vocab.find(left), r = impl->vocab.find(right),
+         m = impl->vocab.find(left + right);
+    if (l == impl->vocab.end() || r == impl->vocab.end() || m == impl->vocab.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": merge ", rank, " ('", left, "', '",
+                                                     right, "') uses tokens not in the vocab"));
     }
     impl->merges.try_emplace(Tokenizer::Impl::PairKey(l->second, r->second), rank, m->second);
     ++rank;
@@ -692,7 +726,7 @@ Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view json_text,
-                                                              absl::string_view source) {
+                                                               absl::string_view source) {
   json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
   if (root.is_discarded() || !root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": not a JSON object"));
@@ -715,14 +749,15 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
   }
   for (const json& token : added.is_array() ? added : json::array()) {
     if (!token.is_object() || !token.contains("id") || !token["id"].is_number_integer() ||
-        token["id"].get<int64_t>() < 0 || token["id"].get<int64_t>() > (1 << 24) || !token.contains("content") ||
-        !token["content"].is_string()) {
+        token["id"].get<int64_t>() < 0 || token["id"].get<int64_t>() > (1 << 24) ||
+        !token.contains("content") || !token["content"].is_string()) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": malformed added token"));
     }
     AddedToken entry{token["id"].get<int32_t>(), token["content"].get<std::string>(),
                      BoolField(token, "special", false), BoolField(token, "lstrip", false),
                      BoolField(token, "rstrip", false)};
-    if (static_cast<size_t>(entry.id) >= impl->id_to_token.size()) impl->id_to_token.resize(entry.id + 1);
+    if (static_cast<size_t>(entry.id) >= impl->id_to_token.size())
+      impl->id_to_token.resize(entry.id + 1);
     impl->id_to_token[entry.id] = entry.content;
     impl->vocab[entry.content] = entry.id;
     impl->added.push_back(std::move(entry));
@@ -731,7 +766,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
   for (const AddedToken& token : impl->added) impl->special[token.id] = token.special;
   for (int32_t id : impl->template_prefix) {
     if (id < 0 || static_cast<size_t>(id) >= impl->id_to_token.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ": post-processor id ", id, " is not in the vocab"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": post-processor id ", id, " is not in the vocab"));
     }
   }
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
@@ -745,7 +781,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string
   return FromJson(text.str(), path);
 }
 
-absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text, bool add_special_tokens) const {
+absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text,
+                                                       bool add_special_tokens) const {
   std::vector<int32_t> ids;
   if (add_special_tokens) ids = impl_->template_prefix;
   bool first = true;
@@ -759,16 +796,18 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text, b
     }
     first = false;
   }
-  if (add_special_tokens) ids.insert(ids.end(), impl_->template_suffix.begin(), impl_->template_suffix.end());
+  if (add_special_tokens)
+    ids.insert(ids.end(), impl_->template_suffix.begin(), impl_->template_suffix.end());
   return ids;
 }
 
-absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {
+absl::StatusOr<std::string> Tokenizer::Decode(const std::vector<int32_t>& ids,
+                                              bool skip_special_tokens) const {
   std::vector<std::string> tokens;
   for (int32_t id : ids) {
     if (id < 0 || static_cast<size_t>(id) >= impl_->id_to_token.size()) {
-      return absl::InvalidArgumentError(absl::StrCat("token id ", id, " is outside the vocabulary of ",
-                                                     impl_->id_to_token.size()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", id, " is outside the vocabulary of ", impl_->id_to_token.size()));
     }
     if (skip_special_tokens && impl_->special[id]) continue;
     tokens.push_back(impl_->id_to_token[id]);
@@ -829,7 +868,8 @@ absl::StatusOr<std::string> StreamingDecoder::Add(int32_t id) {
   MOED_ASSIGN_OR_RETURN(std::string prefix_text, tokenizer_.Decode(prefix, skip_special_));
   MOED_ASSIGN_OR_RETURN(std::string full_text, tokenizer_.Decode(full, skip_special_));
   // An incomplete character decodes to U+FFFD at the end: wait for the rest of it.
-  if (full_text.size() <= prefix_text.size() || absl::EndsWith(full_text, kReplacementChar)) return std::string();
+  if (full_text.size() <= prefix_text.size() || absl::EndsWith(full_text, kReplacementChar))
+    return std::string();
   std::string delta = full_text.substr(prefix_text.size());
   prefix_offset_ = read_offset_;
   read_offset_ = ids_.size();

@@ -19,7 +19,7 @@ class Tokenizer {
  public:
   // Parses tokenizer.json text; `source` names the file in errors.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(absl::string_view json_text,
-                                                            absl::string_view source);
+                                                             absl::string_view source);
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromFile(const std::string& path);
   ~Tokenizer();
 

@@ -22,12 +22,37 @@ std::unique_ptr<Tokenizer> SynthTokenizer() {
 
 // Random valid UTF-8: ASCII, Latin, Cyrillic, CJK, emoji, controls and whitespace runs.
 std::string RandomText(std::mt19937& rng) {
-  static const std::vector<std::string> pool = {
-      "a", "Z", " ", "  ", "\n", "\t", "0", "9", "'s", "!", "é", "ß", "ж", "中", "日本", "🦙", "👩‍💻",
-      "\xC2\xA0", "\u2581", std::string("\0", 1), "\xEF\xBF\xBD", "<", "|", ">", "the", " the", "ing"};
+  static const std::vector<std::string> pool = {"a",
+                                                "Z",
+                                                " ",
+                                                "  ",
+                                                "\n",
+                                                "\t",
+                                                "0",
+                                                "9",
+                                                "'s",
+                                                "!",
+                                                "é",
+                                                "ß",
+                                                "ж",
+                                                "中",
+                                                "日本",
+                                                "🦙",
+                                                "👩‍💻",
+                                                "\xC2\xA0",
+                                                "\u2581",
+                                                std::string("\0", 1),
+                                                "\xEF\xBF\xBD",
+                                                "<",
+                                                "|",
+                                                ">",
+                                                "the",
+                                                " the",
+                                                "ing"};
   std::string text;
   int n = std::uniform_int_distribution<int>(0, 40)(rng);
-  for (int i = 0; i < n; ++i) text += pool[std::uniform_int_distribution<size_t>(0, pool.size() - 1)(rng)];
+  for (int i = 0; i < n; ++i)
+    text += pool[std::uniform_int_distribution<size_t>(0, pool.size() - 1)(rng)];
   return text;
 }
 
@@ -57,7 +82,8 @@ TEST_CASE("special tokens in the text match as added tokens and can be skipped w
   CHECK(tokenizer->IsSpecial(eos));
   CHECK(*tokenizer->Decode(*ids) == "hi<|endoftext|>yo");
   CHECK(*tokenizer->Decode(*ids, /*skip_special_tokens=*/true) == "hiyo");
-  CHECK(tokenizer->Decode({tokenizer->vocab_size()}).status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(tokenizer->Decode({tokenizer->vocab_size()}).status().code() ==
+        absl::StatusCode::kInvalidArgument);
 }
 
 TEST_CASE("streaming never emits half a character and adds up to the whole text") {
@@ -84,9 +110,9 @@ TEST_CASE("streaming never emits half a character and adds up to the whole text"
 
 TEST_CASE("UTF-8 prefix completeness") {
   CHECK(CompleteUtf8Prefix("abc") == 3);
-  CHECK(CompleteUtf8Prefix("a\xE4\xB8") == 1);          // half of 中
+  CHECK(CompleteUtf8Prefix("a\xE4\xB8") == 1);  // half of 中
   CHECK(CompleteUtf8Prefix("a\xE4\xB8\xAD") == 4);
-  CHECK(CompleteUtf8Prefix("\xF0\x9F\xA6") == 0);       // 3 of 4 bytes of an emoji
+  CHECK(CompleteUtf8Prefix("\xF0\x9F\xA6") == 0);  // 3 of 4 bytes of an emoji
 }
 
 // A tiny SentencePiece-style vocabulary: Metaspace, byte fallback, string merges.
@@ -105,7 +131,8 @@ constexpr char kSentencePieceJson[] = R"({
     "merges": ["▁ h", "▁h i", "h i"]}})";
 
 std::unique_ptr<Tokenizer> SentencePieceTokenizer() {
-  std::string vocab = R"("<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "h": 4, "i": 5, "▁h": 6, "▁hi": 7, "hi": 8)";
+  std::string vocab =
+      R"("<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "h": 4, "i": 5, "▁h": 6, "▁hi": 7, "hi": 8)";
   for (int b = 0; b < 256; ++b) {
     char entry[32];
     std::snprintf(entry, sizeof(entry), ", \"<0x%02X>\": %d", b, 9 + b);
@@ -121,9 +148,9 @@ std::unique_ptr<Tokenizer> SentencePieceTokenizer() {
 
 TEST_CASE("SentencePiece-style: metaspace, merges, byte fallback, BOS template, decoder chain") {
   auto tokenizer = SentencePieceTokenizer();
-  CHECK(*tokenizer->Encode("hi") == std::vector<int32_t>{7});         // "▁hi"
+  CHECK(*tokenizer->Encode("hi") == std::vector<int32_t>{7});  // "▁hi"
   CHECK(*tokenizer->Encode("hi hi") == std::vector<int32_t>{7, 7});
-  CHECK(*tokenizer->Encode(" hi") == std::vector<int32_t>{7});        // "first": no second ▁
+  CHECK(*tokenizer->Encode(" hi") == std::vector<int32_t>{7});  // "first": no second ▁
   // 'é' is not in the vocabulary: its two UTF-8 bytes fall back to <0xC3><0xA9>.
   CHECK(*tokenizer->Encode("hé") == std::vector<int32_t>{6, 9 + 0xC3, 9 + 0xA9});
   CHECK(*tokenizer->Encode("hi", true) == std::vector<int32_t>{1, 7});
@@ -138,12 +165,16 @@ TEST_CASE("components that are not implemented are refused by name") {
     REQUIRE_FALSE(t.ok());
     return std::string(t.status().message());
   };
-  const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
-  CHECK(error("{" + model + R"(, "normalizer": {"type": "NFKD"}})") == "t.json: normalizer 'NFKD' is not supported");
+  const std::string model =
+      R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
+  CHECK(error("{" + model + R"(, "normalizer": {"type": "NFKD"}})") ==
+        "t.json: normalizer 'NFKD' is not supported");
   CHECK(error("{" + model + R"(, "pre_tokenizer": {"type": "Whitespace"}})") ==
         "t.json: pre-tokenizer 'Whitespace' is not supported");
-  CHECK(error("{" + model + R"(, "decoder": {"type": "WordPiece"}})") == "t.json: decoder 'WordPiece' is not supported");
-  CHECK(error(R"({"model": {"type": "WordPiece", "vocab": {}}})") == "t.json: model 'WordPiece' is not supported");
+  CHECK(error("{" + model + R"(, "decoder": {"type": "WordPiece"}})") ==
+        "t.json: decoder 'WordPiece' is not supported");
+  CHECK(error(R"({"model": {"type": "WordPiece", "vocab": {}}})") ==
+        "t.json: model 'WordPiece' is not supported");
   CHECK(error(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})") ==
         "t.json: merge 0 ('a', 'b') uses tokens not in the vocab");
   CHECK(error(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a"]}})") ==
@@ -152,7 +183,8 @@ TEST_CASE("components that are not implemented are refused by name") {
   auto ok = Tokenizer::FromJson("{" + model + "}", "t.json");
   REQUIRE(ok.ok());
   CHECK(*(*ok)->Encode("ab") == std::vector<int32_t>{2});
-  CHECK((*ok)->Encode("c").status().message() == "t.json: the vocabulary cannot encode 'c' and has no unk token");
+  CHECK((*ok)->Encode("c").status().message() ==
+        "t.json: the vocabulary cannot encode 'c' and has no unk token");
 }
 
 }  // namespace

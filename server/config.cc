@@ -116,10 +116,12 @@ absl::Status SetFromJson(const OptionSpec& spec, const json& value, DaemonConfig
           MOED_RETURN_IF_ERROR(CheckChoice(spec, value.get<std::string>()));
           target = value.get<std::string>();
         } else if constexpr (std::is_same_v<T, int64_t>) {
-          if (spec.byte_size && value.is_string()) return SetFromText(spec, value.get<std::string>(), config);
+          if (spec.byte_size && value.is_string())
+            return SetFromText(spec, value.get<std::string>(), config);
           if (!value.is_number_integer()) {
-            return absl::InvalidArgumentError(spec.byte_size ? "must be a byte count (an integer or a string like \"4G\")"
-                                                             : "must be an integer");
+            return absl::InvalidArgumentError(
+                spec.byte_size ? "must be a byte count (an integer or a string like \"4G\")"
+                               : "must be an integer");
           }
           if (value.is_number_unsigned() && value.get<uint64_t>() > INT64_MAX) {
             return absl::InvalidArgumentError("is out of range");
@@ -176,23 +178,39 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .metavar = "DIR",
                  .help = "Hugging Face checkpoint directory to serve (config.json, "
                          "*.safetensors, tokenizer.json)"});
-    o.push_back({.name = "store", .field = F(&DaemonConfig::store), .metavar = "DIR",
-                 .help = "expert store to serve (from moed-pack); experts are staged from disk through "
-                         "the tiered cache"});
-    o.push_back({.name = "device-cache-bytes", .field = F(&DaemonConfig::device_cache_bytes), .metavar = "BYTES",
-                 .help = "with --store: budget of the device expert tier (on the CPU backend, RAM); 0 holds "
-                         "every expert",
-                 .byte_size = true});
-    o.push_back({.name = "host-cache-bytes", .field = F(&DaemonConfig::host_cache_bytes), .metavar = "BYTES",
-                 .help = "with --store: budget of the host RAM tier between disk and device; 0 means none",
-                 .byte_size = true});
-    o.push_back({.name = "expert-precision", .field = F(&DaemonConfig::expert_precision), .metavar = "P",
+    o.push_back({.name = "store",
+                 .field = F(&DaemonConfig::store),
+                 .metavar = "DIR",
+                 .help =
+                     "expert store to serve (from moed-pack); experts are staged from disk through "
+                     "the tiered cache"});
+    o.push_back(
+        {.name = "device-cache-bytes",
+         .field = F(&DaemonConfig::device_cache_bytes),
+         .metavar = "BYTES",
+         .help =
+             "with --store: budget of the device expert tier (on the CPU backend, RAM); 0 holds "
+             "every expert",
+         .byte_size = true});
+    o.push_back(
+        {.name = "host-cache-bytes",
+         .field = F(&DaemonConfig::host_cache_bytes),
+         .metavar = "BYTES",
+         .help = "with --store: budget of the host RAM tier between disk and device; 0 means none",
+         .byte_size = true});
+    o.push_back({.name = "expert-precision",
+                 .field = F(&DaemonConfig::expert_precision),
+                 .metavar = "P",
                  .help = "with --store: which copy every expert runs from; source is exact",
                  .choices = {"source", "int8", "int4"}});
-    o.push_back({.name = "eviction-policy", .field = F(&DaemonConfig::eviction_policy), .metavar = "POLICY",
+    o.push_back({.name = "eviction-policy",
+                 .field = F(&DaemonConfig::eviction_policy),
+                 .metavar = "POLICY",
                  .help = "with --store: how the cache tiers choose what to evict",
                  .choices = {"lru", "lfu", "scored"}});
-    o.push_back({.name = "io-queue-depth", .field = F(&DaemonConfig::io_queue_depth), .metavar = "N",
+    o.push_back({.name = "io-queue-depth",
+                 .field = F(&DaemonConfig::io_queue_depth),
+                 .metavar = "N",
                  .help = "with --store: expert reads in flight",
                  .min_value = 1,
                  .max_value = 1024});
@@ -295,10 +313,12 @@ absl::Status ValidateConfig(const DaemonConfig& config) {
   int port = 0;
   MOED_RETURN_IF_ERROR(WithContext("--listen", SplitHostPort(config.listen, &host, &port)));
   if (config.model.empty() && config.store.empty()) {
-    return absl::InvalidArgumentError("no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)");
+    return absl::InvalidArgumentError(
+        "no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)");
   }
   if (!config.model.empty() && !config.store.empty()) {
-    return absl::InvalidArgumentError("--model and --store are exclusive: serve a checkpoint or a store");
+    return absl::InvalidArgumentError(
+        "--model and --store are exclusive: serve a checkpoint or a store");
   }
   return absl::OkStatus();
 }

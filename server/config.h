@@ -43,7 +43,7 @@ struct OptionSpec {
   std::vector<std::string> choices;  // non-empty: the value must be one of these
   int64_t min_value = 0;             // for integers
   int64_t max_value = INT64_MAX;
-  bool file_key = true;  // false for --config itself
+  bool file_key = true;    // false for --config itself
   bool byte_size = false;  // integers written as byte counts, K/M/G/T suffixes allowed
 
   // MOED_ followed by the name in upper case with '_' for '-'.

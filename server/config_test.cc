@@ -90,7 +90,8 @@ TEST_CASE("bad flags give one-line errors naming the problem") {
   CHECK(ErrorOf({"--model", "/m", "--listen", "::1:5"}).find("brackets") != std::string::npos);
   CHECK(ErrorOf({"stray"}).rfind("unexpected argument 'stray'", 0) == 0);
   CHECK(ErrorOf({}) == "no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)");
-  CHECK(ErrorOf({"--model", "/m", "--store", "/s"}) == "--model and --store are exclusive: serve a checkpoint or a store");
+  CHECK(ErrorOf({"--model", "/m", "--store", "/s"}) ==
+        "--model and --store are exclusive: serve a checkpoint or a store");
   CHECK(ErrorOf({"--store", "/s", "--device-cache-bytes", "lots"}) ==
         "--device-cache-bytes: 'lots' is not a byte count (plain bytes or with K, M, G, T)");
   CHECK(ErrorOf({"--model", "/m"}, {{"MOED_CUDA_DEVICE", "many"}}) ==
@@ -98,17 +99,20 @@ TEST_CASE("bad flags give one-line errors naming the problem") {
 }
 
 TEST_CASE("byte-size options take suffixes on flags and in files") {
-  absl::StatusOr<CommandLine> parsed =
-      ParseCommandLine({"--store", "/s", "--device-cache-bytes", "2G", "--host-cache-bytes=512M"}, FakeEnv({}));
+  absl::StatusOr<CommandLine> parsed = ParseCommandLine(
+      {"--store", "/s", "--device-cache-bytes", "2G", "--host-cache-bytes=512M"}, FakeEnv({}));
   REQUIRE(parsed.ok());
   CHECK(parsed->config.device_cache_bytes == (int64_t{2} << 30));
   CHECK(parsed->config.host_cache_bytes == (int64_t{512} << 20));
   DaemonConfig config;
-  REQUIRE(ApplyConfigJson(R"({"device-cache-bytes": "64K", "host-cache-bytes": 4096})", "f.json", &config).ok());
+  REQUIRE(ApplyConfigJson(R"({"device-cache-bytes": "64K", "host-cache-bytes": 4096})", "f.json",
+                          &config)
+              .ok());
   CHECK(config.device_cache_bytes == 65536);
   CHECK(config.host_cache_bytes == 4096);
-  CHECK(ApplyConfigJson(R"({"device-cache-bytes": true})", "f.json", &config).message() ==
-        "f.json: \"device-cache-bytes\": must be a byte count (an integer or a string like \"4G\")");
+  CHECK(
+      ApplyConfigJson(R"({"device-cache-bytes": true})", "f.json", &config).message() ==
+      "f.json: \"device-cache-bytes\": must be a byte count (an integer or a string like \"4G\")");
 }
 
 TEST_CASE("bad config files are refused whole, naming the key") {

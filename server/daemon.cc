@@ -26,9 +26,12 @@ std::string DirectoryName(const std::string& path) {
 
 class MoedService final : public v1::Moed::Service {
  public:
-  MoedService(v1::ModelInfoResponse info, kernels::Backend* backend, std::shared_ptr<cache::ExpertCache> cache,
-              std::shared_ptr<cache::Store> store)
-      : info_(std::move(info)), backend_(backend), cache_(std::move(cache)), store_(std::move(store)) {}
+  MoedService(v1::ModelInfoResponse info, kernels::Backend* backend,
+              std::shared_ptr<cache::ExpertCache> cache, std::shared_ptr<cache::Store> store)
+      : info_(std::move(info)),
+        backend_(backend),
+        cache_(std::move(cache)),
+        store_(std::move(store)) {}
 
   grpc::Status ModelInfo(grpc::ServerContext* /*context*/, const v1::ModelInfoRequest* /*request*/,
                          v1::ModelInfoResponse* response) override {
@@ -59,7 +62,8 @@ class MoedService final : public v1::Moed::Service {
   std::shared_ptr<cache::Store> store_;
 };
 
-void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store, v1::ExpertCacheInfo* info) {
+void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
+                   v1::ExpertCacheInfo* info) {
   const cache::CacheOptions& options = cache.options();
   cache::CacheCounters counters = cache.counters();
   const uint64_t slot = cache::ExpertCache::SlotBytes(store, options.precision);
@@ -74,7 +78,7 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store, v
   info->set_reader(std::string(cache.reader_name()));
   info->set_eviction_policy(options.device_policy == cache::PolicyKind::kLru   ? "lru"
                             : options.device_policy == cache::PolicyKind::kLfu ? "lfu"
-                                                                                : "scored");
+                                                                               : "scored");
   info->set_device_hits(counters.device.hits);
   info->set_device_misses(counters.device.misses);
   info->set_host_hits(counters.host.hits);
@@ -97,7 +101,8 @@ void FillDevice(const kernels::DeviceInfo& info, v1::Device* device) {
 v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon) {
   v1::ModelInfoResponse info;
   const std::string& dir = daemon.store.empty() ? daemon.model : daemon.store;
-  info.set_model_name(daemon.served_model_name.empty() ? DirectoryName(dir) : daemon.served_model_name);
+  info.set_model_name(daemon.served_model_name.empty() ? DirectoryName(dir)
+                                                       : daemon.served_model_name);
   info.set_architecture(std::string(model::ArchitectureName(config.architecture)));
   info.set_source_path(std::filesystem::absolute(dir).lexically_normal().string());
   info.set_dtype(config.torch_dtype);
@@ -185,8 +190,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     FillDevice(cuda_device, info.add_cuda_devices());
   }
   info.set_backend_note(choice.fallback_reason);
-  daemon->moed_service_ =
-      std::make_unique<MoedService>(std::move(info), daemon->backend_.get(), daemon->cache_, daemon->store_);
+  daemon->moed_service_ = std::make_unique<MoedService>(std::move(info), daemon->backend_.get(),
+                                                        daemon->cache_, daemon->store_);
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;
 }

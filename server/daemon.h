@@ -7,8 +7,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "grpcpp/server.h"
 #include "cache/expert_cache.h"
+#include "grpcpp/server.h"
 #include "kernels/backend.h"
 #include "model/model_config.h"
 #include "moed/v1/moed.grpc.pb.h"
@@ -47,6 +47,7 @@ class Daemon {
 // ModelInfo's static part, from the model's config and the checkpoint or store directory.
 v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon);
 void FillDevice(const kernels::DeviceInfo& info, v1::Device* device);
-void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store, v1::ExpertCacheInfo* info);
+void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
+                   v1::ExpertCacheInfo* info);
 
 }  // namespace moed::server

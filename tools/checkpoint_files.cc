@@ -16,7 +16,9 @@ absl::Status CopyNonWeightFiles(const std::string& from, const std::string& to) 
       continue;
     }
     fs::copy_file(entry.path(), fs::path(to) / name, fs::copy_options::overwrite_existing, error);
-    if (error) return absl::UnavailableError(absl::StrCat(entry.path().string(), ": cannot copy: ", error.message()));
+    if (error)
+      return absl::UnavailableError(
+          absl::StrCat(entry.path().string(), ": cannot copy: ", error.message()));
   }
   if (error) return absl::NotFoundError(absl::StrCat(from, ": cannot list: ", error.message()));
   return absl::OkStatus();

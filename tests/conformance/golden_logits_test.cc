@@ -1,16 +1,17 @@
 // Every golden case of ../shared/golden: prompt logits and the greedy continuation, against
 // llama.cpp's reference numbers (README: 1e-4 on logits, greedy ids exact).
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <unistd.h>
 
 #include "cache/expert_cache.h"
 #include "cache/store_reader.h"
 #include "model/generate.h"
-#include "tools/pack/pack.h"
 #include "nlohmann/json.hpp"
+#include "tools/pack/pack.h"
 
 namespace moed::model {
 namespace {
@@ -40,11 +41,13 @@ void CheckGolden(const std::string& name) {
     REQUIRE(result->prompt_logits.size() == c["prompt_logits"].size());
     double worst_prompt = 0, worst_greedy = 0;
     for (size_t i = 0; i < result->prompt_logits.size(); ++i) {
-      worst_prompt = std::max(worst_prompt, MaxAbsDiff(result->prompt_logits[i], c["prompt_logits"][i]));
+      worst_prompt =
+          std::max(worst_prompt, MaxAbsDiff(result->prompt_logits[i], c["prompt_logits"][i]));
     }
     CHECK(result->greedy == c["greedy"].get<std::vector<int32_t>>());
     for (size_t i = 0; i < result->greedy_logits.size(); ++i) {
-      worst_greedy = std::max(worst_greedy, MaxAbsDiff(result->greedy_logits[i], c["greedy_logits"][i]));
+      worst_greedy =
+          std::max(worst_greedy, MaxAbsDiff(result->greedy_logits[i], c["greedy_logits"][i]));
     }
     INFO("max |diff| prompt " << worst_prompt << ", greedy " << worst_greedy);
     CHECK(worst_prompt <= 1e-4);
@@ -58,8 +61,8 @@ void CheckGoldenStore(const std::string& name) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
   std::string dir = std::string(shared) + "/golden/" + name;
-  std::filesystem::path store_dir =
-      std::filesystem::temp_directory_path() / ("moed_golden_store_" + name + "_" + std::to_string(getpid()));
+  std::filesystem::path store_dir = std::filesystem::temp_directory_path() /
+                                    ("moed_golden_store_" + name + "_" + std::to_string(getpid()));
   std::filesystem::remove_all(store_dir);
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
@@ -69,7 +72,8 @@ void CheckGoldenStore(const std::string& name) {
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
   const uint64_t slot = cache::ExpertCache::SlotBytes(**store, cache::Precision::kSource);
   const uint64_t all = slot * (*store)->config().NumMoeLayers() * (*store)->config().num_experts;
-  const uint64_t minimum = cache::ExpertCache::MinimumDeviceBytes(**store, cache::Precision::kSource);
+  const uint64_t minimum =
+      cache::ExpertCache::MinimumDeviceBytes(**store, cache::Precision::kSource);
   // The minimum, 25 %, 50 % and 100 % of the experts, in exact mode.
   for (uint64_t budget : {minimum, std::max(minimum, all / 4), std::max(minimum, all / 2), all}) {
     INFO("device budget " << budget << " of " << all);

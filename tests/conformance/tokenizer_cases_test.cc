@@ -25,7 +25,8 @@ void CheckFolder(const std::string& name, bool byte_level) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
   fs::path dir = fs::path(shared) / "tokenizers" / name;
-  fs::path file = fs::exists(dir / "tokenizer.json") ? dir / "tokenizer.json" : dir / "tokenizer.assembled.json";
+  fs::path file = fs::exists(dir / "tokenizer.json") ? dir / "tokenizer.json"
+                                                     : dir / "tokenizer.assembled.json";
   auto tokenizer = Tokenizer::FromFile(file.string());
   INFO(tokenizer.status().ToString());
   REQUIRE(tokenizer.ok());

@@ -10,7 +10,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (manifest.ok()) {
     for (const auto& blob : manifest->blobs) {
       const auto& layout = manifest->layouts.at(blob.precision);
-      if (blob.offset % moed::cache::kBlobAlignment != 0 || blob.offset + layout.padded_size > manifest->experts_file_size) {
+      if (blob.offset % moed::cache::kBlobAlignment != 0 ||
+          blob.offset + layout.padded_size > manifest->experts_file_size) {
         __builtin_trap();
       }
     }

@@ -113,7 +113,9 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
   const std::vector<Case> cases = {
       {{"--bogus"}, 2, "moed: error: unknown flag --bogus (see --help)"},
       {{"--model"}, 2, "moed: error: --model needs a value (DIR)"},
-      {{}, 2, "moed: error: no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)"},
+      {{},
+       2,
+       "moed: error: no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)"},
       {{"--model", TestModel().string(), "--backend", "fpga"},
        2,
        "moed: error: --backend: 'fpga' is not one of auto, cpu, cuda"},
@@ -176,8 +178,8 @@ namespace moed::testing {
 namespace {
 
 TEST_CASE("moectl logits, tokenize and detokenize run locally") {
-  CommandResult logits = RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(), "--tokens",
-                                     "5,300,17", "--greedy", "3"});
+  CommandResult logits = RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(),
+                                     "--tokens", "5,300,17", "--greedy", "3"});
   REQUIRE(logits.exit_code == 0);
   auto json = nlohmann::json::parse(logits.out);
   REQUIRE(json["prompt_logits"].size() == 3);
@@ -192,18 +194,21 @@ TEST_CASE("moectl logits, tokenize and detokenize run locally") {
   CHECK(json["greedy"][0] == argmax(json["prompt_logits"][2]));
   CHECK(json["greedy"][1] == argmax(json["greedy_logits"][0]));
 
-  CommandResult bad = RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(), "--tokens", "5,9999"});
+  CommandResult bad =
+      RunCommand({MOECTL_BINARY, "logits", "--model", TestModel().string(), "--tokens", "5,9999"});
   CHECK(bad.exit_code == 1);
   CHECK(bad.err.find("token id 9999 is outside the vocabulary of 512") != std::string::npos);
 
   std::string tokenizer = (TestModel() / "tokenizer.json").string();
-  CommandResult ids = RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "héllo, 世界"});
+  CommandResult ids =
+      RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "héllo, 世界"});
   REQUIRE(ids.exit_code == 0);
   auto id_list = nlohmann::json::parse(ids.out).get<std::vector<int>>();
   REQUIRE_FALSE(id_list.empty());
   std::string joined;
   for (size_t i = 0; i < id_list.size(); ++i) joined += (i ? "," : "") + std::to_string(id_list[i]);
-  CommandResult text = RunCommand({MOECTL_BINARY, "detokenize", "--tokenizer", tokenizer, "--ids", joined});
+  CommandResult text =
+      RunCommand({MOECTL_BINARY, "detokenize", "--tokenizer", tokenizer, "--ids", joined});
   CHECK(text.exit_code == 0);
   CHECK(text.out == "héllo, 世界");
 }
@@ -216,15 +221,18 @@ namespace {
 
 TEST_CASE("the daemon serves an expert store and refuses a budget below the minimum") {
   fs::path store = TestModel().parent_path() / "store";
-  if (!fs::exists(store)) REQUIRE(tools::Pack(TestModel().string(), store.string(), tools::PackOptions{}).ok());
+  if (!fs::exists(store))
+    REQUIRE(tools::Pack(TestModel().string(), store.string(), tools::PackOptions{}).ok());
   // Two slots of the tiny qwen2 source blobs are the minimum.
-  CommandResult too_small = RunCommand({MOED_BINARY, "--store", store.string(), "--device-cache-bytes", "4K",
-                                        "--listen", "127.0.0.1:0"});
+  CommandResult too_small = RunCommand({MOED_BINARY, "--store", store.string(),
+                                        "--device-cache-bytes", "4K", "--listen", "127.0.0.1:0"});
   CHECK(too_small.exit_code == 1);
-  CHECK(too_small.err.find("device cache budget of 4096 bytes is below the minimum of") != std::string::npos);
+  CHECK(too_small.err.find("device cache budget of 4096 bytes is below the minimum of") !=
+        std::string::npos);
 
-  std::vector<std::string> argv = {MOED_BINARY, "--store", store.string(), "--device-cache-bytes", "1M",
-                                   "--host-cache-bytes", "512K", "--listen", "127.0.0.1:0"};
+  std::vector<std::string> argv = {
+      MOED_BINARY,          "--store", store.string(), "--device-cache-bytes", "1M",
+      "--host-cache-bytes", "512K",    "--listen",     "127.0.0.1:0"};
   ChildProcess daemon(argv);
   auto line = daemon.ReadStdoutLine(std::chrono::seconds(30));
   REQUIRE(line.has_value());

@@ -66,7 +66,8 @@ __attribute__((target("avx2"))) float SweepAvx2(const uint8_t* data, size_t byte
 }
 
 // Reads `bytes` of each region once, split over the pool; returns GB/s (median of `reps`).
-double SweepGbps(const std::vector<std::pair<const uint8_t*, size_t>>& regions, ThreadPool& pool, int reps) {
+double SweepGbps(const std::vector<std::pair<const uint8_t*, size_t>>& regions, ThreadPool& pool,
+                 int reps) {
   bool avx512 = __builtin_cpu_supports("avx512f");
   size_t total = 0;
   for (auto& r : regions) total += r.second;
@@ -92,13 +93,17 @@ double SweepGbps(const std::vector<std::pair<const uint8_t*, size_t>>& regions, 
 
 struct Expert {
   WeightMatrix gate, up, down;
-  uint64_t bytes() const { return 2ull * (gate.rows * gate.cols + up.rows * up.cols + down.rows * down.cols); }
+  uint64_t bytes() const {
+    return 2ull * (gate.rows * gate.cols + up.rows * up.cols + down.rows * down.cols);
+  }
 };
 
 // `tokens` tokens through each expert in turn: gate, up, SwiGLU, down. Returns GB/s of weights.
-double ExpertGemvGbps(const std::vector<Expert>& experts, ThreadPool& pool, int reps, int tokens = 1) {
+double ExpertGemvGbps(const std::vector<Expert>& experts, ThreadPool& pool, int reps,
+                      int tokens = 1) {
   const int64_t hidden = experts[0].gate.cols, inter = experts[0].gate.rows;
-  std::vector<float> x(hidden * tokens, 0.01f), g(inter * tokens), u(inter * tokens), y(hidden * tokens);
+  std::vector<float> x(hidden * tokens, 0.01f), g(inter * tokens), u(inter * tokens),
+      y(hidden * tokens);
   uint64_t bytes = 0;
   for (const Expert& e : experts) bytes += e.bytes();
   std::vector<double> rates;
@@ -128,7 +133,8 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "decode steps per measurement")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  std::printf("isa: %s, hardware threads: %u\n", moed::kernels::cpu::IsaName(moed::kernels::cpu::DetectIsa()),
+  std::printf("isa: %s, hardware threads: %u\n",
+              moed::kernels::cpu::IsaName(moed::kernels::cpu::DetectIsa()),
               std::thread::hardware_concurrency());
 
   // Expert GEMV vs the sweep, on 48 synthetic Mixtral-bench experts (hidden 1024,
@@ -140,16 +146,19 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   for (int e = 0; e < num_experts; ++e) {
     Expert expert;
-    for (auto [m, rows, cols] : {std::tuple{&expert.gate, inter, hidden}, std::tuple{&expert.up, inter, hidden},
-                                 std::tuple{&expert.down, hidden, inter}}) {
+    for (auto [m, rows, cols] :
+         {std::tuple{&expert.gate, inter, hidden}, std::tuple{&expert.up, inter, hidden},
+          std::tuple{&expert.down, hidden, inter}}) {
       storage.emplace_back(static_cast<size_t>(rows * cols));
-      for (auto& v : storage.back()) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));  // small bf16
+      for (auto& v : storage.back())
+        v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));  // small bf16
       *m = WeightMatrix{DType::kBF16, storage.back().data(), rows, cols};
     }
     experts.push_back(expert);
   }
   std::vector<std::pair<const uint8_t*, size_t>> regions;
-  for (auto& s : storage) regions.emplace_back(reinterpret_cast<const uint8_t*>(s.data()), s.size() * 2);
+  for (auto& s : storage)
+    regions.emplace_back(reinterpret_cast<const uint8_t*>(s.data()), s.size() * 2);
 
   std::printf("\n== expert FFN GEMV (bf16, 1 token, %d experts of %.1f MB) ==\n", num_experts,
               experts[0].bytes() / 1e6);
@@ -162,7 +171,8 @@ int main(int argc, char** argv) {
     double gemv = ExpertGemvGbps(experts, pool, 7);
     double two = ExpertGemvGbps(experts, pool, 3, 2);
     double four = ExpertGemvGbps(experts, pool, 3, 4);
-    std::printf("%-8d %14.1f %14.1f %7.0f%% %16.1f %16.1f\n", threads, sweep, gemv, 100 * gemv / sweep, two, four);
+    std::printf("%-8d %14.1f %14.1f %7.0f%% %16.1f %16.1f\n", threads, sweep, gemv,
+                100 * gemv / sweep, two, four);
     ceiling = std::max(ceiling, sweep);
   }
   storage.clear();
@@ -189,13 +199,17 @@ int main(int argc, char** argv) {
   const auto& c = (*model)->config();
   const uint64_t expert_bytes = 2ull * c.ExpertParameters();
   const uint64_t attention_bytes =
-      2ull * c.hidden_size * (2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim);
-  const uint64_t per_step_dense = c.num_layers * (attention_bytes + 2ull * c.num_experts * c.hidden_size) +
-                                  2ull * c.vocab_size * c.hidden_size;  // + router, + lm_head
-  std::printf("\n== decode, %s: hidden %ld, %ld layers, %ld experts of %.1f MB, top-%ld, vocab %ld ==\n",
-              model_dir.c_str(), c.hidden_size, c.num_layers, c.num_experts, expert_bytes / 1e6,
-              c.experts_per_token, c.vocab_size);
-  std::printf("%-10s %10s %16s %14s %10s\n", "sequences", "tokens/s", "MB read / step", "GB/s read", "ceiling");
+      2ull * c.hidden_size *
+      (2 * c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim);
+  const uint64_t per_step_dense =
+      c.num_layers * (attention_bytes + 2ull * c.num_experts * c.hidden_size) +
+      2ull * c.vocab_size * c.hidden_size;  // + router, + lm_head
+  std::printf(
+      "\n== decode, %s: hidden %ld, %ld layers, %ld experts of %.1f MB, top-%ld, vocab %ld ==\n",
+      model_dir.c_str(), c.hidden_size, c.num_layers, c.num_experts, expert_bytes / 1e6,
+      c.experts_per_token, c.vocab_size);
+  std::printf("%-10s %10s %16s %14s %10s\n", "sequences", "tokens/s", "MB read / step", "GB/s read",
+              "ceiling");
   for (int sequences : {1, 8}) {
     std::vector<std::unique_ptr<moed::model::KvCache>> caches;
     std::vector<moed::model::SequenceInput> inputs;

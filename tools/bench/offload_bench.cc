@@ -8,12 +8,12 @@
 //     / the fio bandwidth), from the cache's own counters.
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
-#include <filesystem>
 #include <numeric>
 #include <random>
 #include <string>
@@ -32,23 +32,27 @@ namespace {
 using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
-double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 // Reads the blobs in `order` through the stager until `min_seconds` have passed (whole passes).
-double StagerGbps(const moed::cache::Store& store, const std::vector<const moed::cache::BlobEntry*>& order,
-                  uint64_t block, int depth, double min_seconds) {
+double StagerGbps(const moed::cache::Store& store,
+                  const std::vector<const moed::cache::BlobEntry*>& order, uint64_t block,
+                  int depth, double min_seconds) {
   std::mutex mutex;
   std::condition_variable done;
   uint64_t completed = 0, failed = 0;
   moed::cache::ReaderOptions options;
   options.queue_depth = depth;
   options.max_request_bytes = block;
-  auto reader = moed::cache::OpenIoUringReader(store.experts_path(), options, [&](uint64_t, absl::Status status) {
-    std::lock_guard lock(mutex);
-    ++completed;
-    if (!status.ok()) ++failed;
-    done.notify_all();
-  });
+  auto reader = moed::cache::OpenIoUringReader(store.experts_path(), options,
+                                               [&](uint64_t, absl::Status status) {
+                                                 std::lock_guard lock(mutex);
+                                                 ++completed;
+                                                 if (!status.ok()) ++failed;
+                                                 done.notify_all();
+                                               });
   if (!reader.ok()) {
     std::fprintf(stderr, "%s\n", std::string(reader.status().message()).c_str());
     return 0;
@@ -64,7 +68,8 @@ double StagerGbps(const moed::cache::Store& store, const std::vector<const moed:
         std::unique_lock lock(mutex);
         done.wait(lock, [&] { return submitted - completed < static_cast<uint64_t>(depth); });
       }
-      moed::cache::ReadRequest request{blob->offset, block, buffers[submitted % depth].data(), submitted};
+      moed::cache::ReadRequest request{blob->offset, block, buffers[submitted % depth].data(),
+                                       submitted};
       (void)(*reader)->Submit(absl::MakeConstSpan(&request, 1));
       ++submitted;
       bytes += block;
@@ -82,9 +87,12 @@ double StagerGbps(const moed::cache::Store& store, const std::vector<const moed:
 // fio's random-read bandwidth on the same file, block size and queue depth.
 double FioGbps(const std::string& file, uint64_t block, int depth, int seconds) {
   std::string json_path = "/tmp/moed-bench-fio.json";
-  std::string command = "fio --name=moed --filename=" + file + " --readonly --rw=randread --bs=" + std::to_string(block) +
-                        " --iodepth=" + std::to_string(depth) + " --ioengine=io_uring --direct=1 --time_based --runtime=" +
-                        std::to_string(seconds) + " --output-format=json --output=" + json_path + " > /dev/null 2>&1";
+  std::string command =
+      "fio --name=moed --filename=" + file +
+      " --readonly --rw=randread --bs=" + std::to_string(block) +
+      " --iodepth=" + std::to_string(depth) +
+      " --ioengine=io_uring --direct=1 --time_based --runtime=" + std::to_string(seconds) +
+      " --output-format=json --output=" + json_path + " > /dev/null 2>&1";
   if (std::system(command.c_str()) != 0) return 0;
   std::ifstream in(json_path);
   auto j = nlohmann::json::parse(in, nullptr, false);
@@ -98,11 +106,16 @@ int main(int argc, char** argv) {
   std::string store_dir = "build/bench-models/bench-6g-store";
   int depth = 4, steps = 16, fio_seconds = 10;
   double stage_seconds = 10;
-  CLI::App app{"moed-bench-offload: SSD staging against fio, decode at cache budgets against the roofline"};
-  app.add_option("--store", store_dir, "expert store (default: synthesize and pack the bench-6g model)")->capture_default_str();
-  app.add_option("--queue-depth", depth, "reads in flight for both the stager and fio")->capture_default_str();
+  CLI::App app{
+      "moed-bench-offload: SSD staging against fio, decode at cache budgets against the roofline"};
+  app.add_option("--store", store_dir,
+                 "expert store (default: synthesize and pack the bench-6g model)")
+      ->capture_default_str();
+  app.add_option("--queue-depth", depth, "reads in flight for both the stager and fio")
+      ->capture_default_str();
   app.add_option("--steps", steps, "decode steps per budget")->capture_default_str();
-  app.add_option("--seconds", stage_seconds, "staging measurement time (fio gets the same)")->capture_default_str();
+  app.add_option("--seconds", stage_seconds, "staging measurement time (fio gets the same)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   fio_seconds = static_cast<int>(stage_seconds);
 
@@ -136,21 +149,24 @@ int main(int argc, char** argv) {
   }
   std::shuffle(order.begin(), order.end(), std::mt19937(1));
 
-  std::printf("\n== staging: %zu source blobs of %.1f MiB, O_DIRECT random reads, queue depth %d ==\n", order.size(),
-              block / double(1 << 20), depth);
+  std::printf(
+      "\n== staging: %zu source blobs of %.1f MiB, O_DIRECT random reads, queue depth %d ==\n",
+      order.size(), block / double(1 << 20), depth);
   double fio = FioGbps((*store)->experts_path(), block, depth, fio_seconds);
   double stager = StagerGbps(**store, order, block, depth, stage_seconds);
-  std::printf("%-12s %10s\n%-12s %9.2f\n%-12s %9.2f   (%.0f%% of fio)\n", "reader", "GB/s", "fio", fio, "moed stager",
-              stager, fio > 0 ? 100 * stager / fio : 0);
+  std::printf("%-12s %10s\n%-12s %9.2f\n%-12s %9.2f   (%.0f%% of fio)\n", "reader", "GB/s", "fio",
+              fio, "moed stager", stager, fio > 0 ? 100 * stager / fio : 0);
 
   const auto& c = (*store)->config();
-  const uint64_t slot = moed::cache::ExpertCache::SlotBytes(**store, moed::cache::Precision::kSource);
+  const uint64_t slot =
+      moed::cache::ExpertCache::SlotBytes(**store, moed::cache::Precision::kSource);
   const uint64_t all = slot * c.NumMoeLayers() * c.num_experts;
-  std::printf("\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence ==\n",
-              store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
-              c.experts_per_token);
-  std::printf("%-8s %10s %12s %14s %14s %12s %10s\n", "budget", "tokens/s", "vs resident", "MB missed/tok",
-              "roofline tok/s", "of roofline", "hit rate");
+  std::printf(
+      "\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence ==\n",
+      store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
+      c.experts_per_token);
+  std::printf("%-8s %10s %12s %14s %14s %12s %10s\n", "budget", "tokens/s", "vs resident",
+              "MB missed/tok", "roofline tok/s", "of roofline", "hit rate");
   double resident_seconds = 0;
   for (double fraction : {1.0, 0.5, 0.25}) {
     moed::cache::CacheOptions options;
@@ -168,7 +184,9 @@ int main(int argc, char** argv) {
     // unrealistically repetitive: feed a fixed pseudo-random token stream instead (the same
     // for every budget), so consecutive tokens route like unrelated text.
     std::mt19937 tokens(7);
-    auto next_token = [&] { return static_cast<int32_t>(tokens() % static_cast<uint32_t>(c.vocab_size)); };
+    auto next_token = [&] {
+      return static_cast<int32_t>(tokens() % static_cast<uint32_t>(c.vocab_size));
+    };
     // Warm-up: the resident run loads every expert it will use at least once.
     for (int warm = 0; warm < (fraction == 1.0 ? 24 : 2); ++warm) {
       input.tokens = {next_token()};
@@ -183,12 +201,13 @@ int main(int argc, char** argv) {
     double seconds = Seconds(start, Clock::now()) / steps;
     auto after = raw->counters();
     double missed = static_cast<double>(after.ssd_bytes - before.ssd_bytes) / steps;
-    uint64_t hits = after.device.hits - before.device.hits, misses = after.device.misses - before.device.misses;
+    uint64_t hits = after.device.hits - before.device.hits,
+             misses = after.device.misses - before.device.misses;
     if (fraction == 1.0) resident_seconds = seconds;
     double roofline = std::max(resident_seconds, fio > 0 ? missed / (fio * 1e9) : 0.0);
-    std::printf("%6.0f%% %10.2f %11.0f%% %14.1f %14.2f %11.0f%% %9.0f%%\n", 100 * fraction, 1 / seconds,
-                100 * resident_seconds / seconds, missed / 1e6, 1 / roofline, 100 * roofline / seconds,
-                100.0 * hits / std::max<uint64_t>(1, hits + misses));
+    std::printf("%6.0f%% %10.2f %11.0f%% %14.1f %14.2f %11.0f%% %9.0f%%\n", 100 * fraction,
+                1 / seconds, 100 * resident_seconds / seconds, missed / 1e6, 1 / roofline,
+                100 * roofline / seconds, 100.0 * hits / std::max<uint64_t>(1, hits + misses));
   }
   return 0;
 }

@@ -2,10 +2,10 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <array>
 #include <memory>
 #include <optional>
 #include <set>
@@ -34,15 +34,17 @@ std::string ExpertPrefix(const model::ModelConfig& config, int layer, int expert
              : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
 }
 
-std::array<std::string, 3> ExpertTensorNames(const model::ModelConfig& config, int layer, int expert) {
+std::array<std::string, 3> ExpertTensorNames(const model::ModelConfig& config, int layer,
+                                             int expert) {
   std::string p = ExpertPrefix(config, layer, expert);
-  if (config.architecture == model::Architecture::kMixtral) return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
+  if (config.architecture == model::Architecture::kMixtral)
+    return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
   return {p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"};
 }
 
 // Lays out one matrix at `*cursor` and advances it.
-MatrixLayout Place(Precision precision, kernels::DType source, int64_t rows, int64_t cols, int64_t group,
-                   uint64_t* cursor) {
+MatrixLayout Place(Precision precision, kernels::DType source, int64_t rows, int64_t cols,
+                   int64_t group, uint64_t* cursor) {
   MatrixLayout m;
   m.rows = rows;
   m.cols = cols;
@@ -72,7 +74,8 @@ MatrixLayout Place(Precision precision, kernels::DType source, int64_t rows, int
   return m;
 }
 
-BlobLayout LayoutFor(Precision precision, kernels::DType source, int64_t hidden, int64_t inter, int64_t group) {
+BlobLayout LayoutFor(Precision precision, kernels::DType source, int64_t hidden, int64_t inter,
+                     int64_t group) {
   BlobLayout layout;
   uint64_t cursor = 0;
   layout.gate = Place(precision, source, inter, hidden, group, &cursor);
@@ -84,7 +87,8 @@ BlobLayout LayoutFor(Precision precision, kernels::DType source, int64_t hidden,
 }
 
 // Writes one matrix of a blob from the checkpoint tensor's bytes.
-void FillMatrix(const MatrixLayout& m, const model::TensorRef& tensor, std::vector<float>* scratch, uint8_t* blob) {
+void FillMatrix(const MatrixLayout& m, const model::TensorRef& tensor, std::vector<float>* scratch,
+                uint8_t* blob) {
   if (m.quantization == kernels::Quantization::kNone) {
     std::memcpy(blob + m.offset, tensor.data, m.bytes);
     return;
@@ -93,9 +97,11 @@ void FillMatrix(const MatrixLayout& m, const model::TensorRef& tensor, std::vect
   kernels::cpu::ToFloat(tensor.info->dtype, tensor.data, m.rows * m.cols, scratch->data());
   auto* scales = reinterpret_cast<float*>(blob + m.scales_offset);
   if (m.quantization == kernels::Quantization::kInt8PerRow) {
-    kernels::cpu::QuantizeInt8(scratch->data(), m.rows, m.cols, reinterpret_cast<int8_t*>(blob + m.offset), scales);
+    kernels::cpu::QuantizeInt8(scratch->data(), m.rows, m.cols,
+                               reinterpret_cast<int8_t*>(blob + m.offset), scales);
   } else {
-    int64_t group = m.cols / static_cast<int64_t>(m.scales_bytes / 4 / static_cast<uint64_t>(m.rows));
+    int64_t group =
+        m.cols / static_cast<int64_t>(m.scales_bytes / 4 / static_cast<uint64_t>(m.rows));
     kernels::cpu::QuantizeInt4(scratch->data(), m.rows, m.cols, group, blob + m.offset, scales);
   }
 }
@@ -104,10 +110,14 @@ class FileWriter {
  public:
   static absl::StatusOr<FileWriter> Create(const fs::path& path) {
     FILE* file = std::fopen(path.c_str(), "wb");
-    if (file == nullptr) return absl::UnavailableError(absl::StrCat(path.string(), ": cannot create"));
+    if (file == nullptr)
+      return absl::UnavailableError(absl::StrCat(path.string(), ": cannot create"));
     return FileWriter(file, path.string());
   }
-  FileWriter(FileWriter&& other) noexcept : file_(std::exchange(other.file_, nullptr)), path_(std::move(other.path_)), size_(other.size_) {}
+  FileWriter(FileWriter&& other) noexcept
+      : file_(std::exchange(other.file_, nullptr)),
+        path_(std::move(other.path_)),
+        size_(other.size_) {}
   ~FileWriter() {
     if (file_ != nullptr) std::fclose(file_);
   }
@@ -147,9 +157,11 @@ int64_t ChooseGroupSize(int64_t requested, int64_t hidden, int64_t inter) {
   return group;
 }
 
-absl::Status PackInto(const std::string& model_dir, const fs::path& out, const PackOptions& options) {
+absl::Status PackInto(const std::string& model_dir, const fs::path& out,
+                      const PackOptions& options) {
   MOED_ASSIGN_OR_RETURN(model::ModelConfig config, model::LoadModelConfig(model_dir));
-  MOED_ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> checkpoint, model::Checkpoint::Open(model_dir));
+  MOED_ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> checkpoint,
+                        model::Checkpoint::Open(model_dir));
   const int64_t hidden = config.hidden_size, inter = config.expert_intermediate_size;
 
   cache::Manifest manifest;
@@ -167,16 +179,17 @@ absl::Status PackInto(const std::string& model_dir, const fs::path& out, const P
       for (const std::string& name : ExpertTensorNames(config, layer, e)) {
         MOED_ASSIGN_OR_RETURN(model::TensorRef ref, checkpoint->Find(name));
         if (source_dtype.has_value() && *source_dtype != ref.info->dtype) {
-          return absl::InvalidArgumentError(absl::StrCat(*ref.file, ": tensor ", name, " is ",
-                                                         kernels::DTypeName(ref.info->dtype),
-                                                         " but other experts are ", kernels::DTypeName(*source_dtype)));
+          return absl::InvalidArgumentError(absl::StrCat(
+              *ref.file, ": tensor ", name, " is ", kernels::DTypeName(ref.info->dtype),
+              " but other experts are ", kernels::DTypeName(*source_dtype)));
         }
         source_dtype = ref.info->dtype;
         expert_tensors.insert(name);
       }
     }
   }
-  if (!source_dtype.has_value()) return absl::InvalidArgumentError(absl::StrCat(model_dir, ": the model has no routed experts"));
+  if (!source_dtype.has_value())
+    return absl::InvalidArgumentError(absl::StrCat(model_dir, ": the model has no routed experts"));
   manifest.source_dtype = *source_dtype;
   for (Precision p : options.precisions) {
     if (manifest.HasPrecision(p)) continue;
@@ -216,18 +229,22 @@ absl::Status PackInto(const std::string& model_dir, const fs::path& out, const P
       std::array<model::TensorRef, 3> refs;
       for (int i = 0; i < 3; ++i) {
         MOED_ASSIGN_OR_RETURN(refs[i], checkpoint->Find(names[i]));
-        std::vector<int64_t> expected = i < 2 ? std::vector<int64_t>{inter, hidden} : std::vector<int64_t>{hidden, inter};
+        std::vector<int64_t> expected =
+            i < 2 ? std::vector<int64_t>{inter, hidden} : std::vector<int64_t>{hidden, inter};
         if (refs[i].info->shape != expected) {
-          return absl::InvalidArgumentError(absl::StrCat(*refs[i].file, ": tensor ", names[i], " has the wrong shape for config.json"));
+          return absl::InvalidArgumentError(absl::StrCat(*refs[i].file, ": tensor ", names[i],
+                                                         " has the wrong shape for config.json"));
         }
       }
       for (Precision p : manifest.precisions) {
         const BlobLayout& layout = manifest.layouts[p];
-        MOED_ASSIGN_OR_RETURN(cache::AlignedBuffer blob, cache::AlignedBuffer::Allocate(layout.padded_size));
+        MOED_ASSIGN_OR_RETURN(cache::AlignedBuffer blob,
+                              cache::AlignedBuffer::Allocate(layout.padded_size));
         FillMatrix(layout.gate, refs[0], &scratch, blob.data());
         FillMatrix(layout.up, refs[1], &scratch, blob.data());
         FillMatrix(layout.down, refs[2], &scratch, blob.data());
-        cache::BlobEntry entry{layer, e, p, experts.size(), cache::Checksum(blob.data(), layout.padded_size)};
+        cache::BlobEntry entry{layer, e, p, experts.size(),
+                               cache::Checksum(blob.data(), layout.padded_size)};
         MOED_RETURN_IF_ERROR(experts.Write(blob.data(), layout.padded_size));
         manifest.blobs.push_back(entry);
       }
@@ -245,21 +262,26 @@ absl::Status PackInto(const std::string& model_dir, const fs::path& out, const P
 
 }  // namespace
 
-absl::Status Pack(const std::string& model_dir, const std::string& out_dir, const PackOptions& options) {
+absl::Status Pack(const std::string& model_dir, const std::string& out_dir,
+                  const PackOptions& options) {
   fs::path out = fs::path(out_dir).lexically_normal();
   if (!out.has_filename()) out = out.parent_path();
   std::error_code error;
-  if (fs::exists(out, error)) return absl::AlreadyExistsError(absl::StrCat(out.string(), " already exists"));
+  if (fs::exists(out, error))
+    return absl::AlreadyExistsError(absl::StrCat(out.string(), " already exists"));
   fs::path temp = out;
   temp += absl::StrCat(".tmp-", getpid());
   fs::remove_all(temp, error);
   if (!fs::create_directories(temp, error)) {
-    return absl::UnavailableError(absl::StrCat(temp.string(), ": cannot create: ", error.message()));
+    return absl::UnavailableError(
+        absl::StrCat(temp.string(), ": cannot create: ", error.message()));
   }
   absl::Status status = PackInto(model_dir, temp, options);
   if (status.ok()) {
     fs::rename(temp, out, error);
-    if (error) status = absl::UnavailableError(absl::StrCat("rename to ", out.string(), ": ", error.message()));
+    if (error)
+      status =
+          absl::UnavailableError(absl::StrCat("rename to ", out.string(), ": ", error.message()));
   }
   if (!status.ok()) fs::remove_all(temp, error);
   return status;

@@ -18,6 +18,7 @@ struct PackOptions {
 // Writes the store into `out_dir` (which must not exist) through a temporary directory beside
 // it that is renamed at the end, so an interrupted pack never leaves a store that looks
 // complete. The same checkpoint and options always give the same bytes.
-absl::Status Pack(const std::string& model_dir, const std::string& out_dir, const PackOptions& options);
+absl::Status Pack(const std::string& model_dir, const std::string& out_dir,
+                  const PackOptions& options);
 
 }  // namespace moed::tools

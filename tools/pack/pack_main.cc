@@ -11,7 +11,8 @@ int main(int argc, char** argv) {
   CLI::App app{"moed-pack: convert a Hugging Face MoE checkpoint into an expert store"};
   app.add_option("--model", model, "checkpoint directory (config.json, *.safetensors)")->required();
   app.add_option("--out", out, "store directory to create")->required();
-  app.add_option("--precisions", precisions, "comma-separated: source, int8, int4")->capture_default_str();
+  app.add_option("--precisions", precisions, "comma-separated: source, int8, int4")
+      ->capture_default_str();
   app.add_option("--int4-group-size", group, "columns per int4 scale (a power of two)")
       ->capture_default_str()
       ->check(CLI::Range(2, 4096));

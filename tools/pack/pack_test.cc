@@ -2,11 +2,12 @@
 // bytes, and clear errors for corrupt, truncated or malformed stores.
 #include "tools/pack/pack.h"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <unistd.h>
 
 #include "cache/store_reader.h"
 #include "model/generate.h"
@@ -58,10 +59,11 @@ double MaxDiff(const model::GreedyResult& a, const model::GreedyResult& b) {
   return worst;
 }
 
-TEST_CASE("a store's source precision gives bitwise the checkpoint's logits; int8 and int4 stay close") {
+TEST_CASE(
+    "a store's source precision gives bitwise the checkpoint's logits; int8 and int4 stay close") {
   TempDir tmp;
-  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe, model::Architecture::kQwen3Moe,
-                    model::Architecture::kOlmoe}) {
+  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
+                    model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
     std::string name(model::ArchitectureShortName(arch));
     INFO(name);
     fs::path checkpoint = tmp.path / name;
@@ -91,13 +93,16 @@ TEST_CASE("a store's source precision gives bitwise the checkpoint's logits; int
 TEST_CASE("packing is deterministic, atomic and refuses to overwrite") {
   TempDir tmp;
   fs::path checkpoint = tmp.path / "m";
-  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string()).ok());
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
+              .ok());
   REQUIRE(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).ok());
   REQUIRE(Pack(checkpoint.string(), (tmp.path / "b").string(), PackOptions{}).ok());
-  for (const char* file : {"manifest.json", "dense.bin", "experts.bin", "config.json", "tokenizer.json"}) {
+  for (const char* file :
+       {"manifest.json", "dense.bin", "experts.bin", "config.json", "tokenizer.json"}) {
     CHECK(ReadFile(tmp.path / "a" / file) == ReadFile(tmp.path / "b" / file));
   }
-  CHECK(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).code() == absl::StatusCode::kAlreadyExists);
+  CHECK(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).code() ==
+        absl::StatusCode::kAlreadyExists);
   // A failed pack (no such checkpoint) leaves nothing behind.
   CHECK_FALSE(Pack((tmp.path / "missing").string(), (tmp.path / "c").string(), PackOptions{}).ok());
   for (const auto& entry : fs::directory_iterator(tmp.path)) {
@@ -114,9 +119,11 @@ TEST_CASE("packing is deterministic, atomic and refuses to overwrite") {
 TEST_CASE("corrupt and truncated stores fail with errors that say where") {
   TempDir tmp;
   fs::path checkpoint = tmp.path / "m";
-  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string()).ok());
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
+              .ok());
   fs::path store = tmp.path / "s";
-  REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{{cache::Precision::kSource}, 64}).ok());
+  REQUIRE(
+      Pack(checkpoint.string(), store.string(), PackOptions{{cache::Precision::kSource}, 64}).ok());
   auto opened = cache::Store::Open(store.string());
   REQUIRE(opened.ok());
   const cache::BlobEntry blob = *(*opened)->manifest().FindBlob(1, 5, cache::Precision::kSource);
@@ -132,8 +139,9 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
     REQUIRE(s.ok());  // expert blobs are verified when read, not at open
     auto experts = cache::LoadAllExperts(*s, cache::Precision::kSource);
     CHECK(experts.status().code() == absl::StatusCode::kDataLoss);
-    CHECK(experts.status().message() == "layer 1 expert 5 (source): checksum mismatch in " + (store / "experts.bin").string() +
-                                            " at offset " + std::to_string(blob.offset));
+    CHECK(experts.status().message() == "layer 1 expert 5 (source): checksum mismatch in " +
+                                            (store / "experts.bin").string() + " at offset " +
+                                            std::to_string(blob.offset));
   }
   SECTION("a truncated experts.bin") {
     fs::resize_file(store / "experts.bin", fs::file_size(store / "experts.bin") - 4096);
@@ -154,8 +162,10 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
   SECTION("a precision the store was not packed with") {
     auto s = cache::Store::Open(store.string());
     REQUIRE(s.ok());
-    CHECK(cache::LoadAllExperts(*s, cache::Precision::kInt4).status().message().find("has no int4 blobs") !=
-          std::string::npos);
+    CHECK(cache::LoadAllExperts(*s, cache::Precision::kInt4)
+              .status()
+              .message()
+              .find("has no int4 blobs") != std::string::npos);
   }
   SECTION("a damaged manifest") {
     std::string manifest = ReadFile(store / "manifest.json");
@@ -166,9 +176,12 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
     std::ofstream(store / "manifest.json") << manifest;
     auto s = cache::Store::Open(store.string());
     CHECK(s.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK(s.status().message().find("is not aligned or lies outside experts.bin") != std::string::npos);
+    CHECK(s.status().message().find("is not aligned or lies outside experts.bin") !=
+          std::string::npos);
     std::ofstream(store / "manifest.json") << "{\"format\": \"moed-store\", \"version\": 9}";
-    CHECK(cache::Store::Open(store.string()).status().message().find("version 9 is not supported") != std::string::npos);
+    CHECK(
+        cache::Store::Open(store.string()).status().message().find("version 9 is not supported") !=
+        std::string::npos);
   }
 }
 

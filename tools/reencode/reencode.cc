@@ -53,8 +53,10 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
                       const ReencodeOptions& options) {
   if (options.shards < 1) return absl::InvalidArgumentError("shards must be at least 1");
   std::error_code error;
-  if (fs::exists(out_dir, error)) return absl::AlreadyExistsError(absl::StrCat(out_dir, " already exists"));
-  MOED_ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> checkpoint, model::Checkpoint::Open(model_dir));
+  if (fs::exists(out_dir, error))
+    return absl::AlreadyExistsError(absl::StrCat(out_dir, " already exists"));
+  MOED_ASSIGN_OR_RETURN(std::unique_ptr<model::Checkpoint> checkpoint,
+                        model::Checkpoint::Open(model_dir));
   fs::create_directories(out_dir, error);
   if (error) return absl::UnavailableError(absl::StrCat(out_dir, ": ", error.message()));
 
@@ -63,7 +65,8 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
   {
     std::ifstream in(fs::path(model_dir) / "config.json");
     nlohmann::ordered_json config = nlohmann::ordered_json::parse(in, nullptr, false);
-    if (config.is_discarded()) return absl::InvalidArgumentError(model_dir + "/config.json: not JSON");
+    if (config.is_discarded())
+      return absl::InvalidArgumentError(model_dir + "/config.json: not JSON");
     config["torch_dtype"] = TorchDtype(options.dtype);
     std::ofstream(fs::path(out_dir) / "config.json") << config.dump(2) << "\n";
   }
@@ -92,14 +95,16 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
             if (options.dtype == kernels::DType::kF32) {
               std::memcpy(out + 4 * at, &v, 4);
             } else {
-              uint16_t h = options.dtype == kernels::DType::kF16 ? kernels::F32ToF16(v) : kernels::F32ToBf16(v);
+              uint16_t h = options.dtype == kernels::DType::kF16 ? kernels::F32ToF16(v)
+                                                                 : kernels::F32ToBf16(v);
               std::memcpy(out + 2 * at, &h, 2);
             }
           }
         }));
   }
   if (options.shards > 1) {
-    nlohmann::ordered_json index = {{"metadata", nlohmann::ordered_json::object()}, {"weight_map", weight_map}};
+    nlohmann::ordered_json index = {{"metadata", nlohmann::ordered_json::object()},
+                                    {"weight_map", weight_map}};
     std::ofstream(fs::path(out_dir) / "model.safetensors.index.json") << index.dump(2) << "\n";
   }
   return absl::OkStatus();

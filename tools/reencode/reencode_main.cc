@@ -10,7 +10,9 @@ int main(int argc, char** argv) {
   CLI::App app{"moed-reencode: rewrite a safetensors checkpoint in another dtype and/or as shards"};
   app.add_option("--model", model, "source checkpoint directory")->required();
   app.add_option("--out", out, "directory to create")->required();
-  app.add_option("--dtype", dtype, "bf16, f16 or f32")->capture_default_str()->check(CLI::IsMember({"bf16", "f16", "f32"}));
+  app.add_option("--dtype", dtype, "bf16, f16 or f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"bf16", "f16", "f32"}));
   app.add_option("--shards", shards, "number of files (>1 writes model.safetensors.index.json)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

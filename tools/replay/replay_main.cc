@@ -10,9 +10,15 @@ int main(int argc, char** argv) {
   std::string path;
   std::vector<int> per_layer = {2, 4, 6};
   std::vector<double> shared_fractions = {0.25, 0.5, 0.75};
-  CLI::App app{"moed-replay: routing-trace replay of the cache's eviction policies against Belady's optimum"};
-  app.add_option("--trace", path, "trace file (.jsonl, the format of moectl logits --record-routing)")->required();
-  app.add_option("--per-layer", per_layer, "per-layer budgets, in experts per layer")->capture_default_str()->delimiter(',');
+  CLI::App app{
+      "moed-replay: routing-trace replay of the cache's eviction policies against Belady's "
+      "optimum"};
+  app.add_option("--trace", path,
+                 "trace file (.jsonl, the format of moectl logits --record-routing)")
+      ->required();
+  app.add_option("--per-layer", per_layer, "per-layer budgets, in experts per layer")
+      ->capture_default_str()
+      ->delimiter(',');
   app.add_option("--shared", shared_fractions, "shared budgets, as fractions of all experts")
       ->capture_default_str()
       ->delimiter(',');
@@ -31,14 +37,16 @@ int main(int argc, char** argv) {
   uint64_t tokens = 0;
   for (const auto& t : *traces) tokens += t.tokens.size();
   int total = first.num_layers * first.num_experts;
-  std::printf("trace: %s (%zu sequences, %lu tokens, %d layers x %d experts, top-%d)\n", path.c_str(), traces->size(),
-              static_cast<unsigned long>(tokens), first.num_layers, first.num_experts, first.top_k);
+  std::printf("trace: %s (%zu sequences, %lu tokens, %d layers x %d experts, top-%d)\n",
+              path.c_str(), traces->size(), static_cast<unsigned long>(tokens), first.num_layers,
+              first.num_experts, first.top_k);
   std::printf("%-22s %8s %8s %8s %8s\n", "budget", "lru", "lfu", "scored", "belady");
   using moed::cache::PolicyKind;
   auto row = [&](const std::string& label, moed::cache::ReplayBudget budget) {
     std::printf("%-22s", label.c_str());
-    for (auto policy : {std::optional<PolicyKind>(PolicyKind::kLru), std::optional<PolicyKind>(PolicyKind::kLfu),
-                        std::optional<PolicyKind>(PolicyKind::kScored), std::optional<PolicyKind>()}) {
+    for (auto policy :
+         {std::optional<PolicyKind>(PolicyKind::kLru), std::optional<PolicyKind>(PolicyKind::kLfu),
+          std::optional<PolicyKind>(PolicyKind::kScored), std::optional<PolicyKind>()}) {
       std::printf(" %7.1f%%", 100 * moed::cache::Replay(*traces, budget, policy).hit_rate());
     }
     std::printf("\n");

@@ -47,7 +47,8 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorS
   std::vector<uint8_t> buffer;
   for (const TensorSpec& tensor : tensors) {
     if (!ok) break;
-    int64_t elements_per_chunk = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(kernels::DTypeSize(tensor.dtype)));
+    int64_t elements_per_chunk =
+        std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(kernels::DTypeSize(tensor.dtype)));
     for (int64_t begin = 0; begin < tensor.NumElements() && ok; begin += elements_per_chunk) {
       int64_t end = std::min(tensor.NumElements(), begin + elements_per_chunk);
       buffer.resize(static_cast<size_t>(end - begin) * kernels::DTypeSize(tensor.dtype));

@@ -20,7 +20,9 @@ struct TensorSpec {
   DType dtype = DType::kBF16;
 
   int64_t NumElements() const;
-  uint64_t NumBytes() const { return static_cast<uint64_t>(NumElements()) * kernels::DTypeSize(dtype); }
+  uint64_t NumBytes() const {
+    return static_cast<uint64_t>(NumElements()) * kernels::DTypeSize(dtype);
+  }
 };
 
 // Fills `out` (NumBytes of the tensor) with the bytes of elements [begin, end) of the tensor.
