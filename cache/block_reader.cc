@@ -60,7 +60,7 @@ class IoUringReader final : public BlockReader {
         // Wake the completion thread with a no-op.
         io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
         io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data64(sqe, kStopTag);
+        io_uring_sqe_set_data(sqe, nullptr);  // the stop marker
         io_uring_submit(&ring_);
       }
       completer_.join();
@@ -96,7 +96,6 @@ class IoUringReader final : public BlockReader {
   }
 
  private:
-  static constexpr uint64_t kStopTag = ~0ull;
   struct Piece {
     uint64_t id;
     uint64_t at;    // offset within the request
@@ -149,12 +148,12 @@ class IoUringReader final : public BlockReader {
       int rc = io_uring_wait_cqe(&ring_, &cqe);
       if (rc == -EINTR) continue;
       if (rc < 0) continue;
-      uint64_t data = io_uring_cqe_get_data64(cqe);
+      void* data = io_uring_cqe_get_data(cqe);
       int result = cqe->res;
       io_uring_cqe_seen(&ring_, cqe);
       std::unique_lock lock(mutex_);
-      if (data == kStopTag) return;
-      std::unique_ptr<Piece> piece(reinterpret_cast<Piece*>(data));
+      if (data == nullptr) return;
+      std::unique_ptr<Piece> piece(static_cast<Piece*>(data));
       --in_flight_;
       Pending& pending = pending_[piece->id];
       if (result < 0) {

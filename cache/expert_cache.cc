@@ -24,7 +24,7 @@ ExpertCache::ExpertCache(std::shared_ptr<const Store> store, const CacheOptions&
 
 absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr<const Store> store,
                                                                  const CacheOptions& options,
-                                                                 ReaderFactory reader_factory,
+                                                                 const ReaderFactory& reader_factory,
                                                                  std::string* note) {
   const Manifest& m = store->manifest();
   if (!m.HasPrecision(options.precision)) {

@@ -67,7 +67,7 @@ class ExpertCache final : public model::ExpertProvider {
   // over the store's experts.bin; `note` receives why it fell back, if it did.
   static absl::StatusOr<std::unique_ptr<ExpertCache>> Create(std::shared_ptr<const Store> store,
                                                              const CacheOptions& options,
-                                                             ReaderFactory reader_factory = {},
+                                                             const ReaderFactory& reader_factory = {},
                                                              std::string* note = nullptr);
   ~ExpertCache() override;
 

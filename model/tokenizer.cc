@@ -229,7 +229,7 @@ struct Tokenizer::Impl {
           break;
         }
         case NormalizerStep::kPrepend:
-          if (!out.empty()) out = step.a + out;
+          if (!out.empty()) out.insert(0, step.a);
           break;
         case NormalizerStep::kReplace:
           out = absl::StrReplaceAll(out, {{step.a, step.b}});
@@ -250,7 +250,7 @@ struct Tokenizer::Impl {
             step.regex->Split(piece, &next);
             break;
           case PreTokenizerStep::kByteLevel: {
-            if (step.add_prefix_space && !piece.empty() && piece[0] != ' ') piece = " " + piece;
+            if (step.add_prefix_space && !piece.empty() && piece[0] != ' ') piece.insert(0, " ");
             std::vector<std::string> parts;
             if (step.use_regex) {
               step.regex->Split(piece, &parts);
@@ -270,7 +270,7 @@ struct Tokenizer::Impl {
                 step.prepend_scheme == "always" ||
                 (step.prepend_scheme == "first" && first_segment && &piece == &pieces.front());
             if (prepend && !replaced.empty() && !absl::StartsWith(replaced, step.replacement)) {
-              replaced = step.replacement + replaced;
+              replaced.insert(0, step.replacement);
             }
             if (!step.split) {
               next.push_back(std::move(replaced));
