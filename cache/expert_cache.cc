@@ -22,10 +22,9 @@ uint64_t ExpertCache::MinimumDeviceBytes(const Store& store, Precision precision
 ExpertCache::ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options)
     : store_(std::move(store)), options_(options) {}
 
-absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(std::shared_ptr<const Store> store,
-                                                                 const CacheOptions& options,
-                                                                 const ReaderFactory& reader_factory,
-                                                                 std::string* note) {
+absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
+    std::shared_ptr<const Store> store, const CacheOptions& options,
+    const ReaderFactory& reader_factory, std::string* note) {
   const Manifest& m = store->manifest();
   if (!m.HasPrecision(options.precision)) {
     return absl::InvalidArgumentError(absl::StrCat(store->dir(), ": the store has no ",

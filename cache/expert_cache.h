@@ -65,10 +65,9 @@ class ExpertCache final : public model::ExpertProvider {
 
   // `reader_factory` may be empty: then io_uring (or the pread pool where io_uring is refused)
   // over the store's experts.bin; `note` receives why it fell back, if it did.
-  static absl::StatusOr<std::unique_ptr<ExpertCache>> Create(std::shared_ptr<const Store> store,
-                                                             const CacheOptions& options,
-                                                             const ReaderFactory& reader_factory = {},
-                                                             std::string* note = nullptr);
+  static absl::StatusOr<std::unique_ptr<ExpertCache>> Create(
+      std::shared_ptr<const Store> store, const CacheOptions& options,
+      const ReaderFactory& reader_factory = {}, std::string* note = nullptr);
   ~ExpertCache() override;
 
   absl::Status ForEachExpert(

@@ -47,4 +47,29 @@ absl::StatusOr<v1::ModelInfoResponse> Client::ModelInfo() {
   return response;
 }
 
+absl::StatusOr<v1::TokenizeResponse> Client::Tokenize(const v1::TokenizeRequest& request) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  v1::TokenizeResponse response;
+  grpc::Status status = moed_->Tokenize(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::Status Client::Generate(const v1::GenerateRequest& request,
+                              const std::function<bool(const v1::GenerateResponse&)>& on_message) {
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      moed_->Generate(&context, request);
+  v1::GenerateResponse message;
+  while (reader->Read(&message)) {
+    if (!on_message(message)) {
+      context.TryCancel();
+      break;
+    }
+  }
+  return FromGrpcStatus(reader->Finish());
+}
+
 }  // namespace moed::client

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -25,6 +26,12 @@ class Client {
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
       const std::string& service = "");
   absl::StatusOr<v1::ModelInfoResponse> ModelInfo();
+  absl::StatusOr<v1::TokenizeResponse> Tokenize(const v1::TokenizeRequest& request);
+
+  // Streams a generation: `on_message` sees each message as it arrives; returning false from
+  // it cancels the call. The deadline is the client's timeout.
+  absl::Status Generate(const v1::GenerateRequest& request,
+                        const std::function<bool(const v1::GenerateResponse&)>& on_message);
 
  private:
   Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout);

@@ -224,6 +224,56 @@ int RunDetokenize(const std::string& path, const std::string& ids_text, bool ski
   return 0;
 }
 
+struct GenerateOptions {
+  std::string prompt, ids;
+  uint32_t max_tokens = 64;
+  std::optional<float> temperature, top_p;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+  bool logprobs = false;
+};
+
+int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
+  moed::v1::GenerateRequest request;
+  request.set_prompt(g.prompt);
+  for (absl::string_view piece : absl::StrSplit(g.ids, ',', absl::SkipWhitespace())) {
+    uint32_t id = 0;
+    if (!absl::SimpleAtoi(piece, &id)) {
+      std::cerr << "moectl generate: --ids: '" << piece << "' is not a token id\n";
+      return 2;
+    }
+    request.add_prompt_token_ids(id);
+  }
+  auto* sampling = request.mutable_sampling();
+  sampling->set_max_tokens(g.max_tokens);
+  if (g.temperature) sampling->set_temperature(*g.temperature);
+  if (g.top_p) sampling->set_top_p(*g.top_p);
+  if (g.seed) sampling->set_seed(*g.seed);
+  for (const std::string& s : g.stop) sampling->add_stop(s);
+  sampling->set_logprobs(g.logprobs);
+  moed::v1::GenerateResponse last;
+  absl::Status status =
+      Connect(options)->Generate(request, [&](const moed::v1::GenerateResponse& message) {
+        if (options.json) {
+          std::cout << ToJson(message) << std::endl;
+        } else {
+          std::cout << message.text() << std::flush;
+        }
+        last = message;
+        return true;
+      });
+  if (!status.ok()) {
+    if (!options.json) std::cout << "\n";
+    return Fail(status, options);
+  }
+  if (!options.json) {
+    std::cerr << "\n[" << moed::v1::FinishReason_Name(last.finish_reason()) << ", "
+              << last.usage().prompt_tokens() << " prompt + " << last.usage().completion_tokens()
+              << " completion tokens]\n";
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -281,6 +331,20 @@ int main(int argc, char** argv) {
       "--record-routing", logits_options.record_routing,
       "append the routing of the run (every token, every layer) to this .jsonl trace");
 
+  GenerateOptions generate_options;
+  CLI::App* generate = app.add_subcommand("generate", "stream a completion from the daemon");
+  generate->add_option("--prompt", generate_options.prompt, "prompt text");
+  generate->add_option("--ids", generate_options.ids,
+                       "prompt as comma-separated token ids (instead of --prompt)");
+  generate->add_option("--max-tokens", generate_options.max_tokens, "most tokens to generate")
+      ->capture_default_str();
+  generate->add_option("--temperature", generate_options.temperature, "0 is greedy; default 1");
+  generate->add_option("--top-p", generate_options.top_p, "nucleus sampling threshold");
+  generate->add_option("--seed", generate_options.seed, "sampling seed (same seed, same tokens)");
+  generate->add_option("--stop", generate_options.stop, "stop string (repeatable)");
+  generate->add_flag("--logprobs", generate_options.logprobs,
+                     "return each token's log probability (with --json)");
+
   std::string tokenizer_path, text, ids_text;
   bool read_stdin = false, add_special = false, skip_special = false;
   CLI::App* tokenize =
@@ -311,6 +375,7 @@ int main(int argc, char** argv) {
     }
     return RunLogits(logits_options);
   }
+  if (generate->parsed()) return RunGenerate(options, generate_options);
   if (tokenize->parsed()) {
     if (text_option->count() == 0 && !read_stdin) {
       std::cerr << "moectl tokenize: give --text T or --stdin\n";

@@ -240,6 +240,40 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "CUDA device index for the cuda backend",
                  .min_value = 0,
                  .max_value = 1024});
+    o.push_back({.name = "threads",
+                 .field = F(&DaemonConfig::threads),
+                 .metavar = "N",
+                 .help = "CPU compute threads; 0 uses every core",
+                 .min_value = 0,
+                 .max_value = 4096});
+    o.push_back({.name = "max-batch",
+                 .field = F(&DaemonConfig::max_batch),
+                 .metavar = "N",
+                 .help = "most sequences in one engine step",
+                 .min_value = 1,
+                 .max_value = 4096});
+    o.push_back(
+        {.name = "max-queue",
+         .field = F(&DaemonConfig::max_queue),
+         .metavar = "N",
+         .help = "most requests waiting beyond the running batch; more get RESOURCE_EXHAUSTED",
+         .min_value = 0,
+         .max_value = 1000000});
+    o.push_back(
+        {.name = "max-tokens-per-step",
+         .field = F(&DaemonConfig::max_tokens_per_step),
+         .metavar = "N",
+         .help =
+             "decode tokens plus prompt tokens in one step; longer prompts are prefilled in chunks",
+         .min_value = 1,
+         .max_value = 1 << 20});
+    o.push_back(
+        {.name = "drain-seconds",
+         .field = F(&DaemonConfig::drain_seconds),
+         .metavar = "S",
+         .help = "on SIGTERM, how long requests in flight may run before they are cancelled",
+         .min_value = 0,
+         .max_value = 86400});
     o.push_back({.name = "log-level",
                  .field = F(&DaemonConfig::log_level),
                  .metavar = "LEVEL",

@@ -29,6 +29,11 @@ struct DaemonConfig {
   std::string served_model_name;
   std::string backend = "auto";
   int64_t cuda_device = 0;
+  int64_t threads = 0;
+  int64_t max_batch = 16;
+  int64_t max_queue = 256;
+  int64_t max_tokens_per_step = 256;
+  int64_t drain_seconds = 30;
   std::string log_level = "info";
   std::string log_format = "text";
 };

@@ -1,6 +1,8 @@
 #include "server/daemon.h"
 
+#include <atomic>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/security/server_credentials.h"
@@ -22,44 +24,205 @@ std::string DirectoryName(const std::string& path) {
   return p.filename().string();
 }
 
-}  // namespace
-
-class MoedService final : public v1::Moed::Service {
+// A non-owning ExpertProvider view of the daemon's cache (which ModelInfo also reads).
+class SharedExperts final : public model::ExpertProvider {
  public:
-  MoedService(v1::ModelInfoResponse info, kernels::Backend* backend,
-              std::shared_ptr<cache::ExpertCache> cache, std::shared_ptr<cache::Store> store)
-      : info_(std::move(info)),
-        backend_(backend),
-        cache_(std::move(cache)),
-        store_(std::move(store)) {}
-
-  grpc::Status ModelInfo(grpc::ServerContext* /*context*/, const v1::ModelInfoRequest* /*request*/,
-                         v1::ModelInfoResponse* response) override {
-    *response = info_;
-    // Free memory changes as the daemon runs: read it now.
-    if (absl::StatusOr<kernels::DeviceInfo> device = backend_->device(); device.ok()) {
-      FillDevice(*device, response->mutable_device());
-    }
-    if (cache_ != nullptr) FillCacheInfo(*cache_, *store_, response->mutable_expert_cache());
-    return grpc::Status::OK;
-  }
-
-  grpc::Status Generate(grpc::ServerContext* /*context*/, const v1::GenerateRequest* /*request*/,
-                        grpc::ServerWriter<v1::GenerateResponse>* /*writer*/) override {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                        "this daemon build does not generate yet: it has no inference engine");
-  }
-
-  grpc::Status Tokenize(grpc::ServerContext* /*context*/, const v1::TokenizeRequest* /*request*/,
-                        v1::TokenizeResponse* /*response*/) override {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "this daemon build has no tokenizer yet");
+  explicit SharedExperts(std::shared_ptr<cache::ExpertCache> cache) : cache_(std::move(cache)) {}
+  absl::Status ForEachExpert(
+      int layer, const std::vector<int>& experts,
+      const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) override {
+    return cache_->ForEachExpert(layer, experts, compute);
   }
 
  private:
-  const v1::ModelInfoResponse info_;
-  kernels::Backend* backend_;
   std::shared_ptr<cache::ExpertCache> cache_;
-  std::shared_ptr<cache::Store> store_;
+};
+
+}  // namespace
+
+// What the service needs from the daemon.
+struct ServiceParts {
+  v1::ModelInfoResponse info;
+  kernels::Backend* backend = nullptr;
+  std::shared_ptr<cache::ExpertCache> cache;
+  std::shared_ptr<cache::Store> store;
+  std::shared_ptr<scheduler::Scheduler> scheduler;
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+};
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+v1::FinishReason ToProto(scheduler::FinishReason reason) {
+  switch (reason) {
+    case scheduler::FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case scheduler::FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case scheduler::FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    case scheduler::FinishReason::kNone:
+      break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+class MoedService final : public v1::Moed::Service {
+ public:
+  explicit MoedService(ServiceParts parts) : parts_(std::move(parts)) {}
+
+  grpc::Status ModelInfo(grpc::ServerContext* /*context*/, const v1::ModelInfoRequest* /*request*/,
+                         v1::ModelInfoResponse* response) override {
+    *response = parts_.info;
+    // Free memory changes as the daemon runs: read it now.
+    if (absl::StatusOr<kernels::DeviceInfo> device = parts_.backend->device(); device.ok()) {
+      FillDevice(*device, response->mutable_device());
+    }
+    if (parts_.cache != nullptr)
+      FillCacheInfo(*parts_.cache, *parts_.store, response->mutable_expert_cache());
+    scheduler::SchedulerStats stats = parts_.scheduler->stats();
+    response->set_requests_waiting(stats.waiting);
+    response->set_requests_running(stats.running);
+    response->set_kv_cache_bytes(stats.kv_cache_bytes);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    absl::StatusOr<scheduler::GenerationRequest> converted = Convert(*request, *context);
+    if (!converted.ok()) return ToGrpc(converted.status());
+    std::string request_id = converted->id;
+    absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
+        parts_.scheduler->Submit(*std::move(converted));
+    if (!handle.ok()) return ToGrpc(handle.status());
+    const bool want_logprobs = request->sampling().logprobs();
+    while (true) {
+      std::optional<scheduler::StreamEvent> event = (*handle)->Next(std::chrono::milliseconds(50));
+      if (!event.has_value()) {
+        if (context->IsCancelled()) {
+          (*handle)->Cancel();  // the scheduler frees the slot, KV cache and pins at the next step
+          return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+        }
+        continue;
+      }
+      if (!event->error.ok()) return ToGrpc(event->error);
+      v1::GenerateResponse response;
+      response.set_request_id(request_id);
+      response.set_text(event->text);
+      for (int32_t id : event->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
+      if (want_logprobs) {
+        for (const model::TokenChoice& choice : event->choices) {
+          v1::TokenLogprob* lp = response.add_logprobs();
+          lp->set_token_id(static_cast<uint32_t>(choice.token));
+          lp->set_logprob(choice.logprob);
+          if (parts_.tokenizer != nullptr)
+            lp->set_token(parts_.tokenizer->TokenText(choice.token).value_or(""));
+          for (const auto& [id, logprob] : choice.top_logprobs) {
+            v1::TopLogprob* top = lp->add_top_logprobs();
+            top->set_token_id(static_cast<uint32_t>(id));
+            top->set_logprob(logprob);
+            if (parts_.tokenizer != nullptr)
+              top->set_token(parts_.tokenizer->TokenText(id).value_or(""));
+          }
+        }
+      }
+      if (event->last()) {
+        response.set_finish_reason(ToProto(event->finish));
+        response.set_matched_stop(event->matched_stop);
+        response.mutable_usage()->set_prompt_tokens(event->prompt_tokens);
+        response.mutable_usage()->set_completion_tokens(event->completion_tokens);
+        response.mutable_usage()->set_total_tokens(event->prompt_tokens + event->completion_tokens);
+      }
+      if (!writer->Write(response)) {
+        (*handle)->Cancel();
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      }
+      if (event->last()) return grpc::Status::OK;
+    }
+  }
+
+  grpc::Status Tokenize(grpc::ServerContext* /*context*/, const v1::TokenizeRequest* request,
+                        v1::TokenizeResponse* response) override {
+    if (parts_.tokenizer == nullptr) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "this model has no tokenizer.json");
+    }
+    if (request->text().size() > kMaxPromptBytes) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "text is longer than 8 MiB");
+    }
+    auto ids = parts_.tokenizer->Encode(
+        request->text(), request->has_add_special_tokens() && request->add_special_tokens());
+    if (!ids.ok()) return ToGrpc(ids.status());
+    for (int32_t id : *ids) {
+      response->add_token_ids(static_cast<uint32_t>(id));
+      response->add_tokens(parts_.tokenizer->TokenText(id).value_or(""));
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  static constexpr size_t kMaxPromptBytes = 8 << 20;
+
+  absl::StatusOr<scheduler::GenerationRequest> Convert(const v1::GenerateRequest& request,
+                                                       const grpc::ServerContext& context) {
+    scheduler::GenerationRequest out;
+    const bool has_text = !request.prompt().empty();
+    const bool has_ids = request.prompt_token_ids_size() > 0;
+    if (has_text == has_ids) {
+      return absl::InvalidArgumentError("give exactly one of prompt and prompt_token_ids");
+    }
+    if (has_text) {
+      if (parts_.tokenizer == nullptr) {
+        return absl::InvalidArgumentError(
+            "this model has no tokenizer: send prompt_token_ids instead of prompt");
+      }
+      if (request.prompt().size() > kMaxPromptBytes)
+        return absl::InvalidArgumentError("prompt is longer than 8 MiB");
+      bool add_special = !request.has_add_special_tokens() || request.add_special_tokens();
+      absl::StatusOr<std::vector<int32_t>> ids =
+          parts_.tokenizer->Encode(request.prompt(), add_special);
+      if (!ids.ok()) return ids.status();
+      out.prompt = *std::move(ids);
+    } else {
+      for (uint32_t id : request.prompt_token_ids()) {
+        if (id > static_cast<uint32_t>(INT32_MAX))
+          return absl::InvalidArgumentError("prompt token id out of range");
+        out.prompt.push_back(static_cast<int32_t>(id));
+      }
+    }
+    const v1::SamplingParams& s = request.sampling();
+    out.sampling.max_tokens = s.max_tokens();
+    out.sampling.temperature = s.has_temperature() ? s.temperature() : 1.0f;
+    out.sampling.top_p = s.has_top_p() ? s.top_p() : 1.0f;
+    out.sampling.top_k = s.top_k();
+    out.sampling.min_p = s.min_p();
+    if (s.has_seed()) out.sampling.seed = s.seed();
+    out.sampling.stop.assign(s.stop().begin(), s.stop().end());
+    out.sampling.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
+    out.sampling.presence_penalty = s.presence_penalty();
+    out.sampling.frequency_penalty = s.frequency_penalty();
+    out.sampling.repetition_penalty = s.has_repetition_penalty() ? s.repetition_penalty() : 1.0f;
+    out.sampling.ignore_eos = s.ignore_eos();
+    out.sampling.logprobs = s.logprobs();
+    out.sampling.top_logprobs = s.top_logprobs();
+    out.skip_special_tokens = !request.has_skip_special_tokens() || request.skip_special_tokens();
+    out.id = request.request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1))
+                                          : request.request_id();
+    out.default_seed =
+        std::hash<std::string>()(out.id) ^
+        static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    auto deadline = context.deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      out.deadline =
+          std::chrono::steady_clock::now() + (deadline - std::chrono::system_clock::now());
+    }
+    return out;
+  }
+
+  ServiceParts parts_;
+  std::atomic<uint64_t> next_id_{1};
 };
 
 void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
@@ -190,8 +353,33 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     FillDevice(cuda_device, info.add_cuda_devices());
   }
   info.set_backend_note(choice.fallback_reason);
-  daemon->moed_service_ = std::make_unique<MoedService>(std::move(info), daemon->backend_.get(),
-                                                        daemon->cache_, daemon->store_);
+  // The engine: the model's weights, the tokenizer when the directory has one, the scheduler.
+  const std::string dir = config.store.empty() ? config.model : config.store;
+  std::shared_ptr<model::Model> engine_model;
+  if (daemon->store_ != nullptr) {
+    MOED_ASSIGN_OR_RETURN(engine_model,
+                          model::Model::Create(model_config, daemon->store_,
+                                               std::make_unique<SharedExperts>(daemon->cache_),
+                                               static_cast<int>(config.threads)));
+  } else {
+    MOED_ASSIGN_OR_RETURN(engine_model,
+                          model::Model::Load(config.model, static_cast<int>(config.threads)));
+  }
+  std::shared_ptr<const model::Tokenizer> tokenizer;
+  if (std::filesystem::exists(dir + "/tokenizer.json")) {
+    MOED_ASSIGN_OR_RETURN(tokenizer, model::Tokenizer::FromFile(dir + "/tokenizer.json"));
+  } else {
+    log.info("no tokenizer.json in {}: serving token ids only", dir);
+  }
+  scheduler::SchedulerOptions scheduler_options;
+  scheduler_options.max_batch = static_cast<int>(config.max_batch);
+  scheduler_options.max_queue = static_cast<int>(config.max_queue);
+  scheduler_options.max_tokens_per_step = static_cast<int>(config.max_tokens_per_step);
+  daemon->scheduler_ =
+      std::make_shared<scheduler::Scheduler>(engine_model, tokenizer, scheduler_options);
+  ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
+                     daemon->store_,  daemon->scheduler_,     tokenizer};
+  daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts));
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;
 }
@@ -226,6 +414,16 @@ absl::StatusOr<std::string> Daemon::Start() {
   std::string address = absl::StrCat(host, ":", bound_port);
   logger_->info("serving gRPC on {}", address);
   return address;
+}
+
+void Daemon::Drain(std::chrono::seconds limit) {
+  scheduler_->StopAccepting();
+  health_service_->Shutdown();
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!scheduler_->Idle() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!scheduler_->Idle()) logger_->warn("drain time is up: cancelling the requests still running");
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {

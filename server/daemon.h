@@ -11,7 +11,9 @@
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
 #include "model/model_config.h"
+#include "model/tokenizer.h"
 #include "moed/v1/moed.grpc.pb.h"
+#include "scheduler/scheduler.h"
 #include "server/config.h"
 #include "server/health_service.h"
 #include "spdlog/logger.h"
@@ -28,6 +30,9 @@ class Daemon {
 
   // Binds the listening address and starts serving; returns the bound "host:port".
   absl::StatusOr<std::string> Start();
+  // Stops accepting requests (new ones get UNAVAILABLE, health says NOT_SERVING) and waits up
+  // to `limit` for those in flight to finish.
+  void Drain(std::chrono::seconds limit);
   // Stops accepting calls, lets calls in flight finish for up to `grace`, then cancels them.
   void Shutdown(std::chrono::milliseconds grace);
 
@@ -39,6 +44,7 @@ class Daemon {
   std::unique_ptr<kernels::Backend> backend_;
   std::shared_ptr<cache::Store> store_;
   std::shared_ptr<cache::ExpertCache> cache_;
+  std::shared_ptr<scheduler::Scheduler> scheduler_;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;
   std::unique_ptr<grpc::Server> server_;

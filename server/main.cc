@@ -64,7 +64,8 @@ int Run(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
   (*logger)->info("received {}, shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-  (*daemon)->Shutdown(std::chrono::seconds(5));
+  (*daemon)->Drain(std::chrono::seconds(config.drain_seconds));
+  (*daemon)->Shutdown(std::chrono::seconds(1));
   return 0;
 }
 

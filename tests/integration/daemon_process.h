@@ -50,6 +50,7 @@ class ChildProcess {
   }
 
   bool started() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
 
   // The next line on stdout, or nothing if none comes within `timeout`.
   std::optional<std::string> ReadStdoutLine(std::chrono::milliseconds timeout) {

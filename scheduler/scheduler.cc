@@ -1,0 +1,310 @@
+#include "scheduler/scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "scheduler/sampling_params.h"
+
+namespace moed::scheduler {
+
+struct Scheduler::Sequence {
+  GenerationRequest request;
+  std::shared_ptr<RequestHandle> handle;
+  std::unique_ptr<model::KvCache> cache;
+  size_t prefilled = 0;
+  std::vector<int32_t> generated;
+  std::unique_ptr<model::Sampler> sampler;
+  std::unique_ptr<model::StreamingDecoder> decoder;
+  std::unique_ptr<model::StopMatcher> stops;
+  uint32_t max_new = 0;
+  bool done = false;
+};
+
+std::optional<StreamEvent> RequestHandle::Next(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  if (!ready_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+  StreamEvent event = std::move(events_.front());
+  events_.pop_front();
+  return event;
+}
+
+void RequestHandle::Cancel() {
+  std::lock_guard lock(mutex_);
+  cancelled_ = true;
+}
+
+void RequestHandle::Push(StreamEvent event) {
+  {
+    std::lock_guard lock(mutex_);
+    events_.push_back(std::move(event));
+  }
+  ready_.notify_all();
+}
+
+bool RequestHandle::cancelled() const {
+  std::lock_guard lock(mutex_);
+  return cancelled_;
+}
+
+Scheduler::Scheduler(std::shared_ptr<model::Model> model,
+                     std::shared_ptr<const model::Tokenizer> tokenizer,
+                     const SchedulerOptions& options)
+    : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {
+  engine_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+    accepting_ = false;
+  }
+  work_.notify_all();
+  engine_.join();
+}
+
+absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationRequest request) {
+  const model::ModelConfig& config = model_->config();
+  const int64_t context = config.max_position_embeddings;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary of ", config.vocab_size));
+    }
+  }
+  if (absl::Status s =
+          ValidateSamplingParams(request.sampling, static_cast<uint32_t>(config.vocab_size));
+      !s.ok()) {
+    return s;
+  }
+  if (!request.sampling.stop.empty() && tokenizer_ == nullptr) {
+    return absl::InvalidArgumentError(
+        "stop strings need a tokenizer; this model serves token ids only");
+  }
+  const int64_t prompt = static_cast<int64_t>(request.prompt.size());
+  int64_t max_new =
+      request.sampling.max_tokens == 0 ? context - prompt : request.sampling.max_tokens;
+  if (prompt + max_new > context || max_new <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the prompt (", prompt, " tokens) plus max_tokens (",
+                     request.sampling.max_tokens, ") exceeds the context of ", context, " tokens"));
+  }
+  auto seq = std::make_shared<Sequence>();
+  seq->max_new = static_cast<uint32_t>(max_new);
+  seq->handle = std::make_shared<RequestHandle>();
+  seq->sampler =
+      std::make_unique<model::Sampler>(request.sampling, request.prompt, request.default_seed);
+  if (tokenizer_ != nullptr) {
+    seq->decoder =
+        std::make_unique<model::StreamingDecoder>(*tokenizer_, request.skip_special_tokens);
+    seq->stops = std::make_unique<model::StopMatcher>(request.sampling.stop);
+  }
+  seq->request = std::move(request);
+  std::shared_ptr<RequestHandle> handle = seq->handle;
+  {
+    std::lock_guard lock(mutex_);
+    if (!accepting_)
+      return absl::UnavailableError("the daemon is draining and accepts no new requests");
+    // A request that the next step can admit does not count as queued.
+    if (waiting_.size() + running_count_ >=
+        static_cast<size_t>(options_.max_batch + options_.max_queue)) {
+      return absl::ResourceExhaustedError(absl::StrCat("the request queue is full (",
+                                                       waiting_.size(), " waiting; --max-queue ",
+                                                       options_.max_queue, ")"));
+    }
+    waiting_.push_back(std::move(seq));
+    stats_.waiting = waiting_.size();
+  }
+  work_.notify_all();
+  return handle;
+}
+
+void Scheduler::StopAccepting() {
+  std::lock_guard lock(mutex_);
+  accepting_ = false;
+}
+
+bool Scheduler::Idle() const {
+  std::lock_guard lock(mutex_);
+  return waiting_.empty() && running_count_ == 0;
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
+  StreamEvent event;
+  if (error.ok() && reason != FinishReason::kCancelled && seq.decoder != nullptr) {
+    // Whatever was held back: an incomplete character at the very end, a partial stop string.
+    absl::StatusOr<std::string> rest = seq.decoder->Flush();
+    if (rest.ok()) {
+      model::StopMatcher::Result r = seq.stops->Add(*rest);
+      event.text = r.emit + (r.matched ? "" : seq.stops->Flush());
+    }
+  }
+  event.finish = error.ok() ? reason : FinishReason::kNone;
+  event.error = std::move(error);
+  event.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
+  event.completion_tokens = static_cast<uint32_t>(seq.generated.size());
+  seq.handle->Push(std::move(event));
+  seq.done = true;
+  seq.cache.reset();
+}
+
+void Scheduler::Loop() {
+  std::vector<std::shared_ptr<Sequence>> running;
+  while (true) {
+    {
+      std::unique_lock lock(mutex_);
+      work_.wait(lock, [&] { return stopping_ || !waiting_.empty() || !running.empty(); });
+      if (stopping_) {
+        for (auto& seq : waiting_) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+        waiting_.clear();
+        for (auto& seq : running) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+        running_count_ = 0;
+        return;
+      }
+      while (running.size() < static_cast<size_t>(options_.max_batch) && !waiting_.empty()) {
+        running.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+      }
+      running_count_ = running.size();
+      stats_.waiting = waiting_.size();
+      stats_.running = running.size();
+    }
+    for (auto& seq : running) {
+      if (seq->cache == nullptr && !seq->done) {
+        seq->cache = std::make_unique<model::KvCache>(
+            model_->config(), static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
+      }
+    }
+    Step(running);
+    uint64_t completed = 0, cancelled = 0;
+    for (const auto& seq : running) {
+      if (seq->done) (seq->handle->cancelled() ? cancelled : completed) += 1;
+    }
+    running.erase(
+        std::remove_if(running.begin(), running.end(), [](const auto& s) { return s->done; }),
+        running.end());
+    uint64_t kv_bytes = 0;
+    const model::ModelConfig& c = model_->config();
+    for (const auto& seq : running) {
+      kv_bytes += static_cast<uint64_t>(seq->cache->capacity()) * c.num_layers *
+                  c.num_key_value_heads * c.head_dim * 2 * 4;
+    }
+    std::lock_guard lock(mutex_);
+    ++stats_.steps;
+    stats_.completed += completed;
+    stats_.cancelled += cancelled;
+    stats_.running = running.size();
+    stats_.kv_cache_bytes = kv_bytes;
+    running_count_ = running.size();
+  }
+}
+
+void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
+  const auto now = std::chrono::steady_clock::now();
+  for (auto& seq : running) {
+    if (seq->done) continue;
+    if (seq->handle->cancelled()) {
+      Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+    } else if (seq->request.deadline.has_value() && now > *seq->request.deadline) {
+      Finish(*seq, FinishReason::kNone,
+             absl::DeadlineExceededError("the request's deadline passed"));
+    }
+  }
+  // Decode tokens first (they bound the latency of running requests), then prompt chunks.
+  std::vector<model::SequenceInput> inputs;
+  std::vector<Sequence*> owners;
+  std::vector<size_t> chunk;
+  int budget = options_.max_tokens_per_step;
+  for (auto& seq : running) {
+    if (seq->done || seq->prefilled < seq->request.prompt.size() || budget <= 0) continue;
+    inputs.push_back({seq->cache.get(), {seq->generated.back()}, false});
+    owners.push_back(seq.get());
+    chunk.push_back(0);
+    --budget;
+  }
+  for (auto& seq : running) {
+    if (seq->done || seq->prefilled >= seq->request.prompt.size() || budget <= 0) continue;
+    size_t take =
+        std::min<size_t>(seq->request.prompt.size() - seq->prefilled, static_cast<size_t>(budget));
+    std::vector<int32_t> tokens(
+        seq->request.prompt.begin() + static_cast<int64_t>(seq->prefilled),
+        seq->request.prompt.begin() + static_cast<int64_t>(seq->prefilled + take));
+    inputs.push_back({seq->cache.get(), std::move(tokens), false});
+    owners.push_back(seq.get());
+    chunk.push_back(take);
+    budget -= static_cast<int>(take);
+  }
+  if (inputs.empty()) return;
+  absl::StatusOr<model::ForwardOutput> out = model_->Forward(absl::MakeSpan(inputs));
+  if (!out.ok()) {
+    for (Sequence* seq : owners) Finish(*seq, FinishReason::kNone, out.status());
+    return;
+  }
+  const model::ModelConfig& config = model_->config();
+  const int64_t vocab = config.vocab_size;
+  for (size_t i = 0; i < owners.size(); ++i) {
+    Sequence& seq = *owners[i];
+    seq.prefilled += chunk[i];
+    if (seq.prefilled < seq.request.prompt.size()) continue;  // more prompt to go
+    model::TokenChoice choice = seq.sampler->Next(
+        absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
+    seq.generated.push_back(choice.token);
+    const model::SamplingParams& sp = seq.request.sampling;
+    bool eos = !sp.ignore_eos && std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(),
+                                           choice.token) != config.eos_token_ids.end();
+    bool stop_id = std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(),
+                             static_cast<uint32_t>(choice.token)) != sp.stop_token_ids.end();
+    StreamEvent event;
+    event.token_ids = {choice.token};
+    event.choices = {choice};
+    // Ids past the tokenizer's vocabulary (checkpoints pad vocab_size) have no text.
+    bool has_text = tokenizer_ != nullptr && choice.token < tokenizer_->vocab_size();
+    if (seq.decoder != nullptr && has_text && !eos && !stop_id) {
+      absl::StatusOr<std::string> delta = seq.decoder->Add(choice.token);
+      if (!delta.ok()) {
+        Finish(seq, FinishReason::kNone, delta.status());
+        continue;
+      }
+      model::StopMatcher::Result r = seq.stops->Add(*delta);
+      event.text = std::move(r.emit);
+      if (r.matched.has_value()) {
+        event.matched_stop = *r.matched;
+        event.finish = FinishReason::kStop;
+      }
+    }
+    if (eos || stop_id) {
+      event.finish = FinishReason::kStop;
+      if (stop_id) event.matched_stop = absl::StrCat(choice.token);
+    }
+    bool length = event.finish == FinishReason::kNone && seq.generated.size() >= seq.max_new;
+    if (event.finish != FinishReason::kNone || length) {
+      // The last message carries the finish reason and usage; send this token's text first.
+      FinishReason reason = length ? FinishReason::kLength : event.finish;
+      std::string matched = event.matched_stop;
+      event.finish = FinishReason::kNone;
+      seq.handle->Push(std::move(event));
+      if (reason == FinishReason::kStop && !matched.empty()) {
+        StreamEvent last;
+        last.finish = FinishReason::kStop;
+        last.matched_stop = matched;
+        last.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
+        last.completion_tokens = static_cast<uint32_t>(seq.generated.size());
+        seq.handle->Push(std::move(last));
+        seq.done = true;
+        seq.cache.reset();
+      } else {
+        Finish(seq, reason, absl::OkStatus());
+      }
+      continue;
+    }
+    seq.handle->Push(std::move(event));
+  }
+}
+
+}  // namespace moed::scheduler

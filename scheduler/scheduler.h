@@ -1,0 +1,125 @@
+// The scheduler: a request queue with admission limits and one engine thread that runs
+// continuous batching. Requests join and leave the running batch at token boundaries; a step
+// carries the decode tokens of running sequences and chunks of prompts being prefilled, up to
+// max_tokens_per_step, and runs layer by layer over all of them (so an expert is staged at most
+// once per step). Nothing here knows about gRPC or HTTP.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "model/tokenizer.h"
+
+namespace moed::scheduler {
+
+struct SchedulerOptions {
+  int max_batch = 16;             // sequences in one step
+  int max_queue = 256;            // requests waiting beyond the running batch
+  int max_tokens_per_step = 256;  // decode tokens + prefill chunks in one step
+};
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled };
+
+struct GenerationRequest {
+  std::string id;
+  std::vector<int32_t> prompt;
+  model::SamplingParams sampling;
+  uint64_t default_seed = 0;  // used when sampling.seed is unset
+  bool skip_special_tokens = true;
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+};
+
+// One message of a stream: new text and ids, and on the last one the finish reason or error.
+struct StreamEvent {
+  std::string text;
+  std::vector<int32_t> token_ids;
+  std::vector<model::TokenChoice> choices;  // one per token id (for logprobs)
+  FinishReason finish = FinishReason::kNone;
+  std::string matched_stop;
+  absl::Status error;  // set on a last message that failed (deadline, engine error)
+  uint32_t prompt_tokens = 0;
+  uint32_t completion_tokens = 0;
+  bool last() const { return finish != FinishReason::kNone || !error.ok(); }
+};
+
+// The caller's side of a submitted request.
+class RequestHandle {
+ public:
+  // The next event, or nothing if none came within `timeout`.
+  std::optional<StreamEvent> Next(std::chrono::milliseconds timeout);
+  // Asks the scheduler to drop the request at the next step boundary; its batch slot and KV
+  // cache are released then.
+  void Cancel();
+
+ private:
+  friend class Scheduler;
+  void Push(StreamEvent event);
+  bool cancelled() const;
+
+  mutable std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<StreamEvent> events_;
+  bool cancelled_ = false;
+};
+
+struct SchedulerStats {
+  uint64_t waiting = 0;
+  uint64_t running = 0;
+  uint64_t steps = 0;
+  uint64_t completed = 0;
+  uint64_t cancelled = 0;
+  uint64_t kv_cache_bytes = 0;  // held by running sequences
+};
+
+class Scheduler {
+ public:
+  // `tokenizer` may be null (token-ids-only serving).
+  Scheduler(std::shared_ptr<model::Model> model, std::shared_ptr<const model::Tokenizer> tokenizer,
+            const SchedulerOptions& options);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // INVALID_ARGUMENT for bad token ids, sampling parameters or a prompt plus max_tokens over
+  // the context (naming the limit); RESOURCE_EXHAUSTED when the queue is full; UNAVAILABLE
+  // once draining.
+  absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request);
+  // Stops accepting requests; those admitted run to the end.
+  void StopAccepting();
+  // True when nothing is waiting or running.
+  bool Idle() const;
+  SchedulerStats stats() const;
+
+ private:
+  struct Sequence;
+  void Loop();
+  void Step(std::vector<std::shared_ptr<Sequence>>& running);
+  void Finish(Sequence& seq, FinishReason reason, absl::Status error);
+
+  std::shared_ptr<model::Model> model_;
+  std::shared_ptr<const model::Tokenizer> tokenizer_;
+  SchedulerOptions options_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable work_;
+  std::deque<std::shared_ptr<Sequence>> waiting_;
+  std::vector<std::shared_ptr<Sequence>> running_;  // touched only by the engine thread
+  uint64_t running_count_ = 0;
+  bool accepting_ = true;
+  bool stopping_ = false;
+  SchedulerStats stats_;
+  std::thread engine_;
+};
+
+}  // namespace moed::scheduler

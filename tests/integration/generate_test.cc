@@ -1,0 +1,241 @@
+// Generate against the real daemon on loopback: streaming, finish reasons, every status code,
+// cancellation releasing resources, batch-invariant outputs and graceful drain.
+#include "model/generate.h"
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <future>
+#include <thread>
+
+#include "client/client.h"
+#include "tests/integration/daemon_process.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+const fs::path& Model() {
+  static const fs::path dir = [] {
+    fs::path path = fs::temp_directory_path() / ("moed_generate_test_" + std::to_string(getpid()));
+    fs::remove_all(path);
+    REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", model::Architecture::kMixtral),
+                                   (path / "tiny").string())
+                .ok());
+    return path / "tiny";
+  }();
+  return dir;
+}
+
+struct Daemon {
+  explicit Daemon(std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {MOED_BINARY, "--model", Model().string(), "--listen",
+                                     "127.0.0.1:0"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    process = std::make_unique<ChildProcess>(argv);
+    auto line = process->ReadStdoutLine(std::chrono::seconds(30));
+    REQUIRE(line.has_value());
+    address = line->substr(std::string("listening on ").size());
+  }
+  std::unique_ptr<client::Client> Connect(
+      std::chrono::milliseconds timeout = std::chrono::seconds(30)) const {
+    return client::Client::Create(address, timeout);
+  }
+  std::unique_ptr<ChildProcess> process;
+  std::string address;
+};
+
+v1::GenerateRequest Greedy(std::vector<uint32_t> prompt, uint32_t max_tokens) {
+  v1::GenerateRequest request;
+  for (uint32_t id : prompt) request.add_prompt_token_ids(id);
+  request.mutable_sampling()->set_max_tokens(max_tokens);
+  request.mutable_sampling()->set_temperature(0);
+  request.mutable_sampling()->set_ignore_eos(true);
+  return request;
+}
+
+struct Collected {
+  absl::Status status;
+  std::vector<uint32_t> ids;
+  std::string text;
+  v1::GenerateResponse last;
+  int messages = 0;
+};
+
+Collected Run(client::Client& c, const v1::GenerateRequest& request) {
+  Collected out;
+  out.status = c.Generate(request, [&](const v1::GenerateResponse& m) {
+    out.ids.insert(out.ids.end(), m.token_ids().begin(), m.token_ids().end());
+    out.text += m.text();
+    out.last = m;
+    ++out.messages;
+    return true;
+  });
+  return out;
+}
+
+TEST_CASE("greedy generation streams the engine's own greedy tokens and ends with usage") {
+  Daemon daemon;
+  auto c = daemon.Connect();
+  Collected got = Run(*c, Greedy({5, 300, 17}, 12));
+  REQUIRE(got.status.ok());
+  auto local = model::Model::Load(Model().string(), 1);
+  REQUIRE(local.ok());
+  auto expected = model::ScoreAndGreedy(**local, {5, 300, 17}, 12);
+  REQUIRE(expected.ok());
+  CHECK(got.ids == std::vector<uint32_t>(expected->greedy.begin(), expected->greedy.end()));
+  CHECK(got.last.finish_reason() == v1::FINISH_REASON_LENGTH);
+  CHECK(got.last.usage().prompt_tokens() == 3);
+  CHECK(got.last.usage().completion_tokens() == 12);
+  CHECK(got.last.usage().total_tokens() == 15);
+  CHECK(got.messages == 13);  // one per token, then the closing message
+
+  // A stop token id ends generation with STOP and names it.
+  v1::GenerateRequest stop = Greedy({5, 300, 17}, 12);
+  stop.mutable_sampling()->add_stop_token_ids(static_cast<uint32_t>(expected->greedy[2]));
+  Collected stopped = Run(*c, stop);
+  REQUIRE(stopped.status.ok());
+  CHECK(stopped.ids.size() == 3);
+  CHECK(stopped.last.finish_reason() == v1::FINISH_REASON_STOP);
+  CHECK(stopped.last.matched_stop() == std::to_string(expected->greedy[2]));
+  CHECK(daemon.process->Stop() == 0);
+}
+
+TEST_CASE("text prompts are tokenized; Tokenize agrees with the prompt's usage") {
+  Daemon daemon;
+  auto c = daemon.Connect();
+  v1::GenerateRequest request;
+  request.set_prompt("the clockmaker and the river");
+  request.mutable_sampling()->set_max_tokens(5);
+  request.mutable_sampling()->set_seed(3);
+  Collected got = Run(*c, request);
+  REQUIRE(got.status.ok());
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("the clockmaker and the river");
+  auto ids = c->Tokenize(tokenize);
+  REQUIRE(ids.ok());
+  CHECK(got.last.usage().prompt_tokens() == static_cast<uint32_t>(ids->token_ids_size()));
+  CHECK(ids->tokens_size() == ids->token_ids_size());
+  CHECK(got.ids.size() == 5);
+}
+
+TEST_CASE("bad requests get INVALID_ARGUMENT naming the problem") {
+  Daemon daemon;
+  auto c = daemon.Connect();
+  auto status_of = [&](const v1::GenerateRequest& r) { return Run(*c, r).status; };
+  v1::GenerateRequest both = Greedy({1}, 4);
+  both.set_prompt("x");
+  CHECK(status_of(both).message() == "give exactly one of prompt and prompt_token_ids");
+  CHECK(status_of(v1::GenerateRequest()).code() == absl::StatusCode::kInvalidArgument);
+  absl::Status out_of_range = status_of(Greedy({1, 512}, 4));
+  CHECK(out_of_range.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(out_of_range.message() == "prompt token id 512 is outside the vocabulary of 512");
+  absl::Status too_long = status_of(Greedy({1, 2, 3}, 254));
+  CHECK(too_long.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(too_long.message().find("exceeds the context of 256 tokens") != std::string::npos);
+  v1::GenerateRequest hot = Greedy({1}, 4);
+  hot.mutable_sampling()->set_temperature(-1);
+  CHECK(status_of(hot).message().rfind("sampling.temperature", 0) == 0);
+  v1::GenerateRequest top_p = Greedy({1}, 4);
+  top_p.mutable_sampling()->set_top_p(1.5f);
+  CHECK(status_of(top_p).code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("a full queue answers RESOURCE_EXHAUSTED; a passed deadline DEADLINE_EXCEEDED") {
+  Daemon daemon({"--max-batch", "1", "--max-queue", "0"});
+  auto c = daemon.Connect();
+  // Occupy the only batch slot with a long generation.
+  std::promise<void> first_token;
+  auto busy = std::async(std::launch::async, [&] {
+    bool signalled = false;
+    return c->Generate(Greedy({1, 2}, 250), [&](const v1::GenerateResponse&) {
+      if (!signalled) first_token.set_value();
+      signalled = true;
+      return true;
+    });
+  });
+  first_token.get_future().wait();
+  auto second = daemon.Connect();
+  absl::Status refused = Run(*second, Greedy({3}, 4)).status;
+  CHECK(refused.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(refused.message().find("queue is full") != std::string::npos);
+  CHECK(busy.get().ok());
+
+  auto hurried = daemon.Connect(std::chrono::milliseconds(2));
+  absl::Status late = Run(*hurried, Greedy({1, 2}, 250)).status;
+  CHECK(late.code() == absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST_CASE("a client that goes away is cancelled and its resources return") {
+  Daemon daemon({"--max-batch", "4"});
+  auto c = daemon.Connect();
+  int seen = 0;
+  absl::Status status =
+      c->Generate(Greedy({1, 2}, 250), [&](const v1::GenerateResponse&) { return ++seen < 3; });
+  CHECK(status.code() == absl::StatusCode::kCancelled);
+  // Within a few steps the scheduler has dropped the sequence and its KV cache.
+  bool released = false;
+  for (int i = 0; i < 200 && !released; ++i) {
+    auto info = c->ModelInfo();
+    REQUIRE(info.ok());
+    released = info->requests_running() == 0 && info->requests_waiting() == 0 &&
+               info->kv_cache_bytes() == 0;
+    if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  CHECK(released);
+}
+
+TEST_CASE("the same seed gives the same tokens alone and beside 15 other requests") {
+  Daemon daemon({"--max-batch", "16"});
+  auto c = daemon.Connect();
+  v1::GenerateRequest sampled;
+  for (uint32_t id : {9, 8, 7}) sampled.add_prompt_token_ids(id);
+  sampled.mutable_sampling()->set_max_tokens(20);
+  sampled.mutable_sampling()->set_seed(1234);
+  sampled.mutable_sampling()->set_temperature(0.8f);
+  sampled.mutable_sampling()->set_ignore_eos(true);
+  Collected alone = Run(*c, sampled);
+  REQUIRE(alone.status.ok());
+  std::vector<std::future<Collected>> crowd;
+  for (int i = 0; i < 15; ++i) {
+    crowd.push_back(std::async(std::launch::async, [&, i] {
+      auto other = daemon.Connect();
+      v1::GenerateRequest r =
+          Greedy({static_cast<uint32_t>(10 + i), 4}, static_cast<uint32_t>(10 + i));
+      return Run(*other, r);
+    }));
+  }
+  Collected together = Run(*c, sampled);
+  for (auto& f : crowd) CHECK(f.get().status.ok());
+  REQUIRE(together.status.ok());
+  CHECK(together.ids == alone.ids);
+}
+
+TEST_CASE("SIGTERM drains: requests in flight finish, then the daemon exits 0") {
+  Daemon daemon({"--drain-seconds", "30"});
+  auto c = daemon.Connect();
+  std::promise<void> started;
+  auto running = std::async(std::launch::async, [&] {
+    bool signalled = false;
+    Collected out;
+    out.status = c->Generate(Greedy({1, 2}, 120), [&](const v1::GenerateResponse& m) {
+      if (!signalled) started.set_value();
+      signalled = true;
+      out.ids.insert(out.ids.end(), m.token_ids().begin(), m.token_ids().end());
+      out.last = m;
+      return true;
+    });
+    return out;
+  });
+  started.get_future().wait();
+  kill(daemon.process->pid(), SIGTERM);
+  Collected finished = running.get();
+  CHECK(finished.status.ok());
+  CHECK(finished.ids.size() == 120);
+  CHECK(finished.last.finish_reason() == v1::FINISH_REASON_LENGTH);
+  CHECK(daemon.process->Wait() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing
