@@ -349,7 +349,7 @@ int main(int argc, char** argv) {
   bool read_stdin = false, add_special = false, skip_special = false;
   CLI::App* tokenize =
       app.add_subcommand("tokenize", "text to token ids with a tokenizer.json (JSON array)");
-  tokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json")->required();
+  tokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json (without it, the daemon at --server tokenizes)");
   auto* text_option = tokenize->add_option("--text", text, "the text");
   auto* stdin_option =
       tokenize->add_flag("--stdin", read_stdin, "read the text from standard input");
@@ -380,6 +380,22 @@ int main(int argc, char** argv) {
     if (text_option->count() == 0 && !read_stdin) {
       std::cerr << "moectl tokenize: give --text T or --stdin\n";
       return 2;
+    }
+    if (tokenizer_path.empty()) {
+      moed::v1::TokenizeRequest request;
+      if (read_stdin) {
+        std::stringstream in;
+        in << std::cin.rdbuf();
+        request.set_text(in.str());
+      } else {
+        request.set_text(text);
+      }
+      request.set_add_special_tokens(add_special);
+      auto response = Connect(options)->Tokenize(request);
+      if (!response.ok()) return Fail(response.status(), options);
+      std::cout << nlohmann::json(std::vector<uint32_t>(response->token_ids().begin(), response->token_ids().end())).dump()
+                << "\n";
+      return 0;
     }
     return RunTokenize(tokenizer_path, read_stdin ? std::nullopt : std::optional<std::string>(text),
                        add_special);

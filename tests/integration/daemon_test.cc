@@ -251,3 +251,32 @@ TEST_CASE("the daemon serves an expert store and refuses a budget below the mini
 
 }  // namespace
 }  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("moectl tokenize asks the daemon with --server and generate streams text") {
+  RunningDaemon daemon;
+  std::string tokenizer = (TestModel() / "tokenizer.json").string();
+  CommandResult local = RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "the river"});
+  CommandResult remote = RunCommand({MOECTL_BINARY, "--server", daemon.address, "tokenize", "--text", "the river"});
+  REQUIRE(local.exit_code == 0);
+  CHECK(remote.exit_code == 0);
+  CHECK(remote.out == local.out);
+
+  CommandResult json = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--json", "generate", "--ids", "5,6",
+                                   "--max-tokens", "3", "--temperature", "0"});
+  REQUIRE(json.exit_code == 0);
+  std::vector<nlohmann::json> lines;
+  size_t start = 0;
+  for (size_t end; (end = json.out.find('\n', start)) != std::string::npos; start = end + 1) {
+    lines.push_back(nlohmann::json::parse(json.out.substr(start, end - start)));
+  }
+  REQUIRE(lines.size() == 4);  // three tokens, then the closing message
+  CHECK(lines.back()["finish_reason"] == "FINISH_REASON_LENGTH");
+  CHECK(lines.back()["usage"]["completion_tokens"] == 3);
+  CHECK(daemon.process->Stop() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing

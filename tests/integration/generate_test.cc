@@ -239,3 +239,36 @@ TEST_CASE("SIGTERM drains: requests in flight finish, then the daemon exits 0") 
 
 }  // namespace
 }  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("a checkpoint without a tokenizer serves token ids only") {
+  fs::path bare = Model().parent_path() / "bare";
+  if (!fs::exists(bare)) {
+    fs::copy(Model(), bare);
+    fs::remove(bare / "tokenizer.json");
+  }
+  std::vector<std::string> argv = {MOED_BINARY, "--model", bare.string(), "--listen", "127.0.0.1:0"};
+  ChildProcess process(argv);
+  auto line = process.ReadStdoutLine(std::chrono::seconds(30));
+  REQUIRE(line.has_value());
+  auto c = client::Client::Create(line->substr(std::string("listening on ").size()), std::chrono::seconds(30));
+  v1::GenerateRequest text;
+  text.set_prompt("hello");
+  absl::Status refused = Run(*c, text).status;
+  CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(refused.message() == "this model has no tokenizer: send prompt_token_ids instead of prompt");
+  Collected ids = Run(*c, Greedy({4, 5}, 6));
+  REQUIRE(ids.status.ok());
+  CHECK(ids.ids.size() == 6);
+  CHECK(ids.text.empty());
+  CHECK(c->Tokenize(v1::TokenizeRequest()).status().code() == absl::StatusCode::kFailedPrecondition);
+  auto info = c->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK_FALSE(info->has_tokenizer());
+  CHECK(process.Stop() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing

@@ -78,6 +78,44 @@ class PythonClientTest(unittest.TestCase):
                          per_expert * config["num_experts"] * config["num_hidden_layers"])
         self.assertTrue(info.has_tokenizer)
 
+    def test_32_concurrent_streams(self):
+        import concurrent.futures
+
+        stub = moed_pb2_grpc.MoedStub(self.channel)
+
+        def one(i):
+            request = moed_pb2.GenerateRequest(
+                prompt_token_ids=[1 + i, 2, 3],
+                request_id="py-%d" % i,
+                sampling=moed_pb2.SamplingParams(max_tokens=8, temperature=0.7, seed=i, ignore_eos=True))
+            ids, last = [], None
+            for message in stub.Generate(request, timeout=120):
+                self.assertEqual(message.request_id, "py-%d" % i)
+                ids.extend(message.token_ids)
+                last = message
+            return ids, last
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+            results = list(pool.map(one, range(32)))
+        self.assertEqual(len(results), 32)
+        for ids, last in results:
+            self.assertEqual(len(ids), 8)
+            self.assertEqual(last.finish_reason, moed_pb2.FINISH_REASON_LENGTH)
+            self.assertEqual(last.usage.prompt_tokens, 3)
+            self.assertEqual(last.usage.completion_tokens, 8)
+        # Same seed, same request: same tokens as when it ran among 31 others.
+        again, _ = one(5)
+        self.assertEqual(again, results[5][0])
+
+    def test_text_prompt_and_bad_input_status(self):
+        stub = moed_pb2_grpc.MoedStub(self.channel)
+        messages = list(stub.Generate(moed_pb2.GenerateRequest(
+            prompt="the river town", sampling=moed_pb2.SamplingParams(max_tokens=4, temperature=0)), timeout=60))
+        self.assertEqual(messages[-1].usage.completion_tokens, 4)
+        with self.assertRaises(grpc.RpcError) as error:
+            list(stub.Generate(moed_pb2.GenerateRequest(prompt_token_ids=[100000]), timeout=60))
+        self.assertEqual(error.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+
     def test_zz_sigterm_exits_zero(self):
         self.daemon.send_signal(signal.SIGTERM)
         self.assertEqual(self.daemon.wait(timeout=30), 0)
