@@ -349,7 +349,8 @@ int main(int argc, char** argv) {
   bool read_stdin = false, add_special = false, skip_special = false;
   CLI::App* tokenize =
       app.add_subcommand("tokenize", "text to token ids with a tokenizer.json (JSON array)");
-  tokenize->add_option("--tokenizer", tokenizer_path, "tokenizer.json (without it, the daemon at --server tokenizes)");
+  tokenize->add_option("--tokenizer", tokenizer_path,
+                       "tokenizer.json (without it, the daemon at --server tokenizes)");
   auto* text_option = tokenize->add_option("--text", text, "the text");
   auto* stdin_option =
       tokenize->add_flag("--stdin", read_stdin, "read the text from standard input");
@@ -393,7 +394,9 @@ int main(int argc, char** argv) {
       request.set_add_special_tokens(add_special);
       auto response = Connect(options)->Tokenize(request);
       if (!response.ok()) return Fail(response.status(), options);
-      std::cout << nlohmann::json(std::vector<uint32_t>(response->token_ids().begin(), response->token_ids().end())).dump()
+      std::cout << nlohmann::json(std::vector<uint32_t>(response->token_ids().begin(),
+                                                        response->token_ids().end()))
+                       .dump()
                 << "\n";
       return 0;
     }

@@ -18,6 +18,7 @@ struct Scheduler::Sequence {
   std::unique_ptr<model::StopMatcher> stops;
   uint32_t max_new = 0;
   bool done = false;
+  std::vector<std::vector<std::vector<int>>> routing;  // [layer][token], when recording
 };
 
 std::optional<StreamEvent> RequestHandle::Next(std::chrono::milliseconds timeout) {
@@ -152,6 +153,9 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
   seq.handle->Push(std::move(event));
   seq.done = true;
   seq.cache.reset();
+  if (options_.on_routing && !seq.routing.empty()) {
+    options_.on_routing(seq.request.id, static_cast<int>(seq.request.prompt.size()), seq.routing);
+  }
 }
 
 void Scheduler::Loop() {
@@ -248,6 +252,18 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   }
   const model::ModelConfig& config = model_->config();
   const int64_t vocab = config.vocab_size;
+  if (options_.on_routing) {
+    size_t token = 0;
+    for (size_t i = 0; i < owners.size(); ++i) {
+      Sequence& seq = *owners[i];
+      seq.routing.resize(out->routing.size());
+      for (size_t t = 0; t < inputs[i].tokens.size(); ++t, ++token) {
+        for (size_t layer = 0; layer < out->routing.size(); ++layer) {
+          seq.routing[layer].push_back(out->routing[layer][token]);
+        }
+      }
+    }
+  }
   for (size_t i = 0; i < owners.size(); ++i) {
     Sequence& seq = *owners[i];
     seq.prefilled += chunk[i];
@@ -298,6 +314,10 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
         seq.handle->Push(std::move(last));
         seq.done = true;
         seq.cache.reset();
+        if (options_.on_routing && !seq.routing.empty()) {
+          options_.on_routing(seq.request.id, static_cast<int>(seq.request.prompt.size()),
+                              seq.routing);
+        }
       } else {
         Finish(seq, reason, absl::OkStatus());
       }

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -23,10 +24,15 @@
 
 namespace moed::scheduler {
 
+// routing[layer][token] of one finished sequence (prompt tokens first), for traces.
+using RoutingSink = std::function<void(const std::string& request_id, int prompt_tokens,
+                                       const std::vector<std::vector<std::vector<int>>>& routing)>;
+
 struct SchedulerOptions {
   int max_batch = 16;             // sequences in one step
   int max_queue = 256;            // requests waiting beyond the running batch
   int max_tokens_per_step = 256;  // decode tokens + prefill chunks in one step
+  RoutingSink on_routing;         // when set, every finished sequence's routing is handed here
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled };

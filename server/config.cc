@@ -274,6 +274,12 @@ const std::vector<OptionSpec>& DaemonOptions() {
          .help = "on SIGTERM, how long requests in flight may run before they are cancelled",
          .min_value = 0,
          .max_value = 86400});
+    o.push_back(
+        {.name = "record-routing",
+         .field = F(&DaemonConfig::record_routing),
+         .metavar = "FILE",
+         .help = "append each finished request's routing (every token, every layer) to this .jsonl "
+                 "trace, for moed-replay"});
     o.push_back({.name = "log-level",
                  .field = F(&DaemonConfig::log_level),
                  .metavar = "LEVEL",

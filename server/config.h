@@ -34,6 +34,7 @@ struct DaemonConfig {
   int64_t max_queue = 256;
   int64_t max_tokens_per_step = 256;
   int64_t drain_seconds = 30;
+  std::string record_routing;
   std::string log_level = "info";
   std::string log_format = "text";
 };

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "cache/routing_trace.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
 #include "util/fmt_absl.h"
@@ -375,6 +376,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   scheduler_options.max_batch = static_cast<int>(config.max_batch);
   scheduler_options.max_queue = static_cast<int>(config.max_queue);
   scheduler_options.max_tokens_per_step = static_cast<int>(config.max_tokens_per_step);
+  if (!config.record_routing.empty()) {
+    std::shared_ptr<spdlog::logger> trace_log = daemon->logger_;
+    scheduler_options.on_routing = [path = config.record_routing, trace_log, model_config, dir](
+                                       const std::string& id, int prompt_tokens,
+                                       const std::vector<std::vector<std::vector<int>>>& routing) {
+      cache::RoutingTrace trace = cache::TraceFromRouting(
+          routing, static_cast<int>(model_config.num_experts),
+          static_cast<int>(model_config.experts_per_token), prompt_tokens, dir);
+      trace.task = id;
+      if (absl::Status s = cache::AppendRoutingTrace(path, trace); !s.ok())
+        trace_log->warn("{}", s.message());
+    };
+  }
   daemon->scheduler_ =
       std::make_shared<scheduler::Scheduler>(engine_model, tokenizer, scheduler_options);
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,

@@ -258,14 +258,16 @@ namespace {
 TEST_CASE("moectl tokenize asks the daemon with --server and generate streams text") {
   RunningDaemon daemon;
   std::string tokenizer = (TestModel() / "tokenizer.json").string();
-  CommandResult local = RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "the river"});
-  CommandResult remote = RunCommand({MOECTL_BINARY, "--server", daemon.address, "tokenize", "--text", "the river"});
+  CommandResult local =
+      RunCommand({MOECTL_BINARY, "tokenize", "--tokenizer", tokenizer, "--text", "the river"});
+  CommandResult remote =
+      RunCommand({MOECTL_BINARY, "--server", daemon.address, "tokenize", "--text", "the river"});
   REQUIRE(local.exit_code == 0);
   CHECK(remote.exit_code == 0);
   CHECK(remote.out == local.out);
 
-  CommandResult json = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--json", "generate", "--ids", "5,6",
-                                   "--max-tokens", "3", "--temperature", "0"});
+  CommandResult json = RunCommand({MOECTL_BINARY, "--server", daemon.address, "--json", "generate",
+                                   "--ids", "5,6", "--max-tokens", "3", "--temperature", "0"});
   REQUIRE(json.exit_code == 0);
   std::vector<nlohmann::json> lines;
   size_t start = 0;

@@ -7,6 +7,7 @@
 #include <future>
 #include <thread>
 
+#include "cache/routing_trace.h"
 #include "client/client.h"
 #include "tests/integration/daemon_process.h"
 #include "tools/synth/synthesizer.h"
@@ -249,25 +250,55 @@ TEST_CASE("a checkpoint without a tokenizer serves token ids only") {
     fs::copy(Model(), bare);
     fs::remove(bare / "tokenizer.json");
   }
-  std::vector<std::string> argv = {MOED_BINARY, "--model", bare.string(), "--listen", "127.0.0.1:0"};
+  std::vector<std::string> argv = {MOED_BINARY, "--model", bare.string(), "--listen",
+                                   "127.0.0.1:0"};
   ChildProcess process(argv);
   auto line = process.ReadStdoutLine(std::chrono::seconds(30));
   REQUIRE(line.has_value());
-  auto c = client::Client::Create(line->substr(std::string("listening on ").size()), std::chrono::seconds(30));
+  auto c = client::Client::Create(line->substr(std::string("listening on ").size()),
+                                  std::chrono::seconds(30));
   v1::GenerateRequest text;
   text.set_prompt("hello");
   absl::Status refused = Run(*c, text).status;
   CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
-  CHECK(refused.message() == "this model has no tokenizer: send prompt_token_ids instead of prompt");
+  CHECK(refused.message() ==
+        "this model has no tokenizer: send prompt_token_ids instead of prompt");
   Collected ids = Run(*c, Greedy({4, 5}, 6));
   REQUIRE(ids.status.ok());
   CHECK(ids.ids.size() == 6);
   CHECK(ids.text.empty());
-  CHECK(c->Tokenize(v1::TokenizeRequest()).status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(c->Tokenize(v1::TokenizeRequest()).status().code() ==
+        absl::StatusCode::kFailedPrecondition);
   auto info = c->ModelInfo();
   REQUIRE(info.ok());
   CHECK_FALSE(info->has_tokenizer());
   CHECK(process.Stop() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("moed --record-routing writes each finished request's routing as a replayable trace") {
+  fs::path trace = Model().parent_path() / "routing.jsonl";
+  fs::remove(trace);
+  Daemon daemon({"--record-routing", trace.string()});
+  auto c = daemon.Connect();
+  REQUIRE(Run(*c, Greedy({5, 6, 7}, 4)).status.ok());
+  REQUIRE(Run(*c, Greedy({8}, 2)).status.ok());
+  CHECK(daemon.process->Stop() == 0);
+  auto traces = cache::ReadRoutingTraces(trace.string());
+  REQUIRE(traces.ok());
+  REQUIRE(traces->size() == 2);
+  // Routing is recorded for every token fed to the model: the prompt and all generated
+  // tokens but the last, which finished the request without being fed back.
+  CHECK((*traces)[0].num_prefill_tokens == 3);
+  CHECK((*traces)[0].tokens.size() == 3 + 3);
+  CHECK((*traces)[0].num_layers == 2);
+  CHECK((*traces)[0].tokens[0][1]->size() == 2);
+  CHECK((*traces)[1].tokens.size() == 1 + 1);
 }
 
 }  // namespace
