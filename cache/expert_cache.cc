@@ -323,6 +323,19 @@ absl::Status ExpertCache::ForEachExpert(
   return first_error;
 }
 
+double ExpertCache::ResidentFraction(const std::vector<std::vector<int>>& experts_by_layer) const {
+  std::lock_guard lock(mutex_);
+  int total = 0, resident = 0;
+  for (size_t layer = 0; layer < experts_by_layer.size(); ++layer) {
+    for (int e : experts_by_layer[layer]) {
+      ++total;
+      auto it = device_.index.find(ExpertKey{static_cast<int>(layer), e});
+      if (it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady) ++resident;
+    }
+  }
+  return total == 0 ? 0.0 : static_cast<double>(resident) / total;
+}
+
 CacheCounters ExpertCache::counters() const {
   std::lock_guard lock(mutex_);
   CacheCounters c;

@@ -19,6 +19,10 @@ struct Scheduler::Sequence {
   uint32_t max_new = 0;
   bool done = false;
   std::vector<std::vector<std::vector<int>>> routing;  // [layer][token], when recording
+  std::vector<std::vector<int>> last_experts;          // [layer]: its last token's experts
+  int skipped = 0;                                     // steps in a row it was left out of
+  uint64_t last_stepped = 0;
+  uint64_t arrival = 0;
 };
 
 std::optional<StreamEvent> RequestHandle::Next(std::chrono::milliseconds timeout) {
@@ -114,6 +118,7 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
                                                        waiting_.size(), " waiting; --max-queue ",
                                                        options_.max_queue, ")"));
     }
+    seq->arrival = next_arrival_++;
     waiting_.push_back(std::move(seq));
     stats_.waiting = waiting_.size();
   }
@@ -171,7 +176,9 @@ void Scheduler::Loop() {
         running_count_ = 0;
         return;
       }
-      while (running.size() < static_cast<size_t>(options_.max_batch) && !waiting_.empty()) {
+      const size_t max_running =
+          static_cast<size_t>(std::max(options_.max_batch, options_.max_running));
+      while (running.size() < max_running && !waiting_.empty()) {
         running.push_back(std::move(waiting_.front()));
         waiting_.pop_front();
       }
@@ -185,7 +192,8 @@ void Scheduler::Loop() {
             model_->config(), static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
       }
     }
-    Step(running);
+    std::vector<std::shared_ptr<Sequence>> step = SelectForStep(running);
+    Step(step);
     uint64_t completed = 0, cancelled = 0;
     for (const auto& seq : running) {
       if (seq->done) (seq->handle->cancelled() ? cancelled : completed) += 1;
@@ -201,12 +209,53 @@ void Scheduler::Loop() {
     }
     std::lock_guard lock(mutex_);
     ++stats_.steps;
+    stats_.generated_tokens = generated_tokens_;
     stats_.completed += completed;
     stats_.cancelled += cancelled;
     stats_.running = running.size();
     stats_.kv_cache_bytes = kv_bytes;
     running_count_ = running.size();
   }
+}
+
+std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
+    const std::vector<std::shared_ptr<Sequence>>& running) {
+  ++step_counter_;
+  if (running.size() <= static_cast<size_t>(options_.max_batch)) {
+    for (const auto& seq : running) seq->last_stepped = step_counter_;
+    return running;
+  }
+  struct Candidate {
+    std::shared_ptr<Sequence> seq;
+    bool overdue;
+    double residency;
+  };
+  std::vector<Candidate> candidates;
+  for (const auto& seq : running) {
+    double residency = 0.5;  // a sequence still prefilling has no routing yet
+    if (options_.expert_aware && options_.residency && !seq->last_experts.empty()) {
+      residency = options_.residency(seq->last_experts);
+    }
+    candidates.push_back({seq, seq->skipped >= options_.max_skipped_steps, residency});
+  }
+  std::stable_sort(candidates.begin(), candidates.end(), [&](const Candidate& a, const Candidate& b) {
+    if (a.overdue != b.overdue) return a.overdue;
+    if (options_.expert_aware && a.residency != b.residency) return a.residency > b.residency;
+    if (a.seq->last_stepped != b.seq->last_stepped) return a.seq->last_stepped < b.seq->last_stepped;
+    return a.seq->arrival < b.seq->arrival;
+  });
+  std::vector<std::shared_ptr<Sequence>> step;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    Sequence& seq = *candidates[i].seq;
+    if (i < static_cast<size_t>(options_.max_batch)) {
+      seq.skipped = 0;
+      seq.last_stepped = step_counter_;
+      step.push_back(candidates[i].seq);
+    } else {
+      ++seq.skipped;
+    }
+  }
+  return step;
 }
 
 void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
@@ -252,6 +301,16 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   }
   const model::ModelConfig& config = model_->config();
   const int64_t vocab = config.vocab_size;
+  {
+    // Each sequence's last token's experts, for expert-aware selection of the next step.
+    size_t end = 0;
+    for (size_t i = 0; i < owners.size(); ++i) {
+      end += inputs[i].tokens.size();
+      std::vector<std::vector<int>>& last = owners[i]->last_experts;
+      last.assign(out->routing.size(), {});
+      for (size_t layer = 0; layer < out->routing.size(); ++layer) last[layer] = out->routing[layer][end - 1];
+    }
+  }
   if (options_.on_routing) {
     size_t token = 0;
     for (size_t i = 0; i < owners.size(); ++i) {
@@ -271,6 +330,7 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     model::TokenChoice choice = seq.sampler->Next(
         absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
     seq.generated.push_back(choice.token);
+    ++generated_tokens_;
     const model::SamplingParams& sp = seq.request.sampling;
     bool eos = !sp.ignore_eos && std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(),
                                            choice.token) != config.eos_token_ids.end();

@@ -33,6 +33,15 @@ struct SchedulerOptions {
   int max_queue = 256;            // requests waiting beyond the running batch
   int max_tokens_per_step = 256;  // decode tokens + prefill chunks in one step
   RoutingSink on_routing;         // when set, every finished sequence's routing is handed here
+  // Sequences admitted at once, each with its KV cache; 0 means max_batch. When more are
+  // admitted than fit in one step, each step picks max_batch of them.
+  int max_running = 0;
+  // Pick a step's sequences by how much of the experts their previous step used are resident
+  // (`residency`), rather than round-robin; none is passed over more than max_skipped_steps
+  // steps in a row.
+  bool expert_aware = true;
+  int max_skipped_steps = 4;
+  std::function<double(const std::vector<std::vector<int>>& experts_by_layer)> residency;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled };
@@ -86,6 +95,7 @@ struct SchedulerStats {
   uint64_t completed = 0;
   uint64_t cancelled = 0;
   uint64_t kv_cache_bytes = 0;  // held by running sequences
+  uint64_t generated_tokens = 0;
 };
 
 class Scheduler {
@@ -111,6 +121,8 @@ class Scheduler {
   struct Sequence;
   void Loop();
   void Step(std::vector<std::shared_ptr<Sequence>>& running);
+  // The sequences of the next step, from the admitted ones.
+  std::vector<std::shared_ptr<Sequence>> SelectForStep(const std::vector<std::shared_ptr<Sequence>>& running);
   void Finish(Sequence& seq, FinishReason reason, absl::Status error);
 
   std::shared_ptr<model::Model> model_;
@@ -125,6 +137,9 @@ class Scheduler {
   bool accepting_ = true;
   bool stopping_ = false;
   SchedulerStats stats_;
+  uint64_t next_arrival_ = 0;
+  uint64_t step_counter_ = 0;     // engine thread only
+  uint64_t generated_tokens_ = 0;  // engine thread only
   std::thread engine_;
 };
 

@@ -33,6 +33,8 @@ struct DaemonConfig {
   int64_t max_batch = 16;
   int64_t max_queue = 256;
   int64_t max_tokens_per_step = 256;
+  int64_t max_running = 0;
+  bool expert_aware_batching = true;
   int64_t drain_seconds = 30;
   std::string record_routing;
   std::string log_level = "info";

@@ -376,6 +376,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   scheduler_options.max_batch = static_cast<int>(config.max_batch);
   scheduler_options.max_queue = static_cast<int>(config.max_queue);
   scheduler_options.max_tokens_per_step = static_cast<int>(config.max_tokens_per_step);
+  scheduler_options.max_running = static_cast<int>(config.max_running);
+  scheduler_options.expert_aware = config.expert_aware_batching;
+  if (daemon->cache_ != nullptr) {
+    std::shared_ptr<cache::ExpertCache> expert_cache = daemon->cache_;
+    scheduler_options.residency = [expert_cache](const std::vector<std::vector<int>>& experts) {
+      return expert_cache->ResidentFraction(experts);
+    };
+  }
   if (!config.record_routing.empty()) {
     std::shared_ptr<spdlog::logger> trace_log = daemon->logger_;
     scheduler_options.on_routing = [path = config.record_routing, trace_log, model_config, dir](

@@ -303,3 +303,29 @@ TEST_CASE("moed --record-routing writes each finished request's routing as a rep
 
 }  // namespace
 }  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("more admitted sequences than a step holds: every one is served, none starves") {
+  Daemon daemon({"--max-batch", "1", "--max-running", "4"});
+  std::vector<std::future<Collected>> runs;
+  for (int i = 0; i < 4; ++i) {
+    runs.push_back(std::async(std::launch::async, [&, i] {
+      auto c = daemon.Connect();
+      return Run(*c, Greedy({static_cast<uint32_t>(20 + i), 3}, 30));
+    }));
+  }
+  for (auto& run : runs) {
+    Collected got = run.get();
+    CHECK(got.status.ok());
+    CHECK(got.ids.size() == 30);
+    CHECK(got.last.finish_reason() == v1::FINISH_REASON_LENGTH);
+  }
+  auto info = daemon.Connect()->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->requests_running() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing
