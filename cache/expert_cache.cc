@@ -330,7 +330,8 @@ double ExpertCache::ResidentFraction(const std::vector<std::vector<int>>& expert
     for (int e : experts_by_layer[layer]) {
       ++total;
       auto it = device_.index.find(ExpertKey{static_cast<int>(layer), e});
-      if (it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady) ++resident;
+      if (it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady)
+        ++resident;
     }
   }
   return total == 0 ? 0.0 : static_cast<double>(resident) / total;

@@ -238,12 +238,15 @@ std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
     }
     candidates.push_back({seq, seq->skipped >= options_.max_skipped_steps, residency});
   }
-  std::stable_sort(candidates.begin(), candidates.end(), [&](const Candidate& a, const Candidate& b) {
-    if (a.overdue != b.overdue) return a.overdue;
-    if (options_.expert_aware && a.residency != b.residency) return a.residency > b.residency;
-    if (a.seq->last_stepped != b.seq->last_stepped) return a.seq->last_stepped < b.seq->last_stepped;
-    return a.seq->arrival < b.seq->arrival;
-  });
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [&](const Candidate& a, const Candidate& b) {
+                     if (a.overdue != b.overdue) return a.overdue;
+                     if (options_.expert_aware && a.residency != b.residency)
+                       return a.residency > b.residency;
+                     if (a.seq->last_stepped != b.seq->last_stepped)
+                       return a.seq->last_stepped < b.seq->last_stepped;
+                     return a.seq->arrival < b.seq->arrival;
+                   });
   std::vector<std::shared_ptr<Sequence>> step;
   for (size_t i = 0; i < candidates.size(); ++i) {
     Sequence& seq = *candidates[i].seq;
@@ -308,7 +311,8 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
       end += inputs[i].tokens.size();
       std::vector<std::vector<int>>& last = owners[i]->last_experts;
       last.assign(out->routing.size(), {});
-      for (size_t layer = 0; layer < out->routing.size(); ++layer) last[layer] = out->routing[layer][end - 1];
+      for (size_t layer = 0; layer < out->routing.size(); ++layer)
+        last[layer] = out->routing[layer][end - 1];
     }
   }
   if (options_.on_routing) {

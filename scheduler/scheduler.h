@@ -122,7 +122,8 @@ class Scheduler {
   void Loop();
   void Step(std::vector<std::shared_ptr<Sequence>>& running);
   // The sequences of the next step, from the admitted ones.
-  std::vector<std::shared_ptr<Sequence>> SelectForStep(const std::vector<std::shared_ptr<Sequence>>& running);
+  std::vector<std::shared_ptr<Sequence>> SelectForStep(
+      const std::vector<std::shared_ptr<Sequence>>& running);
   void Finish(Sequence& seq, FinishReason reason, absl::Status error);
 
   std::shared_ptr<model::Model> model_;
@@ -138,7 +139,7 @@ class Scheduler {
   bool stopping_ = false;
   SchedulerStats stats_;
   uint64_t next_arrival_ = 0;
-  uint64_t step_counter_ = 0;     // engine thread only
+  uint64_t step_counter_ = 0;      // engine thread only
   uint64_t generated_tokens_ = 0;  // engine thread only
   std::thread engine_;
 };

@@ -267,6 +267,19 @@ const std::vector<OptionSpec>& DaemonOptions() {
              "decode tokens plus prompt tokens in one step; longer prompts are prefilled in chunks",
          .min_value = 1,
          .max_value = 1 << 20});
+    o.push_back({.name = "max-running",
+                 .field = F(&DaemonConfig::max_running),
+                 .metavar = "N",
+                 .help = "sequences admitted at once (each holds its KV cache); when more than "
+                         "--max-batch, each step picks --max-batch of them; 0 means --max-batch",
+                 .min_value = 0,
+                 .max_value = 65536});
+    o.push_back({.name = "expert-aware-batching",
+                 .field = F(&DaemonConfig::expert_aware_batching),
+                 .metavar = "BOOL",
+                 .help = "with --store and --max-running above --max-batch: pick each step's "
+                         "sequences by how many of their experts are resident (else round-robin); "
+                         "none waits more than 4 steps"});
     o.push_back(
         {.name = "drain-seconds",
          .field = F(&DaemonConfig::drain_seconds),

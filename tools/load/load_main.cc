@@ -35,8 +35,10 @@ int main(int argc, char** argv) {
   app.add_option("--server", server, "daemon address")->capture_default_str();
   app.add_option("--clients", clients, "concurrent streaming clients")->capture_default_str();
   app.add_option("--requests", requests, "requests per client")->capture_default_str();
-  app.add_option("--max-tokens", max_tokens, "tokens per request (generation ignores EOS)")->capture_default_str();
-  app.add_option("--prompt-tokens", prompt_tokens, "prompt length in token ids")->capture_default_str();
+  app.add_option("--max-tokens", max_tokens, "tokens per request (generation ignores EOS)")
+      ->capture_default_str();
+  app.add_option("--prompt-tokens", prompt_tokens, "prompt length in token ids")
+      ->capture_default_str();
   app.add_option("--prompt", prompt, "a text prompt instead of token ids");
   CLI11_PARSE(app, argc, argv);
 
@@ -52,7 +54,9 @@ int main(int argc, char** argv) {
       for (int r = 0; r < requests; ++r) {
         moed::v1::GenerateRequest request;
         if (prompt.empty()) {
-          for (int i = 0; i < prompt_tokens; ++i) request.add_prompt_token_ids(static_cast<uint32_t>(1 + (c * 131 + r * 17 + i * 7) % 250));
+          for (int i = 0; i < prompt_tokens; ++i)
+            request.add_prompt_token_ids(
+                static_cast<uint32_t>(1 + (c * 131 + r * 17 + i * 7) % 250));
         } else {
           request.set_prompt(prompt);
         }
@@ -84,12 +88,13 @@ int main(int argc, char** argv) {
           last = m;
           return true;
         });
-        bool ok = status.ok() && last.finish_reason() == moed::v1::FINISH_REASON_LENGTH && got == max_tokens &&
-                  last.usage().completion_tokens() == max_tokens;
+        bool ok = status.ok() && last.finish_reason() == moed::v1::FINISH_REASON_LENGTH &&
+                  got == max_tokens && last.usage().completion_tokens() == max_tokens;
         if (!ok) {
           ++failures;
           std::lock_guard lock(mutex);
-          std::cerr << request.request_id() << ": " << (status.ok() ? "wrong finish or count" : status.ToString()) << "\n";
+          std::cerr << request.request_id() << ": "
+                    << (status.ok() ? "wrong finish or count" : status.ToString()) << "\n";
           continue;
         }
         tokens += got;
@@ -101,12 +106,13 @@ int main(int argc, char** argv) {
   }
   for (auto& t : threads) t.join();
   double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  std::printf("clients %d x requests %d, %u tokens each: %d failed\n", clients, requests, max_tokens, failures.load());
+  std::printf("clients %d x requests %d, %u tokens each: %d failed\n", clients, requests,
+              max_tokens, failures.load());
   std::printf("throughput   %.1f tokens/s (%.2f requests/s) over %.1f s\n", tokens.load() / seconds,
               (clients * requests - failures.load()) / seconds, seconds);
-  std::printf("TTFT ms      p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(ttft_ms, 50), Percentile(ttft_ms, 90),
-              Percentile(ttft_ms, 99));
-  std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(itl_ms, 50), Percentile(itl_ms, 90),
-              Percentile(itl_ms, 99));
+  std::printf("TTFT ms      p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(ttft_ms, 50),
+              Percentile(ttft_ms, 90), Percentile(ttft_ms, 99));
+  std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(itl_ms, 50),
+              Percentile(itl_ms, 90), Percentile(itl_ms, 99));
   return failures.load() == 0 ? 0 : 1;
 }
