@@ -52,7 +52,7 @@ configure_and_build() {
     -DMOED_SHARED_DIR="$(shared_dir)" "${launcher[@]}" "$@" >"$dir/configure.log" 2>&1 ||
     { cat "$dir/configure.log" >&2; exit 1; }
   say "building $dir"
-  cmake --build "$dir" -j "$(nproc)"
+  cmake --build "$dir" -j "$(nproc)" >&2  # stdout stays for what the commands print
 }
 
 run_ctest() {
@@ -66,7 +66,7 @@ cmd_run() {
   configure_and_build "$ROOT/build"
   if [ ! -f "$ROOT/models/demo/config.json" ]; then
     say "creating the demo model in models/demo"
-    "$ROOT/build/tools/moed-synth" --arch mixtral --preset demo --out "$ROOT/models/demo"
+    "$ROOT/build/tools/moed-synth" --arch mixtral --preset demo --out "$ROOT/models/demo" >&2
   fi
   cat >&2 <<MSG
 
