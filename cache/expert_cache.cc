@@ -357,4 +357,25 @@ CacheCounters ExpertCache::counters() const {
   return c;
 }
 
+namespace {
+
+class SharedCacheProvider final : public model::ExpertProvider {
+ public:
+  explicit SharedCacheProvider(std::shared_ptr<ExpertCache> cache) : cache_(std::move(cache)) {}
+  absl::Status ForEachExpert(
+      int layer, const std::vector<int>& experts,
+      const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) override {
+    return cache_->ForEachExpert(layer, experts, compute);
+  }
+
+ private:
+  std::shared_ptr<ExpertCache> cache_;
+};
+
+}  // namespace
+
+std::unique_ptr<model::ExpertProvider> SharedProvider(std::shared_ptr<ExpertCache> cache) {
+  return std::make_unique<SharedCacheProvider>(std::move(cache));
+}
+
 }  // namespace moed::cache

@@ -134,6 +134,9 @@ class ExpertCache final : public model::ExpertProvider {
   double wait_seconds_ = 0;
 };
 
+// A provider for a Model that shares `cache` with others (the daemon's ModelInfo reads it too).
+std::unique_ptr<model::ExpertProvider> SharedProvider(std::shared_ptr<ExpertCache> cache);
+
 using util::ParseByteSize;
 
 }  // namespace moed::cache

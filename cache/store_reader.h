@@ -49,8 +49,4 @@ class Store final : public model::TensorSource {
 // checksum mismatch in experts.bin at offset O".
 absl::Status BlobError(const Store& store, const BlobEntry& blob, absl::string_view what);
 
-// Every expert of one precision read into memory at start-up: the all-resident case.
-absl::StatusOr<std::unique_ptr<model::ExpertProvider>> LoadAllExperts(
-    std::shared_ptr<const Store> store, Precision precision);
-
 }  // namespace moed::cache

@@ -58,12 +58,6 @@ class WeightBinder {
   const TensorSource& checkpoint_;
 };
 
-std::string ExpertTensorPrefix(const ModelConfig& config, int layer, int expert) {
-  return config.architecture == Architecture::kMixtral
-             ? absl::StrCat("model.layers.", layer, ".block_sparse_moe.experts.", expert, ".")
-             : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
-}
-
 // Serves every expert straight from the checkpoint's memory mapping.
 class CheckpointExpertProvider final : public ExpertProvider {
  public:
@@ -98,14 +92,13 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
   for (int layer = 0; layer < c.num_layers; ++layer) {
     if (!c.IsMoeLayer(layer)) continue;
     for (int e = 0; e < c.num_experts; ++e) {
-      std::string ep = ExpertTensorPrefix(c, layer, e);
-      absl::StatusOr<DenseMlp> mlp =
-          c.architecture == Architecture::kMixtral
-              ? bind.Mlp(ep, "w1", "w3", "w2", c.hidden_size, c.expert_intermediate_size)
-              : bind.Mlp(ep, "gate_proj", "up_proj", "down_proj", c.hidden_size,
-                         c.expert_intermediate_size);
-      if (!mlp.ok()) return mlp.status();
-      experts[layer].push_back({mlp->gate, mlp->up, mlp->down});
+      ExpertTensorNames names = RoutedExpertTensorNames(c.architecture, layer, e);
+      ExpertWeights weights;
+      const int64_t h = c.hidden_size, inter = c.expert_intermediate_size;
+      MOED_ASSIGN_OR_RETURN(weights.gate, bind.Matrix(names.gate, inter, h));
+      MOED_ASSIGN_OR_RETURN(weights.up, bind.Matrix(names.up, inter, h));
+      MOED_ASSIGN_OR_RETURN(weights.down, bind.Matrix(names.down, h, inter));
+      experts[layer].push_back(weights);
     }
   }
   return Create(c, checkpoint, std::make_unique<CheckpointExpertProvider>(std::move(experts)),
@@ -160,8 +153,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
       MOED_ASSIGN_OR_RETURN(w.dense_mlp, bind.Mlp(p + "mlp.", "gate_proj", "up_proj", "down_proj",
                                                   h, c.dense_intermediate_size));
     } else {
-      std::string moe =
-          c.architecture == Architecture::kMixtral ? p + "block_sparse_moe." : p + "mlp.";
+      std::string moe = MoeBlockPrefix(c.architecture, layer);
       MOED_ASSIGN_OR_RETURN(w.router, bind.Matrix(moe + "gate.weight", c.num_experts, h));
       if (c.shared_expert_intermediate_size > 0) {
         w.has_shared_expert = true;

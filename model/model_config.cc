@@ -145,6 +145,17 @@ absl::StatusOr<Architecture> ParseArchitectureShortName(absl::string_view name) 
       "unknown architecture '", name, "' (expected mixtral, qwen2_moe, qwen3_moe or olmoe)"));
 }
 
+std::string MoeBlockPrefix(Architecture arch, int64_t layer) {
+  return absl::StrCat("model.layers.", layer,
+                      arch == Architecture::kMixtral ? ".block_sparse_moe." : ".mlp.");
+}
+
+ExpertTensorNames RoutedExpertTensorNames(Architecture arch, int64_t layer, int64_t expert) {
+  std::string p = absl::StrCat(MoeBlockPrefix(arch, layer), "experts.", expert, ".");
+  if (arch == Architecture::kMixtral) return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
+  return {p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"};
+}
+
 bool ModelConfig::IsMoeLayer(int64_t layer) const {
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) {
     return false;

@@ -54,6 +54,16 @@ struct ModelConfig {
   int64_t ExpertParameters() const { return 3 * hidden_size * expert_intermediate_size; }
 };
 
+// Prefix of layer `layer`'s MoE block: "model.layers.N.block_sparse_moe." (Mixtral) or
+// "model.layers.N.mlp." (the others).
+std::string MoeBlockPrefix(Architecture arch, int64_t layer);
+
+// The usual Hub names of one routed expert's matrices (Mixtral calls them w1, w3, w2).
+struct ExpertTensorNames {
+  std::string gate, up, down;
+};
+ExpertTensorNames RoutedExpertTensorNames(Architecture arch, int64_t layer, int64_t expert);
+
 // Parses config.json text. `source` names the file in error messages.
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source);
 // Reads and parses DIR/config.json.

@@ -25,20 +25,6 @@ std::string DirectoryName(const std::string& path) {
   return p.filename().string();
 }
 
-// A non-owning ExpertProvider view of the daemon's cache (which ModelInfo also reads).
-class SharedExperts final : public model::ExpertProvider {
- public:
-  explicit SharedExperts(std::shared_ptr<cache::ExpertCache> cache) : cache_(std::move(cache)) {}
-  absl::Status ForEachExpert(
-      int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) override {
-    return cache_->ForEachExpert(layer, experts, compute);
-  }
-
- private:
-  std::shared_ptr<cache::ExpertCache> cache_;
-};
-
 }  // namespace
 
 // What the service needs from the daemon.
@@ -358,10 +344,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   const std::string dir = config.store.empty() ? config.model : config.store;
   std::shared_ptr<model::Model> engine_model;
   if (daemon->store_ != nullptr) {
-    MOED_ASSIGN_OR_RETURN(engine_model,
-                          model::Model::Create(model_config, daemon->store_,
-                                               std::make_unique<SharedExperts>(daemon->cache_),
-                                               static_cast<int>(config.threads)));
+    MOED_ASSIGN_OR_RETURN(engine_model, model::Model::Create(model_config, daemon->store_,
+                                                             cache::SharedProvider(daemon->cache_),
+                                                             static_cast<int>(config.threads)));
   } else {
     MOED_ASSIGN_OR_RETURN(engine_model,
                           model::Model::Load(config.model, static_cast<int>(config.threads)));

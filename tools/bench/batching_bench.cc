@@ -43,17 +43,7 @@ int main(int argc, char** argv) {
     auto made = moed::cache::ExpertCache::Create(*store, options);
     if (!made.ok()) return 1;
     std::shared_ptr<moed::cache::ExpertCache> cache = *std::move(made);
-    struct Shared final : moed::model::ExpertProvider {
-      std::shared_ptr<moed::cache::ExpertCache> cache;
-      absl::Status ForEachExpert(
-          int layer, const std::vector<int>& experts,
-          const std::function<absl::Status(int, const moed::model::ExpertWeights&)>& f) override {
-        return cache->ForEachExpert(layer, experts, f);
-      }
-    };
-    auto provider = std::make_unique<Shared>();
-    provider->cache = cache;
-    auto model = moed::model::Model::Create(c, *store, std::move(provider), 0);
+    auto model = moed::model::Model::Create(c, *store, moed::cache::SharedProvider(cache), 0);
     if (!model.ok()) return 1;
     moed::scheduler::SchedulerOptions so;
     so.max_batch = batch;

@@ -28,18 +28,11 @@ using cache::Precision;
 
 constexpr uint64_t kPartAlignment = 64;
 
-std::string ExpertPrefix(const model::ModelConfig& config, int layer, int expert) {
-  return config.architecture == model::Architecture::kMixtral
-             ? absl::StrCat("model.layers.", layer, ".block_sparse_moe.experts.", expert, ".")
-             : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
-}
-
 std::array<std::string, 3> ExpertTensorNames(const model::ModelConfig& config, int layer,
                                              int expert) {
-  std::string p = ExpertPrefix(config, layer, expert);
-  if (config.architecture == model::Architecture::kMixtral)
-    return {p + "w1.weight", p + "w3.weight", p + "w2.weight"};
-  return {p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"};
+  model::ExpertTensorNames names =
+      model::RoutedExpertTensorNames(config.architecture, layer, expert);
+  return {names.gate, names.up, names.down};
 }
 
 // Lays out one matrix at `*cursor` and advances it.

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "cache/expert_cache.h"
 #include "cache/store_reader.h"
 #include "model/generate.h"
 #include "tools/synth/synthesizer.h"
@@ -40,7 +41,9 @@ model::GreedyResult FromStore(const fs::path& store_dir, cache::Precision precis
   auto store = cache::Store::Open(store_dir.string());
   INFO(store.status().ToString());
   REQUIRE(store.ok());
-  auto experts = cache::LoadAllExperts(*store, precision);
+  cache::CacheOptions options;
+  options.precision = precision;  // the default budget holds every expert
+  auto experts = cache::ExpertCache::Create(*store, options);
   REQUIRE(experts.ok());
   auto model = model::Model::Create((*store)->config(), *store, *std::move(experts), 2);
   REQUIRE(model.ok());
@@ -137,11 +140,19 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
     }
     auto s = cache::Store::Open(store.string());
     REQUIRE(s.ok());  // expert blobs are verified when read, not at open
-    auto experts = cache::LoadAllExperts(*s, cache::Precision::kSource);
-    CHECK(experts.status().code() == absl::StatusCode::kDataLoss);
-    CHECK(experts.status().message() == "layer 1 expert 5 (source): checksum mismatch in " +
-                                            (store / "experts.bin").string() + " at offset " +
-                                            std::to_string(blob.offset));
+    auto cache = cache::ExpertCache::Create(*s, cache::CacheOptions{});
+    REQUIRE(cache.ok());
+    auto model = model::Model::Create((*s)->config(), *s, *std::move(cache), 1);
+    REQUIRE(model.ok());
+    // Token 0 of every layer needs some expert; run until the damaged one is read.
+    absl::Status failure;
+    for (int32_t token = 0; token < 512 && failure.ok(); ++token) {
+      failure = model::ScoreAndGreedy(**model, {token}, 0).status();
+    }
+    CHECK(failure.code() == absl::StatusCode::kDataLoss);
+    CHECK(failure.message() == "layer 1 expert 5 (source): checksum mismatch in " +
+                                   (store / "experts.bin").string() + " at offset " +
+                                   std::to_string(blob.offset));
   }
   SECTION("a truncated experts.bin") {
     fs::resize_file(store / "experts.bin", fs::file_size(store / "experts.bin") - 4096);
@@ -162,10 +173,10 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
   SECTION("a precision the store was not packed with") {
     auto s = cache::Store::Open(store.string());
     REQUIRE(s.ok());
-    CHECK(cache::LoadAllExperts(*s, cache::Precision::kInt4)
-              .status()
-              .message()
-              .find("has no int4 blobs") != std::string::npos);
+    cache::CacheOptions int4;
+    int4.precision = cache::Precision::kInt4;
+    CHECK(cache::ExpertCache::Create(*s, int4).status().message().find("has no int4 blobs") !=
+          std::string::npos);
   }
   SECTION("a damaged manifest") {
     std::string manifest = ReadFile(store / "manifest.json");

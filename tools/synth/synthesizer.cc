@@ -119,11 +119,6 @@ absl::Status WriteText(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
-std::string ExpertPrefix(const SynthSpec& spec, int64_t layer) {
-  return absl::StrCat("model.layers.", layer,
-                      spec.architecture == Architecture::kMixtral ? ".block_sparse_moe" : ".mlp");
-}
-
 }  // namespace
 
 absl::string_view TokenizerCorpus() {
@@ -257,26 +252,20 @@ std::vector<TensorSpec> CheckpointTensors(const SynthSpec& spec) {
       add(p + "self_attn.q_norm.weight", {q_width});
       add(p + "self_attn.k_norm.weight", {kv_width});
     }
-    std::string moe = ExpertPrefix(spec, layer);
-    add(moe + ".gate.weight", {spec.num_experts, h});
+    std::string moe = model::MoeBlockPrefix(spec.architecture, layer);
+    add(moe + "gate.weight", {spec.num_experts, h});
     for (int64_t e = 0; e < spec.num_experts; ++e) {
-      std::string ex = absl::StrCat(moe, ".experts.", e, ".");
-      if (spec.architecture == Architecture::kMixtral) {
-        add(ex + "w1.weight", {inter, h});
-        add(ex + "w2.weight", {h, inter});
-        add(ex + "w3.weight", {inter, h});
-      } else {
-        add(ex + "gate_proj.weight", {inter, h});
-        add(ex + "up_proj.weight", {inter, h});
-        add(ex + "down_proj.weight", {h, inter});
-      }
+      model::ExpertTensorNames names = model::RoutedExpertTensorNames(spec.architecture, layer, e);
+      add(names.gate, {inter, h});
+      add(names.up, {inter, h});
+      add(names.down, {h, inter});
     }
     if (spec.shared_expert_intermediate_size > 0) {
       int64_t shared = spec.shared_expert_intermediate_size;
-      add(moe + ".shared_expert.gate_proj.weight", {shared, h});
-      add(moe + ".shared_expert.up_proj.weight", {shared, h});
-      add(moe + ".shared_expert.down_proj.weight", {h, shared});
-      add(moe + ".shared_expert_gate.weight", {1, h});
+      add(moe + "shared_expert.gate_proj.weight", {shared, h});
+      add(moe + "shared_expert.up_proj.weight", {shared, h});
+      add(moe + "shared_expert.down_proj.weight", {h, shared});
+      add(moe + "shared_expert_gate.weight", {1, h});
     }
   }
   add("model.norm.weight", {h});
