@@ -141,9 +141,11 @@ SchedulerStats Scheduler::stats() const {
   return stats_;
 }
 
-void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
+void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
+                       const std::string& matched_stop) {
   StreamEvent event;
-  if (error.ok() && reason != FinishReason::kCancelled && seq.decoder != nullptr) {
+  if (error.ok() && reason != FinishReason::kCancelled && matched_stop.empty() &&
+      seq.decoder != nullptr) {
     // Whatever was held back: an incomplete character at the very end, a partial stop string.
     absl::StatusOr<std::string> rest = seq.decoder->Flush();
     if (rest.ok()) {
@@ -152,6 +154,7 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error) {
     }
   }
   event.finish = error.ok() ? reason : FinishReason::kNone;
+  event.matched_stop = matched_stop;
   event.error = std::move(error);
   event.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
   event.completion_tokens = static_cast<uint32_t>(seq.generated.size());
@@ -369,22 +372,7 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
       std::string matched = event.matched_stop;
       event.finish = FinishReason::kNone;
       seq.handle->Push(std::move(event));
-      if (reason == FinishReason::kStop && !matched.empty()) {
-        StreamEvent last;
-        last.finish = FinishReason::kStop;
-        last.matched_stop = matched;
-        last.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
-        last.completion_tokens = static_cast<uint32_t>(seq.generated.size());
-        seq.handle->Push(std::move(last));
-        seq.done = true;
-        seq.cache.reset();
-        if (options_.on_routing && !seq.routing.empty()) {
-          options_.on_routing(seq.request.id, static_cast<int>(seq.request.prompt.size()),
-                              seq.routing);
-        }
-      } else {
-        Finish(seq, reason, absl::OkStatus());
-      }
+      Finish(seq, reason, absl::OkStatus(), matched);
       continue;
     }
     seq.handle->Push(std::move(event));

@@ -124,7 +124,10 @@ class Scheduler {
   // The sequences of the next step, from the admitted ones.
   std::vector<std::shared_ptr<Sequence>> SelectForStep(
       const std::vector<std::shared_ptr<Sequence>>& running);
-  void Finish(Sequence& seq, FinishReason reason, absl::Status error);
+  // Sends the last event (text still held back unless a stop matched, finish reason, usage),
+  // frees the KV cache and hands the routing to on_routing.
+  void Finish(Sequence& seq, FinishReason reason, absl::Status error,
+              const std::string& matched_stop = "");
 
   std::shared_ptr<model::Model> model_;
   std::shared_ptr<const model::Tokenizer> tokenizer_;

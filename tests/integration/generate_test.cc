@@ -329,3 +329,35 @@ TEST_CASE("more admitted sequences than a step holds: every one is served, none 
 
 }  // namespace
 }  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("a stop string ends the text before it and is named in the last message") {
+  Daemon daemon;
+  auto c = daemon.Connect();
+  Collected full = Run(*c, Greedy({5, 300, 17}, 40));
+  REQUIRE(full.status.ok());
+  // An ASCII pair at its first occurrence, past the start.
+  size_t at = std::string::npos;
+  for (size_t p = 1; p + 1 < full.text.size(); ++p) {
+    std::string pair = full.text.substr(p, 2);
+    if (static_cast<unsigned char>(pair[0]) < 0x80 && static_cast<unsigned char>(pair[1]) < 0x80 &&
+        full.text.find(pair) == p) {
+      at = p;
+      break;
+    }
+  }
+  REQUIRE(at != std::string::npos);
+  v1::GenerateRequest stop = Greedy({5, 300, 17}, 40);
+  stop.mutable_sampling()->add_stop(full.text.substr(at, 2));
+  Collected stopped = Run(*c, stop);
+  REQUIRE(stopped.status.ok());
+  CHECK(stopped.text == full.text.substr(0, at));
+  CHECK(stopped.last.finish_reason() == v1::FINISH_REASON_STOP);
+  CHECK(stopped.last.matched_stop() == full.text.substr(at, 2));
+  CHECK(stopped.ids.size() < full.ids.size());
+}
+
+}  // namespace
+}  // namespace moed::testing
