@@ -205,7 +205,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
       host_->index.erase(load.key);
       ReleaseSlotLocked(*host_, load.host_slot);
     }
-    failures_[load.key] = status;
+    failures_[load.key] = Failure{status.code(), std::string(status.message())};
   }
   changed_.notify_all();
 }
@@ -287,7 +287,8 @@ absl::Status ExpertCache::ForEachExpert(
         auto failure = failures_.find(key);
         const Slot& slot = device_.slots[slot_of[w]];
         if (failure != failures_.end()) {
-          if (first_error.ok()) first_error = failure->second;
+          if (first_error.ok())
+            first_error = absl::Status(failure->second.code, failure->second.message);
           failures_.erase(failure);
           e = w;
           failed = true;

@@ -125,9 +125,16 @@ class ExpertCache final : public model::ExpertProvider {
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   Tier device_;
-  std::unique_ptr<Tier> host_;                             // null without a host tier
-  absl::flat_hash_map<uint64_t, Load> loads_;              // by tag
-  absl::flat_hash_map<ExpertKey, absl::Status> failures_;  // failed loads not yet reported
+  std::unique_ptr<Tier> host_;                 // null without a host tier
+  absl::flat_hash_map<uint64_t, Load> loads_;  // by tag
+  // Failed loads not yet reported, kept as code and text: an absl::Status made on the reader's
+  // thread is not handed to the compute thread, whose copy would share its reference count
+  // with uninstrumented library code (a false report under TSan).
+  struct Failure {
+    absl::StatusCode code;
+    std::string message;
+  };
+  absl::flat_hash_map<ExpertKey, Failure> failures_;
   uint64_t next_tag_ = 1;
   uint64_t tick_ = 0;
   uint64_t ssd_reads_ = 0, ssd_bytes_ = 0, failed_reads_ = 0;

@@ -81,7 +81,11 @@ class FaultInjectingReader final : public BlockReader {
     // Deliver injected failures from a thread of their own, as a real reader would.
     std::lock_guard lock(mutex_);
     for (auto& [tag, status] : fail_now) {
-      failure_threads_.emplace_back([this, tag = tag, status = status] { callback_(tag, status); });
+      // The status is rebuilt on the delivering thread (see ExpertCache::Failure).
+      failure_threads_.emplace_back(
+          [this, tag = tag, code = status.code(), message = std::string(status.message())] {
+            callback_(tag, absl::Status(code, message));
+          });
     }
     return absl::OkStatus();
   }
