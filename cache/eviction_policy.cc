@@ -107,6 +107,13 @@ absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name) {
       absl::StrCat("unknown eviction policy '", name, "' (expected lru, lfu or scored)"));
 }
 
+absl::StatusOr<EvictionScope> ParseEvictionScope(absl::string_view name) {
+  if (name == "layer") return EvictionScope::kLayer;
+  if (name == "global") return EvictionScope::kGlobal;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown eviction scope '", name, "' (expected layer or global)"));
+}
+
 std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind) {
   switch (kind) {
     case PolicyKind::kLru:

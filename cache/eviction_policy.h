@@ -44,4 +44,12 @@ enum class PolicyKind { kLru, kLfu, kScored };
 absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name);  // "lru", "lfu", "scored"
 std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind);
 
+// Which resident experts a miss may evict. kLayer gives every layer an equal share of the
+// tier's slots and evicts from the missing expert's own layer once that layer holds its share
+// (or from a layer over its share): the engine sweeps the layers in order every step, and
+// with one pool for all layers an LRU evicts each expert just before its next use whenever the
+// step's experts exceed the tier. kGlobal: one pool.
+enum class EvictionScope { kLayer, kGlobal };
+absl::StatusOr<EvictionScope> ParseEvictionScope(absl::string_view name);  // "layer", "global"
+
 }  // namespace moed::cache

@@ -59,6 +59,17 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     for (int i = static_cast<int>(slots) - 1; i >= 0; --i) tier.free.push_back(i);
     tier.policy = MakePolicy(policy);
     tier.counters.slots = slots;
+    // Equal shares among the MoE layers, the remainder to the first of them.
+    const model::ModelConfig& config = cache->store_->config();
+    const auto moe_layers = static_cast<uint64_t>(config.NumMoeLayers());
+    tier.per_layer.assign(static_cast<size_t>(config.num_layers), 0);
+    tier.quota.assign(static_cast<size_t>(config.num_layers), 0);
+    uint64_t nth = 0;
+    for (int64_t l = 0; l < config.num_layers; ++l) {
+      if (!config.IsMoeLayer(l)) continue;
+      tier.quota[static_cast<size_t>(l)] =
+          static_cast<int>(slots / moe_layers + (nth++ < slots % moe_layers ? 1 : 0));
+    }
     return absl::OkStatus();
   };
   MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", device_bytes, options.device_policy));
@@ -88,20 +99,50 @@ ExpertCache::~ExpertCache() {
   reader_.reset();
 }
 
-int ExpertCache::AllocateSlotLocked(Tier& tier) {
+void ExpertCache::Tier::Add(const ExpertKey& key, int slot) {
+  index[key] = slot;
+  ++per_layer[static_cast<size_t>(key.layer)];
+}
+
+void ExpertCache::Tier::Drop(const ExpertKey& key) {
+  if (index.erase(key) > 0) --per_layer[static_cast<size_t>(key.layer)];
+}
+
+int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
   if (!tier.free.empty()) {
     int slot = tier.free.back();
     tier.free.pop_back();
     return slot;
   }
   std::vector<ExpertKey> candidates;
-  for (const Slot& slot : tier.slots) {
-    if (slot.state == SlotState::kReady && slot.pins == 0) candidates.push_back(slot.key);
+  auto collect = [&](auto in_scope) {
+    for (const Slot& slot : tier.slots) {
+      if (slot.state == SlotState::kReady && slot.pins == 0 && in_scope(slot.key.layer))
+        candidates.push_back(slot.key);
+    }
+  };
+  auto over_quota = [&](int other) {
+    return tier.per_layer[static_cast<size_t>(other)] > tier.quota[static_cast<size_t>(other)];
+  };
+  if (options_.eviction_scope == EvictionScope::kGlobal) {
+    collect([](int) { return true; });
+  } else if (tier.per_layer[static_cast<size_t>(layer)] >= tier.quota[static_cast<size_t>(layer)]) {
+    // At its share: replace one of its own, else shrink a layer over its share, else wait
+    // for one of its own that this step still uses (they are released as they compute).
+    collect([&](int other) { return other == layer; });
+    if (candidates.empty()) collect(over_quota);
+    // With no slot of its own to wait for (a share of zero slots), anything will do.
+    if (candidates.empty() && tier.per_layer[static_cast<size_t>(layer)] == 0)
+      collect([](int) { return true; });
+  } else {
+    // Under its share (it lost slots while others grew into free ones): take one back.
+    collect(over_quota);
+    if (candidates.empty()) collect([](int) { return true; });
   }
   if (candidates.empty()) return -1;
   ExpertKey victim = tier.policy->Victim(candidates);
   int slot = tier.index.at(victim);
-  tier.index.erase(victim);
+  tier.Drop(victim);
   tier.policy->Remove(victim);
   tier.slots[slot].state = SlotState::kFree;
   ++tier.counters.evictions;
@@ -117,7 +158,7 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
   Slot& slot = device_.slots[device_slot];
   slot.state = SlotState::kLoading;
   slot.key = key;
-  device_.index[key] = device_slot;
+  device_.Add(key, device_slot);
   MOED_ASSIGN_OR_RETURN(const BlobEntry* blob,
                         store_->Blob(key.layer, key.expert, options_.precision));
   const uint64_t bytes = layout_->padded_size;
@@ -138,13 +179,13 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
   Load load{key, blob, false, -1, device_slot};
   uint8_t* target = device_.SlotData(device_slot);
   if (host_ != nullptr && !host_->index.contains(key)) {
-    int host_slot = AllocateSlotLocked(*host_);
+    int host_slot = AllocateSlotLocked(*host_, key.layer);
     if (host_slot >= 0) {  // else every host slot is busy: read straight into the device tier
       Slot& hs = host_->slots[host_slot];
       hs.state = SlotState::kLoading;
       hs.key = key;
       hs.pins = 1;
-      host_->index[key] = host_slot;
+      host_->Add(key, host_slot);
       load.into_host = true;
       load.host_slot = host_slot;
       target = host_->SlotData(host_slot);
@@ -199,10 +240,10 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   } else {
     ++failed_reads_;
     device_slot.state = SlotState::kFree;
-    device_.index.erase(load.key);
+    device_.Drop(load.key);
     if (load.into_host) {
       host_->slots[load.host_slot].state = SlotState::kFree;
-      host_->index.erase(load.key);
+      host_->Drop(load.key);
       ReleaseSlotLocked(*host_, load.host_slot);
     }
     failures_[load.key] = Failure{status.code(), std::string(status.message())};
@@ -241,7 +282,7 @@ absl::Status ExpertCache::ForEachExpert(
   // Starts loads for deferred experts while slots can be had.
   auto start_deferred = [&] {
     while (!deferred.empty() && first_error.ok()) {
-      int slot = AllocateSlotLocked(device_);
+      int slot = AllocateSlotLocked(device_, layer);
       if (slot < 0) return;
       int e = deferred.front();
       deferred.erase(deferred.begin());
@@ -250,7 +291,7 @@ absl::Status ExpertCache::ForEachExpert(
       absl::Status started = StartLoadLocked({layer, e}, slot);
       if (!started.ok()) {
         device_.slots[slot].state = SlotState::kFree;
-        device_.index.erase(ExpertKey{layer, e});
+        device_.Drop(ExpertKey{layer, e});
         ReleaseSlotLocked(device_, slot);
         first_error = started;
         --remaining;

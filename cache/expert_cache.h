@@ -30,6 +30,7 @@ struct CacheOptions {
   uint64_t host_bytes = 0;    // 0: no host tier
   PolicyKind device_policy = PolicyKind::kLru;
   PolicyKind host_policy = PolicyKind::kLru;
+  EvictionScope eviction_scope = EvictionScope::kLayer;  // both tiers
   ReaderOptions reader;
   bool allow_io_uring = true;  // false: the pread pool
 };
@@ -97,6 +98,10 @@ class ExpertCache final : public model::ExpertProvider {
     std::vector<int> free;
     std::unique_ptr<EvictionPolicy> policy;
     TierCounters counters;
+    std::vector<int> per_layer;  // entries of `index` by layer
+    std::vector<int> quota;      // each layer's share of the slots (EvictionScope::kLayer)
+    void Add(const ExpertKey& key, int slot);
+    void Drop(const ExpertKey& key);
     uint8_t* SlotData(int slot) { return memory.data() + static_cast<uint64_t>(slot) * slot_bytes; }
   };
   // A read in flight: into `tier`'s `slot`; on success also copied into device slot
@@ -110,8 +115,9 @@ class ExpertCache final : public model::ExpertProvider {
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
-  // A free slot of `tier`, evicting an unpinned ready one if needed; -1 when all are busy.
-  int AllocateSlotLocked(Tier& tier);
+  // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
+  // eviction scope when it has one) if needed; -1 when all are busy.
+  int AllocateSlotLocked(Tier& tier, int layer);
   void ReleaseSlotLocked(Tier& tier, int slot);
   // Starts making `key` resident in device slot `slot` (already allocated, pinned).
   absl::Status StartLoadLocked(const ExpertKey& key, int device_slot);

@@ -19,12 +19,15 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Fixture {
-  explicit Fixture(model::Architecture arch) {
+  // `layers` > 0 overrides the preset's layer count.
+  explicit Fixture(model::Architecture arch, int64_t layers = 0) {
     root = fs::temp_directory_path() / ("moed_cache_test_" + std::to_string(getpid()) + "_" +
                                         std::string(model::ArchitectureShortName(arch)));
     fs::remove_all(root);
     fs::create_directories(root);
-    REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", arch), (root / "m").string()).ok());
+    tools::SynthSpec spec = *tools::PresetSpec("tiny", arch);
+    if (layers > 0) spec.num_layers = layers;
+    REQUIRE(tools::WriteCheckpoint(spec, (root / "m").string()).ok());
     REQUIRE(tools::Pack((root / "m").string(), (root / "s").string(), tools::PackOptions{}).ok());
     auto opened = Store::Open((root / "s").string());
     REQUIRE(opened.ok());
@@ -75,34 +78,80 @@ TEST_CASE(
       for (uint64_t host : {uint64_t{0}, all / 2}) {
         for (PolicyKind policy : {PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored}) {
           for (bool io_uring : {true, false}) {
-            INFO(model::ArchitectureShortName(arch)
-                 << " budget " << budget << " host " << host << " policy "
-                 << static_cast<int>(policy) << " io_uring " << io_uring);
-            CacheOptions options;
-            options.device_bytes = std::max(budget, minimum);
-            options.host_bytes = host;
-            options.device_policy = options.host_policy = policy;
-            options.allow_io_uring = io_uring;
-            Run run = RunWith(f, options);
-            REQUIRE(run.result.ok());
-            CHECK(run.result->prompt_logits == f.reference.prompt_logits);
-            CHECK(run.result->greedy_logits == f.reference.greedy_logits);
-            CHECK(run.result->greedy == f.reference.greedy);
-            CHECK(run.counters.failed_reads == 0);
-            if (budget == all && host == 0) {
-              // Each expert is read at most once when everything fits.
-              CHECK(run.counters.ssd_reads <=
-                    static_cast<uint64_t>(f.store->config().NumMoeLayers() *
-                                          f.store->config().num_experts));
-              CHECK(run.counters.device.evictions == 0);
+            // Both scopes under LRU; the other policies with the default scope.
+            for (EvictionScope scope : {EvictionScope::kLayer, EvictionScope::kGlobal}) {
+              if (scope == EvictionScope::kGlobal && policy != PolicyKind::kLru) continue;
+              INFO(model::ArchitectureShortName(arch)
+                   << " budget " << budget << " host " << host << " policy "
+                   << static_cast<int>(policy) << " io_uring " << io_uring << " scope "
+                   << static_cast<int>(scope));
+              CacheOptions options;
+              options.device_bytes = std::max(budget, minimum);
+              options.host_bytes = host;
+              options.device_policy = options.host_policy = policy;
+              options.eviction_scope = scope;
+              options.allow_io_uring = io_uring;
+              Run run = RunWith(f, options);
+              REQUIRE(run.result.ok());
+              CHECK(run.result->prompt_logits == f.reference.prompt_logits);
+              CHECK(run.result->greedy_logits == f.reference.greedy_logits);
+              CHECK(run.result->greedy == f.reference.greedy);
+              CHECK(run.counters.failed_reads == 0);
+              if (budget == all && host == 0) {
+                // Each expert is read at most once when everything fits.
+                CHECK(run.counters.ssd_reads <=
+                      static_cast<uint64_t>(f.store->config().NumMoeLayers() *
+                                            f.store->config().num_experts));
+                CHECK(run.counters.device.evictions == 0);
+              }
+              if (budget == minimum) CHECK(run.counters.device.evictions > 0);
+              if (host > 0 && budget == minimum) CHECK(run.counters.host.hits > 0);
             }
-            if (budget == minimum) CHECK(run.counters.device.evictions > 0);
-            if (host > 0 && budget == minimum) CHECK(run.counters.host.hits > 0);
           }
         }
       }
     }
   }
+}
+
+TEST_CASE("per-layer eviction keeps each layer's share across layer sweeps; one pool thrashes") {
+  Fixture f(model::Architecture::kMixtral, 8);
+  const model::ModelConfig& config = f.store->config();
+  const int layers = static_cast<int>(config.num_layers);
+  const int share = static_cast<int>(config.num_experts / 2);
+  // Every sweep asks each layer for share + 1 experts: one more than the layer's share, so
+  // the sweep's experts exceed the tier (the engine's pattern when a step's sequences
+  // together use more experts than fit).
+  std::vector<int> wanted;
+  for (int e = 0; e <= share; ++e) wanted.push_back(e);
+  auto last_sweep_hits = [&](EvictionScope scope) {
+    CacheOptions options;
+    options.device_bytes = ExpertCache::SlotBytes(*f.store, Precision::kSource) *
+                           static_cast<uint64_t>(share * layers);
+    options.eviction_scope = scope;
+    auto cache = ExpertCache::Create(f.store, options);
+    REQUIRE(cache.ok());
+    uint64_t before = 0;
+    for (int sweep = 0; sweep < 4; ++sweep) {
+      before = (*cache)->counters().device.hits;
+      for (int layer = 0; layer < layers; ++layer) {
+        int computed = 0;
+        REQUIRE((*cache)
+                    ->ForEachExpert(layer, wanted,
+                                    [&](int, const model::ExpertWeights&) {
+                                      ++computed;
+                                      return absl::OkStatus();
+                                    })
+                    .ok());
+        CHECK(computed == share + 1);
+      }
+    }
+    return (*cache)->counters().device.hits - before;
+  };
+  const uint64_t per_layer = last_sweep_hits(EvictionScope::kLayer);
+  const uint64_t pooled = last_sweep_hits(EvictionScope::kGlobal);
+  CHECK(per_layer == static_cast<uint64_t>(share * layers));
+  CHECK(pooled < static_cast<uint64_t>(layers));
 }
 
 TEST_CASE("a budget below the minimum is refused with the minimum") {

@@ -101,7 +101,7 @@ int RunInfo(const GlobalOptions& options) {
   if (info->has_expert_cache()) {
     const auto& c = info->expert_cache();
     std::cout << "expert cache: " << c.precision() << " experts, " << c.eviction_policy()
-              << " eviction, reader " << c.reader() << "\n"
+              << " eviction (" << c.eviction_scope() << " scope), reader " << c.reader() << "\n"
               << "  device: " << c.device_resident() << " of " << c.device_slots() << " slots of "
               << Mib(c.slot_bytes()) << " (" << Mib(c.device_budget_bytes()) << ")\n"
               << "  host:   " << c.host_resident() << " of " << c.host_slots() << " slots ("
@@ -116,7 +116,7 @@ int RunInfo(const GlobalOptions& options) {
 
 struct LogitsOptions {
   std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0",
-                                    policy = "lru";
+                                    policy = "lru", scope = "layer";
   std::string tokens, record_routing;
   int greedy = 0, threads = 0;
 };
@@ -129,6 +129,7 @@ absl::StatusOr<std::unique_ptr<moed::model::Model>> OpenForLogits(const LogitsOp
   MOED_ASSIGN_OR_RETURN(cache.host_bytes, moed::cache::ParseByteSize(o.host_bytes));
   MOED_ASSIGN_OR_RETURN(cache.device_policy, moed::cache::ParsePolicyKind(o.policy));
   cache.host_policy = cache.device_policy;
+  MOED_ASSIGN_OR_RETURN(cache.eviction_scope, moed::cache::ParseEvictionScope(o.scope));
   MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store,
                         moed::cache::Store::Open(o.store_dir));
   MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::cache::ExpertCache> experts,
@@ -327,6 +328,9 @@ int main(int argc, char** argv) {
   logits->add_option("--eviction-policy", logits_options.policy, "with --store: lru, lfu or scored")
       ->capture_default_str()
       ->check(CLI::IsMember({"lru", "lfu", "scored"}));
+  logits->add_option("--eviction-scope", logits_options.scope, "with --store: layer or global")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"layer", "global"}));
   logits->add_option(
       "--record-routing", logits_options.record_routing,
       "append the routing of the run (every token, every layer) to this .jsonl trace");

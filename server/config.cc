@@ -208,6 +208,13 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .metavar = "POLICY",
                  .help = "with --store: how the cache tiers choose what to evict",
                  .choices = {"lru", "lfu", "scored"}});
+    o.push_back({.name = "eviction-scope",
+                 .field = F(&DaemonConfig::eviction_scope),
+                 .metavar = "SCOPE",
+                 .help = "with --store: layer keeps each layer's share of the slots resident "
+                         "across steps; global evicts from one pool (thrashes when a step's "
+                         "experts exceed the tier)",
+                 .choices = {"layer", "global"}});
     o.push_back({.name = "io-queue-depth",
                  .field = F(&DaemonConfig::io_queue_depth),
                  .metavar = "N",

@@ -23,6 +23,7 @@ struct DaemonConfig {
   int64_t host_cache_bytes = 0;
   std::string expert_precision = "source";
   std::string eviction_policy = "lru";
+  std::string eviction_scope = "layer";
   int64_t io_queue_depth = 16;
   std::string listen = "127.0.0.1:50051";
   std::string config;

@@ -229,6 +229,8 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_eviction_policy(options.device_policy == cache::PolicyKind::kLru   ? "lru"
                             : options.device_policy == cache::PolicyKind::kLfu ? "lfu"
                                                                                : "scored");
+  info->set_eviction_scope(options.eviction_scope == cache::EvictionScope::kLayer ? "layer"
+                                                                                  : "global");
   info->set_device_hits(counters.device.hits);
   info->set_device_misses(counters.device.misses);
   info->set_host_hits(counters.host.hits);
@@ -295,6 +297,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     MOED_ASSIGN_OR_RETURN(options.precision, cache::ParsePrecision(config.expert_precision));
     MOED_ASSIGN_OR_RETURN(options.device_policy, cache::ParsePolicyKind(config.eviction_policy));
     options.host_policy = options.device_policy;
+    MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
     options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
     std::string note;
     MOED_ASSIGN_OR_RETURN(std::unique_ptr<cache::ExpertCache> expert_cache,

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   std::string store_dir = "build/bench-models/bench-6g-store";
   double fraction = 0.5;
   int requests = 16, batch = 4, tokens = 24;
+  std::string scope = "layer";
   CLI::App app{"moed-bench-batching: expert-aware batch formation against FIFO"};
   app.add_option("--store", store_dir, "expert store (see moed-bench-offload)")
       ->capture_default_str();
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   app.add_option("--requests", requests, "concurrent requests")->capture_default_str();
   app.add_option("--batch", batch, "sequences per step (--max-batch)")->capture_default_str();
   app.add_option("--tokens", tokens, "tokens per request")->capture_default_str();
+  app.add_option("--eviction-scope", scope, "layer or global")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   auto store = moed::cache::Store::Open(store_dir);
   if (!store.ok()) {
@@ -32,14 +34,22 @@ int main(int argc, char** argv) {
   const uint64_t all =
       moed::cache::ExpertCache::SlotBytes(**store, moed::cache::Precision::kSource) *
       c.NumMoeLayers() * c.num_experts;
-  std::printf("%s: %d requests x %d tokens, %d per step, device budget %.0f%% of the experts\n",
-              store_dir.c_str(), requests, tokens, batch, 100 * fraction);
+  auto eviction_scope = moed::cache::ParseEvictionScope(scope);
+  if (!eviction_scope.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(eviction_scope.status().message()).c_str());
+    return 1;
+  }
+  std::printf(
+      "%s: %d requests x %d tokens, %d per step, device budget %.0f%% of the experts, LRU per "
+      "%s\n",
+      store_dir.c_str(), requests, tokens, batch, 100 * fraction, scope.c_str());
   std::printf("%-14s %10s %14s %18s %10s\n", "formation", "tokens/s", "experts read",
               "experts / token", "hit rate");
   double baseline = 0;
   for (bool aware : {false, true}) {
     moed::cache::CacheOptions options;
     options.device_bytes = static_cast<uint64_t>(fraction * all);
+    options.eviction_scope = *eviction_scope;
     auto made = moed::cache::ExpertCache::Create(*store, options);
     if (!made.ok()) return 1;
     std::shared_ptr<moed::cache::ExpertCache> cache = *std::move(made);
