@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "scheduler/sampling_params.h"
+#include "scheduler/step_selection.h"
 
 namespace moed::scheduler {
 
@@ -228,38 +229,25 @@ std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
     for (const auto& seq : running) seq->last_stepped = step_counter_;
     return running;
   }
-  struct Candidate {
-    std::shared_ptr<Sequence> seq;
-    bool overdue;
-    double residency;
-  };
-  std::vector<Candidate> candidates;
+  std::vector<StepCandidate> candidates;
   for (const auto& seq : running) {
-    double residency = 0.5;  // a sequence still prefilling has no routing yet
-    if (options_.expert_aware && options_.residency && !seq->last_experts.empty()) {
-      residency = options_.residency(seq->last_experts);
-    }
-    candidates.push_back({seq, seq->skipped >= options_.max_skipped_steps, residency});
+    StepCandidate c;
+    c.overdue = seq->skipped >= options_.max_skipped_steps;
+    // A sequence still prefilling has no routing yet: it keeps the neutral 0.5.
+    if (options_.expert_aware && options_.residency && !seq->last_experts.empty())
+      c.residency = options_.residency(seq->last_experts);
+    c.last_stepped = seq->last_stepped;
+    c.arrival = seq->arrival;
+    candidates.push_back(c);
   }
-  std::stable_sort(candidates.begin(), candidates.end(),
-                   [&](const Candidate& a, const Candidate& b) {
-                     if (a.overdue != b.overdue) return a.overdue;
-                     if (options_.expert_aware && a.residency != b.residency)
-                       return a.residency > b.residency;
-                     if (a.seq->last_stepped != b.seq->last_stepped)
-                       return a.seq->last_stepped < b.seq->last_stepped;
-                     return a.seq->arrival < b.seq->arrival;
-                   });
+  std::vector<size_t> chosen = ChooseForStep(
+      candidates, static_cast<size_t>(options_.max_batch), options_.expert_aware);
+  for (const auto& seq : running) ++seq->skipped;
   std::vector<std::shared_ptr<Sequence>> step;
-  for (size_t i = 0; i < candidates.size(); ++i) {
-    Sequence& seq = *candidates[i].seq;
-    if (i < static_cast<size_t>(options_.max_batch)) {
-      seq.skipped = 0;
-      seq.last_stepped = step_counter_;
-      step.push_back(candidates[i].seq);
-    } else {
-      ++seq.skipped;
-    }
+  for (size_t i : chosen) {
+    running[i]->skipped = 0;
+    running[i]->last_stepped = step_counter_;
+    step.push_back(running[i]);
   }
   return step;
 }

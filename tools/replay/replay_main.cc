@@ -1,10 +1,12 @@
 // moed-replay: replays routing traces through each eviction policy and prints its hit rate
-// next to Belady's optimal hit rate for the same trace and budget.
+// next to Belady's optimal hit rate for the same trace and budget; with --batching, replays
+// batch formation (round-robin against expert-aware) over requests cut from the traces.
 #include <cstdio>
 #include <iostream>
 
 #include "CLI/CLI.hpp"
 #include "cache/replay.h"
+#include "tools/replay/batching_replay.h"
 
 int main(int argc, char** argv) {
   std::string path;
@@ -22,6 +24,19 @@ int main(int argc, char** argv) {
   app.add_option("--shared", shared_fractions, "shared budgets, as fractions of all experts")
       ->capture_default_str()
       ->delimiter(',');
+  bool batching = false;
+  moed::tools::BatchingReplayOptions batch_options;
+  app.add_flag("--batching", batching,
+               "replay batch formation instead: experts staged per token, round-robin against "
+               "expert-aware, at the --per-layer budgets");
+  app.add_option("--window", batch_options.window, "with --batching: tokens per request")
+      ->capture_default_str();
+  app.add_option("--running", batch_options.max_running,
+                 "with --batching: requests admitted at once (--max-running)")
+      ->capture_default_str();
+  app.add_option("--batch", batch_options.max_batch,
+                 "with --batching: sequences per step (--max-batch)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto traces = moed::cache::ReadRoutingTraces(path);
@@ -40,6 +55,26 @@ int main(int argc, char** argv) {
   std::printf("trace: %s (%zu sequences, %lu tokens, %d layers x %d experts, top-%d)\n",
               path.c_str(), traces->size(), static_cast<unsigned long>(tokens), first.num_layers,
               first.num_experts, first.top_k);
+  if (batching) {
+    std::printf(
+        "requests of %d tokens, %d admitted, %d per step, LRU per layer; experts staged per "
+        "generated token (hit rate)\n",
+        batch_options.window, batch_options.max_running, batch_options.max_batch);
+    std::printf("%-18s %20s %20s %8s\n", "budget", "round-robin", "expert-aware", "ratio");
+    for (int c : per_layer) {
+      if (c <= 0 || c > first.num_experts) continue;
+      batch_options.budget = {c, 0};
+      batch_options.expert_aware = false;
+      auto fifo = moed::tools::ReplayBatching(*traces, batch_options);
+      batch_options.expert_aware = true;
+      auto aware = moed::tools::ReplayBatching(*traces, batch_options);
+      std::printf("%-18s %11.2f (%4.1f%%) %11.2f (%4.1f%%) %7.0f%%\n",
+                  ("per layer, C = " + std::to_string(c)).c_str(), fifo.staged_per_token(),
+                  100 * fifo.hit_rate(), aware.staged_per_token(), 100 * aware.hit_rate(),
+                  100 * aware.staged_per_token() / std::max(1e-9, fifo.staged_per_token()));
+    }
+    return 0;
+  }
   std::printf("%-22s %8s %8s %8s %8s\n", "budget", "lru", "lfu", "scored", "belady");
   using moed::cache::PolicyKind;
   auto row = [&](const std::string& label, moed::cache::ReplayBudget budget) {
