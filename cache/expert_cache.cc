@@ -365,18 +365,17 @@ absl::Status ExpertCache::ForEachExpert(
   return first_error;
 }
 
-double ExpertCache::ResidentFraction(const std::vector<std::vector<int>>& experts_by_layer) const {
+std::vector<std::vector<bool>> ExpertCache::DeviceResidency() const {
+  const model::ModelConfig& config = store_->config();
+  std::vector<std::vector<bool>> resident(
+      static_cast<size_t>(config.num_layers),
+      std::vector<bool>(static_cast<size_t>(config.num_experts)));
   std::lock_guard lock(mutex_);
-  int total = 0, resident = 0;
-  for (size_t layer = 0; layer < experts_by_layer.size(); ++layer) {
-    for (int e : experts_by_layer[layer]) {
-      ++total;
-      auto it = device_.index.find(ExpertKey{static_cast<int>(layer), e});
-      if (it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady)
-        ++resident;
-    }
+  for (const Slot& slot : device_.slots) {
+    if (slot.state == SlotState::kReady)
+      resident[static_cast<size_t>(slot.key.layer)][static_cast<size_t>(slot.key.expert)] = true;
   }
-  return total == 0 ? 0.0 : static_cast<double>(resident) / total;
+  return resident;
 }
 
 CacheCounters ExpertCache::counters() const {

@@ -77,8 +77,8 @@ class ExpertCache final : public model::ExpertProvider {
       override;
 
   CacheCounters counters() const;
-  // The fraction of `experts_by_layer` (experts[layer] = ids) resident in the device tier.
-  double ResidentFraction(const std::vector<std::vector<int>>& experts_by_layer) const;
+  // [layer][expert]: whether the expert is ready in the device tier.
+  std::vector<std::vector<bool>> DeviceResidency() const;
   absl::string_view reader_name() const { return reader_->name(); }
   const CacheOptions& options() const { return options_; }
 

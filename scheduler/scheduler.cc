@@ -229,19 +229,20 @@ std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
     for (const auto& seq : running) seq->last_stepped = step_counter_;
     return running;
   }
+  const bool aware = options_.expert_aware && options_.resident_experts;
   std::vector<StepCandidate> candidates;
   for (const auto& seq : running) {
     StepCandidate c;
     c.overdue = seq->skipped >= options_.max_skipped_steps;
-    // A sequence still prefilling has no routing yet: it keeps the neutral 0.5.
-    if (options_.expert_aware && options_.residency && !seq->last_experts.empty())
-      c.residency = options_.residency(seq->last_experts);
+    if (aware) c.predicted = seq->last_experts;
     c.last_stepped = seq->last_stepped;
     c.arrival = seq->arrival;
-    candidates.push_back(c);
+    candidates.push_back(std::move(c));
   }
-  std::vector<size_t> chosen = ChooseForStep(
-      candidates, static_cast<size_t>(options_.max_batch), options_.expert_aware);
+  ResidentSet resident;
+  if (aware) resident = options_.resident_experts();
+  std::vector<size_t> chosen = ChooseForStep(candidates, static_cast<size_t>(options_.max_batch),
+                                             aware ? &resident : nullptr);
   for (const auto& seq : running) ++seq->skipped;
   std::vector<std::shared_ptr<Sequence>> step;
   for (size_t i : chosen) {

@@ -21,6 +21,7 @@
 #include "model/model.h"
 #include "model/sampler.h"
 #include "model/tokenizer.h"
+#include "scheduler/step_selection.h"
 
 namespace moed::scheduler {
 
@@ -36,12 +37,13 @@ struct SchedulerOptions {
   // Sequences admitted at once, each with its KV cache; 0 means max_batch. When more are
   // admitted than fit in one step, each step picks max_batch of them.
   int max_running = 0;
-  // Pick a step's sequences by how much of the experts their previous step used are resident
-  // (`residency`), rather than round-robin; none is passed over more than max_skipped_steps
-  // steps in a row.
+  // Pick a step's sequences so that the experts their previous tokens used, together with
+  // those resident (`resident_experts`), need the fewest experts staged, rather than
+  // round-robin (see step_selection.h); none is passed over more than max_skipped_steps steps
+  // in a row.
   bool expert_aware = true;
   int max_skipped_steps = 4;
-  std::function<double(const std::vector<std::vector<int>>& experts_by_layer)> residency;
+  std::function<ResidentSet()> resident_experts;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled };

@@ -8,19 +8,30 @@
 
 namespace moed::scheduler {
 
+// resident[layer][expert]: whether the expert is in the device tier now.
+using ResidentSet = std::vector<std::vector<bool>>;
+
 struct StepCandidate {
-  // Left out of max_skipped_steps steps in a row already: goes first, whatever its residency.
+  // Left out of max_skipped_steps steps in a row already: goes first, whatever it needs.
   bool overdue = false;
-  // Fraction of the experts of its previous step that are resident now (0.5 when unknown).
-  double residency = 0.5;
+  // The experts its previous token used, by layer: the best guess of what its next token
+  // needs (consecutive tokens share experts far more often than chance). Empty while it is
+  // still prefilling.
+  std::vector<std::vector<int>> predicted;
   uint64_t last_stepped = 0;  // step number it last ran in
   uint64_t arrival = 0;       // admission order
 };
 
-// Indices into `candidates` of the sequences to step, at most `max_batch` of them: overdue
-// ones first, then by residency (when `expert_aware`), then least recently stepped, then
-// first come.
+// Indices into `candidates` of the sequences to step, at most `max_batch`, in the order
+// chosen. Overdue ones come first. Without `resident` (round-robin) the rest follow least
+// recently stepped, then first come. With it (expert-aware) the rest are added one at a time,
+// each the candidate whose predicted experts add the fewest not already resident nor brought
+// in by those chosen before it, so the step's expert union stays small; a candidate with no
+// prediction counts as missing half of an average prediction. Ties: least recently stepped.
 std::vector<size_t> ChooseForStep(const std::vector<StepCandidate>& candidates, size_t max_batch,
-                                  bool expert_aware);
+                                  const ResidentSet* resident);
+
+// Predicted experts of `c` that are resident: for reports and tests.
+double ResidentFraction(const StepCandidate& c, const ResidentSet& resident);
 
 }  // namespace moed::scheduler

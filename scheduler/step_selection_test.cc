@@ -5,32 +5,54 @@
 namespace moed::scheduler {
 namespace {
 
-StepCandidate Make(bool overdue, double residency, uint64_t last_stepped, uint64_t arrival) {
+StepCandidate Make(bool overdue, std::vector<std::vector<int>> predicted, uint64_t last_stepped,
+                   uint64_t arrival) {
   StepCandidate c;
   c.overdue = overdue;
-  c.residency = residency;
+  c.predicted = std::move(predicted);
   c.last_stepped = last_stepped;
   c.arrival = arrival;
   return c;
 }
 
-TEST_CASE("expert-aware selection takes overdue sequences first, then the most resident") {
-  std::vector<StepCandidate> c = {Make(false, 0.2, 5, 0), Make(false, 0.9, 5, 1),
-                                  Make(true, 0.0, 1, 2), Make(false, 0.5, 5, 3)};
-  CHECK(ChooseForStep(c, 3, true) == std::vector<size_t>{2, 1, 3});
-  CHECK(ChooseForStep(c, 10, true) == std::vector<size_t>{2, 1, 3, 0});
+// Two layers of four experts; experts 0 and 1 of both layers resident.
+const ResidentSet kResident = {{true, true, false, false}, {true, true, false, false}};
+
+TEST_CASE("round-robin takes the overdue, then the least recently stepped, then first come") {
+  std::vector<StepCandidate> c = {Make(false, {{0}, {0}}, 7, 0), Make(false, {{2}, {3}}, 3, 1),
+                                  Make(false, {}, 3, 2), Make(true, {{3}, {3}}, 9, 3)};
+  CHECK(ChooseForStep(c, 3, nullptr) == std::vector<size_t>{3, 1, 2});
+  CHECK(ChooseForStep(c, 10, nullptr) == std::vector<size_t>{3, 1, 2, 0});
+  CHECK(ChooseForStep({}, 4, nullptr).empty());
 }
 
-TEST_CASE("round-robin selection ignores residency: least recently stepped, then arrival") {
-  std::vector<StepCandidate> c = {Make(false, 0.9, 7, 0), Make(false, 0.1, 3, 1),
-                                  Make(false, 0.5, 3, 2), Make(true, 1.0, 9, 3)};
-  CHECK(ChooseForStep(c, 3, false) == std::vector<size_t>{3, 1, 2});
+TEST_CASE("expert-aware takes the overdue first, then whoever adds the fewest staged experts") {
+  std::vector<StepCandidate> c = {
+      Make(false, {{2, 3}, {2, 3}}, 1, 0),  // 4 to stage
+      Make(false, {{0, 1}, {0, 1}}, 5, 1),  // all resident
+      Make(true, {{2}, {3}}, 6, 2),         // overdue
+      Make(false, {{0, 2}, {1, 2}}, 2, 3),  // 2 to stage, or 1 once the overdue one brings 2
+  };
+  CHECK(ChooseForStep(c, 3, &kResident) == std::vector<size_t>{2, 1, 3});
+  CHECK(ResidentFraction(c[3], kResident) == 0.5);
 }
 
-TEST_CASE("equal residency falls back to the least recently stepped") {
-  std::vector<StepCandidate> c = {Make(false, 0.5, 4, 0), Make(false, 0.5, 2, 1)};
-  CHECK(ChooseForStep(c, 1, true) == std::vector<size_t>{1});
-  CHECK(ChooseForStep({}, 4, true).empty());
+TEST_CASE("expert-aware counts the experts earlier choices bring in as covered") {
+  // Neither 0 nor 1 is resident; 1 shares both experts with 0, 2 shares none.
+  std::vector<StepCandidate> c = {Make(false, {{2, 3}, {2, 3}}, 1, 0),
+                                  Make(false, {{2, 3}, {2, 3}}, 2, 1),
+                                  Make(false, {{2}, {3}}, 3, 2)};
+  ResidentSet none = {{false, false, false, false}, {false, false, false, false}};
+  CHECK(ChooseForStep(c, 2, &none) == std::vector<size_t>{2, 0});  // 2 is cheapest (2 experts)
+  CHECK(ChooseForStep(c, 3, &none) == std::vector<size_t>{2, 0, 1});
+}
+
+TEST_CASE("a sequence with no prediction costs half an average prediction; ties go oldest") {
+  std::vector<StepCandidate> c = {Make(false, {{2, 3}, {2, 3}}, 1, 0),   // 4 to stage
+                                  Make(false, {}, 4, 1),                 // 0.5 * 4 = 2
+                                  Make(false, {{0, 2}, {0, 3}}, 3, 2),   // 2 to stage
+                                  Make(false, {{0, 3}, {1, 2}}, 2, 3)};  // 2 to stage
+  CHECK(ChooseForStep(c, 1, &kResident) == std::vector<size_t>{3});
 }
 
 }  // namespace

@@ -285,8 +285,15 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .field = F(&DaemonConfig::expert_aware_batching),
                  .metavar = "BOOL",
                  .help = "with --store and --max-running above --max-batch: pick each step's "
-                         "sequences by how many of their experts are resident (else round-robin); "
-                         "none waits more than 4 steps"});
+                         "sequences so that the fewest experts must be staged, predicting each "
+                         "one's experts from its previous token (else round-robin)"});
+    o.push_back({.name = "max-skipped-steps",
+                 .field = F(&DaemonConfig::max_skipped_steps),
+                 .metavar = "N",
+                 .help = "expert-aware batching passes a sequence over at most N steps in a row "
+                         "(a bound on its added latency; larger saves more staging)",
+                 .min_value = 1,
+                 .max_value = 1024});
     o.push_back(
         {.name = "drain-seconds",
          .field = F(&DaemonConfig::drain_seconds),

@@ -59,9 +59,7 @@ int main(int argc, char** argv) {
     so.max_batch = batch;
     so.max_running = requests;
     so.expert_aware = aware;
-    so.residency = [cache](const std::vector<std::vector<int>>& e) {
-      return cache->ResidentFraction(e);
-    };
+    so.resident_experts = [cache] { return cache->DeviceResidency(); };
     moed::scheduler::Scheduler scheduler(std::shared_ptr<moed::model::Model>(std::move(*model)),
                                          nullptr, so);
     std::mt19937 rng(3);

@@ -4,7 +4,6 @@
 #include <deque>
 #include <memory>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "scheduler/step_selection.h"
 
@@ -30,10 +29,15 @@ class SimulatedTier {
   SimulatedTier(const cache::ReplayBudget& budget, cache::PolicyKind policy, int layers)
       : budget_(budget), policy_(cache::MakePolicy(policy)), per_layer_(layers, 0) {}
 
-  bool Resident(const ExpertKey& key) const { return resident_.contains(key); }
+  scheduler::ResidentSet Snapshot(int experts) const {
+    scheduler::ResidentSet set(per_layer_.size(), std::vector<bool>(static_cast<size_t>(experts)));
+    for (const ExpertKey& k : resident_)
+      set[static_cast<size_t>(k.layer)][static_cast<size_t>(k.expert)] = true;
+    return set;
+  }
 
   // Serves one layer of a step; returns how many experts had to be staged.
-  uint64_t Serve(int layer, const absl::flat_hash_set<int>& experts) {
+  uint64_t Serve(int layer, const std::vector<int>& experts) {
     uint64_t staged = 0;
     for (int e : experts) {
       ExpertKey key{layer, e};
@@ -43,13 +47,15 @@ class SimulatedTier {
         continue;
       }
       ++staged;
-      bool full = budget_.per_layer > 0 ? per_layer_[static_cast<size_t>(layer)] >= budget_.per_layer
-                                        : static_cast<int>(resident_.size()) >= budget_.shared;
+      bool full = budget_.per_layer > 0
+                      ? per_layer_[static_cast<size_t>(layer)] >= budget_.per_layer
+                      : static_cast<int>(resident_.size()) >= budget_.shared;
       if (full) {
         std::vector<ExpertKey> candidates;
         for (const ExpertKey& k : resident_) {
           if ((budget_.per_layer == 0 || k.layer == layer) &&
-              !(k.layer == layer && experts.contains(k.expert)))
+              !(k.layer == layer &&
+                std::find(experts.begin(), experts.end(), k.expert) != experts.end()))
             candidates.push_back(k);
         }
         if (candidates.empty()) continue;  // streamed through without staying
@@ -120,35 +126,33 @@ BatchingReplayResult ReplayBatching(const std::vector<cache::RoutingTrace>& trac
       for (const Request& r : running) {
         scheduler::StepCandidate c;
         c.overdue = r.skipped >= options.max_skipped_steps;
-        if (options.expert_aware && r.stepped) {
-          // The experts of its previous token, as the scheduler's residency function sees them.
-          int total = 0, resident = 0;
-          const auto& previous = r.trace->tokens[r.next - 1];
-          for (int l = 0; l < layers; ++l) {
-            if (!previous[static_cast<size_t>(l)].has_value()) continue;
-            for (int e : *previous[static_cast<size_t>(l)]) {
-              ++total;
-              resident += tier.Resident({l, e}) ? 1 : 0;
-            }
+        if (options.expert_aware && (r.stepped || options.oracle)) {
+          const auto& previous = r.trace->tokens[options.oracle ? r.next : r.next - 1];
+          c.predicted.resize(static_cast<size_t>(layers));
+          for (size_t l = 0; l < previous.size(); ++l) {
+            if (previous[l].has_value()) c.predicted[l] = *previous[l];
           }
-          if (total > 0) c.residency = static_cast<double>(resident) / total;
         }
         c.last_stepped = r.last_stepped;
         c.arrival = r.arrival;
-        candidates.push_back(c);
+        candidates.push_back(std::move(c));
       }
+      scheduler::ResidentSet resident;
+      if (options.expert_aware) resident = tier.Snapshot(traces.front().num_experts);
       chosen = scheduler::ChooseForStep(candidates, static_cast<size_t>(options.max_batch),
-                                        options.expert_aware);
+                                        options.expert_aware ? &resident : nullptr);
     }
     for (Request& r : running) ++r.skipped;
     for (int l = 0; l < layers; ++l) {
-      absl::flat_hash_set<int> experts;
+      std::vector<int> experts;  // sorted, so that runs repeat exactly
       for (size_t i : chosen) {
         const auto& token = running[i].trace->tokens[running[i].next];
         if (token[static_cast<size_t>(l)].has_value())
-          experts.insert(token[static_cast<size_t>(l)]->begin(),
+          experts.insert(experts.end(), token[static_cast<size_t>(l)]->begin(),
                          token[static_cast<size_t>(l)]->end());
       }
+      std::sort(experts.begin(), experts.end());
+      experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
       result.expert_uses += experts.size();
       result.staged += tier.Serve(l, experts);
     }

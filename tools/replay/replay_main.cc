@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch_options.max_batch,
                  "with --batching: sequences per step (--max-batch)")
       ->capture_default_str();
+  app.add_option("--max-skipped-steps", batch_options.max_skipped_steps,
+                 "with --batching: the age bound of expert-aware formation")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   auto traces = moed::cache::ReadRoutingTraces(path);
@@ -57,10 +60,12 @@ int main(int argc, char** argv) {
               first.num_experts, first.top_k);
   if (batching) {
     std::printf(
-        "requests of %d tokens, %d admitted, %d per step, LRU per layer; experts staged per "
-        "generated token (hit rate)\n",
-        batch_options.window, batch_options.max_running, batch_options.max_batch);
-    std::printf("%-18s %20s %20s %8s\n", "budget", "round-robin", "expert-aware", "ratio");
+        "requests of %d tokens, %d admitted, %d per step, none skipped over %d steps, LRU per "
+        "layer; experts staged per generated token (hit rate)\n",
+        batch_options.window, batch_options.max_running, batch_options.max_batch,
+        batch_options.max_skipped_steps);
+    std::printf("%-18s %20s %20s %8s %20s %8s\n", "budget", "round-robin", "expert-aware", "ratio",
+                "oracle", "ratio");
     for (int c : per_layer) {
       if (c <= 0 || c > first.num_experts) continue;
       batch_options.budget = {c, 0};
@@ -68,10 +73,16 @@ int main(int argc, char** argv) {
       auto fifo = moed::tools::ReplayBatching(*traces, batch_options);
       batch_options.expert_aware = true;
       auto aware = moed::tools::ReplayBatching(*traces, batch_options);
-      std::printf("%-18s %11.2f (%4.1f%%) %11.2f (%4.1f%%) %7.0f%%\n",
+      batch_options.oracle = true;
+      auto oracle = moed::tools::ReplayBatching(*traces, batch_options);
+      batch_options.oracle = false;
+      auto ratio = [&](const moed::tools::BatchingReplayResult& r) {
+        return 100 * r.staged_per_token() / std::max(1e-9, fifo.staged_per_token());
+      };
+      std::printf("%-18s %11.2f (%4.1f%%) %11.2f (%4.1f%%) %7.0f%% %11.2f (%4.1f%%) %7.0f%%\n",
                   ("per layer, C = " + std::to_string(c)).c_str(), fifo.staged_per_token(),
                   100 * fifo.hit_rate(), aware.staged_per_token(), 100 * aware.hit_rate(),
-                  100 * aware.staged_per_token() / std::max(1e-9, fifo.staged_per_token()));
+                  ratio(aware), oracle.staged_per_token(), 100 * oracle.hit_rate(), ratio(oracle));
     }
     return 0;
   }
