@@ -251,12 +251,12 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   changed_.notify_all();
 }
 
-absl::Status ExpertCache::ForEachExpert(
-    int layer, const std::vector<int>& experts,
-    const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) {
+absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
+                                        const model::ExpertCompute& compute) {
   std::unique_lock lock(mutex_);
   std::vector<int> ready, waiting, deferred;
   absl::flat_hash_map<int, int> slot_of;
+  absl::flat_hash_map<int, model::ExpertServed> served;
   for (int e : experts) {
     ExpertKey key{layer, e};
     ++tick_;
@@ -270,6 +270,7 @@ absl::Status ExpertCache::ForEachExpert(
         device_.policy->Touch(key, tick_);
         ready.push_back(e);
       } else {
+        served[e].source = model::ExpertSource::kDisk;  // a read already in flight
         waiting.push_back(e);
       }
     } else {
@@ -297,9 +298,13 @@ absl::Status ExpertCache::ForEachExpert(
         --remaining;
         continue;
       }
+      model::ExpertServed& how = served[e];
+      how.bytes_staged = layout_->padded_size;
       if (device_.slots[slot].state == SlotState::kReady) {
+        how.source = model::ExpertSource::kHost;
         ready.push_back(e);  // host hit: copied already
       } else {
+        how.source = model::ExpertSource::kDisk;
         waiting.push_back(e);
       }
     }
@@ -347,15 +352,20 @@ absl::Status ExpertCache::ForEachExpert(
       waited = true;
       changed_.wait(lock);
     }
-    if (waited)
-      wait_seconds_ +=
+    double waited_seconds = 0;
+    if (waited) {
+      waited_seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
+      wait_seconds_ += waited_seconds;
+    }
     const int slot = slot_of[e];
     --remaining;
     if (!failed && first_error.ok()) {
       model::ExpertWeights weights = ExpertWeightsInBlob(*layout_, device_.SlotData(slot));
+      model::ExpertServed how = served[e];
+      how.wait_seconds = waited_seconds;
       lock.unlock();
-      absl::Status computed = compute(e, weights);
+      absl::Status computed = compute(e, weights, how);
       lock.lock();
       if (!computed.ok() && first_error.ok()) first_error = computed;
     }
@@ -403,9 +413,8 @@ namespace {
 class SharedCacheProvider final : public model::ExpertProvider {
  public:
   explicit SharedCacheProvider(std::shared_ptr<ExpertCache> cache) : cache_(std::move(cache)) {}
-  absl::Status ForEachExpert(
-      int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int, const model::ExpertWeights&)>& compute) override {
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const model::ExpertCompute& compute) override {
     return cache_->ForEachExpert(layer, experts, compute);
   }
 

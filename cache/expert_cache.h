@@ -71,10 +71,8 @@ class ExpertCache final : public model::ExpertProvider {
       const ReaderFactory& reader_factory = {}, std::string* note = nullptr);
   ~ExpertCache() override;
 
-  absl::Status ForEachExpert(
-      int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int expert, const model::ExpertWeights& weights)>& compute)
-      override;
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const model::ExpertCompute& compute) override;
 
   CacheCounters counters() const;
   // [layer][expert]: whether the expert is ready in the device tier.

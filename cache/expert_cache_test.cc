@@ -138,7 +138,7 @@ TEST_CASE("per-layer eviction keeps each layer's share across layer sweeps; one 
         int computed = 0;
         REQUIRE((*cache)
                     ->ForEachExpert(layer, wanted,
-                                    [&](int, const model::ExpertWeights&) {
+                                    [&](int, const model::ExpertWeights&, const model::ExpertServed&) {
                                       ++computed;
                                       return absl::OkStatus();
                                     })

@@ -270,7 +270,16 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
   if (!options.json) {
     std::cerr << "\n[" << moed::v1::FinishReason_Name(last.finish_reason()) << ", "
               << last.usage().prompt_tokens() << " prompt + " << last.usage().completion_tokens()
-              << " completion tokens]\n";
+              << " completion tokens";
+    const moed::v1::ExpertStats& es = last.expert_stats();
+    if (es.device_hits() + es.host_hits() + es.ssd_reads() > 0) {
+      std::cerr << "; experts: " << es.device_hits() << " device hits, " << es.host_hits()
+                << " host hits, " << es.ssd_reads() << " disk reads, "
+                << absl::StrFormat("%.1f MiB staged, %.2f s stalled",
+                                   static_cast<double>(es.bytes_staged()) / (1 << 20),
+                                   es.stall_seconds());
+    }
+    std::cerr << "]\n";
   }
   return 0;
 }

@@ -3,6 +3,7 @@
 // never assumes all experts are in memory. The expert cache implements this over the store.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <vector>
 
@@ -18,6 +19,17 @@ struct ExpertWeights {
   kernels::WeightMatrix down;  // [hidden, intermediate]
 };
 
+// Where the weights of one expert came from for one ForEachExpert call.
+enum class ExpertSource { kDevice, kHost, kDisk };
+struct ExpertServed {
+  ExpertSource source = ExpertSource::kDevice;
+  uint64_t bytes_staged = 0;  // moved into the device tier for this use
+  double wait_seconds = 0;    // the caller waited for this expert before computing it
+};
+
+using ExpertCompute = std::function<absl::Status(int expert, const ExpertWeights& weights,
+                                                 const ExpertServed& served)>;
+
 class ExpertProvider {
  public:
   virtual ~ExpertProvider() = default;
@@ -25,9 +37,8 @@ class ExpertProvider {
   // Calls `compute` once for each of `experts` of `layer`, in whatever order they become
   // usable; the weights stay valid (pinned) until `compute` returns. Stops at the first error
   // (from the provider or from `compute`) and returns it.
-  virtual absl::Status ForEachExpert(
-      int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int expert, const ExpertWeights& weights)>& compute) = 0;
+  virtual absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                                     const ExpertCompute& compute) = 0;
 };
 
 }  // namespace moed::model

@@ -64,10 +64,10 @@ class CheckpointExpertProvider final : public ExpertProvider {
   explicit CheckpointExpertProvider(std::vector<std::vector<ExpertWeights>> experts)
       : experts_(std::move(experts)) {}
 
-  absl::Status ForEachExpert(
-      int layer, const std::vector<int>& experts,
-      const std::function<absl::Status(int, const ExpertWeights&)>& compute) override {
-    for (int expert : experts) MOED_RETURN_IF_ERROR(compute(expert, experts_[layer][expert]));
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const ExpertCompute& compute) override {
+    for (int expert : experts)
+      MOED_RETURN_IF_ERROR(compute(expert, experts_[layer][expert], ExpertServed{}));
     return absl::OkStatus();
   }
 
@@ -180,7 +180,8 @@ void Model::Mlp(const DenseMlp& mlp, const float* x, int64_t n, float* out) {
   kernels::cpu::MatMul(mlp.down, gate.data(), n, out, *pool_);
 }
 
-absl::Status Model::MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing) {
+absl::Status Model::MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing,
+                             std::vector<ExpertUse>* uses) {
   const ModelConfig& c = config_;
   const LayerWeights& w = layers_[layer];
   const int64_t h = c.hidden_size, k = c.experts_per_token, num_experts = c.num_experts;
@@ -221,8 +222,10 @@ absl::Status Model::MoeBlock(int layer, const float* x, int64_t n, float* out, R
     if (!tokens_of[e].empty()) needed.push_back(e);
   }
   std::vector<float> gathered, gate, up, down;
-  MOED_RETURN_IF_ERROR(
-      experts_->ForEachExpert(layer, needed, [&](int e, const ExpertWeights& ew) -> absl::Status {
+  MOED_RETURN_IF_ERROR(experts_->ForEachExpert(
+      layer, needed,
+      [&](int e, const ExpertWeights& ew, const ExpertServed& served) -> absl::Status {
+        uses->push_back({layer, e, served});
         const auto& tokens = tokens_of[e];
         const int64_t m = static_cast<int64_t>(tokens.size());
         const int64_t inter = ew.gate.rows;
@@ -352,7 +355,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
 
     kernels::cpu::RmsNorm(hidden.data(), w.post_norm.data(), n, h, eps, x.data());
     if (w.moe) {
-      MOED_RETURN_IF_ERROR(MoeBlock(layer, x.data(), n, projected.data(), &output.routing));
+      MOED_RETURN_IF_ERROR(
+          MoeBlock(layer, x.data(), n, projected.data(), &output.routing, &output.expert_uses));
     } else {
       Mlp(w.dense_mlp, x.data(), n, projected.data());
       output.routing[layer].assign(static_cast<size_t>(n), {});

@@ -44,11 +44,20 @@ struct SequenceInput {
 // rank order. Tokens are numbered across the step's inputs in order.
 using Routing = std::vector<std::vector<std::vector<int>>>;
 
+// One expert a step computed, and how the provider served it.
+struct ExpertUse {
+  int layer = 0;
+  int expert = 0;
+  ExpertServed served;
+};
+
 struct ForwardOutput {
   // Row-major [rows, vocab]: for each input in order, one row per token (all_logits) or one.
   std::vector<float> logits;
   int64_t rows = 0;
   Routing routing;
+  // Every (layer, expert) the step computed, once each, in the order computed.
+  std::vector<ExpertUse> expert_uses;
 };
 
 struct DenseMlp {
@@ -94,7 +103,8 @@ class Model {
 
  private:
   Model() = default;
-  absl::Status MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing);
+  absl::Status MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing,
+                        std::vector<ExpertUse>* uses);
   void Mlp(const DenseMlp& mlp, const float* x, int64_t n, float* out);
 
   ModelConfig config_;

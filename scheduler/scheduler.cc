@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "scheduler/sampling_params.h"
 #include "scheduler/step_selection.h"
@@ -24,6 +25,7 @@ struct Scheduler::Sequence {
   int skipped = 0;                                     // steps in a row it was left out of
   uint64_t last_stepped = 0;
   uint64_t arrival = 0;
+  RequestExpertStats expert_stats;
 };
 
 std::optional<StreamEvent> RequestHandle::Next(std::chrono::milliseconds timeout) {
@@ -120,7 +122,11 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
                                                        options_.max_queue, ")"));
     }
     seq->arrival = next_arrival_++;
-    waiting_.push_back(std::move(seq));
+    // After every waiting request of the same or higher priority.
+    auto position = std::find_if(waiting_.begin(), waiting_.end(), [&](const auto& other) {
+      return other->request.priority < seq->request.priority;
+    });
+    waiting_.insert(position, std::move(seq));
     stats_.waiting = waiting_.size();
   }
   work_.notify_all();
@@ -159,6 +165,7 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
   event.error = std::move(error);
   event.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
   event.completion_tokens = static_cast<uint32_t>(seq.generated.size());
+  event.expert_stats = seq.expert_stats;
   seq.handle->Push(std::move(event));
   seq.done = true;
   seq.cache.reset();
@@ -253,6 +260,51 @@ std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
   return step;
 }
 
+void Scheduler::AttributeExpertUses(const std::vector<model::SequenceInput>& inputs,
+                                    const std::vector<Sequence*>& owners,
+                                    const model::ForwardOutput& out) {
+  // Which inputs used each (layer, expert): any of their tokens chose it.
+  absl::flat_hash_map<std::pair<int, int>, std::vector<size_t>> users;
+  size_t begin = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const size_t end = begin + inputs[i].tokens.size();
+    for (size_t layer = 0; layer < out.routing.size(); ++layer) {
+      for (size_t t = begin; t < end && t < out.routing[layer].size(); ++t) {
+        for (int e : out.routing[layer][t]) {
+          std::vector<size_t>& list = users[{static_cast<int>(layer), e}];
+          if (list.empty() || list.back() != i) list.push_back(i);
+        }
+      }
+    }
+    begin = end;
+  }
+  double waited = 0;
+  for (const model::ExpertUse& use : out.expert_uses) {
+    waited += use.served.wait_seconds;
+    auto it = users.find({use.layer, use.expert});
+    if (it == users.end()) continue;
+    const std::vector<size_t>& list = it->second;
+    const uint64_t share = use.served.bytes_staged / list.size();
+    const uint64_t rest = use.served.bytes_staged % list.size();
+    for (size_t n = 0; n < list.size(); ++n) {
+      RequestExpertStats& stats = owners[list[n]]->expert_stats;
+      switch (use.served.source) {
+        case model::ExpertSource::kDevice:
+          ++stats.device_hits;
+          break;
+        case model::ExpertSource::kHost:
+          ++stats.host_hits;
+          break;
+        case model::ExpertSource::kDisk:
+          ++stats.ssd_reads;
+          break;
+      }
+      stats.bytes_staged += share + (n == 0 ? rest : 0);
+    }
+  }
+  for (Sequence* seq : owners) seq->expert_stats.stall_seconds += waited;
+}
+
 void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   const auto now = std::chrono::steady_clock::now();
   for (auto& seq : running) {
@@ -294,6 +346,7 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     for (Sequence* seq : owners) Finish(*seq, FinishReason::kNone, out.status());
     return;
   }
+  AttributeExpertUses(inputs, owners, *out);
   const model::ModelConfig& config = model_->config();
   const int64_t vocab = config.vocab_size;
   {

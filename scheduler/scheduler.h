@@ -55,6 +55,19 @@ struct GenerationRequest {
   uint64_t default_seed = 0;  // used when sampling.seed is unset
   bool skip_special_tokens = true;
   std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Higher leaves the queue first; equal priorities in arrival order.
+  int32_t priority = 0;
+};
+
+// What the expert cache did for one request, summed over the steps it ran in. An expert a
+// step staged for several requests counts as a use for each; its bytes are split among them.
+struct RequestExpertStats {
+  uint64_t device_hits = 0;
+  uint64_t host_hits = 0;
+  uint64_t ssd_reads = 0;
+  uint64_t low_precision_fallbacks = 0;
+  uint64_t bytes_staged = 0;
+  double stall_seconds = 0;  // the steps it ran in waited this long for experts
 };
 
 // One message of a stream: new text and ids, and on the last one the finish reason or error.
@@ -67,6 +80,7 @@ struct StreamEvent {
   absl::Status error;  // set on a last message that failed (deadline, engine error)
   uint32_t prompt_tokens = 0;
   uint32_t completion_tokens = 0;
+  RequestExpertStats expert_stats;  // last message only
   bool last() const { return finish != FinishReason::kNone || !error.ok(); }
 };
 
@@ -126,6 +140,10 @@ class Scheduler {
   // The sequences of the next step, from the admitted ones.
   std::vector<std::shared_ptr<Sequence>> SelectForStep(
       const std::vector<std::shared_ptr<Sequence>>& running);
+  // Adds what the step's expert uses did to each sequence's expert stats.
+  static void AttributeExpertUses(const std::vector<model::SequenceInput>& inputs,
+                                  const std::vector<Sequence*>& owners,
+                                  const model::ForwardOutput& out);
   // Sends the last event (text still held back unless a stop matched, finish reason, usage),
   // frees the KV cache and hands the routing to on_routing.
   void Finish(Sequence& seq, FinishReason reason, absl::Status error,

@@ -121,6 +121,14 @@ class MoedService final : public v1::Moed::Service {
         response.mutable_usage()->set_prompt_tokens(event->prompt_tokens);
         response.mutable_usage()->set_completion_tokens(event->completion_tokens);
         response.mutable_usage()->set_total_tokens(event->prompt_tokens + event->completion_tokens);
+        const scheduler::RequestExpertStats& es = event->expert_stats;
+        v1::ExpertStats* stats = response.mutable_expert_stats();
+        stats->set_device_hits(es.device_hits);
+        stats->set_host_hits(es.host_hits);
+        stats->set_ssd_reads(es.ssd_reads);
+        stats->set_low_precision_fallbacks(es.low_precision_fallbacks);
+        stats->set_bytes_staged(es.bytes_staged);
+        stats->set_stall_seconds(es.stall_seconds);
       }
       if (!writer->Write(response)) {
         (*handle)->Cancel();
@@ -151,6 +159,39 @@ class MoedService final : public v1::Moed::Service {
 
  private:
   static constexpr size_t kMaxPromptBytes = 8 << 20;
+
+  // A request's expert_precision is the loosest expert copy it accepts. Every expert runs from
+  // the one copy --expert-precision names, so a request that refuses that copy is refused.
+  absl::Status CheckExpertPrecision(int requested) const {
+    const cache::Precision served =
+        parts_.cache != nullptr ? parts_.cache->options().precision : cache::Precision::kSource;
+    cache::Precision loosest_accepted;
+    switch (requested) {
+      case v1::EXPERT_PRECISION_UNSPECIFIED:
+        return absl::OkStatus();
+      case v1::EXPERT_PRECISION_SOURCE:
+        loosest_accepted = cache::Precision::kSource;
+        break;
+      case v1::EXPERT_PRECISION_ALLOW_INT8:
+        loosest_accepted = cache::Precision::kInt8;
+        break;
+      case v1::EXPERT_PRECISION_ALLOW_INT4:
+        loosest_accepted = cache::Precision::kInt4;
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("unknown expert_precision ", requested));
+    }
+    auto looseness = [](cache::Precision p) {
+      return p == cache::Precision::kSource ? 0 : p == cache::Precision::kInt8 ? 1 : 2;
+    };
+    if (looseness(served) > looseness(loosest_accepted)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert_precision ", v1::ExpertPrecision_Name(requested), " refuses the ",
+          cache::PrecisionName(served), " expert copies this daemon runs (--expert-precision ",
+          cache::PrecisionName(served), ")"));
+    }
+    return absl::OkStatus();
+  }
 
   absl::StatusOr<scheduler::GenerationRequest> Convert(const v1::GenerateRequest& request,
                                                        const grpc::ServerContext& context) {
@@ -195,6 +236,8 @@ class MoedService final : public v1::Moed::Service {
     out.sampling.logprobs = s.logprobs();
     out.sampling.top_logprobs = s.top_logprobs();
     out.skip_special_tokens = !request.has_skip_special_tokens() || request.skip_special_tokens();
+    out.priority = request.priority();
+    MOED_RETURN_IF_ERROR(CheckExpertPrecision(request.expert_precision()));
     out.id = request.request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1))
                                           : request.request_id();
     out.default_seed =

@@ -10,6 +10,7 @@
 #include "cache/routing_trace.h"
 #include "client/client.h"
 #include "tests/integration/daemon_process.h"
+#include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
 namespace moed::testing {
@@ -29,10 +30,24 @@ const fs::path& Model() {
   return dir;
 }
 
+// The tiny model packed as an expert store (every precision).
+const fs::path& Store() {
+  static const fs::path dir = [] {
+    fs::path path = Model().parent_path() / "store";
+    REQUIRE(tools::Pack(Model().string(), path.string(), tools::PackOptions{}).ok());
+    return path;
+  }();
+  return dir;
+}
+
 struct Daemon {
+  // Serves Model(), or with `extra` starting "--store" the store it names.
   explicit Daemon(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {MOED_BINARY, "--model", Model().string(), "--listen",
-                                     "127.0.0.1:0"};
+    std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0"};
+    if (extra.empty() || extra.front() != "--store") {
+      argv.push_back("--model");
+      argv.push_back(Model().string());
+    }
     argv.insert(argv.end(), extra.begin(), extra.end());
     process = std::make_unique<ChildProcess>(argv);
     auto line = process->ReadStdoutLine(std::chrono::seconds(30));
@@ -357,6 +372,104 @@ TEST_CASE("a stop string ends the text before it and is named in the last messag
   CHECK(stopped.last.finish_reason() == v1::FINISH_REASON_STOP);
   CHECK(stopped.last.matched_stop() == full.text.substr(at, 2));
   CHECK(stopped.ids.size() < full.ids.size());
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("the last message reports what the expert cache did for the request") {
+  SECTION("all resident: every use is a device hit, nothing staged") {
+    Daemon daemon;
+    Collected got = Run(*daemon.Connect(), Greedy({5, 6, 7}, 6));
+    REQUIRE(got.status.ok());
+    const v1::ExpertStats& s = got.last.expert_stats();
+    // At least one expert per layer and step (2 layers, 1 prefill + 5 decode steps).
+    CHECK(s.device_hits() >= 2 * 6);
+    CHECK(s.host_hits() == 0);
+    CHECK(s.ssd_reads() == 0);
+    CHECK(s.bytes_staged() == 0);
+  }
+  SECTION("from a store: the request's counts are the cache's, and a repeat reads nothing") {
+    Daemon daemon({"--store", Store().string()});
+    auto c = daemon.Connect();
+    Collected first = Run(*c, Greedy({5, 6, 7}, 6));
+    REQUIRE(first.status.ok());
+    auto info = c->ModelInfo();
+    REQUIRE(info.ok());
+    const v1::ExpertCacheInfo& cache = info->expert_cache();
+    const v1::ExpertStats& s = first.last.expert_stats();
+    CHECK(s.ssd_reads() > 0);
+    CHECK(s.ssd_reads() == cache.ssd_reads());
+    CHECK(s.device_hits() == cache.device_hits());
+    CHECK(s.bytes_staged() == cache.ssd_bytes());
+    CHECK(s.bytes_staged() == s.ssd_reads() * cache.slot_bytes());
+    // The same greedy request again: the same experts, all resident now.
+    Collected again = Run(*c, Greedy({5, 6, 7}, 6));
+    REQUIRE(again.status.ok());
+    CHECK(again.ids == first.ids);
+    CHECK(again.last.expert_stats().ssd_reads() == 0);
+    CHECK(again.last.expert_stats().bytes_staged() == 0);
+    CHECK(again.last.expert_stats().device_hits() == s.device_hits() + s.ssd_reads());
+  }
+  SECTION("requests sharing steps split the bytes of the experts they share") {
+    Daemon daemon({"--store", Store().string(), "--device-cache-bytes", "1M", "--max-batch", "4"});
+    std::vector<std::future<Collected>> runs;
+    for (uint32_t i = 0; i < 3; ++i) {
+      runs.push_back(std::async(std::launch::async, [&, i] {
+        return Run(*daemon.Connect(), Greedy({30 + i, 40 + i}, 12));
+      }));
+    }
+    uint64_t bytes = 0, reads = 0;
+    for (auto& run : runs) {
+      Collected got = run.get();
+      REQUIRE(got.status.ok());
+      bytes += got.last.expert_stats().bytes_staged();
+      reads += got.last.expert_stats().ssd_reads();
+    }
+    auto info = daemon.Connect()->ModelInfo();
+    REQUIRE(info.ok());
+    CHECK(bytes == info->expert_cache().ssd_bytes());
+    CHECK(reads >= info->expert_cache().ssd_reads());
+  }
+}
+
+TEST_CASE("expert_precision: a request that refuses the daemon's expert copies is refused") {
+  SECTION("exact experts satisfy every request") {
+    Daemon daemon;
+    auto c = daemon.Connect();
+    for (auto p : {v1::EXPERT_PRECISION_SOURCE, v1::EXPERT_PRECISION_ALLOW_INT8,
+                   v1::EXPERT_PRECISION_ALLOW_INT4}) {
+      v1::GenerateRequest request = Greedy({5}, 2);
+      request.set_expert_precision(p);
+      CHECK(Run(*c, request).status.ok());
+    }
+    v1::GenerateRequest bad = Greedy({5}, 2);
+    bad.set_expert_precision(static_cast<v1::ExpertPrecision>(9));
+    absl::Status status = Run(*c, bad).status;
+    CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(status.message().find("unknown expert_precision 9") != std::string::npos);
+  }
+  SECTION("int8 experts: SOURCE is refused naming the daemon's precision, looser ones run") {
+    Daemon daemon({"--store", Store().string(), "--expert-precision", "int8"});
+    auto c = daemon.Connect();
+    v1::GenerateRequest exact = Greedy({5}, 2);
+    exact.set_expert_precision(v1::EXPERT_PRECISION_SOURCE);
+    absl::Status status = Run(*c, exact).status;
+    CHECK(status.code() == absl::StatusCode::kFailedPrecondition);
+    CHECK(status.message().find("--expert-precision int8") != std::string::npos);
+    for (auto p : {v1::EXPERT_PRECISION_UNSPECIFIED, v1::EXPERT_PRECISION_ALLOW_INT8,
+                   v1::EXPERT_PRECISION_ALLOW_INT4}) {
+      v1::GenerateRequest request = Greedy({5}, 2);
+      request.set_expert_precision(p);
+      CHECK(Run(*c, request).status.ok());
+    }
+    auto info = c->ModelInfo();
+    REQUIRE(info.ok());
+    CHECK(info->requests_running() == 0);
+  }
 }
 
 }  // namespace

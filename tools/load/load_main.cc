@@ -44,6 +44,7 @@ int main(int argc, char** argv) {
 
   std::mutex mutex;
   std::vector<double> ttft_ms, itl_ms;
+  uint64_t bytes_staged = 0, expert_uses = 0, device_hits = 0;  // under mutex
   std::atomic<int> failures{0};
   std::atomic<uint64_t> tokens{0};
   auto start = Clock::now();
@@ -99,6 +100,10 @@ int main(int argc, char** argv) {
         }
         tokens += got;
         std::lock_guard lock(mutex);
+        const moed::v1::ExpertStats& es = last.expert_stats();
+        bytes_staged += es.bytes_staged();
+        expert_uses += es.device_hits() + es.host_hits() + es.ssd_reads();
+        device_hits += es.device_hits();
         ttft_ms.push_back(local_ttft);
         itl_ms.insert(itl_ms.end(), local_itl.begin(), local_itl.end());
       }
@@ -114,5 +119,14 @@ int main(int argc, char** argv) {
               Percentile(ttft_ms, 90), Percentile(ttft_ms, 99));
   std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(itl_ms, 50),
               Percentile(itl_ms, 90), Percentile(itl_ms, 99));
+  if (bytes_staged > 0) {
+    // From each request's expert_stats: bytes staged add up to the cache's own.
+    std::printf(
+        "experts      %.1f MiB staged per token, %.0f%% of expert uses hit the device tier\n",
+        static_cast<double>(bytes_staged) / (1 << 20) /
+            std::max<double>(1, static_cast<double>(tokens.load())),
+        100.0 * static_cast<double>(device_hits) /
+            std::max<double>(1, static_cast<double>(expert_uses)));
+  }
   return failures.load() == 0 ? 0 : 1;
 }

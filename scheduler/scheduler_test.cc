@@ -1,0 +1,140 @@
+// The scheduler in-process, with an expert provider that can hold a step inside the model so
+// that what queues behind it is known exactly.
+#include "scheduler/scheduler.h"
+
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <condition_variable>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include "cache/expert_cache.h"
+#include "tools/pack/pack.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::scheduler {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Forwards to the cache; while held, the next ForEachExpert waits until released.
+class GatedProvider final : public model::ExpertProvider {
+ public:
+  explicit GatedProvider(std::shared_ptr<cache::ExpertCache> cache) : cache_(std::move(cache)) {}
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const model::ExpertCompute& compute) override {
+    {
+      std::unique_lock lock(mutex_);
+      entered_ = true;
+      changed_.notify_all();
+      changed_.wait(lock, [&] { return !held_; });
+    }
+    return cache_->ForEachExpert(layer, experts, compute);
+  }
+  void Hold() {
+    std::lock_guard lock(mutex_);
+    held_ = true;
+    entered_ = false;
+  }
+  void WaitUntilEntered() {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return entered_; });
+  }
+  void Release() {
+    std::lock_guard lock(mutex_);
+    held_ = false;
+    changed_.notify_all();
+  }
+
+ private:
+  std::shared_ptr<cache::ExpertCache> cache_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool held_ = false;
+  bool entered_ = false;
+};
+
+struct Fixture {
+  Fixture() {
+    root = fs::temp_directory_path() / ("moed_scheduler_test_" + std::to_string(getpid()));
+    fs::remove_all(root);
+    REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", model::Architecture::kMixtral),
+                                   (root / "m").string())
+                .ok());
+    REQUIRE(tools::Pack((root / "m").string(), (root / "s").string(), tools::PackOptions{}).ok());
+    auto opened = cache::Store::Open((root / "s").string());
+    REQUIRE(opened.ok());
+    store = *opened;
+    auto made = cache::ExpertCache::Create(store, cache::CacheOptions{});
+    REQUIRE(made.ok());
+    auto provider = std::make_unique<GatedProvider>(*std::move(made));
+    gate = provider.get();
+    auto created = model::Model::Create(store->config(), store, std::move(provider), 1);
+    REQUIRE(created.ok());
+    model = *std::move(created);
+  }
+  ~Fixture() { fs::remove_all(root); }
+  fs::path root;
+  std::shared_ptr<cache::Store> store;
+  std::shared_ptr<model::Model> model;
+  GatedProvider* gate = nullptr;
+};
+
+GenerationRequest Request(const std::string& id, int32_t priority) {
+  GenerationRequest r;
+  r.id = id;
+  r.prompt = {5, 6};
+  r.sampling.max_tokens = 3;
+  r.sampling.temperature = 0;
+  r.sampling.ignore_eos = true;
+  r.priority = priority;
+  return r;
+}
+
+void DrainAll(const std::vector<std::shared_ptr<RequestHandle>>& handles) {
+  for (const auto& handle : handles) {
+    while (true) {
+      auto event = handle->Next(std::chrono::seconds(30));
+      REQUIRE(event.has_value());
+      if (event->last()) {
+        CHECK(event->error.ok());
+        break;
+      }
+    }
+  }
+}
+
+TEST_CASE("queued requests leave the queue by priority, equal priorities in arrival order") {
+  Fixture f;
+  std::mutex mutex;
+  std::vector<std::string> finished;
+  SchedulerOptions options;
+  options.max_batch = 1;
+  options.on_routing = [&](const std::string& id, int, const auto&) {
+    std::lock_guard lock(mutex);
+    finished.push_back(id);
+  };
+  Scheduler scheduler(f.model, nullptr, options);
+  f.gate->Hold();
+  std::vector<std::shared_ptr<RequestHandle>> handles;
+  handles.push_back(*scheduler.Submit(Request("first", 0)));
+  f.gate->WaitUntilEntered();  // "first" is inside its first step; the rest must queue
+  for (auto [id, priority] : std::vector<std::pair<std::string, int>>{
+           {"low-1", 0}, {"high", 5}, {"low-2", 0}, {"negative", -3}, {"higher", 9}}) {
+    handles.push_back(*scheduler.Submit(Request(id, priority)));
+  }
+  CHECK(scheduler.stats().waiting == 5);
+  f.gate->Release();
+  DrainAll(handles);
+  // on_routing runs just after the last event is handed over: wait for the last call.
+  for (int i = 0; i < 1000 && !scheduler.Idle(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  std::lock_guard lock(mutex);
+  CHECK(finished ==
+        std::vector<std::string>{"first", "higher", "high", "low-1", "low-2", "negative"});
+}
+
+}  // namespace
+}  // namespace moed::scheduler
