@@ -237,10 +237,12 @@ std::vector<std::shared_ptr<Scheduler::Sequence>> Scheduler::SelectForStep(
     return running;
   }
   const bool aware = options_.expert_aware && options_.resident_experts;
+  const int overdue_after = OverdueAfter(running.size(), static_cast<size_t>(options_.max_batch),
+                                         options_.max_delay_steps);
   std::vector<StepCandidate> candidates;
   for (const auto& seq : running) {
     StepCandidate c;
-    c.overdue = seq->skipped >= options_.max_skipped_steps;
+    c.overdue = seq->skipped >= overdue_after;
     if (aware) c.predicted = seq->last_experts;
     c.last_stepped = seq->last_stepped;
     c.arrival = seq->arrival;

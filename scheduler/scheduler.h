@@ -39,10 +39,10 @@ struct SchedulerOptions {
   int max_running = 0;
   // Pick a step's sequences so that the experts their previous tokens used, together with
   // those resident (`resident_experts`), need the fewest experts staged, rather than
-  // round-robin (see step_selection.h); none is passed over more than max_skipped_steps steps
-  // in a row.
+  // round-robin (see step_selection.h); none runs more than max_delay_steps steps later than
+  // its round-robin turn.
   bool expert_aware = true;
-  int max_skipped_steps = 4;
+  int max_delay_steps = 4;
   std::function<ResidentSet()> resident_experts;
 };
 

@@ -21,6 +21,12 @@ size_t PredictionSize(const StepCandidate& c) {
 
 }  // namespace
 
+int OverdueAfter(size_t running, size_t max_batch, int max_delay_steps) {
+  const size_t batch = std::max<size_t>(1, max_batch);
+  const size_t turns = (running + batch - 1) / batch;
+  return static_cast<int>(turns == 0 ? 0 : turns - 1) + max_delay_steps;
+}
+
 double ResidentFraction(const StepCandidate& c, const ResidentSet& resident) {
   size_t total = 0, hits = 0;
   for (size_t layer = 0; layer < c.predicted.size(); ++layer) {

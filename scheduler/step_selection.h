@@ -12,7 +12,7 @@ namespace moed::scheduler {
 using ResidentSet = std::vector<std::vector<bool>>;
 
 struct StepCandidate {
-  // Left out of max_skipped_steps steps in a row already: goes first, whatever it needs.
+  // Passed over OverdueAfter(...) steps in a row already: goes first, whatever it needs.
   bool overdue = false;
   // The experts its previous token used, by layer: the best guess of what its next token
   // needs (consecutive tokens share experts far more often than chance). Empty while it is
@@ -30,6 +30,11 @@ struct StepCandidate {
 // prediction counts as missing half of an average prediction. Ties: least recently stepped.
 std::vector<size_t> ChooseForStep(const std::vector<StepCandidate>& candidates, size_t max_batch,
                                   const ResidentSet* resident);
+
+// How many steps in a row a sequence may be passed over before it is overdue: its wait under
+// round-robin (ceil(running / max_batch) - 1) plus `max_delay_steps`, so the bound means
+// "at most this many steps later than its round-robin turn" whatever the ratio.
+int OverdueAfter(size_t running, size_t max_batch, int max_delay_steps);
 
 // Predicted experts of `c` that are resident: for reports and tests.
 double ResidentFraction(const StepCandidate& c, const ResidentSet& resident);

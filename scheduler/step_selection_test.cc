@@ -55,5 +55,13 @@ TEST_CASE("a sequence with no prediction costs half an average prediction; ties 
   CHECK(ChooseForStep(c, 1, &kResident) == std::vector<size_t>{3});
 }
 
+TEST_CASE("overdue means later than the round-robin turn by more than the allowed delay") {
+  CHECK(OverdueAfter(16, 4, 4) == 3 + 4);  // round-robin runs each every 4th step
+  CHECK(OverdueAfter(17, 4, 4) == 4 + 4);
+  CHECK(OverdueAfter(4, 4, 2) == 2);
+  CHECK(OverdueAfter(0, 4, 1) == 1);
+  CHECK(OverdueAfter(5, 0, 1) == 4 + 1);  // a zero batch counts as one
+}
+
 }  // namespace
 }  // namespace moed::scheduler

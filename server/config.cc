@@ -287,11 +287,12 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "with --store and --max-running above --max-batch: pick each step's "
                          "sequences so that the fewest experts must be staged, predicting each "
                          "one's experts from its previous token (else round-robin)"});
-    o.push_back({.name = "max-skipped-steps",
-                 .field = F(&DaemonConfig::max_skipped_steps),
+    o.push_back({.name = "max-delay-steps",
+                 .field = F(&DaemonConfig::max_delay_steps),
                  .metavar = "N",
-                 .help = "expert-aware batching passes a sequence over at most N steps in a row "
-                         "(a bound on its added latency; larger saves more staging)",
+                 .help = "expert-aware batching runs a sequence at most N steps later than its "
+                         "round-robin turn (a bound on its added latency; larger saves more "
+                         "staging)",
                  .min_value = 1,
                  .max_value = 1024});
     o.push_back(
@@ -430,7 +431,10 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     if (inline_value.has_value()) {
       value = *inline_value;
     } else if (IsBoolOption(*spec)) {
+      // "--flag" alone means true; "--flag false" and "--flag=false" both work.
       value = "true";
+      if (i + 1 < args.size() && (args[i + 1] == "true" || args[i + 1] == "false"))
+        value = args[++i];
     } else if (i + 1 < args.size()) {
       value = args[++i];
     } else {

@@ -36,7 +36,7 @@ struct DaemonConfig {
   int64_t max_tokens_per_step = 256;
   int64_t max_running = 0;
   bool expert_aware_batching = true;
-  int64_t max_skipped_steps = 4;
+  int64_t max_delay_steps = 4;
   int64_t drain_seconds = 30;
   std::string record_routing;
   std::string log_level = "info";

@@ -54,6 +54,25 @@ TEST_CASE("flags accept --name value and --name=value") {
   CHECK(parsed->config.log_format == "json");
 }
 
+TEST_CASE("boolean flags: alone for true, or followed by true or false") {
+  auto aware = [](std::vector<std::string> args) {
+    args.insert(args.begin(), {"--model", "/m"});
+    absl::StatusOr<CommandLine> parsed = ParseCommandLine(args, FakeEnv({}));
+    REQUIRE(parsed.ok());
+    return parsed->config.expert_aware_batching;
+  };
+  CHECK_FALSE(aware({"--expert-aware-batching", "false"}));
+  CHECK_FALSE(aware({"--expert-aware-batching=false"}));
+  CHECK(aware({"--expert-aware-batching", "true"}));
+  CHECK(aware({"--expert-aware-batching=false", "--expert-aware-batching"}));
+  // A following flag is not taken as the value.
+  absl::StatusOr<CommandLine> parsed =
+      ParseCommandLine({"--expert-aware-batching", "--model", "/m"}, FakeEnv({}));
+  REQUIRE(parsed.ok());
+  CHECK(parsed->config.expert_aware_batching);
+  CHECK(parsed->config.model == "/m");
+}
+
 TEST_CASE("precedence: flags over environment over file over defaults") {
   std::string file =
       WriteTempFile(R"({"model": "/from-file", "log-level": "debug", "backend": "cpu"})");

@@ -409,7 +409,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   scheduler_options.max_tokens_per_step = static_cast<int>(config.max_tokens_per_step);
   scheduler_options.max_running = static_cast<int>(config.max_running);
   scheduler_options.expert_aware = config.expert_aware_batching;
-  scheduler_options.max_skipped_steps = static_cast<int>(config.max_skipped_steps);
+  scheduler_options.max_delay_steps = static_cast<int>(config.max_delay_steps);
   if (daemon->cache_ != nullptr) {
     std::shared_ptr<cache::ExpertCache> expert_cache = daemon->cache_;
     scheduler_options.resident_experts = [expert_cache] { return expert_cache->DeviceResidency(); };

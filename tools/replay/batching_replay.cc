@@ -122,10 +122,12 @@ BatchingReplayResult ReplayBatching(const std::vector<cache::RoutingTrace>& trac
     if (running.size() <= static_cast<size_t>(options.max_batch)) {
       for (size_t i = 0; i < running.size(); ++i) chosen.push_back(i);
     } else {
+      const int overdue_after = scheduler::OverdueAfter(
+          running.size(), static_cast<size_t>(options.max_batch), options.max_delay_steps);
       std::vector<scheduler::StepCandidate> candidates;
       for (const Request& r : running) {
         scheduler::StepCandidate c;
-        c.overdue = r.skipped >= options.max_skipped_steps;
+        c.overdue = r.skipped >= overdue_after;
         if (options.expert_aware && (r.stepped || options.oracle)) {
           const auto& previous = r.trace->tokens[options.oracle ? r.next : r.next - 1];
           c.predicted.resize(static_cast<size_t>(layers));

@@ -15,10 +15,10 @@
 namespace moed::tools {
 
 struct BatchingReplayOptions {
-  int window = 24;            // decode tokens per request, cut from the traces in order
-  int max_running = 16;       // requests admitted at once
-  int max_batch = 4;          // sequences per step
-  int max_skipped_steps = 4;  // the scheduler's age bound
+  int window = 24;          // decode tokens per request, cut from the traces in order
+  int max_running = 16;     // requests admitted at once
+  int max_batch = 4;        // sequences per step
+  int max_delay_steps = 4;  // the scheduler's bound on delay beyond round-robin
   bool expert_aware = true;
   // Expert-aware with the experts each sequence's next token really uses instead of the
   // previous token's: the bound no prediction can beat.

@@ -37,8 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch_options.max_batch,
                  "with --batching: sequences per step (--max-batch)")
       ->capture_default_str();
-  app.add_option("--max-skipped-steps", batch_options.max_skipped_steps,
-                 "with --batching: the age bound of expert-aware formation")
+  app.add_option("--max-delay-steps", batch_options.max_delay_steps,
+                 "with --batching: expert-aware formation runs a request at most this many "
+                 "steps later than round-robin would")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
@@ -60,10 +61,11 @@ int main(int argc, char** argv) {
               first.num_experts, first.top_k);
   if (batching) {
     std::printf(
-        "requests of %d tokens, %d admitted, %d per step, none skipped over %d steps, LRU per "
+        "requests of %d tokens, %d admitted, %d per step, at most %d steps later than round-robin, "
+        "LRU per "
         "layer; experts staged per generated token (hit rate)\n",
         batch_options.window, batch_options.max_running, batch_options.max_batch,
-        batch_options.max_skipped_steps);
+        batch_options.max_delay_steps);
     std::printf("%-18s %20s %20s %8s %20s %8s\n", "budget", "round-robin", "expert-aware", "ratio",
                 "oracle", "ratio");
     for (int c : per_layer) {
