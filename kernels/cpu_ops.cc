@@ -10,10 +10,8 @@ namespace moed::kernels::cpu {
 namespace {
 
 // Rows of w and tokens of x computed together: each w row is read once per token block and
-// each x row once per row block, and the independent accumulators hide FMA latency. The
-// per-(token, row) sum is always lanes over 16-column (AVX-512) or 8-column (AVX2) chunks in
-// column order, then the same horizontal reduction, then the scalar tail: the block shape
-// never changes it.
+// each x row once per row block, and the independent accumulators hide FMA latency (see
+// kernels/matmul_block.inc for why the block shape never changes a result).
 constexpr int kRowBlock = 4;
 constexpr int kTokenBlock = 2;
 constexpr int64_t kPrefetchElements = 256;
@@ -74,131 +72,95 @@ void MatMulRowsScalar(const WeightMatrix& w, const float* x, int64_t n, float* y
   }
 }
 
-// ---- AVX2 (8 lanes) -------------------------------------------------------------------------
+// ---- SIMD: one Block per instruction set, from kernels/matmul_block.inc ----------------------
+// Each namespace is compiled for its instruction set (a target pragma: GCC and clang spell it
+// differently); the dispatcher only calls into it when the CPU has that set.
 
-template <DType D>
-__attribute__((target("avx2,fma,f16c"))) inline __m256 Load8(const void* row, int64_t c) {
-  if constexpr (D == DType::kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(row) + c);
-  } else if constexpr (D == DType::kF16) {
-    return _mm256_cvtph_ps(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + c)));
-  } else {
-    __m128i raw =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + c));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-}
+namespace avx2 {
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
 
-__attribute__((target("avx2,fma"))) inline float Sum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <DType D, int R, int T>
-__attribute__((target("avx2,fma,f16c"))) void Block8(const WeightMatrix& w, const float* x,
-                                                     float* y, int64_t r, int64_t t) {
-  const int64_t cols = w.cols;
-  const int64_t vec_end = cols / 8 * 8;
-  const void* rows[R];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    rows[i] =
-        static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
-  }
-  __m256 acc[R][T];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < vec_end; c += 8) {
-    __m256 xv[T];
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) xv[j] = _mm256_loadu_ps(x + (t + j) * cols + c);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      __m256 wv = Load8<D>(rows[i], c);
-#pragma GCC unroll 8
-      for (int j = 0; j < T; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+struct Simd {
+  using Reg = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr bool kPrefetch = false;
+  static Reg Zero() { return _mm256_setzero_ps(); }
+  static Reg LoadF32(const float* p) { return _mm256_loadu_ps(p); }
+  template <DType D>
+  static Reg LoadWeights(const void* row, int64_t c) {
+    const uint16_t* half = static_cast<const uint16_t*>(row) + c;
+    if constexpr (D == DType::kF32) {
+      return _mm256_loadu_ps(static_cast<const float*>(row) + c);
+    } else if constexpr (D == DType::kF16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half)));
+    } else {
+      __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) {
-      float sum = Sum8(acc[i][j]);
-      const float* xt = x + (t + j) * cols;
-      for (int64_t c = vec_end; c < cols; ++c) sum += LoadScalar(D, rows[i], c) * xt[c];
-      y[(t + j) * w.rows + r + i] = sum;
+  static Reg Fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static float Sum(Reg v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    __m128 s = _mm_add_ps(lo, hi);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+#include "kernels/matmul_block.inc"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+}  // namespace avx2
+
+namespace avx512 {
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+#endif
+
+struct Simd {
+  using Reg = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr bool kPrefetch = true;
+  static Reg Zero() { return _mm512_setzero_ps(); }
+  static Reg LoadF32(const float* p) { return _mm512_loadu_ps(p); }
+  template <DType D>
+  static Reg LoadWeights(const void* row, int64_t c) {
+    const uint16_t* half = static_cast<const uint16_t*>(row) + c;
+    if constexpr (D == DType::kF32) {
+      return _mm512_loadu_ps(static_cast<const float*>(row) + c);
+    } else if constexpr (D == DType::kF16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(half)));
+    } else {
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
     }
   }
-}
+  static Reg Fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+  // A fixed tree: halves, then quarters, ... (the same order for every call).
+  static float Sum(Reg v) { return _mm512_reduce_add_ps(v); }
+};
 
-// ---- AVX-512 (16 lanes) ---------------------------------------------------------------------
+#include "kernels/matmul_block.inc"
 
-template <DType D>
-__attribute__((target("avx512f,avx512bw"))) inline __m512 Load16(const void* row, int64_t c) {
-  if constexpr (D == DType::kF32) {
-    return _mm512_loadu_ps(static_cast<const float*>(row) + c);
-  } else if constexpr (D == DType::kF16) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c)));
-  } else {
-    __m256i raw =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + c));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-}
-
-// A fixed tree: halves, then quarters, ... (the same order for every call).
-__attribute__((target("avx512f"))) inline float Sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-template <DType D, int R, int T>
-__attribute__((target("avx512f,avx512bw"))) void Block16(const WeightMatrix& w, const float* x,
-                                                         float* y, int64_t r, int64_t t) {
-  const int64_t cols = w.cols;
-  const int64_t vec_end = cols / 16 * 16;
-  const void* rows[R];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-    rows[i] =
-        static_cast<const char*>(w.data) + (r + i) * cols * static_cast<int64_t>(DTypeSize(D));
-  }
-  __m512 acc[R][T];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < vec_end; c += 16) {
-    __m512 xv[T];
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) xv[j] = _mm512_loadu_ps(x + (t + j) * cols + c);
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      // Stream ahead of the hardware prefetcher, which restarts at every row.
-      _mm_prefetch(static_cast<const char*>(rows[i]) +
-                       (c + kPrefetchElements) * sizeof(uint16_t) * (D == DType::kF32 ? 2 : 1),
-                   _MM_HINT_T0);
-      __m512 wv = Load16<D>(rows[i], c);
-#pragma GCC unroll 8
-      for (int j = 0; j < T; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) {
-      float sum = Sum16(acc[i][j]);
-      const float* xt = x + (t + j) * cols;
-      for (int64_t c = vec_end; c < cols; ++c) sum += LoadScalar(D, rows[i], c) * xt[c];
-      y[(t + j) * w.rows + r + i] = sum;
-    }
-  }
-}
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+}  // namespace avx512
 
 // ---- AVX-512 quantized (int8 per row, int4 grouped) -------------------------------------------
 
@@ -232,7 +194,7 @@ __attribute__((target("avx512f,avx512bw"))) void Block16Int8(const WeightMatrix&
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < T; ++j) {
-      float sum = Sum16(acc[i][j]);
+      float sum = avx512::Simd::Sum(acc[i][j]);
       const float* xt = x + (t + j) * cols;
       for (int64_t c = vec_end; c < cols; ++c) sum += static_cast<float>(rows[i][c]) * xt[c];
       y[(t + j) * w.rows + r + i] = sum * w.scales[r + i];
@@ -294,7 +256,7 @@ __attribute__((target("avx512f,avx512bw"))) void Block16Int4(const WeightMatrix&
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) y[(t + j) * w.rows + r + i] = Sum16(acc[i][j]);
+    for (int j = 0; j < T; ++j) y[(t + j) * w.rows + r + i] = avx512::Simd::Sum(acc[i][j]);
 }
 
 // Rows [r0, r1) of a quantized matrix with AVX-512, in 4-row x 2-token blocks.
@@ -333,9 +295,9 @@ void MatMulRowsSimd(const WeightMatrix& w, const float* x, int64_t n, float* y, 
     constexpr int R = decltype(rows_tag)::value;
     constexpr int T = decltype(tokens_tag)::value;
     if constexpr (Avx512) {
-      Block16<D, R, T>(w, x, y, r, t);
+      avx512::Block<D, R, T>(w, x, y, r, t);
     } else {
-      Block8<D, R, T>(w, x, y, r, t);
+      avx2::Block<D, R, T>(w, x, y, r, t);
     }
   };
   // AVX-512 has 32 vector registers: room for 4 rows x 4 tokens of accumulators.
