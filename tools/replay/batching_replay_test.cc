@@ -23,13 +23,18 @@ std::vector<cache::RoutingTrace> FixedExpertTraces(int requests, int tokens, int
   return traces;
 }
 
+BatchingReplayOptions Options(int window, int max_running, int max_batch, int per_layer) {
+  BatchingReplayOptions o;
+  o.window = window;
+  o.max_running = max_running;
+  o.max_batch = max_batch;
+  o.budget = {per_layer, 0};
+  return o;
+}
+
 TEST_CASE("every token is generated once, whichever formation") {
   auto traces = FixedExpertTraces(6, 10, 3, 8);
-  BatchingReplayOptions o;
-  o.window = 4;  // 10 tokens: windows of 4, 4 and 2
-  o.max_running = 5;
-  o.max_batch = 2;
-  o.budget = {2, 0};
+  BatchingReplayOptions o = Options(4, 5, 2, 2);  // 10 tokens: windows of 4, 4 and 2
   for (bool aware : {false, true}) {
     o.expert_aware = aware;
     BatchingReplayResult r = ReplayBatching(traces, o);
@@ -42,25 +47,16 @@ TEST_CASE("every token is generated once, whichever formation") {
 
 TEST_CASE("when every expert fits, each is staged once") {
   auto traces = FixedExpertTraces(8, 12, 4, 8);
-  BatchingReplayOptions o;
-  o.window = 12;
-  o.max_running = 8;
-  o.max_batch = 2;
-  o.budget = {8, 0};
-  BatchingReplayResult r = ReplayBatching(traces, o);
+  BatchingReplayResult r = ReplayBatching(traces, Options(12, 8, 2, 8));
   CHECK(r.staged == 8 * 4);
 }
 
 TEST_CASE("expert-aware formation stages fewer experts than round-robin under locality") {
   // Eight sequences with one expert each, two per step, two slots per layer: round-robin
   // steps (0,1), (2,3), (4,5), (6,7), ... and never finds its experts resident; expert-aware
-  // keeps stepping the resident pair until the age bound makes it take the others.
+  // keeps stepping the resident pair until the delay bound makes it take the others.
   auto traces = FixedExpertTraces(8, 20, 4, 8);
-  BatchingReplayOptions o;
-  o.window = 20;
-  o.max_running = 8;
-  o.max_batch = 2;
-  o.budget = {2, 0};
+  BatchingReplayOptions o = Options(20, 8, 2, 2);
   o.expert_aware = false;
   BatchingReplayResult fifo = ReplayBatching(traces, o);
   o.expert_aware = true;
