@@ -286,7 +286,7 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   GlobalOptions options;
   if (const char* env = std::getenv("MOED_SERVER"); env != nullptr) options.server = env;
   CLI::App app{"moectl: command-line client for the moed daemon"};
@@ -418,4 +418,7 @@ int main(int argc, char** argv) {
   }
   if (detokenize->parsed()) return RunDetokenize(tokenizer_path, ids_text, skip_special);
   return 2;
+} catch (const std::exception& e) {
+  std::cerr << "moectl: " << e.what() << "\n";
+  return 1;
 }

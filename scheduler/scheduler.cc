@@ -116,7 +116,7 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
       return absl::UnavailableError("the daemon is draining and accepts no new requests");
     // A request that the next step can admit does not count as queued.
     if (waiting_.size() + running_count_ >=
-        static_cast<size_t>(options_.max_batch + options_.max_queue)) {
+        static_cast<size_t>(options_.max_batch) + static_cast<size_t>(options_.max_queue)) {
       return absl::ResourceExhaustedError(absl::StrCat("the request queue is full (",
                                                        waiting_.size(), " waiting; --max-queue ",
                                                        options_.max_queue, ")"));

@@ -9,7 +9,7 @@
 #include "cache/expert_cache.h"
 #include "scheduler/scheduler.h"
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string store_dir = "build/bench-models/bench-6g-store";
   double fraction = 0.5;
   int requests = 16, batch = 4, tokens = 24;
@@ -98,4 +98,7 @@ int main(int argc, char** argv) {
                     : "");
   }
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "moed-bench-batching: %s\n", e.what());
+  return 1;
 }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <mutex>
@@ -20,13 +21,13 @@ using Clock = std::chrono::steady_clock;
 double Percentile(std::vector<double> values, double p) {
   if (values.empty()) return 0;
   std::sort(values.begin(), values.end());
-  size_t index = static_cast<size_t>(p / 100.0 * static_cast<double>(values.size() - 1) + 0.5);
+  auto index = static_cast<size_t>(std::lround(p / 100.0 * static_cast<double>(values.size() - 1)));
   return values[std::min(index, values.size() - 1)];
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string server = "127.0.0.1:50051";
   int clients = 8, requests = 4, prompt_tokens = 16;
   uint32_t max_tokens = 32;
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
   std::atomic<uint64_t> tokens{0};
   auto start = Clock::now();
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(std::max(0, clients)));
   for (int c = 0; c < clients; ++c) {
     threads.emplace_back([&, c] {
       auto client = moed::client::Client::Create(server, std::chrono::minutes(10));
@@ -64,7 +66,8 @@ int main(int argc, char** argv) {
         request.set_request_id("load-" + std::to_string(c) + "-" + std::to_string(r));
         request.mutable_sampling()->set_max_tokens(max_tokens);
         request.mutable_sampling()->set_temperature(0.8f);
-        request.mutable_sampling()->set_seed(static_cast<uint64_t>(c * 1000 + r));
+        request.mutable_sampling()->set_seed(static_cast<uint64_t>(c) * 1000 +
+                                             static_cast<uint64_t>(r));
         request.mutable_sampling()->set_ignore_eos(true);
         auto sent = Clock::now();
         auto previous = sent;
@@ -129,4 +132,7 @@ int main(int argc, char** argv) {
             std::max<double>(1, static_cast<double>(expert_uses)));
   }
   return failures.load() == 0 ? 0 : 1;
+} catch (const std::exception& e) {
+  std::cerr << "moed-load: " << e.what() << "\n";
+  return 1;
 }

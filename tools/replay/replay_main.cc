@@ -8,7 +8,7 @@
 #include "cache/replay.h"
 #include "tools/replay/batching_replay.h"
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string path;
   std::vector<int> per_layer = {2, 4, 6};
   std::vector<double> shared_fractions = {0.25, 0.5, 0.75};
@@ -109,4 +109,7 @@ int main(int argc, char** argv) {
     row(label, {0, slots});
   }
   return 0;
+} catch (const std::exception& e) {
+  std::cerr << "moed-replay: " << e.what() << "\n";
+  return 1;
 }
