@@ -56,8 +56,8 @@ struct Run {
   CacheCounters counters;
 };
 
-Run RunWith(const Fixture& f, const CacheOptions& options, ReaderFactory factory = {}) {
-  auto cache = ExpertCache::Create(f.store, options, std::move(factory));
+Run RunWith(const Fixture& f, const CacheOptions& options, const ReaderFactory& factory = {}) {
+  auto cache = ExpertCache::Create(f.store, options, factory);
   INFO(cache.status().ToString());
   REQUIRE(cache.ok());
   ExpertCache* raw = cache->get();

@@ -62,7 +62,7 @@ struct Daemon {
   std::string address;
 };
 
-v1::GenerateRequest Greedy(std::vector<uint32_t> prompt, uint32_t max_tokens) {
+v1::GenerateRequest Greedy(const std::vector<uint32_t>& prompt, uint32_t max_tokens) {
   v1::GenerateRequest request;
   for (uint32_t id : prompt) request.add_prompt_token_ids(id);
   request.mutable_sampling()->set_max_tokens(max_tokens);
@@ -214,6 +214,7 @@ TEST_CASE("the same seed gives the same tokens alone and beside 15 other request
   Collected alone = Run(*c, sampled);
   REQUIRE(alone.status.ok());
   std::vector<std::future<Collected>> crowd;
+  crowd.reserve(15);
   for (int i = 0; i < 15; ++i) {
     crowd.push_back(std::async(std::launch::async, [&, i] {
       auto other = daemon.Connect();
@@ -325,6 +326,7 @@ namespace {
 TEST_CASE("more admitted sequences than a step holds: every one is served, none starves") {
   Daemon daemon({"--max-batch", "1", "--max-running", "4"});
   std::vector<std::future<Collected>> runs;
+  runs.reserve(4);
   for (int i = 0; i < 4; ++i) {
     runs.push_back(std::async(std::launch::async, [&, i] {
       auto c = daemon.Connect();
@@ -387,7 +389,7 @@ TEST_CASE("the last message reports what the expert cache did for the request") 
     REQUIRE(got.status.ok());
     const v1::ExpertStats& s = got.last.expert_stats();
     // At least one expert per layer and step (2 layers, 1 prefill + 5 decode steps).
-    CHECK(s.device_hits() >= 2 * 6);
+    CHECK(s.device_hits() >= uint64_t{12});
     CHECK(s.host_hits() == 0);
     CHECK(s.ssd_reads() == 0);
     CHECK(s.bytes_staged() == 0);
