@@ -13,12 +13,6 @@ bool IsResident(const ResidentSet& resident, size_t layer, int expert) {
          resident[layer][static_cast<size_t>(expert)];
 }
 
-size_t PredictionSize(const StepCandidate& c) {
-  size_t n = 0;
-  for (const auto& layer : c.predicted) n += layer.size();
-  return n;
-}
-
 }  // namespace
 
 int OverdueAfter(size_t running, size_t max_batch, int max_delay_steps) {
@@ -77,27 +71,17 @@ std::vector<size_t> ChooseForStep(const std::vector<StepCandidate>& candidates, 
   for (size_t i : order) {
     if (chosen.size() < take && candidates[i].overdue) choose(i);
   }
-  size_t known = 0, predicted_total = 0;
-  for (const StepCandidate& c : candidates) {
-    if (c.predicted.empty()) continue;
-    ++known;
-    predicted_total += PredictionSize(c);
-  }
-  const double unknown_cost =
-      known == 0 ? 0.0 : 0.5 * static_cast<double>(predicted_total) / static_cast<double>(known);
   while (chosen.size() < take) {
     double best_cost = std::numeric_limits<double>::infinity();
     size_t best = 0;
     for (size_t i : order) {  // oldest first, so ties go to the least recently stepped
       if (taken[i]) continue;
       const StepCandidate& c = candidates[i];
+      // Not started yet: its prompt stages what it stages whenever it runs, so it costs
+      // nothing to run it now, and time to first token stays that of round-robin.
       double cost = 0;
-      if (c.predicted.empty()) {
-        cost = unknown_cost;
-      } else {
-        for (size_t layer = 0; layer < c.predicted.size(); ++layer) {
-          for (int e : c.predicted[layer]) cost += IsResident(covered, layer, e) ? 0 : 1;
-        }
+      for (size_t layer = 0; layer < c.predicted.size(); ++layer) {
+        for (int e : c.predicted[layer]) cost += IsResident(covered, layer, e) ? 0 : 1;
       }
       if (cost < best_cost) {
         best_cost = cost;

@@ -26,8 +26,10 @@ struct StepCandidate {
 // chosen. Overdue ones come first. Without `resident` (round-robin) the rest follow least
 // recently stepped, then first come. With it (expert-aware) the rest are added one at a time,
 // each the candidate whose predicted experts add the fewest not already resident nor brought
-// in by those chosen before it, so the step's expert union stays small; a candidate with no
-// prediction counts as missing half of an average prediction. Ties: least recently stepped.
+// in by those chosen before it, so the step's expert union stays small. A candidate with no
+// prediction (its prompt has not started) costs nothing: its prompt stages what it stages
+// whenever it runs, and running it early keeps time to first token at round-robin's. Ties:
+// least recently stepped, then first come.
 std::vector<size_t> ChooseForStep(const std::vector<StepCandidate>& candidates, size_t max_batch,
                                   const ResidentSet* resident);
 

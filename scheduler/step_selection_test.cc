@@ -47,12 +47,14 @@ TEST_CASE("expert-aware counts the experts earlier choices bring in as covered")
   CHECK(ChooseForStep(c, 3, &none) == std::vector<size_t>{2, 0, 1});
 }
 
-TEST_CASE("a sequence with no prediction costs half an average prediction; ties go oldest") {
+TEST_CASE("a sequence whose prompt has not started goes first; ties go oldest") {
   std::vector<StepCandidate> c = {Make(false, {{2, 3}, {2, 3}}, 1, 0),   // 4 to stage
-                                  Make(false, {}, 4, 1),                 // 0.5 * 4 = 2
+                                  Make(false, {}, 0, 1),                 // not started
                                   Make(false, {{0, 2}, {0, 3}}, 3, 2),   // 2 to stage
                                   Make(false, {{0, 3}, {1, 2}}, 2, 3)};  // 2 to stage
-  CHECK(ChooseForStep(c, 1, &kResident) == std::vector<size_t>{3});
+  CHECK(ChooseForStep(c, 1, &kResident) == std::vector<size_t>{1});
+  // After it, of the two that stage 2, the one stepped longest ago.
+  CHECK(ChooseForStep(c, 2, &kResident) == std::vector<size_t>{1, 3});
 }
 
 TEST_CASE("overdue means later than the round-robin turn by more than the allowed delay") {
