@@ -83,6 +83,12 @@ KvCache::KvCache(const ModelConfig& config, int64_t capacity) : capacity_(capaci
   values_.assign(static_cast<size_t>(config.num_layers), std::vector<float>(per_layer));
 }
 
+uint64_t KvCache::bytes() const {
+  uint64_t floats = 0;
+  for (size_t l = 0; l < keys_.size(); ++l) floats += keys_[l].size() + values_[l].size();
+  return floats * sizeof(float);
+}
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int threads) {
   MOED_ASSIGN_OR_RETURN(ModelConfig c, LoadModelConfig(dir));
   MOED_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> opened, Checkpoint::Open(dir));

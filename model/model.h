@@ -23,6 +23,8 @@ class KvCache {
   KvCache(const ModelConfig& config, int64_t capacity);
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
+  // Memory held for keys and values.
+  uint64_t bytes() const;
 
  private:
   friend class Model;

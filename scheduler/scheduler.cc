@@ -197,13 +197,25 @@ void Scheduler::Loop() {
       stats_.waiting = waiting_.size();
       stats_.running = running.size();
     }
+    // Every admitted sequence, stepped this time or not, gives back its slot and KV cache as
+    // soon as its client goes away or its deadline passes.
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<std::shared_ptr<Sequence>> live;
     for (auto& seq : running) {
-      if (seq->cache == nullptr && !seq->done) {
-        seq->cache = std::make_unique<model::KvCache>(
-            model_->config(), static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
+      if (seq->handle->cancelled()) {
+        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+      } else if (seq->request.deadline.has_value() && now > *seq->request.deadline) {
+        Finish(*seq, FinishReason::kNone,
+               absl::DeadlineExceededError("the request's deadline passed"));
+      } else {
+        if (seq->cache == nullptr) {
+          seq->cache = std::make_unique<model::KvCache>(
+              model_->config(), static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
+        }
+        live.push_back(seq);
       }
     }
-    std::vector<std::shared_ptr<Sequence>> step = SelectForStep(running);
+    std::vector<std::shared_ptr<Sequence>> step = SelectForStep(live);
     Step(step);
     uint64_t completed = 0, cancelled = 0;
     for (const auto& seq : running) {
@@ -213,11 +225,7 @@ void Scheduler::Loop() {
         std::remove_if(running.begin(), running.end(), [](const auto& s) { return s->done; }),
         running.end());
     uint64_t kv_bytes = 0;
-    const model::ModelConfig& c = model_->config();
-    for (const auto& seq : running) {
-      kv_bytes += static_cast<uint64_t>(seq->cache->capacity()) * c.num_layers *
-                  c.num_key_value_heads * c.head_dim * 2 * 4;
-    }
+    for (const auto& seq : running) kv_bytes += seq->cache->bytes();
     std::lock_guard lock(mutex_);
     ++stats_.steps;
     stats_.generated_tokens = generated_tokens_;
@@ -308,16 +316,6 @@ void Scheduler::AttributeExpertUses(const std::vector<model::SequenceInput>& inp
 }
 
 void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
-  const auto now = std::chrono::steady_clock::now();
-  for (auto& seq : running) {
-    if (seq->done) continue;
-    if (seq->handle->cancelled()) {
-      Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
-    } else if (seq->request.deadline.has_value() && now > *seq->request.deadline) {
-      Finish(*seq, FinishReason::kNone,
-             absl::DeadlineExceededError("the request's deadline passed"));
-    }
-  }
   // Decode tokens first (they bound the latency of running requests), then prompt chunks.
   std::vector<model::SequenceInput> inputs;
   std::vector<Sequence*> owners;

@@ -72,14 +72,14 @@ std::vector<size_t> ChooseForStep(const std::vector<StepCandidate>& candidates, 
     if (chosen.size() < take && candidates[i].overdue) choose(i);
   }
   while (chosen.size() < take) {
-    double best_cost = std::numeric_limits<double>::infinity();
+    size_t best_cost = std::numeric_limits<size_t>::max();
     size_t best = 0;
     for (size_t i : order) {  // oldest first, so ties go to the least recently stepped
       if (taken[i]) continue;
       const StepCandidate& c = candidates[i];
       // Not started yet: its prompt stages what it stages whenever it runs, so it costs
       // nothing to run it now, and time to first token stays that of round-robin.
-      double cost = 0;
+      size_t cost = 0;
       for (size_t layer = 0; layer < c.predicted.size(); ++layer) {
         for (int e : c.predicted[layer]) cost += IsResident(covered, layer, e) ? 0 : 1;
       }
