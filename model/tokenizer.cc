@@ -485,6 +485,19 @@ std::string StringField(const json& node, const char* key, const std::string& fa
   return it != node.end() && it->is_string() ? it->get<std::string>() : fallback;
 }
 
+// An optional count (absent: 0). A value that is not an integer in [0, 2^20] is an error: a
+// float like 2e61 would not fit the int it is read into.
+absl::StatusOr<int> CountField(const json& node, const char* key, absl::string_view source,
+                               absl::string_view what) {
+  auto it = node.find(key);
+  if (it == node.end()) return 0;
+  if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (1 << 20)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": ", what, " '", key, "' must be an integer from 0 to 1048576"));
+  }
+  return static_cast<int>(it->get<int64_t>());
+}
+
 bool BoolField(const json& node, const char* key, bool fallback) {
   auto it = node.find(key);
   return it != node.end() && it->is_boolean() ? it->get<bool>() : fallback;
@@ -586,8 +599,8 @@ absl::Status ParseDecoder(const json& node, absl::string_view source, Tokenizer:
   } else if (type == "Strip") {
     step.kind = DecoderStep::kStrip;
     step.a = StringField(node, "content", " ");
-    step.start = node.value("start", 0);
-    step.stop = node.value("stop", 0);
+    MOED_ASSIGN_OR_RETURN(step.start, CountField(node, "start", source, "Strip decoder"));
+    MOED_ASSIGN_OR_RETURN(step.stop, CountField(node, "stop", source, "Strip decoder"));
   } else if (type == "Metaspace") {
     step.kind = DecoderStep::kMetaspace;
     step.a = StringField(node, "replacement", "\u2581");
@@ -634,7 +647,7 @@ absl::Status ParsePostProcessor(const json& node, absl::string_view source, Toke
           absl::StrCat(source, ": TemplateProcessing names unknown special token ", name));
     }
     for (const json& id : (*entry)["ids"]) {
-      if (!id.is_number_integer())
+      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (1 << 24))
         return absl::InvalidArgumentError(absl::StrCat(source, ": bad special token id"));
       (seen_sequence ? impl->template_suffix : impl->template_prefix).push_back(id.get<int32_t>());
     }

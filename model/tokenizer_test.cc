@@ -180,6 +180,10 @@ TEST_CASE("components that are not implemented are refused by name") {
   CHECK(error(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a"]}})") ==
         "t.json: merge 'a' is not two tokens");
   CHECK(error("[1]") == "t.json: not a JSON object");
+  CHECK(error("{" + model + R"(, "decoder": {"type": "Strip", "start": 2e61}})") ==
+        "t.json: Strip decoder 'start' must be an integer from 0 to 1048576");
+  CHECK(error("{" + model + R"(, "decoder": {"type": "Strip", "stop": -1}})") ==
+        "t.json: Strip decoder 'stop' must be an integer from 0 to 1048576");
   auto ok = Tokenizer::FromJson("{" + model + "}", "t.json");
   REQUIRE(ok.ok());
   CHECK(*(*ok)->Encode("ab") == std::vector<int32_t>{2});
