@@ -1,5 +1,6 @@
 // moectl: the command-line client. Commands that talk to a daemon print human text, or one
 // JSON object per line with --json.
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -14,6 +15,7 @@
 #include "cache/store_reader.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"
+#include "model/chat_template.h"
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -286,6 +288,77 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
 
 }  // namespace
 
+// Renders one case of the chat-template test-vector format (messages, tools,
+// add_generation_prompt, bos_token, eos_token, template_kwargs) and prints exactly the
+// rendered text: nothing added, no newline.
+int RunChatTemplate(const std::string& template_file, const std::string& model_dir,
+                    const std::string& case_file, const std::string& now_text) {
+  std::ifstream in(case_file, std::ios::binary);
+  if (!in) {
+    std::cerr << "moectl chat-template: " << case_file << ": cannot open\n";
+    return 2;
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  nlohmann::ordered_json test_case = nlohmann::ordered_json::parse(text.str(), nullptr, false);
+  if (test_case.is_discarded() || !test_case.is_object()) {
+    std::cerr << "moectl chat-template: " << case_file << ": not a JSON object\n";
+    return 2;
+  }
+  absl::StatusOr<std::tm> now = moed::model::ParseTemplateClock(now_text);
+  if (!now.ok()) {
+    std::cerr << "moectl chat-template: --now: " << now.status().message() << "\n";
+    return 2;
+  }
+  std::optional<moed::model::ChatTemplate> chat_template;
+  if (!template_file.empty()) {
+    absl::StatusOr<std::optional<moed::model::ChatTemplate>> loaded =
+        moed::model::ChatTemplate::LoadForModel("", template_file);
+    if (!loaded.ok()) {
+      std::cerr << loaded.status().message() << "\n";
+      return 1;
+    }
+    chat_template = *std::move(loaded);
+    chat_template->set_special_tokens(std::nullopt, std::nullopt);
+  } else {
+    absl::StatusOr<std::optional<moed::model::ChatTemplate>> loaded =
+        moed::model::ChatTemplate::LoadForModel(model_dir, "");
+    if (!loaded.ok()) {
+      std::cerr << loaded.status().message() << "\n";
+      return 1;
+    }
+    if (!loaded->has_value()) {
+      std::cerr << "moectl chat-template: " << model_dir << " has no chat template\n";
+      return 1;
+    }
+    chat_template = *std::move(loaded);
+  }
+  // The case's tokens replace the model's; a null one is not passed at all.
+  std::optional<std::string> bos = chat_template->bos_token(), eos = chat_template->eos_token();
+  for (auto [key, token] : {std::pair{"bos_token", &bos}, std::pair{"eos_token", &eos}}) {
+    auto it = test_case.find(key);
+    if (it == test_case.end()) continue;
+    if (it->is_string()) {
+      *token = it->get<std::string>();
+    } else if (it->is_null()) {
+      *token = std::nullopt;
+    }
+  }
+  chat_template->set_special_tokens(bos, eos);
+  moed::model::ChatTemplateInput input;
+  input.messages = test_case.value("messages", nlohmann::ordered_json::array());
+  input.tools = test_case.value("tools", nlohmann::ordered_json());
+  input.add_generation_prompt = test_case.value("add_generation_prompt", false);
+  input.kwargs = test_case.value("template_kwargs", nlohmann::ordered_json::object());
+  absl::StatusOr<std::string> rendered = chat_template->Render(input, *now);
+  if (!rendered.ok()) {
+    std::cerr << rendered.status().message() << "\n";
+    return 1;
+  }
+  std::cout << *rendered << std::flush;
+  return 0;
+}
+
 int main(int argc, char** argv) try {
   GlobalOptions options;
   if (const char* env = std::getenv("MOED_SERVER"); env != nullptr) options.server = env;
@@ -375,6 +448,25 @@ int main(int argc, char** argv) try {
   detokenize->add_option("--ids", ids_text, "comma-separated token ids")->required();
   detokenize->add_flag("--skip-special-tokens", skip_special, "leave special tokens out");
 
+  std::string template_file, template_model, case_file;
+  std::string now_text = moed::model::kTemplateTestClock;
+  CLI::App* chat_template = app.add_subcommand(
+      "chat-template",
+      "render one chat-template case (messages, tools, ...) exactly as Hugging Face does");
+  auto* template_option =
+      chat_template->add_option("--template", template_file, "a Jinja chat template file");
+  auto* template_model_option = chat_template->add_option(
+      "--model", template_model, "a model or store directory: its own template and special tokens");
+  template_option->excludes(template_model_option);
+  chat_template
+      ->add_option("--case", case_file,
+                   "a JSON object: messages, tools, add_generation_prompt, bos_token, eos_token, "
+                   "template_kwargs")
+      ->required();
+  chat_template
+      ->add_option("--now", now_text, "the clock strftime_now() reads, \"YYYY-MM-DD HH:MM:SS\"")
+      ->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -417,6 +509,13 @@ int main(int argc, char** argv) try {
                        add_special);
   }
   if (detokenize->parsed()) return RunDetokenize(tokenizer_path, ids_text, skip_special);
+  if (chat_template->parsed()) {
+    if (template_file.empty() == template_model.empty()) {
+      std::cerr << "moectl chat-template: give exactly one of --template FILE and --model DIR\n";
+      return 2;
+    }
+    return RunChatTemplate(template_file, template_model, case_file, now_text);
+  }
   return 2;
 } catch (const std::exception& e) {
   std::cerr << "moectl: " << e.what() << "\n";
