@@ -20,6 +20,8 @@ namespace moed::tools {
 
 extern const unsigned char kCorpusBytes[];
 extern const size_t kCorpusSize;
+extern const unsigned char kChatTemplateBytes[];
+extern const size_t kChatTemplateSize;
 
 namespace {
 
@@ -120,6 +122,10 @@ absl::Status WriteText(const std::filesystem::path& path, const std::string& tex
 }
 
 }  // namespace
+
+absl::string_view DemoChatTemplate() {
+  return absl::string_view(reinterpret_cast<const char*>(kChatTemplateBytes), kChatTemplateSize);
+}
 
 absl::string_view TokenizerCorpus() {
   return absl::string_view(reinterpret_cast<const char*>(kCorpusBytes), kCorpusSize);
@@ -370,11 +376,7 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir) 
       {"unk_token", nullptr},
       {"model_max_length", spec.max_position_embeddings},
       {"tokenizer_class", "PreTrainedTokenizerFast"},
-      {"chat_template",
-       "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-       "message['content'] "
-       "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ "
-       "'<|im_start|>assistant\n' }}{% endif %}"},
+      {"chat_template", std::string(DemoChatTemplate())},
   };
   nlohmann::ordered_json generation_config = {
       {"bos_token_id", eos}, {"eos_token_id", eos}, {"transformers_version", "4.51.3"}};

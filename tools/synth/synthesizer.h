@@ -54,4 +54,7 @@ absl::Status WriteCheckpoint(const SynthSpec& spec, const std::string& out_dir);
 // The training text the tokenizer is learned from (tools/synth/corpus.txt, built in).
 absl::string_view TokenizerCorpus();
 
+// The chat template written into every synthesized model's tokenizer_config.json.
+absl::string_view DemoChatTemplate();
+
 }  // namespace moed::tools

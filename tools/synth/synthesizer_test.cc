@@ -7,6 +7,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 namespace moed::tools {
@@ -155,6 +157,57 @@ TEST_CASE("impossible specs are refused") {
   spec.shared_expert_intermediate_size = 64;  // Mixtral has no shared expert
   CHECK_FALSE(ValidateSpec(spec).ok());
   CHECK_FALSE(PresetSpec("huge", model::Architecture::kMixtral).ok());
+}
+
+TEST_CASE("the demo chat template renders ChatML with Hermes tool calls") {
+  fs::path root = TempDir() / "chat";
+  SynthSpec spec = *PresetSpec("tiny", model::Architecture::kMixtral);
+  REQUIRE(WriteCheckpoint(spec, root.string()).ok());
+  auto loaded = model::ChatTemplate::LoadForModel(root.string(), "");
+  REQUIRE(loaded.ok());
+  REQUIRE(loaded->has_value());
+  const model::ChatTemplate& chat = **loaded;
+  CHECK(chat.Resolve(model::ToolCallFormat::kAuto) == model::ToolCallFormat::kHermes);
+  CHECK(chat.Resolve(model::ReasoningFormat::kAuto) == model::ReasoningFormat::kNone);
+
+  model::ChatTemplateInput input;
+  input.messages = nlohmann::ordered_json::parse(R"([
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+    {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+      "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}])");
+  input.tools = nlohmann::ordered_json::parse(R"([{"type": "function", "function":
+    {"name": "get_weather", "parameters": {"type": "object"}}}])");
+  absl::StatusOr<std::string> prompt = chat.Render(input, std::tm{});
+  INFO(prompt.status().ToString());
+  REQUIRE(prompt.ok());
+  CHECK(*prompt ==
+        "<|im_start|>system\nBe brief.\n\nYou can call these functions. Their signatures are "
+        "listed in <tools></tools>:\n<tools>\n{\"name\": \"get_weather\", \"parameters\": "
+        "{\"type\": \"object\"}}\n</tools>\n\nTo call one, reply with a JSON object inside "
+        "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n"
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+        "{\"city\": \"Oslo\"}}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n-3 C\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n");
+
+  input.tools = nullptr;
+  input.messages = nlohmann::ordered_json::parse(R"([{"role": "user", "content": "hi"}])");
+  prompt = chat.Render(input, std::tm{});
+  REQUIRE(prompt.ok());
+  CHECK(*prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+  auto tokenizer = model::Tokenizer::FromFile((root / "tokenizer.json").string());
+  REQUIRE(tokenizer.ok());
+  auto ids = (*tokenizer)->Encode(*prompt);
+  REQUIRE(ids.ok());
+  CHECK((*tokenizer)->IsSpecial(ids->front()));  // <|im_start|> is one special token
+
+  input.messages = nlohmann::ordered_json::parse(R"([{"role": "robot", "content": "x"}])");
+  CHECK(chat.Render(input, std::tm{}).status().message() == "Unexpected message role: robot");
+  fs::remove_all(root);
 }
 
 }  // namespace
