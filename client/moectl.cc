@@ -8,6 +8,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "cache/expert_cache.h"
@@ -93,6 +94,13 @@ int RunInfo(const GlobalOptions& options) {
             << " in all\n"
             << "context:      " << info->max_context_tokens() << " tokens\n"
             << "tokenizer:    " << (info->has_tokenizer() ? "yes" : "no (token ids only)") << "\n"
+            << "chat:         "
+            << (info->chat_template().empty()
+                    ? std::string("no chat template")
+                    : absl::StrCat(info->chat_template(),
+                                   " (tool calls: ", info->tool_call_parser(),
+                                   ", reasoning: ", info->reasoning_parser(), ")"))
+            << "\n"
             << "backend:      " << info->backend() << "\n";
   PrintDevice(info->device());
   if (!info->backend_note().empty()) std::cout << "  (" << info->backend_note() << ")\n";

@@ -236,6 +236,24 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .field = F(&DaemonConfig::served_model_name),
                  .metavar = "NAME",
                  .help = "Model name reported to clients (default: the model directory's name)"});
+    o.push_back({.name = "chat-template",
+                 .field = F(&DaemonConfig::chat_template),
+                 .metavar = "FILE",
+                 .help = "Jinja chat template to render chat requests with, instead of the "
+                         "model's chat_template.jinja or tokenizer_config.json template"});
+    o.push_back({.name = "tool-call-parser",
+                 .field = F(&DaemonConfig::tool_call_parser),
+                 .metavar = "KIND",
+                 .help = "how tool calls are read from the model's output: hermes "
+                         "(<tool_call>{...}</tool_call>), mistral ([TOOL_CALLS]); auto follows "
+                         "the chat template",
+                 .choices = {"auto", "none", "hermes", "mistral"}});
+    o.push_back({.name = "reasoning-parser",
+                 .field = F(&DaemonConfig::reasoning_parser),
+                 .metavar = "KIND",
+                 .help = "how reasoning is split from the answer: think (<think>...</think>); "
+                         "auto follows the chat template",
+                 .choices = {"auto", "none", "think"}});
     o.push_back({.name = "backend",
                  .field = F(&DaemonConfig::backend),
                  .metavar = "KIND",

@@ -28,6 +28,9 @@ struct DaemonConfig {
   std::string listen = "127.0.0.1:50051";
   std::string config;
   std::string served_model_name;
+  std::string chat_template;
+  std::string tool_call_parser = "auto";
+  std::string reasoning_parser = "auto";
   std::string backend = "auto";
   int64_t cuda_device = 0;
   int64_t threads = 0;

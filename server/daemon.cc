@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cache/routing_trace.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
@@ -403,6 +404,30 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   } else {
     log.info("no tokenizer.json in {}: serving token ids only", dir);
   }
+  MOED_ASSIGN_OR_RETURN(std::optional<model::ChatTemplate> chat_template,
+                        model::ChatTemplate::LoadForModel(dir, config.chat_template));
+  MOED_ASSIGN_OR_RETURN(model::ToolCallFormat tool_calls,
+                        model::ParseToolCallFormat(config.tool_call_parser));
+  MOED_ASSIGN_OR_RETURN(model::ReasoningFormat reasoning,
+                        model::ParseReasoningFormat(config.reasoning_parser));
+  if (chat_template) {
+    daemon->tool_call_format_ = chat_template->Resolve(tool_calls);
+    daemon->reasoning_format_ = chat_template->Resolve(reasoning);
+    log.info("chat template from {} ({}); tool calls: {}, reasoning: {}", chat_template->origin(),
+             absl::StrJoin(chat_template->names(), ", "),
+             model::ToolCallFormatName(daemon->tool_call_format_),
+             model::ReasoningFormatName(daemon->reasoning_format_));
+    info.set_chat_template(chat_template->origin());
+    daemon->chat_template_ = std::make_shared<const model::ChatTemplate>(*std::move(chat_template));
+  } else {
+    daemon->tool_call_format_ =
+        tool_calls == model::ToolCallFormat::kAuto ? model::ToolCallFormat::kNone : tool_calls;
+    daemon->reasoning_format_ =
+        reasoning == model::ReasoningFormat::kAuto ? model::ReasoningFormat::kNone : reasoning;
+    log.info("{} has no chat template (chat_template.jinja or tokenizer_config.json)", dir);
+  }
+  info.set_tool_call_parser(std::string(model::ToolCallFormatName(daemon->tool_call_format_)));
+  info.set_reasoning_parser(std::string(model::ReasoningFormatName(daemon->reasoning_format_)));
   scheduler::SchedulerOptions scheduler_options;
   scheduler_options.max_batch = static_cast<int>(config.max_batch);
   scheduler_options.max_queue = static_cast<int>(config.max_queue);

@@ -10,6 +10,7 @@
 #include "cache/expert_cache.h"
 #include "grpcpp/server.h"
 #include "kernels/backend.h"
+#include "model/chat_template.h"
 #include "model/model_config.h"
 #include "model/tokenizer.h"
 #include "moed/v1/moed.grpc.pb.h"
@@ -45,6 +46,11 @@ class Daemon {
   std::shared_ptr<cache::Store> store_;
   std::shared_ptr<cache::ExpertCache> cache_;
   std::shared_ptr<scheduler::Scheduler> scheduler_;
+  // The model's chat template (null when it has none) and how its output is parsed; the chat
+  // interfaces render and parse with these.
+  std::shared_ptr<const model::ChatTemplate> chat_template_;
+  model::ToolCallFormat tool_call_format_ = model::ToolCallFormat::kNone;
+  model::ReasoningFormat reasoning_format_ = model::ReasoningFormat::kNone;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;
   std::unique_ptr<grpc::Server> server_;

@@ -110,6 +110,8 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
   std::ofstream(bad_config) << R"({"listen": 50051})";
   fs::path empty_dir = TestModel().parent_path() / "empty";
   fs::create_directories(empty_dir);
+  fs::path bad_template = TestModel().parent_path() / "bad.jinja";
+  std::ofstream(bad_template) << "{% for m in messages %}\n{{ m.content }}";
   const std::vector<Case> cases = {
       {{"--bogus"}, 2, "moed: error: unknown flag --bogus (see --help)"},
       {{"--model"}, 2, "moed: error: --model needs a value (DIR)"},
@@ -125,6 +127,13 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
       {{"--model", empty_dir.string()},
        1,
        "moed: error: " + empty_dir.string() + "/config.json: cannot open"},
+      {{"--model", TestModel().string(), "--chat-template", bad_template.string()},
+       1,
+       "moed: error: " + bad_template.string() +
+           ": chat template: template line 2: unexpected end of template, expected 'else' or 'endfor'"},
+      {{"--model", TestModel().string(), "--tool-call-parser", "xml"},
+       2,
+       "moed: error: --tool-call-parser: 'xml' is not one of auto, none, hermes, mistral"},
   };
   for (const Case& c : cases) {
     std::vector<std::string> argv = {MOED_BINARY};
@@ -138,6 +147,41 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
     CHECK(err.substr(err.rfind('\n') == std::string::npos ? 0 : err.rfind('\n') + 1) == c.message);
     CHECK(result.out.empty());
   }
+}
+
+TEST_CASE("ModelInfo names the chat template and how output is parsed") {
+  {
+    RunningDaemon daemon;
+    auto info = client::Client::Create(daemon.address, std::chrono::seconds(10))->ModelInfo();
+    REQUIRE(info.ok());
+    CHECK(info->chat_template() == (TestModel() / "tokenizer_config.json").string());
+    CHECK(info->tool_call_parser() == "hermes");  // the synthesized template uses <tool_call>
+    CHECK(info->reasoning_parser() == "none");
+  }
+  fs::path own = TestModel().parent_path() / "own.jinja";
+  std::ofstream(own) << "[INST] {{ messages[-1].content }} [/INST]";
+  RunningDaemon daemon({"--chat-template", own.string(), "--reasoning-parser", "think"});
+  auto info = client::Client::Create(daemon.address, std::chrono::seconds(10))->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->chat_template() == own.string());
+  CHECK(info->tool_call_parser() == "none");
+  CHECK(info->reasoning_parser() == "think");
+}
+
+TEST_CASE("moectl chat-template renders a model's own template with its special tokens") {
+  fs::path case_file = TestModel().parent_path() / "case.json";
+  std::ofstream(case_file)
+      << R"({"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": true})";
+  CommandResult result = RunCommand({MOECTL_BINARY, "chat-template", "--model",
+                                     TestModel().string(), "--case", case_file.string()});
+  CHECK(result.exit_code == 0);
+  CHECK(result.out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+  std::ofstream(case_file) << R"({"messages": [{"role": "robot", "content": "hi"}]})";
+  result = RunCommand({MOECTL_BINARY, "chat-template", "--model", TestModel().string(), "--case",
+                       case_file.string()});
+  CHECK(result.exit_code == 1);
+  CHECK(result.out.empty());
+  CHECK(result.err == "Unexpected message role: robot\n");
 }
 
 TEST_CASE("a taken port is reported and the daemon exits 1") {
