@@ -18,21 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "utf8proc.h"
-
-// Early returns inside this file (the shared ones in util/ would do, but the parser's
-// ASSIGN must accept an lvalue that is not a declaration).
-#define MOED_JINJA_TRY(expr)                           \
-  do {                                                 \
-    if (absl::Status _s = (expr); !_s.ok()) return _s; \
-  } while (0)
-#define MOED_JINJA_CONCAT_INNER(a, b) a##b
-#define MOED_JINJA_CONCAT(a, b) MOED_JINJA_CONCAT_INNER(a, b)
-#define MOED_JINJA_ASSIGN(lhs, expr) \
-  MOED_JINJA_ASSIGN_IMPL(MOED_JINJA_CONCAT(_moed_jinja_, __LINE__), lhs, expr)
-#define MOED_JINJA_ASSIGN_IMPL(tmp, lhs, expr) \
-  auto tmp = (expr);                           \
-  if (!tmp.ok()) return tmp.status();          \
-  lhs = std::move(*tmp)
+#include "util/status_macros.h"
 
 namespace moed::model {
 
@@ -204,14 +190,14 @@ std::string PyFloatRepr(double d) {
   std::string out = sign;
   if (exponent >= -4 && exponent < 16) {
     if (exponent >= 0) {
-      if (n <= exponent + 1) {
-        out += digits + std::string(static_cast<size_t>(exponent + 1 - n), '0') + ".0";
+      const size_t whole = static_cast<size_t>(exponent) + 1;  // digits before the point
+      if (digits.size() <= whole) {
+        out += digits + std::string(whole - digits.size(), '0') + ".0";
       } else {
-        out += digits.substr(0, static_cast<size_t>(exponent + 1)) + "." +
-               digits.substr(static_cast<size_t>(exponent + 1));
+        out += digits.substr(0, whole) + "." + digits.substr(whole);
       }
     } else {
-      out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+      out += "0." + std::string(static_cast<size_t>(-exponent) - 1, '0') + digits;
     }
     return out;
   }
@@ -1034,7 +1020,7 @@ class Parser {
 
   absl::Status Run(Body& out) {
     std::string end_tag;
-    MOED_JINJA_TRY(ParseBody(out, {}, &end_tag));
+    MOED_RETURN_IF_ERROR(ParseBody(out, {}, &end_tag));
     if (!end_tag.empty())
       return SyntaxError(Peek().line, absl::StrCat("unexpected '", end_tag, "'"));
     return absl::OkStatus();
@@ -1119,8 +1105,8 @@ class Parser {
         auto node = std::make_unique<Node>();
         node->type = Node::Type::kOutput;
         node->line = t.line;
-        MOED_JINJA_ASSIGN(node->expr, ParseExpression());
-        MOED_JINJA_TRY(Expect(Tok::kVarEnd, "end of print statement"));
+        MOED_ASSIGN_OR_RETURN(node->expr, ParseExpression());
+        MOED_RETURN_IF_ERROR(Expect(Tok::kVarEnd, "end of print statement"));
         out.push_back(std::move(node));
         continue;
       }
@@ -1136,7 +1122,7 @@ class Parser {
         return absl::OkStatus();
       }
       Next();
-      MOED_JINJA_TRY(ParseStatement(out));
+      MOED_RETURN_IF_ERROR(ParseStatement(out));
     }
   }
 
@@ -1151,46 +1137,46 @@ class Parser {
     if (k == "if") {
       node->type = Node::Type::kIf;
       while (true) {
-        MOED_JINJA_ASSIGN(ExprPtr cond, ParseExpression());
-        MOED_JINJA_TRY(EndBlock());
+        MOED_ASSIGN_OR_RETURN(ExprPtr cond, ParseExpression());
+        MOED_RETURN_IF_ERROR(EndBlock());
         Body body;
-        MOED_JINJA_TRY(ParseBody(body, {"elif", "else", "endif"}, &end_tag));
+        MOED_RETURN_IF_ERROR(ParseBody(body, {"elif", "else", "endif"}, &end_tag));
         node->branches.emplace_back(std::move(cond), std::move(body));
         if (end_tag == "elif") continue;
         if (end_tag == "else") {
-          MOED_JINJA_TRY(EndBlock());
-          MOED_JINJA_TRY(ParseBody(node->else_body, {"endif"}, &end_tag));
+          MOED_RETURN_IF_ERROR(EndBlock());
+          MOED_RETURN_IF_ERROR(ParseBody(node->else_body, {"endif"}, &end_tag));
         }
         break;
       }
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
     } else if (k == "for") {
       node->type = Node::Type::kFor;
       do {
-        MOED_JINJA_ASSIGN(std::string target, ExpectName());
+        MOED_ASSIGN_OR_RETURN(std::string target, ExpectName());
         node->targets.push_back(std::move(target));
       } while (IsOp(",") && (Next(), true));
       if (!IsName("in")) return Unexpected("'in'");
       Next();
-      MOED_JINJA_ASSIGN(node->expr, ParseCondExpr(/*allow_if=*/false));
+      MOED_ASSIGN_OR_RETURN(node->expr, ParseCondExpr(/*allow_if=*/false));
       if (IsName("if")) {
         Next();
-        MOED_JINJA_ASSIGN(node->filter, ParseExpression());
+        MOED_ASSIGN_OR_RETURN(node->filter, ParseExpression());
       }
       if (IsName("recursive"))
         return SyntaxError(keyword.line, "recursive loops are not supported");
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
       ++loop_depth_;
       absl::Status body = ParseBody(node->body, {"else", "endfor"}, &end_tag);
       --loop_depth_;
-      MOED_JINJA_TRY(body);
+      MOED_RETURN_IF_ERROR(body);
       if (end_tag == "else") {
-        MOED_JINJA_TRY(EndBlock());
-        MOED_JINJA_TRY(ParseBody(node->else_body, {"endfor"}, &end_tag));
+        MOED_RETURN_IF_ERROR(EndBlock());
+        MOED_RETURN_IF_ERROR(ParseBody(node->else_body, {"endfor"}, &end_tag));
       }
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
     } else if (k == "set") {
-      MOED_JINJA_ASSIGN(std::string name, ExpectName());
+      MOED_ASSIGN_OR_RETURN(std::string name, ExpectName());
       if (IsOp(".")) {
         Next();
         node->type = Node::Type::kSet;
@@ -1199,69 +1185,70 @@ class Parser {
         object->line = keyword.line;
         object->name = name;
         node->expr = std::move(object);
-        MOED_JINJA_ASSIGN(node->attr, ExpectName());
-        MOED_JINJA_TRY(ExpectOp("="));
-        MOED_JINJA_ASSIGN(ExprPtr value, ParseTupleOrExpression());
+        MOED_ASSIGN_OR_RETURN(node->attr, ExpectName());
+        MOED_RETURN_IF_ERROR(ExpectOp("="));
+        MOED_ASSIGN_OR_RETURN(ExprPtr value, ParseTupleOrExpression());
         node->params.emplace_back("", std::move(value));
-        MOED_JINJA_TRY(EndBlock());
+        MOED_RETURN_IF_ERROR(EndBlock());
       } else if (IsOp("=") || IsOp(",")) {
         node->type = Node::Type::kSet;
         node->targets.push_back(name);
         while (IsOp(",")) {
           Next();
-          MOED_JINJA_ASSIGN(std::string more, ExpectName());
+          MOED_ASSIGN_OR_RETURN(std::string more, ExpectName());
           node->targets.push_back(std::move(more));
         }
-        MOED_JINJA_TRY(ExpectOp("="));
-        MOED_JINJA_ASSIGN(node->expr, ParseTupleOrExpression());
-        MOED_JINJA_TRY(EndBlock());
+        MOED_RETURN_IF_ERROR(ExpectOp("="));
+        MOED_ASSIGN_OR_RETURN(node->expr, ParseTupleOrExpression());
+        MOED_RETURN_IF_ERROR(EndBlock());
       } else {
         node->type = Node::Type::kSetBlock;
         node->text = name;
         if (IsOp("|")) return SyntaxError(keyword.line, "filtered set blocks are not supported");
-        MOED_JINJA_TRY(EndBlock());
-        MOED_JINJA_TRY(ParseBody(node->body, {"endset"}, &end_tag));
-        MOED_JINJA_TRY(EndBlock());
+        MOED_RETURN_IF_ERROR(EndBlock());
+        MOED_RETURN_IF_ERROR(ParseBody(node->body, {"endset"}, &end_tag));
+        MOED_RETURN_IF_ERROR(EndBlock());
       }
     } else if (k == "macro") {
       node->type = Node::Type::kMacro;
-      MOED_JINJA_ASSIGN(node->text, ExpectName());
-      MOED_JINJA_TRY(ExpectOp("("));
+      MOED_ASSIGN_OR_RETURN(node->text, ExpectName());
+      MOED_RETURN_IF_ERROR(ExpectOp("("));
       while (!IsOp(")")) {
-        MOED_JINJA_ASSIGN(std::string param, ExpectName());
+        MOED_ASSIGN_OR_RETURN(std::string param, ExpectName());
         ExprPtr default_value;
         if (IsOp("=")) {
           Next();
-          MOED_JINJA_ASSIGN(default_value, ParseExpression());
+          MOED_ASSIGN_OR_RETURN(default_value, ParseExpression());
         }
         node->params.emplace_back(std::move(param), std::move(default_value));
         if (!IsOp(",")) break;
         Next();
       }
-      MOED_JINJA_TRY(ExpectOp(")"));
-      MOED_JINJA_TRY(EndBlock());
-      MOED_JINJA_TRY(ParseBody(node->body, {"endmacro"}, &end_tag));
+      MOED_RETURN_IF_ERROR(ExpectOp(")"));
+      MOED_RETURN_IF_ERROR(EndBlock());
+      MOED_RETURN_IF_ERROR(ParseBody(node->body, {"endmacro"}, &end_tag));
       if (Peek().type == Tok::kName) Next();  // {% endmacro name %}
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
     } else if (k == "break" || k == "continue") {
       if (loop_depth_ == 0)
         return SyntaxError(keyword.line, absl::StrCat("'", k, "' outside of a loop"));
       node->type = k == "break" ? Node::Type::kBreak : Node::Type::kContinue;
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
     } else if (k == "generation" || k == "with") {
       // HF's {% generation %} marks assistant tokens for training masks: it renders its body.
       node->type = Node::Type::kScope;
       while (k == "with" && Peek().type == Tok::kName) {
-        MOED_JINJA_ASSIGN(std::string name, ExpectName());
-        MOED_JINJA_TRY(ExpectOp("="));
-        MOED_JINJA_ASSIGN(ExprPtr value, ParseExpression());
+        MOED_ASSIGN_OR_RETURN(std::string name, ExpectName());
+        MOED_RETURN_IF_ERROR(ExpectOp("="));
+        MOED_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
         node->params.emplace_back(std::move(name), std::move(value));
         if (!IsOp(",")) break;
         Next();
       }
-      MOED_JINJA_TRY(EndBlock());
-      MOED_JINJA_TRY(ParseBody(node->body, {k == "with" ? "endwith" : "endgeneration"}, &end_tag));
-      MOED_JINJA_TRY(EndBlock());
+      MOED_RETURN_IF_ERROR(EndBlock());
+      MOED_RETURN_IF_ERROR(
+          ParseBody(node->body, {k == "with" ? "endwith" : "endgeneration"}, &end_tag));
+      MOED_RETURN_IF_ERROR(EndBlock());
     } else {
       return SyntaxError(keyword.line, absl::StrCat("unknown or unsupported tag '", k, "'"));
     }
@@ -1278,14 +1265,14 @@ class Parser {
 
   // `a, b` without brackets on the right of a set makes a tuple (a list here).
   absl::StatusOr<ExprPtr> ParseTupleOrExpression() {
-    MOED_JINJA_ASSIGN(ExprPtr first, ParseExpression());
+    MOED_ASSIGN_OR_RETURN(ExprPtr first, ParseExpression());
     if (!IsOp(",")) return first;
     auto list = Make(Expr::Type::kList, first->line);
     list->args.push_back(std::move(first));
     while (IsOp(",")) {
       Next();
       if (Peek().type == Tok::kBlockEnd) break;
-      MOED_JINJA_ASSIGN(ExprPtr item, ParseExpression());
+      MOED_ASSIGN_OR_RETURN(ExprPtr item, ParseExpression());
       list->args.push_back(std::move(item));
     }
     return list;
@@ -1299,15 +1286,15 @@ class Parser {
       int& n;
       ~Guard() { --n; }
     } guard{nesting_};
-    MOED_JINJA_ASSIGN(ExprPtr expr, ParseOr());
+    MOED_ASSIGN_OR_RETURN(ExprPtr expr, ParseOr());
     while (allow_if && IsName("if")) {
       int line = Next().line;
       auto cond = Make(Expr::Type::kCond, line);
-      MOED_JINJA_ASSIGN(ExprPtr test, ParseOr());
+      MOED_ASSIGN_OR_RETURN(ExprPtr test, ParseOr());
       ExprPtr otherwise;
       if (IsName("else")) {
         Next();
-        MOED_JINJA_ASSIGN(otherwise, ParseCondExpr(true));
+        MOED_ASSIGN_OR_RETURN(otherwise, ParseCondExpr(true));
       }
       cond->args.push_back(std::move(test));
       cond->args.push_back(std::move(expr));
@@ -1318,10 +1305,10 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseOr() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseAnd());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseAnd());
     while (IsName("or")) {
       auto node = Make(Expr::Type::kOr, Next().line);
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseAnd());
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseAnd());
       node->args.push_back(std::move(left));
       node->args.push_back(std::move(right));
       left = std::move(node);
@@ -1330,10 +1317,10 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseAnd() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseNot());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseNot());
     while (IsName("and")) {
       auto node = Make(Expr::Type::kAnd, Next().line);
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseNot());
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseNot());
       node->args.push_back(std::move(left));
       node->args.push_back(std::move(right));
       left = std::move(node);
@@ -1355,7 +1342,7 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseCompare() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseMath1());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseMath1());
     ExprPtr chain;
     while (true) {
       std::string op;
@@ -1378,7 +1365,7 @@ class Parser {
         chain = Make(Expr::Type::kCompare, t.line);
         chain->args.push_back(std::move(left));
       }
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseMath1());
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseMath1());
       chain->ops.push_back(std::move(op));
       chain->args.push_back(std::move(right));
     }
@@ -1394,41 +1381,41 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseMath1() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseConcat());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseConcat());
     while (IsOp("+") || IsOp("-")) {
       const Token& op = Next();
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseConcat());
-      MOED_JINJA_ASSIGN(left, Binary(op.text, std::move(left), std::move(right), op.line));
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseConcat());
+      MOED_ASSIGN_OR_RETURN(left, Binary(op.text, std::move(left), std::move(right), op.line));
     }
     return left;
   }
 
   absl::StatusOr<ExprPtr> ParseConcat() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseMath2());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseMath2());
     while (IsOp("~")) {
       const Token& op = Next();
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseMath2());
-      MOED_JINJA_ASSIGN(left, Binary("~", std::move(left), std::move(right), op.line));
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseMath2());
+      MOED_ASSIGN_OR_RETURN(left, Binary("~", std::move(left), std::move(right), op.line));
     }
     return left;
   }
 
   absl::StatusOr<ExprPtr> ParseMath2() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParsePow());
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParsePow());
     while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) {
       const Token& op = Next();
-      MOED_JINJA_ASSIGN(ExprPtr right, ParsePow());
-      MOED_JINJA_ASSIGN(left, Binary(op.text, std::move(left), std::move(right), op.line));
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParsePow());
+      MOED_ASSIGN_OR_RETURN(left, Binary(op.text, std::move(left), std::move(right), op.line));
     }
     return left;
   }
 
   absl::StatusOr<ExprPtr> ParsePow() {
-    MOED_JINJA_ASSIGN(ExprPtr left, ParseUnary(true));
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseUnary(true));
     while (IsOp("**")) {
       const Token& op = Next();
-      MOED_JINJA_ASSIGN(ExprPtr right, ParseUnary(true));
-      MOED_JINJA_ASSIGN(left, Binary("**", std::move(left), std::move(right), op.line));
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseUnary(true));
+      MOED_ASSIGN_OR_RETURN(left, Binary("**", std::move(left), std::move(right), op.line));
     }
     return left;
   }
@@ -1443,14 +1430,14 @@ class Parser {
     if (IsOp("-") || IsOp("+")) {
       const Token& op = Next();
       node = Make(op.text == "-" ? Expr::Type::kNeg : Expr::Type::kPos, op.line);
-      MOED_JINJA_ASSIGN(ExprPtr operand, ParseUnary(false));
+      MOED_ASSIGN_OR_RETURN(ExprPtr operand, ParseUnary(false));
       node->args.push_back(std::move(operand));
     } else {
-      MOED_JINJA_ASSIGN(node, ParsePrimary());
+      MOED_ASSIGN_OR_RETURN(node, ParsePrimary());
     }
-    MOED_JINJA_ASSIGN(node, ParsePostfix(std::move(node)));
+    MOED_ASSIGN_OR_RETURN(node, ParsePostfix(std::move(node)));
     if (with_filter) {
-      MOED_JINJA_ASSIGN(node, ParseFilterAndTests(std::move(node)));
+      MOED_ASSIGN_OR_RETURN(node, ParseFilterAndTests(std::move(node)));
     }
     return node;
   }
@@ -1494,46 +1481,46 @@ class Parser {
             Next();
             return Make(Expr::Type::kList, t.line);  // the empty tuple
           }
-          MOED_JINJA_ASSIGN(ExprPtr inner, ParseExpression());
+          MOED_ASSIGN_OR_RETURN(ExprPtr inner, ParseExpression());
           if (IsOp(",")) {
             auto tuple = Make(Expr::Type::kList, t.line);
             tuple->args.push_back(std::move(inner));
             while (IsOp(",")) {
               Next();
               if (IsOp(")")) break;
-              MOED_JINJA_ASSIGN(ExprPtr item, ParseExpression());
+              MOED_ASSIGN_OR_RETURN(ExprPtr item, ParseExpression());
               tuple->args.push_back(std::move(item));
             }
             inner = std::move(tuple);
           }
-          MOED_JINJA_TRY(ExpectOp(")"));
+          MOED_RETURN_IF_ERROR(ExpectOp(")"));
           return inner;
         }
         if (t.text == "[") {
           Next();
           auto list = Make(Expr::Type::kList, t.line);
           while (!IsOp("]")) {
-            MOED_JINJA_ASSIGN(ExprPtr item, ParseExpression());
+            MOED_ASSIGN_OR_RETURN(ExprPtr item, ParseExpression());
             list->args.push_back(std::move(item));
             if (!IsOp(",")) break;
             Next();
           }
-          MOED_JINJA_TRY(ExpectOp("]"));
+          MOED_RETURN_IF_ERROR(ExpectOp("]"));
           return list;
         }
         if (t.text == "{") {
           Next();
           auto dict = Make(Expr::Type::kDict, t.line);
           while (!IsOp("}")) {
-            MOED_JINJA_ASSIGN(ExprPtr key, ParseExpression());
-            MOED_JINJA_TRY(ExpectOp(":"));
-            MOED_JINJA_ASSIGN(ExprPtr value, ParseExpression());
+            MOED_ASSIGN_OR_RETURN(ExprPtr key, ParseExpression());
+            MOED_RETURN_IF_ERROR(ExpectOp(":"));
+            MOED_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
             dict->args.push_back(std::move(key));
             dict->args.push_back(std::move(value));
             if (!IsOp(",")) break;
             Next();
           }
-          MOED_JINJA_TRY(ExpectOp("}"));
+          MOED_RETURN_IF_ERROR(ExpectOp("}"));
           return dict;
         }
         break;
@@ -1544,17 +1531,17 @@ class Parser {
   }
 
   absl::Status ParseCallArgs(Expr& call) {
-    MOED_JINJA_TRY(ExpectOp("("));
+    MOED_RETURN_IF_ERROR(ExpectOp("("));
     while (!IsOp(")")) {
       if (Peek().type == Tok::kName && IsOp("=", 1)) {
         std::string name = Next().text;
         Next();
-        MOED_JINJA_ASSIGN(ExprPtr value, ParseExpression());
+        MOED_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
         call.kwargs.emplace_back(std::move(name), std::move(value));
       } else {
         if (!call.kwargs.empty())
           return SyntaxError(Peek().line, "positional argument after keyword argument");
-        MOED_JINJA_ASSIGN(ExprPtr value, ParseExpression());
+        MOED_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
         call.args.push_back(std::move(value));
       }
       if (!IsOp(",")) break;
@@ -1589,7 +1576,7 @@ class Parser {
         bool slice = false;
         for (int part = 0; part < 3; ++part) {
           if (!IsOp(":") && !IsOp("]")) {
-            MOED_JINJA_ASSIGN(parts[part], ParseExpression());
+            MOED_ASSIGN_OR_RETURN(parts[part], ParseExpression());
           }
           if (part < 2 && IsOp(":")) {
             Next();
@@ -1598,7 +1585,7 @@ class Parser {
             break;
           }
         }
-        MOED_JINJA_TRY(ExpectOp("]"));
+        MOED_RETURN_IF_ERROR(ExpectOp("]"));
         if (slice) {
           auto s = Make(Expr::Type::kSlice, line);
           s->args.push_back(std::move(node));
@@ -1614,7 +1601,7 @@ class Parser {
       } else if (IsOp("(")) {
         auto call = Make(Expr::Type::kCall, Peek().line);
         call->args.push_back(std::move(node));
-        MOED_JINJA_TRY(ParseCallArgs(*call));
+        MOED_RETURN_IF_ERROR(ParseCallArgs(*call));
         node = std::move(call);
       } else {
         return node;
@@ -1627,14 +1614,14 @@ class Parser {
       if (IsOp("|")) {
         int line = Next().line;
         auto filter = Make(Expr::Type::kFilter, line);
-        MOED_JINJA_ASSIGN(filter->name, ExpectName());
+        MOED_ASSIGN_OR_RETURN(filter->name, ExpectName());
         while (IsOp(".")) {  // dotted filter names
           Next();
-          MOED_JINJA_ASSIGN(std::string part, ExpectName());
+          MOED_ASSIGN_OR_RETURN(std::string part, ExpectName());
           filter->name += "." + part;
         }
         filter->args.push_back(std::move(node));
-        if (IsOp("(")) MOED_JINJA_TRY(ParseCallArgs(*filter));
+        if (IsOp("(")) MOED_RETURN_IF_ERROR(ParseCallArgs(*filter));
         node = std::move(filter);
       } else if (IsName("is")) {
         int line = Next().line;
@@ -1643,10 +1630,10 @@ class Parser {
           Next();
           test->negated = true;
         }
-        MOED_JINJA_ASSIGN(test->name, ExpectName());
+        MOED_ASSIGN_OR_RETURN(test->name, ExpectName());
         test->args.push_back(std::move(node));
         if (IsOp("(")) {
-          MOED_JINJA_TRY(ParseCallArgs(*test));
+          MOED_RETURN_IF_ERROR(ParseCallArgs(*test));
         } else {
           const Token& t = Peek();
           bool starts_argument =
@@ -1655,8 +1642,8 @@ class Parser {
               (t.type == Tok::kName && t.text != "else" && t.text != "or" && t.text != "and" &&
                t.text != "if" && t.text != "is" && t.text != "in" && t.text != "not");
           if (starts_argument) {
-            MOED_JINJA_ASSIGN(ExprPtr arg, ParsePrimary());
-            MOED_JINJA_ASSIGN(arg, ParsePostfix(std::move(arg)));
+            MOED_ASSIGN_OR_RETURN(ExprPtr arg, ParsePrimary());
+            MOED_ASSIGN_OR_RETURN(arg, ParsePostfix(std::move(arg)));
             test->args.push_back(std::move(arg));
           }
         }
@@ -1709,6 +1696,7 @@ class Renderer {
     std::string out;
     out_ = &out;
     absl::StatusOr<Flow> flow = Exec(body, root_);
+    out_ = nullptr;
     if (!flow.ok()) return flow.status();
     return out;
   }
@@ -1739,11 +1727,11 @@ class Renderer {
     return absl::OkStatus();
   }
   absl::StatusOr<Value> NewString(std::string s) {
-    MOED_JINJA_TRY(Created(s.size()));
+    MOED_RETURN_IF_ERROR(Created(s.size()));
     return Value::String(std::move(s));
   }
   absl::StatusOr<Value> NewList(ValueList items) {
-    MOED_JINJA_TRY(Created(items.size() * sizeof(Value)));
+    MOED_RETURN_IF_ERROR(Created(items.size() * sizeof(Value)));
     return Value::List(std::move(items));
   }
   absl::Status Append(absl::string_view s) {
@@ -1763,40 +1751,40 @@ class Renderer {
     for (const auto& node_ptr : body) {
       const Node& node = *node_ptr;
       line_ = node.line;
-      MOED_JINJA_TRY(Step());
+      MOED_RETURN_IF_ERROR(Step());
       switch (node.type) {
         case Node::Type::kText:
-          MOED_JINJA_TRY(Append(node.text));
+          MOED_RETURN_IF_ERROR(Append(node.text));
           break;
         case Node::Type::kOutput: {
-          MOED_JINJA_ASSIGN(Value v, Eval(*node.expr, frame));
+          MOED_ASSIGN_OR_RETURN(Value v, Eval(*node.expr, frame));
           line_ = node.line;
-          MOED_JINJA_TRY(Append(ToStr(v)));
+          MOED_RETURN_IF_ERROR(Append(ToStr(v)));
           break;
         }
         case Node::Type::kIf: {
           const Body* chosen = &node.else_body;
           for (const auto& [cond, branch] : node.branches) {
-            MOED_JINJA_ASSIGN(Value v, Eval(*cond, frame));
+            MOED_ASSIGN_OR_RETURN(Value v, Eval(*cond, frame));
             if (Truthy(v)) {
               chosen = &branch;
               break;
             }
           }
-          MOED_JINJA_ASSIGN(Flow flow, Exec(*chosen, frame));
+          MOED_ASSIGN_OR_RETURN(Flow flow, Exec(*chosen, frame));
           if (flow != Flow::kNormal) return flow;
           break;
         }
         case Node::Type::kFor:
-          MOED_JINJA_TRY(ExecFor(node, frame));
+          MOED_RETURN_IF_ERROR(ExecFor(node, frame));
           break;
         case Node::Type::kSet:
-          MOED_JINJA_TRY(ExecSet(node, frame));
+          MOED_RETURN_IF_ERROR(ExecSet(node, frame));
           break;
         case Node::Type::kSetBlock: {
-          MOED_JINJA_ASSIGN(std::string captured,
-                            Capture(node.body, std::make_shared<Frame>(Frame{{}, frame})));
-          MOED_JINJA_ASSIGN(frame->vars[node.text], NewString(std::move(captured)));
+          MOED_ASSIGN_OR_RETURN(std::string captured,
+                                Capture(node.body, std::make_shared<Frame>(Frame{{}, frame})));
+          MOED_ASSIGN_OR_RETURN(frame->vars[node.text], NewString(std::move(captured)));
           break;
         }
         case Node::Type::kMacro:
@@ -1809,10 +1797,10 @@ class Renderer {
         case Node::Type::kScope: {
           auto inner = std::make_shared<Frame>(Frame{{}, frame});
           for (const auto& [name, expr] : node.params) {
-            MOED_JINJA_ASSIGN(Value v, Eval(*expr, frame));
+            MOED_ASSIGN_OR_RETURN(Value v, Eval(*expr, frame));
             inner->vars[name] = std::move(v);
           }
-          MOED_JINJA_ASSIGN(Flow flow, Exec(node.body, inner));
+          MOED_ASSIGN_OR_RETURN(Flow flow, Exec(node.body, inner));
           if (flow != Flow::kNormal) return flow;
           break;
         }
@@ -1836,7 +1824,7 @@ class Renderer {
       frame.vars[targets[0]] = value;
       return absl::OkStatus();
     }
-    MOED_JINJA_ASSIGN(ValueList parts, Iterate(value));
+    MOED_ASSIGN_OR_RETURN(ValueList parts, Iterate(value));
     if (parts.size() != targets.size()) {
       return Error(absl::StrCat(parts.size() < targets.size() ? "not enough" : "too many",
                                 " values to unpack (expected ", targets.size(), ", got ",
@@ -1847,16 +1835,16 @@ class Renderer {
   }
 
   absl::Status ExecFor(const Node& node, const FramePtr& frame) {
-    MOED_JINJA_ASSIGN(Value iterable, Eval(*node.expr, frame));
+    MOED_ASSIGN_OR_RETURN(Value iterable, Eval(*node.expr, frame));
     line_ = node.line;
-    MOED_JINJA_ASSIGN(ValueList items, Iterate(iterable));
+    MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(iterable));
     if (node.filter) {
       ValueList kept;
       for (Value& item : items) {
-        MOED_JINJA_TRY(Step());
+        MOED_RETURN_IF_ERROR(Step());
         auto probe = std::make_shared<Frame>(Frame{{}, frame});
-        MOED_JINJA_TRY(Bind(node.targets, item, *probe));
-        MOED_JINJA_ASSIGN(Value keep, Eval(*node.filter, probe));
+        MOED_RETURN_IF_ERROR(Bind(node.targets, item, *probe));
+        MOED_ASSIGN_OR_RETURN(Value keep, Eval(*node.filter, probe));
         if (Truthy(keep)) kept.push_back(std::move(item));
       }
       items = std::move(kept);
@@ -1864,9 +1852,9 @@ class Renderer {
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < n; ++i) {
       line_ = node.line;
-      MOED_JINJA_TRY(Step());
+      MOED_RETURN_IF_ERROR(Step());
       auto inner = std::make_shared<Frame>(Frame{{}, frame});
-      MOED_JINJA_TRY(Bind(node.targets, items[static_cast<size_t>(i)], *inner));
+      MOED_RETURN_IF_ERROR(Bind(node.targets, items[static_cast<size_t>(i)], *inner));
       auto loop = std::make_shared<ValueDict>();
       loop->Set("index", Value::Int(i + 1));
       loop->Set("index0", Value::Int(i));
@@ -1889,11 +1877,12 @@ class Renderer {
       Value loop_value = Value::Namespace(std::move(loop));
       loop_value.boolean = true;  // marks a loop object: attributes cannot be assigned
       inner->vars["loop"] = std::move(loop_value);
-      MOED_JINJA_ASSIGN(Flow flow, Exec(node.body, inner));
+      MOED_ASSIGN_OR_RETURN(Flow flow, Exec(node.body, inner));
       if (flow == Flow::kBreak) break;
     }
     if (n == 0 && !node.else_body.empty()) {
-      MOED_JINJA_ASSIGN(Flow flow, Exec(node.else_body, std::make_shared<Frame>(Frame{{}, frame})));
+      MOED_ASSIGN_OR_RETURN(Flow flow,
+                            Exec(node.else_body, std::make_shared<Frame>(Frame{{}, frame})));
       (void)flow;
     }
     return absl::OkStatus();
@@ -1901,8 +1890,8 @@ class Renderer {
 
   absl::Status ExecSet(const Node& node, const FramePtr& frame) {
     if (!node.attr.empty()) {
-      MOED_JINJA_ASSIGN(Value target, Eval(*node.expr, frame));
-      MOED_JINJA_ASSIGN(Value value, Eval(*node.params[0].second, frame));
+      MOED_ASSIGN_OR_RETURN(Value target, Eval(*node.expr, frame));
+      MOED_ASSIGN_OR_RETURN(Value value, Eval(*node.params[0].second, frame));
       line_ = node.line;
       if (target.kind != Value::Kind::kNamespace || target.boolean)
         return Error("cannot assign attribute on non-namespace object");
@@ -1913,7 +1902,7 @@ class Renderer {
       target.dict->Set(node.attr, std::move(value));
       return absl::OkStatus();
     }
-    MOED_JINJA_ASSIGN(Value value, Eval(*node.expr, frame));
+    MOED_ASSIGN_OR_RETURN(Value value, Eval(*node.expr, frame));
     line_ = node.line;
     return Bind(node.targets, value, *frame);
   }
@@ -1960,7 +1949,7 @@ class Renderer {
     for (size_t i = 0; i < params.size(); ++i) {
       if (bound[i]) continue;
       if (params[i].second) {
-        MOED_JINJA_ASSIGN(frame->vars[params[i].first], Eval(*params[i].second, frame));
+        MOED_ASSIGN_OR_RETURN(frame->vars[params[i].first], Eval(*params[i].second, frame));
       } else {
         frame->vars[params[i].first] =
             Value::Undefined(absl::StrCat("parameter '", params[i].first, "' was not provided"));
@@ -1998,7 +1987,7 @@ class Renderer {
       case Expr::Type::kList: {
         ValueList items;
         for (const auto& arg : e.args) {
-          MOED_JINJA_ASSIGN(Value v, Eval(*arg, frame));
+          MOED_ASSIGN_OR_RETURN(Value v, Eval(*arg, frame));
           items.push_back(std::move(v));
         }
         return NewList(std::move(items));
@@ -2006,54 +1995,54 @@ class Renderer {
       case Expr::Type::kDict: {
         auto dict = std::make_shared<ValueDict>();
         for (size_t i = 0; i + 1 < e.args.size(); i += 2) {
-          MOED_JINJA_ASSIGN(Value key, Eval(*e.args[i], frame));
-          MOED_JINJA_ASSIGN(Value value, Eval(*e.args[i + 1], frame));
+          MOED_ASSIGN_OR_RETURN(Value key, Eval(*e.args[i], frame));
+          MOED_ASSIGN_OR_RETURN(Value value, Eval(*e.args[i + 1], frame));
           line_ = e.line;
           if (!key.is_string()) return Error("dict literal keys must be strings");
           dict->Set(key.str(), std::move(value));
         }
-        MOED_JINJA_TRY(Created(dict->items.size() * sizeof(Value)));
+        MOED_RETURN_IF_ERROR(Created(dict->items.size() * sizeof(Value)));
         return Value::Dict(std::move(dict));
       }
       case Expr::Type::kAttr: {
-        MOED_JINJA_ASSIGN(Value object, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value object, Eval(*e.args[0], frame));
         line_ = e.line;
         return GetAttr(object, e.name);
       }
       case Expr::Type::kItem: {
-        MOED_JINJA_ASSIGN(Value object, Eval(*e.args[0], frame));
-        MOED_JINJA_ASSIGN(Value key, Eval(*e.args[1], frame));
+        MOED_ASSIGN_OR_RETURN(Value object, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value key, Eval(*e.args[1], frame));
         line_ = e.line;
         return GetItem(object, key);
       }
       case Expr::Type::kSlice:
         return EvalSlice(e, frame);
       case Expr::Type::kCall: {
-        MOED_JINJA_ASSIGN(Value callee, Eval(*e.args[0], frame));
-        MOED_JINJA_ASSIGN(CallArgs args, EvalArgs(e, 1, frame));
+        MOED_ASSIGN_OR_RETURN(Value callee, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(CallArgs args, EvalArgs(e, 1, frame));
         line_ = e.line;
-        MOED_JINJA_TRY(Step());
+        MOED_RETURN_IF_ERROR(Step());
         if (callee.is_undefined()) return UndefinedError(callee);
         if (callee.kind != Value::Kind::kCallable)
           return Error(absl::StrCat("'", TypeName(callee), "' object is not callable"));
         return callee.fn->call(*this, args);
       }
       case Expr::Type::kFilter: {
-        MOED_JINJA_ASSIGN(Value subject, Eval(*e.args[0], frame));
-        MOED_JINJA_ASSIGN(CallArgs args, EvalArgs(e, 1, frame));
+        MOED_ASSIGN_OR_RETURN(Value subject, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(CallArgs args, EvalArgs(e, 1, frame));
         line_ = e.line;
         return ApplyFilter(e.name, std::move(subject), args);
       }
       case Expr::Type::kTest: {
-        MOED_JINJA_ASSIGN(Value subject, Eval(*e.args[0], frame));
-        MOED_JINJA_ASSIGN(CallArgs args, EvalArgs(e, 1, frame));
+        MOED_ASSIGN_OR_RETURN(Value subject, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(CallArgs args, EvalArgs(e, 1, frame));
         line_ = e.line;
-        MOED_JINJA_ASSIGN(bool result, ApplyTest(e.name, subject, args));
+        MOED_ASSIGN_OR_RETURN(bool result, ApplyTest(e.name, subject, args));
         return Value::Bool(result != e.negated);
       }
       case Expr::Type::kNeg:
       case Expr::Type::kPos: {
-        MOED_JINJA_ASSIGN(Value v, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0], frame));
         line_ = e.line;
         if (v.is_undefined()) return UndefinedError(v);
         if (!v.is_number())
@@ -2067,34 +2056,34 @@ class Renderer {
         return Value::Int(-v.AsInt());
       }
       case Expr::Type::kNot: {
-        MOED_JINJA_ASSIGN(Value v, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0], frame));
         return Value::Bool(!Truthy(v));
       }
       case Expr::Type::kAnd:
       case Expr::Type::kOr: {
-        MOED_JINJA_ASSIGN(Value left, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value left, Eval(*e.args[0], frame));
         if (Truthy(left) == (e.type == Expr::Type::kOr)) return left;
         return Eval(*e.args[1], frame);
       }
       case Expr::Type::kCond: {
-        MOED_JINJA_ASSIGN(Value test, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value test, Eval(*e.args[0], frame));
         if (Truthy(test)) return Eval(*e.args[1], frame);
         if (e.args[2]) return Eval(*e.args[2], frame);
         return Value::Undefined(
             "the inline if expression evaluated to false and no else section was defined");
       }
       case Expr::Type::kBinary: {
-        MOED_JINJA_ASSIGN(Value left, Eval(*e.args[0], frame));
-        MOED_JINJA_ASSIGN(Value right, Eval(*e.args[1], frame));
+        MOED_ASSIGN_OR_RETURN(Value left, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value right, Eval(*e.args[1], frame));
         line_ = e.line;
         return BinaryOp(e.name, left, right);
       }
       case Expr::Type::kCompare: {
-        MOED_JINJA_ASSIGN(Value left, Eval(*e.args[0], frame));
+        MOED_ASSIGN_OR_RETURN(Value left, Eval(*e.args[0], frame));
         for (size_t i = 0; i < e.ops.size(); ++i) {
-          MOED_JINJA_ASSIGN(Value right, Eval(*e.args[i + 1], frame));
+          MOED_ASSIGN_OR_RETURN(Value right, Eval(*e.args[i + 1], frame));
           line_ = e.line;
-          MOED_JINJA_ASSIGN(bool holds, CompareOp(e.ops[i], left, right));
+          MOED_ASSIGN_OR_RETURN(bool holds, CompareOp(e.ops[i], left, right));
           if (!holds) return Value::Bool(false);
           left = std::move(right);
         }
@@ -2107,11 +2096,11 @@ class Renderer {
   absl::StatusOr<CallArgs> EvalArgs(const Expr& e, size_t first, const FramePtr& frame) {
     CallArgs args;
     for (size_t i = first; i < e.args.size(); ++i) {
-      MOED_JINJA_ASSIGN(Value v, Eval(*e.args[i], frame));
+      MOED_ASSIGN_OR_RETURN(Value v, Eval(*e.args[i], frame));
       args.positional.push_back(std::move(v));
     }
     for (const auto& [name, expr] : e.kwargs) {
-      MOED_JINJA_ASSIGN(Value v, Eval(*expr, frame));
+      MOED_ASSIGN_OR_RETURN(Value v, Eval(*expr, frame));
       args.named.emplace_back(name, std::move(v));
     }
     return args;
@@ -2135,7 +2124,7 @@ class Renderer {
           AppendUtf8(s, c);
           chars.push_back(Value::String(std::move(s)));
         }
-        MOED_JINJA_TRY(Created(chars.size() * sizeof(Value)));
+        MOED_RETURN_IF_ERROR(Created(chars.size() * sizeof(Value)));
         return chars;
       }
       default:
@@ -2227,11 +2216,11 @@ class Renderer {
   }
 
   absl::StatusOr<Value> EvalSlice(const Expr& e, const FramePtr& frame) {
-    MOED_JINJA_ASSIGN(Value object, Eval(*e.args[0], frame));
+    MOED_ASSIGN_OR_RETURN(Value object, Eval(*e.args[0], frame));
     std::optional<int64_t> bounds[3];
     for (int i = 0; i < 3; ++i) {
       if (!e.args[i + 1]) continue;
-      MOED_JINJA_ASSIGN(Value v, Eval(*e.args[i + 1], frame));
+      MOED_ASSIGN_OR_RETURN(Value v, Eval(*e.args[i + 1], frame));
       line_ = e.line;
       if (v.kind == Value::Kind::kNone) continue;
       if (v.kind != Value::Kind::kInt && v.kind != Value::Kind::kBool)
@@ -2280,7 +2269,7 @@ class Renderer {
     if (b.is_undefined()) return UndefinedError(b);
     if (op == "+") {
       if (a.is_string() && b.is_string()) {
-        MOED_JINJA_TRY(Created(a.str().size() + b.str().size()));
+        MOED_RETURN_IF_ERROR(Created(a.str().size() + b.str().size()));
         return Value::String(a.str() + b.str());
       }
       if (a.kind == Value::Kind::kList && b.kind == Value::Kind::kList) {
@@ -2412,10 +2401,10 @@ class Renderer {
     if (op == "!=") return !Equal(a, b);
     if (op == "in") return Contains(b, a);
     if (op == "not in") {
-      MOED_JINJA_ASSIGN(bool in, Contains(b, a));
+      MOED_ASSIGN_OR_RETURN(bool in, Contains(b, a));
       return !in;
     }
-    MOED_JINJA_ASSIGN(int c, Order(a, b, op));
+    MOED_ASSIGN_OR_RETURN(int c, Order(a, b, op));
     if (op == "<") return c < 0;
     if (op == ">") return c > 0;
     if (op == "<=") return c <= 0;
@@ -2453,7 +2442,7 @@ class Renderer {
         return Error(absl::StrCat("test '", name, "' needs an integer"));
       int64_t d = 2;
       if (name == "divisibleby") {
-        MOED_JINJA_ASSIGN(Value by, arg(0));
+        MOED_ASSIGN_OR_RETURN(Value by, arg(0));
         if (by.kind != Value::Kind::kInt || by.integer == 0)
           return Error("divisibleby needs a nonzero integer");
         d = by.integer;
@@ -2462,11 +2451,11 @@ class Renderer {
       return name == "odd" ? m != 0 : m == 0;
     }
     if (name == "in") {
-      MOED_JINJA_ASSIGN(Value container, arg(0));
+      MOED_ASSIGN_OR_RETURN(Value container, arg(0));
       return Contains(container, v);
     }
     if (name == "sameas") {
-      MOED_JINJA_ASSIGN(Value other, arg(0));
+      MOED_ASSIGN_OR_RETURN(Value other, arg(0));
       if (v.kind != other.kind) return false;
       if (v.kind == Value::Kind::kNone || v.kind == Value::Kind::kUndefined) return true;
       if (v.kind == Value::Kind::kBool) return v.boolean == other.boolean;
@@ -2478,7 +2467,7 @@ class Renderer {
         {"gt", ">"},       {"greaterthan", ">"}, {">", ">"},   {"ge", ">="}, {">=", ">="}};
     for (const auto& [test, op] : kComparisons) {
       if (name == test) {
-        MOED_JINJA_ASSIGN(Value other, arg(0));
+        MOED_ASSIGN_OR_RETURN(Value other, arg(0));
         return CompareOp(std::string(op), v, other);
       }
     }
@@ -2522,8 +2511,8 @@ class Renderer {
     if (std::optional<Value> sort_keys = Arg(args, 3, "sort_keys"))
       style.sort_keys = Truthy(*sort_keys);
     std::string out;
-    MOED_JINJA_TRY(AppendJson(out, v, style, 0));
-    MOED_JINJA_TRY(Created(out.size()));
+    MOED_RETURN_IF_ERROR(AppendJson(out, v, style, 0));
+    MOED_RETURN_IF_ERROR(Created(out.size()));
     return out;
   }
 
@@ -2570,7 +2559,7 @@ class Renderer {
         for (size_t i = 0; i < v.list->size(); ++i) {
           if (i) out += style.item_separator;
           newline(level + 1);
-          MOED_JINJA_TRY(AppendJson(out, (*v.list)[i], style, level + 1));
+          MOED_RETURN_IF_ERROR(AppendJson(out, (*v.list)[i], style, level + 1));
         }
         newline(level);
         out.push_back(']');
@@ -2592,7 +2581,7 @@ class Renderer {
           newline(level + 1);
           AppendJsonString(out, entries[i]->first, style.ensure_ascii);
           out += style.key_separator;
-          MOED_JINJA_TRY(AppendJson(out, entries[i]->second, style, level + 1));
+          MOED_RETURN_IF_ERROR(AppendJson(out, entries[i]->second, style, level + 1));
         }
         newline(level);
         out.push_back('}');
@@ -2616,7 +2605,7 @@ class Renderer {
             return std::isdigit(static_cast<unsigned char>(c));
           }))
         key = Value::Int(std::stoll(part));
-      MOED_JINJA_ASSIGN(v, GetItem(v, key));
+      MOED_ASSIGN_OR_RETURN(v, GetItem(v, key));
       if (dot == std::string::npos) return v;
       start = dot + 1;
     }
@@ -2642,7 +2631,7 @@ class Renderer {
       Value key = item;
       if (dict_items) key = (*item.list)[0];
       if (attribute && attribute->is_string()) {
-        MOED_JINJA_ASSIGN(key, Attribute(item, attribute->str()));
+        MOED_ASSIGN_OR_RETURN(key, Attribute(item, attribute->str()));
       }
       if (key.is_string() && !case_sensitive) key = Value::String(MapCase(key.str(), false));
       keyed.emplace_back(std::move(key), std::move(item));
@@ -2656,7 +2645,7 @@ class Renderer {
       }
       return reverse ? *c > 0 : *c < 0;
     });
-    MOED_JINJA_TRY(failed);
+    MOED_RETURN_IF_ERROR(failed);
     ValueList sorted;
     for (auto& [key, item] : keyed) sorted.push_back(std::move(item));
     return NewList(std::move(sorted));
@@ -2665,7 +2654,7 @@ class Renderer {
   absl::StatusOr<Value> ApplyFilter(const std::string& name, Value v, CallArgs& args) {
     if (name == "safe") return v;
     if (name == "tojson") {
-      MOED_JINJA_ASSIGN(std::string json, Json(v, args));
+      MOED_ASSIGN_OR_RETURN(std::string json, Json(v, args));
       return Value::String(std::move(json));
     }
     if (name == "string") return NewString(ToStr(v));
@@ -2730,14 +2719,14 @@ class Renderer {
     if (name == "join") {
       std::optional<Value> sep = Arg(args, 0, "d");
       std::optional<Value> attribute = Arg(args, 1, "attribute");
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       std::string out;
       const std::string separator = sep ? ToStr(*sep) : "";
       for (size_t i = 0; i < items.size(); ++i) {
         if (i) out += separator;
         Value item = items[i];
         if (attribute && attribute->is_string()) {
-          MOED_JINJA_ASSIGN(item, Attribute(item, attribute->str()));
+          MOED_ASSIGN_OR_RETURN(item, Attribute(item, attribute->str()));
         }
         out += ToStr(item);
         if (out.size() > options_.limits.max_output_bytes)
@@ -2746,11 +2735,11 @@ class Renderer {
       return NewString(std::move(out));
     }
     if (name == "list") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       return NewList(std::move(items));
     }
     if (name == "first" || name == "last") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       if (items.empty())
         return Value::Undefined(absl::StrCat("No ", name, " item, sequence was empty."));
       return name == "first" ? items.front() : items.back();
@@ -2761,37 +2750,37 @@ class Renderer {
         std::reverse(text.begin(), text.end());
         return NewString(EncodeUtf8(text));
       }
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       std::reverse(items.begin(), items.end());
       return NewList(std::move(items));
     }
     if (name == "select" || name == "reject" || name == "selectattr" || name == "rejectattr") {
       const bool by_attr = name == "selectattr" || name == "rejectattr";
       const bool keep_if = name == "select" || name == "selectattr";
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       if (by_attr && (args.positional.empty() || !args.positional[0].is_string()))
         return Error(absl::StrCat(name, " needs an attribute name"));
       ValueList kept;
       for (Value& item : items) {
-        MOED_JINJA_TRY(Step());
+        MOED_RETURN_IF_ERROR(Step());
         Value probe = item;
         if (by_attr) {
-          MOED_JINJA_ASSIGN(probe, Attribute(item, args.positional[0].str()));
+          MOED_ASSIGN_OR_RETURN(probe, Attribute(item, args.positional[0].str()));
         }
-        MOED_JINJA_ASSIGN(bool pass, SelectTest(probe, args, by_attr ? 1 : 0));
+        MOED_ASSIGN_OR_RETURN(bool pass, SelectTest(probe, args, by_attr ? 1 : 0));
         if (pass == keep_if) kept.push_back(std::move(item));
       }
       return NewList(std::move(kept));
     }
     if (name == "map") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       ValueList mapped;
       std::optional<Value> attribute = Arg(args, 99, "attribute");
       for (Value& item : items) {
-        MOED_JINJA_TRY(Step());
+        MOED_RETURN_IF_ERROR(Step());
         if (attribute) {
           if (!attribute->is_string()) return Error("map: attribute must be a string");
-          MOED_JINJA_ASSIGN(Value got, Attribute(item, attribute->str()));
+          MOED_ASSIGN_OR_RETURN(Value got, Attribute(item, attribute->str()));
           if (got.is_undefined()) {
             if (std::optional<Value> fallback = Arg(args, 99, "default")) got = *fallback;
           }
@@ -2802,23 +2791,23 @@ class Renderer {
           CallArgs rest;
           rest.positional.assign(args.positional.begin() + 1, args.positional.end());
           rest.named = args.named;
-          MOED_JINJA_ASSIGN(Value got, ApplyFilter(args.positional[0].str(), item, rest));
+          MOED_ASSIGN_OR_RETURN(Value got, ApplyFilter(args.positional[0].str(), item, rest));
           mapped.push_back(std::move(got));
         }
       }
       return NewList(std::move(mapped));
     }
     if (name == "unique") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       const bool case_sensitive =
           Arg(args, 0, "case_sensitive").has_value() && Truthy(*Arg(args, 0, "case_sensitive"));
       std::optional<Value> attribute = Arg(args, 1, "attribute");
       ValueList kept, keys;
       for (Value& item : items) {
-        MOED_JINJA_TRY(Step());
+        MOED_RETURN_IF_ERROR(Step());
         Value key = item;
         if (attribute && attribute->is_string()) {
-          MOED_JINJA_ASSIGN(key, Attribute(item, attribute->str()));
+          MOED_ASSIGN_OR_RETURN(key, Attribute(item, attribute->str()));
         }
         if (key.is_string() && !case_sensitive) key = Value::String(MapCase(key.str(), false));
         if (std::none_of(keys.begin(), keys.end(), [&](const Value& k) { return Equal(k, key); })) {
@@ -2829,12 +2818,12 @@ class Renderer {
       return NewList(std::move(kept));
     }
     if (name == "sort") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       return SortedList(std::move(items), args, false);
     }
     if (name == "dictsort") {
       if (v.kind != Value::Kind::kDict) return Error("dictsort needs a mapping");
-      MOED_JINJA_ASSIGN(Value pairs, DictItems(v));
+      MOED_ASSIGN_OR_RETURN(Value pairs, DictItems(v));
       CallArgs sort_args;
       sort_args.named.emplace_back("case_sensitive",
                                    Arg(args, 0, "case_sensitive").value_or(Value::Bool(false)));
@@ -2842,20 +2831,20 @@ class Renderer {
       return SortedList(*pairs.list, sort_args, true);
     }
     if (name == "sum" || name == "min" || name == "max") {
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(v));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(v));
       std::optional<Value> attribute = Arg(args, name == "sum" ? 0 : 1, "attribute");
       ValueList keys;
       for (const Value& item : items) {
         Value key = item;
         if (attribute && attribute->is_string()) {
-          MOED_JINJA_ASSIGN(key, Attribute(item, attribute->str()));
+          MOED_ASSIGN_OR_RETURN(key, Attribute(item, attribute->str()));
         }
         keys.push_back(std::move(key));
       }
       if (name == "sum") {
         Value total = Arg(args, 1, "start").value_or(Value::Int(0));
         for (const Value& key : keys) {
-          MOED_JINJA_ASSIGN(total, BinaryOp("+", total, key));
+          MOED_ASSIGN_OR_RETURN(total, BinaryOp("+", total, key));
         }
         return total;
       }
@@ -2863,7 +2852,7 @@ class Renderer {
         return Value::Undefined(absl::StrCat("No aggregated item, sequence was empty."));
       size_t best = 0;
       for (size_t i = 1; i < keys.size(); ++i) {
-        MOED_JINJA_ASSIGN(int c, Order(keys[i], keys[best], "<"));
+        MOED_ASSIGN_OR_RETURN(int c, Order(keys[i], keys[best], "<"));
         if (name == "min" ? c < 0 : c > 0) best = i;
       }
       return items[best];
@@ -3172,12 +3161,12 @@ class Renderer {
     }
     if (name == "split" || name == "rsplit") {
       std::optional<Value> maxsplit = Arg(args, 1, "maxsplit");
-      MOED_JINJA_ASSIGN(
+      MOED_ASSIGN_OR_RETURN(
           std::vector<std::string> parts,
           Split(s, Arg(args, 0, "sep"), maxsplit ? maxsplit->AsInt() : -1, name == "rsplit"));
       ValueList out;
       for (auto& part : parts) out.push_back(Value::String(std::move(part)));
-      MOED_JINJA_TRY(Created(s.size()));
+      MOED_RETURN_IF_ERROR(Created(s.size()));
       return NewList(std::move(out));
     }
     if (name == "splitlines") {
@@ -3204,13 +3193,13 @@ class Renderer {
       return ApplyFilter(name, self, none);
     }
     if (name == "replace") {
-      MOED_JINJA_ASSIGN(std::string from, string_arg(0, "old"));
-      MOED_JINJA_ASSIGN(std::string to, string_arg(1, "new"));
+      MOED_ASSIGN_OR_RETURN(std::string from, string_arg(0, "old"));
+      MOED_ASSIGN_OR_RETURN(std::string to, string_arg(1, "new"));
       std::optional<Value> count = Arg(args, 2, "count");
       return StrReplace(s, from, to, count ? count->AsInt() : -1);
     }
     if (name == "find" || name == "rfind" || name == "count") {
-      MOED_JINJA_ASSIGN(std::string sub, string_arg(0, "sub"));
+      MOED_ASSIGN_OR_RETURN(std::string sub, string_arg(0, "sub"));
       if (name == "count") {
         if (sub.empty()) return Value::Int(static_cast<int64_t>(CodePointCount(s)) + 1);
         int64_t n = 0;
@@ -3226,7 +3215,7 @@ class Renderer {
     if (name == "join") {
       std::optional<Value> iterable = Arg(args, 0, "iterable");
       if (!iterable) return Error("join() takes exactly one argument (0 given)");
-      MOED_JINJA_ASSIGN(ValueList items, Iterate(*iterable));
+      MOED_ASSIGN_OR_RETURN(ValueList items, Iterate(*iterable));
       std::string out;
       for (size_t i = 0; i < items.size(); ++i) {
         if (!items[i].is_string())
@@ -3374,9 +3363,9 @@ absl::StatusOr<JinjaTemplate> JinjaTemplate::Parse(absl::string_view source) {
     }
   }
   if (!text.empty() && text.back() == '\n') text.pop_back();
-  MOED_JINJA_ASSIGN(std::vector<Token> tokens, Lexer(std::move(text)).Run());
+  MOED_ASSIGN_OR_RETURN(std::vector<Token> tokens, Lexer(std::move(text)).Run());
   auto program = std::make_shared<Program>();
-  MOED_JINJA_TRY(Parser(std::move(tokens)).Run(program->body));
+  MOED_RETURN_IF_ERROR(Parser(std::move(tokens)).Run(program->body));
   return JinjaTemplate(std::move(program));
 }
 
