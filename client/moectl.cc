@@ -20,6 +20,7 @@
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "util/read_file.h"
 #include "util/status_macros.h"
 
 namespace {
@@ -301,14 +302,12 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
 // rendered text: nothing added, no newline.
 int RunChatTemplate(const std::string& template_file, const std::string& model_dir,
                     const std::string& case_file, const std::string& now_text) {
-  std::ifstream in(case_file, std::ios::binary);
-  if (!in) {
-    std::cerr << "moectl chat-template: " << case_file << ": cannot open\n";
+  absl::StatusOr<std::string> text = moed::util::ReadFile(case_file);
+  if (!text.ok()) {
+    std::cerr << "moectl chat-template: " << text.status().message() << "\n";
     return 2;
   }
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::ordered_json test_case = nlohmann::ordered_json::parse(text.str(), nullptr, false);
+  nlohmann::ordered_json test_case = nlohmann::ordered_json::parse(*text, nullptr, false);
   if (test_case.is_discarded() || !test_case.is_object()) {
     std::cerr << "moectl chat-template: " << case_file << ": not a JSON object\n";
     return 2;

@@ -1,23 +1,13 @@
 #include "model/chat_template.h"
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "util/read_file.h"
 #include "util/status_macros.h"
 
 namespace moed::model {
 namespace {
-
-absl::StatusOr<std::string> ReadText(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": cannot open"));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path.string(), ": read failed"));
-  return text.str();
-}
 
 // tokenizer_config.json writes a special token as a string or as an AddedToken object.
 std::optional<std::string> SpecialToken(const nlohmann::json& config, const char* name) {
@@ -96,18 +86,18 @@ absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::LoadForModel(
   nlohmann::json config = nlohmann::json::object();
   const fs::path config_path = dir / "tokenizer_config.json";
   if (fs::exists(config_path)) {
-    MOED_ASSIGN_OR_RETURN(std::string text, ReadText(config_path));
+    MOED_ASSIGN_OR_RETURN(std::string text, util::ReadFile(config_path.string()));
     config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (config.is_discarded() || !config.is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(config_path.string(), ": not a JSON object"));
     }
   }
   if (!override_file.empty()) {
-    MOED_ASSIGN_OR_RETURN(std::string text, ReadText(override_file));
+    MOED_ASSIGN_OR_RETURN(std::string text, util::ReadFile(override_file));
     MOED_ASSIGN_OR_RETURN(result, FromSource(text, override_file));
   } else if (fs::exists(dir / "chat_template.jinja")) {
     const std::string path = (dir / "chat_template.jinja").string();
-    MOED_ASSIGN_OR_RETURN(std::string text, ReadText(path));
+    MOED_ASSIGN_OR_RETURN(std::string text, util::ReadFile(path));
     MOED_ASSIGN_OR_RETURN(result, FromSource(text, path));
   } else if (auto it = config.find("chat_template"); it != config.end() && !it->is_null()) {
     const std::string origin = config_path.string();

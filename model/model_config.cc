@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
+#include "util/read_file.h"
 #include "util/status_macros.h"
 
 namespace moed::model {
@@ -313,12 +314,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
 
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   std::string path = model_dir + "/config.json";
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream text;
-  text << file.rdbuf();
-  if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return ParseModelConfig(text.str(), path);
+  MOED_ASSIGN_OR_RETURN(std::string text, util::ReadFile(path));
+  return ParseModelConfig(text, path);
 }
 
 }  // namespace moed::model
