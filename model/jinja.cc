@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -1304,28 +1305,31 @@ class Parser {
     return expr;
   }
 
-  absl::StatusOr<ExprPtr> ParseOr() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseAnd());
-    while (IsName("or")) {
-      auto node = Make(Expr::Type::kOr, Next().line);
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseAnd());
+  // One left-associative precedence level: operands from `operand`, joined by the operators
+  // among `ops` (names such as "and" or operator tokens).
+  absl::StatusOr<ExprPtr> LeftAssociative(absl::StatusOr<ExprPtr> (Parser::*operand)(),
+                                          std::initializer_list<absl::string_view> ops,
+                                          Expr::Type type) {
+    MOED_ASSIGN_OR_RETURN(ExprPtr left, (this->*operand)());
+    while (true) {
+      const Token& t = Peek();
+      const bool is_op = (t.type == Tok::kOp || t.type == Tok::kName) &&
+                         std::find(ops.begin(), ops.end(), t.text) != ops.end();
+      if (!is_op) return left;
+      auto node = Make(type, t.line);
+      node->name = Next().text;
+      MOED_ASSIGN_OR_RETURN(ExprPtr right, (this->*operand)());
       node->args.push_back(std::move(left));
       node->args.push_back(std::move(right));
       left = std::move(node);
     }
-    return left;
   }
 
+  absl::StatusOr<ExprPtr> ParseOr() {
+    return LeftAssociative(&Parser::ParseAnd, {"or"}, Expr::Type::kOr);
+  }
   absl::StatusOr<ExprPtr> ParseAnd() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseNot());
-    while (IsName("and")) {
-      auto node = Make(Expr::Type::kAnd, Next().line);
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseNot());
-      node->args.push_back(std::move(left));
-      node->args.push_back(std::move(right));
-      left = std::move(node);
-    }
-    return left;
+    return LeftAssociative(&Parser::ParseNot, {"and"}, Expr::Type::kAnd);
   }
 
   absl::StatusOr<ExprPtr> ParseNot() {
@@ -1372,53 +1376,19 @@ class Parser {
     return chain ? std::move(chain) : std::move(left);
   }
 
-  absl::StatusOr<ExprPtr> Binary(std::string op, ExprPtr left, ExprPtr right, int line) {
-    auto node = Make(Expr::Type::kBinary, line);
-    node->name = std::move(op);
-    node->args.push_back(std::move(left));
-    node->args.push_back(std::move(right));
-    return node;
-  }
-
   absl::StatusOr<ExprPtr> ParseMath1() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseConcat());
-    while (IsOp("+") || IsOp("-")) {
-      const Token& op = Next();
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseConcat());
-      MOED_ASSIGN_OR_RETURN(left, Binary(op.text, std::move(left), std::move(right), op.line));
-    }
-    return left;
+    return LeftAssociative(&Parser::ParseConcat, {"+", "-"}, Expr::Type::kBinary);
   }
-
   absl::StatusOr<ExprPtr> ParseConcat() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseMath2());
-    while (IsOp("~")) {
-      const Token& op = Next();
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseMath2());
-      MOED_ASSIGN_OR_RETURN(left, Binary("~", std::move(left), std::move(right), op.line));
-    }
-    return left;
+    return LeftAssociative(&Parser::ParseMath2, {"~"}, Expr::Type::kBinary);
   }
-
   absl::StatusOr<ExprPtr> ParseMath2() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParsePow());
-    while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) {
-      const Token& op = Next();
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParsePow());
-      MOED_ASSIGN_OR_RETURN(left, Binary(op.text, std::move(left), std::move(right), op.line));
-    }
-    return left;
+    return LeftAssociative(&Parser::ParsePow, {"*", "/", "//", "%"}, Expr::Type::kBinary);
   }
-
   absl::StatusOr<ExprPtr> ParsePow() {
-    MOED_ASSIGN_OR_RETURN(ExprPtr left, ParseUnary(true));
-    while (IsOp("**")) {
-      const Token& op = Next();
-      MOED_ASSIGN_OR_RETURN(ExprPtr right, ParseUnary(true));
-      MOED_ASSIGN_OR_RETURN(left, Binary("**", std::move(left), std::move(right), op.line));
-    }
-    return left;
+    return LeftAssociative(&Parser::ParseFilteredUnary, {"**"}, Expr::Type::kBinary);
   }
+  absl::StatusOr<ExprPtr> ParseFilteredUnary() { return ParseUnary(true); }
 
   absl::StatusOr<ExprPtr> ParseUnary(bool with_filter) {
     if (++nesting_ > kMaxNesting) return SyntaxError(Peek().line, "expression nested too deeply");
