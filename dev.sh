@@ -16,7 +16,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev liburing-dev nlohmann-json3-dev catch2 libcpp-httplib-dev libspdlog-dev libfmt-dev
-  libcli11-dev libxxhash-dev libpcre2-dev libutf8proc-dev libbenchmark-dev
+  libcli11-dev libxxhash-dev libpcre2-dev libutf8proc-dev libbenchmark-dev libboost-dev
   clang libclang-rt-14-dev
   python3 python3-grpcio python3-protobuf python3-prometheus-client fio prometheus
 )
