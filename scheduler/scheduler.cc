@@ -19,6 +19,7 @@ struct Scheduler::Sequence {
   std::unique_ptr<model::StreamingDecoder> decoder;
   std::unique_ptr<model::StopMatcher> stops;
   uint32_t max_new = 0;
+  bool admitted = false;  // moved from the queue into the running set
   bool done = false;
   std::vector<std::vector<std::vector<int>>> routing;  // [layer][token], when recording
   std::vector<std::vector<int>> last_experts;          // [layer]: its last token's experts
@@ -42,11 +43,24 @@ void RequestHandle::Cancel() {
 }
 
 void RequestHandle::Push(StreamEvent event) {
+  std::function<void()> listener;
   {
     std::lock_guard lock(mutex_);
     events_.push_back(std::move(event));
+    listener = listener_;
   }
   ready_.notify_all();
+  if (listener) listener();
+}
+
+void RequestHandle::SetListener(std::function<void()> listener) {
+  bool pending;
+  {
+    std::lock_guard lock(mutex_);
+    listener_ = listener;
+    pending = !events_.empty();
+  }
+  if (pending && listener) listener();
 }
 
 bool RequestHandle::cancelled() const {
@@ -166,12 +180,23 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
   event.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
   event.completion_tokens = static_cast<uint32_t>(seq.generated.size());
   event.expert_stats = seq.expert_stats;
-  seq.handle->Push(std::move(event));
-  seq.done = true;
-  seq.cache.reset();
+  // A reader that has the last event finds the trace written and the counters settled.
   if (options_.on_routing && !seq.routing.empty()) {
     options_.on_routing(seq.request.id, static_cast<int>(seq.request.prompt.size()), seq.routing);
   }
+  {
+    std::lock_guard lock(mutex_);
+    if (seq.admitted) {
+      const uint64_t held = seq.cache != nullptr ? seq.cache->bytes() : 0;
+      stats_.kv_cache_bytes -= std::min(stats_.kv_cache_bytes, held);
+      if (stats_.running > 0) --stats_.running;
+      if (running_count_ > 0) --running_count_;
+    }
+    (reason == FinishReason::kCancelled ? stats_.cancelled : stats_.completed) += 1;
+  }
+  seq.done = true;
+  seq.cache.reset();
+  seq.handle->Push(std::move(event));
 }
 
 void Scheduler::Loop() {
@@ -181,16 +206,18 @@ void Scheduler::Loop() {
       std::unique_lock lock(mutex_);
       work_.wait(lock, [&] { return stopping_ || !waiting_.empty() || !running.empty(); });
       if (stopping_) {
-        for (auto& seq : waiting_) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+        std::deque<std::shared_ptr<Sequence>> waiting = std::move(waiting_);
         waiting_.clear();
+        lock.unlock();  // Finish takes the lock to settle the counters
+        for (auto& seq : waiting) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
         for (auto& seq : running) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
-        running_count_ = 0;
         return;
       }
       const size_t max_running =
           static_cast<size_t>(std::max(options_.max_batch, options_.max_running));
       while (running.size() < max_running && !waiting_.empty()) {
         running.push_back(std::move(waiting_.front()));
+        running.back()->admitted = true;
         waiting_.pop_front();
       }
       running_count_ = running.size();
@@ -217,10 +244,6 @@ void Scheduler::Loop() {
     }
     std::vector<std::shared_ptr<Sequence>> step = SelectForStep(live);
     Step(step);
-    uint64_t completed = 0, cancelled = 0;
-    for (const auto& seq : running) {
-      if (seq->done) (seq->handle->cancelled() ? cancelled : completed) += 1;
-    }
     running.erase(
         std::remove_if(running.begin(), running.end(), [](const auto& s) { return s->done; }),
         running.end());
@@ -229,8 +252,6 @@ void Scheduler::Loop() {
     std::lock_guard lock(mutex_);
     ++stats_.steps;
     stats_.generated_tokens = generated_tokens_;
-    stats_.completed += completed;
-    stats_.cancelled += cancelled;
     stats_.running = running.size();
     stats_.kv_cache_bytes = kv_bytes;
     running_count_ = running.size();

@@ -92,6 +92,9 @@ class RequestHandle {
   // Asks the scheduler to drop the request at the next step boundary; its batch slot and KV
   // cache are released then.
   void Cancel();
+  // Called after each event is queued (on the engine thread, so it must be quick: hand the
+  // work to another thread), and at once if events are already waiting.
+  void SetListener(std::function<void()> listener);
 
  private:
   friend class Scheduler;
@@ -101,6 +104,7 @@ class RequestHandle {
   mutable std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<StreamEvent> events_;
+  std::function<void()> listener_;
   bool cancelled_ = false;
 };
 
@@ -144,8 +148,9 @@ class Scheduler {
   static void AttributeExpertUses(const std::vector<model::SequenceInput>& inputs,
                                   const std::vector<Sequence*>& owners,
                                   const model::ForwardOutput& out);
-  // Sends the last event (text still held back unless a stop matched, finish reason, usage),
-  // frees the KV cache and hands the routing to on_routing.
+  // Hands the routing to on_routing, settles the counters (running, KV bytes, completed),
+  // frees the KV cache, then sends the last event (text still held back unless a stop
+  // matched, finish reason, usage): whoever has the last event sees all of that done.
   void Finish(Sequence& seq, FinishReason reason, absl::Status error,
               const std::string& matched_stop = "");
 

@@ -136,5 +136,45 @@ TEST_CASE("queued requests leave the queue by priority, equal priorities in arri
         std::vector<std::string>{"first", "higher", "high", "low-1", "low-2", "negative"});
 }
 
+TEST_CASE("the counters leave a request out as soon as its last event is handed over") {
+  Fixture f;
+  Scheduler scheduler(f.model, nullptr, SchedulerOptions{});
+  for (int round = 1; round <= 20; ++round) {
+    std::shared_ptr<RequestHandle> handle = *scheduler.Submit(Request("r", 0));
+    std::optional<StreamEvent> event;
+    do {
+      event = handle->Next(std::chrono::seconds(30));
+      REQUIRE(event.has_value());
+    } while (!event->last());
+    // No waiting: read at once, as a client reads ModelInfo right after its stream ends.
+    SchedulerStats stats = scheduler.stats();
+    CHECK(stats.running == 0);
+    CHECK(stats.kv_cache_bytes == 0);
+    CHECK(stats.completed == static_cast<uint64_t>(round));
+    CHECK(scheduler.Idle());
+  }
+}
+
+TEST_CASE("a listener hears each event as it is queued, and at once for earlier ones") {
+  Fixture f;
+  Scheduler scheduler(f.model, nullptr, SchedulerOptions{});
+  f.gate->Hold();
+  std::shared_ptr<RequestHandle> handle = *scheduler.Submit(Request("r", 0));
+  std::mutex mutex;
+  std::condition_variable heard;
+  int calls = 0;
+  bool last = false;
+  handle->SetListener([&] {
+    std::lock_guard lock(mutex);
+    ++calls;
+    while (auto event = handle->Next(std::chrono::milliseconds(0))) last |= event->last();
+    heard.notify_all();
+  });
+  f.gate->Release();
+  std::unique_lock lock(mutex);
+  CHECK(heard.wait_for(lock, std::chrono::seconds(30), [&] { return last; }));
+  CHECK(calls >= 2);  // Request() asks for 3 tokens: several events, each heard
+}
+
 }  // namespace
 }  // namespace moed::scheduler
