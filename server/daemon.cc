@@ -36,6 +36,7 @@ struct ServiceParts {
   std::shared_ptr<cache::Store> store;
   std::shared_ptr<scheduler::Scheduler> scheduler;
   std::shared_ptr<const model::Tokenizer> tokenizer;
+  std::shared_ptr<ServingCore> core;
 };
 
 grpc::Status ToGrpc(const absl::Status& status) {
@@ -79,11 +80,11 @@ class MoedService final : public v1::Moed::Service {
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
-    absl::StatusOr<scheduler::GenerationRequest> converted = Convert(*request, *context);
+    absl::StatusOr<GenerateInput> converted = Convert(*request, *context);
     if (!converted.ok()) return ToGrpc(converted.status());
-    std::string request_id = converted->id;
+    std::string request_id = converted->request_id;
     absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
-        parts_.scheduler->Submit(*std::move(converted));
+        parts_.core->Submit(*std::move(converted));
     if (!handle.ok()) return ToGrpc(handle.status());
     const bool want_logprobs = request->sampling().logprobs();
     while (true) {
@@ -141,14 +142,7 @@ class MoedService final : public v1::Moed::Service {
 
   grpc::Status Tokenize(grpc::ServerContext* /*context*/, const v1::TokenizeRequest* request,
                         v1::TokenizeResponse* response) override {
-    if (parts_.tokenizer == nullptr) {
-      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                          "this model has no tokenizer.json");
-    }
-    if (request->text().size() > kMaxPromptBytes) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "text is longer than 8 MiB");
-    }
-    auto ids = parts_.tokenizer->Encode(
+    auto ids = parts_.core->Tokenize(
         request->text(), request->has_add_special_tokens() && request->add_special_tokens());
     if (!ids.ok()) return ToGrpc(ids.status());
     for (int32_t id : *ids) {
@@ -159,68 +153,16 @@ class MoedService final : public v1::Moed::Service {
   }
 
  private:
-  static constexpr size_t kMaxPromptBytes = 8 << 20;
-
-  // A request's expert_precision is the loosest expert copy it accepts. Every expert runs from
-  // the one copy --expert-precision names, so a request that refuses that copy is refused.
-  absl::Status CheckExpertPrecision(int requested) const {
-    const cache::Precision served =
-        parts_.cache != nullptr ? parts_.cache->options().precision : cache::Precision::kSource;
-    cache::Precision loosest_accepted;
-    switch (requested) {
-      case v1::EXPERT_PRECISION_UNSPECIFIED:
-        return absl::OkStatus();
-      case v1::EXPERT_PRECISION_SOURCE:
-        loosest_accepted = cache::Precision::kSource;
-        break;
-      case v1::EXPERT_PRECISION_ALLOW_INT8:
-        loosest_accepted = cache::Precision::kInt8;
-        break;
-      case v1::EXPERT_PRECISION_ALLOW_INT4:
-        loosest_accepted = cache::Precision::kInt4;
-        break;
-      default:
-        return absl::InvalidArgumentError(absl::StrCat("unknown expert_precision ", requested));
+  absl::StatusOr<GenerateInput> Convert(const v1::GenerateRequest& request,
+                                        const grpc::ServerContext& context) {
+    GenerateInput out;
+    if (!request.prompt().empty()) out.prompt_text = request.prompt();
+    for (uint32_t id : request.prompt_token_ids()) {
+      if (id > static_cast<uint32_t>(INT32_MAX))
+        return absl::InvalidArgumentError("prompt token id out of range");
+      out.prompt_ids.push_back(static_cast<int32_t>(id));
     }
-    auto looseness = [](cache::Precision p) {
-      return p == cache::Precision::kSource ? 0 : p == cache::Precision::kInt8 ? 1 : 2;
-    };
-    if (looseness(served) > looseness(loosest_accepted)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "expert_precision ", v1::ExpertPrecision_Name(requested), " refuses the ",
-          cache::PrecisionName(served), " expert copies this daemon runs (--expert-precision ",
-          cache::PrecisionName(served), ")"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<scheduler::GenerationRequest> Convert(const v1::GenerateRequest& request,
-                                                       const grpc::ServerContext& context) {
-    scheduler::GenerationRequest out;
-    const bool has_text = !request.prompt().empty();
-    const bool has_ids = request.prompt_token_ids_size() > 0;
-    if (has_text == has_ids) {
-      return absl::InvalidArgumentError("give exactly one of prompt and prompt_token_ids");
-    }
-    if (has_text) {
-      if (parts_.tokenizer == nullptr) {
-        return absl::InvalidArgumentError(
-            "this model has no tokenizer: send prompt_token_ids instead of prompt");
-      }
-      if (request.prompt().size() > kMaxPromptBytes)
-        return absl::InvalidArgumentError("prompt is longer than 8 MiB");
-      bool add_special = !request.has_add_special_tokens() || request.add_special_tokens();
-      absl::StatusOr<std::vector<int32_t>> ids =
-          parts_.tokenizer->Encode(request.prompt(), add_special);
-      if (!ids.ok()) return ids.status();
-      out.prompt = *std::move(ids);
-    } else {
-      for (uint32_t id : request.prompt_token_ids()) {
-        if (id > static_cast<uint32_t>(INT32_MAX))
-          return absl::InvalidArgumentError("prompt token id out of range");
-        out.prompt.push_back(static_cast<int32_t>(id));
-      }
-    }
+    out.add_special_tokens = !request.has_add_special_tokens() || request.add_special_tokens();
     const v1::SamplingParams& s = request.sampling();
     out.sampling.max_tokens = s.max_tokens();
     out.sampling.temperature = s.has_temperature() ? s.temperature() : 1.0f;
@@ -238,12 +180,24 @@ class MoedService final : public v1::Moed::Service {
     out.sampling.top_logprobs = s.top_logprobs();
     out.skip_special_tokens = !request.has_skip_special_tokens() || request.skip_special_tokens();
     out.priority = request.priority();
-    MOED_RETURN_IF_ERROR(CheckExpertPrecision(request.expert_precision()));
-    out.id = request.request_id().empty() ? absl::StrCat("req-", next_id_.fetch_add(1))
-                                          : request.request_id();
-    out.default_seed =
-        std::hash<std::string>()(out.id) ^
-        static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    switch (request.expert_precision()) {
+      case v1::EXPERT_PRECISION_UNSPECIFIED:
+        break;
+      case v1::EXPERT_PRECISION_SOURCE:
+        out.loosest_precision = cache::Precision::kSource;
+        break;
+      case v1::EXPERT_PRECISION_ALLOW_INT8:
+        out.loosest_precision = cache::Precision::kInt8;
+        break;
+      case v1::EXPERT_PRECISION_ALLOW_INT4:
+        out.loosest_precision = cache::Precision::kInt4;
+        break;
+      default:
+        return absl::InvalidArgumentError(
+            absl::StrCat("unknown expert_precision ", request.expert_precision()));
+    }
+    out.request_id =
+        request.request_id().empty() ? parts_.core->NewRequestId("req-") : request.request_id();
     auto deadline = context.deadline();
     if (deadline != std::chrono::system_clock::time_point::max()) {
       out.deadline =
@@ -253,7 +207,6 @@ class MoedService final : public v1::Moed::Service {
   }
 
   ServiceParts parts_;
-  std::atomic<uint64_t> next_id_{1};
 };
 
 void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
@@ -454,8 +407,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   }
   daemon->scheduler_ =
       std::make_shared<scheduler::Scheduler>(engine_model, tokenizer, scheduler_options);
+  ServingParts serving;
+  serving.model_name = info.model_name();
+  serving.max_context_tokens = info.max_context_tokens();
+  serving.scheduler = daemon->scheduler_;
+  serving.tokenizer = tokenizer;
+  serving.chat_template = daemon->chat_template_;
+  serving.tool_calls = daemon->tool_call_format_;
+  serving.reasoning = daemon->reasoning_format_;
+  if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
+  daemon->core_ = std::make_shared<ServingCore>(std::move(serving));
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
-                     daemon->store_,  daemon->scheduler_,     tokenizer};
+                     daemon->store_,  daemon->scheduler_,     tokenizer,
+                     daemon->core_};
   daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts));
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;

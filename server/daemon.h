@@ -17,6 +17,7 @@
 #include "scheduler/scheduler.h"
 #include "server/config.h"
 #include "server/health_service.h"
+#include "server/serving_core.h"
 #include "spdlog/logger.h"
 
 namespace moed::server {
@@ -51,6 +52,7 @@ class Daemon {
   std::shared_ptr<const model::ChatTemplate> chat_template_;
   model::ToolCallFormat tool_call_format_ = model::ToolCallFormat::kNone;
   model::ReasoningFormat reasoning_format_ = model::ReasoningFormat::kNone;
+  std::shared_ptr<ServingCore> core_;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;
   std::unique_ptr<grpc::Server> server_;

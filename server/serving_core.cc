@@ -1,0 +1,77 @@
+#include "server/serving_core.h"
+
+#include "absl/strings/str_cat.h"
+#include "util/status_macros.h"
+
+namespace moed::server {
+
+int PrecisionLooseness(cache::Precision precision) {
+  return precision == cache::Precision::kSource ? 0 : precision == cache::Precision::kInt8 ? 1 : 2;
+}
+
+std::string ServingCore::NewRequestId(absl::string_view prefix) {
+  return absl::StrCat(prefix, next_id_.fetch_add(1));
+}
+
+absl::StatusOr<std::vector<int32_t>> ServingCore::Tokenize(const std::string& text,
+                                                           bool add_special) const {
+  if (parts_.tokenizer == nullptr) {
+    return absl::FailedPreconditionError("this model has no tokenizer.json");
+  }
+  if (text.size() > kMaxPromptBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("text is longer than ", kMaxPromptBytes >> 20, " MiB"));
+  }
+  return parts_.tokenizer->Encode(text, add_special);
+}
+
+absl::StatusOr<std::string> ServingCore::RenderChat(const model::ChatTemplateInput& input) const {
+  if (parts_.chat_template == nullptr) {
+    return absl::FailedPreconditionError(
+        "this model has no chat template (give the daemon --chat-template FILE)");
+  }
+  return parts_.chat_template->Render(input, model::LocalNow());
+}
+
+absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::Submit(GenerateInput input) {
+  scheduler::GenerationRequest out;
+  const bool has_text = input.prompt_text.has_value() && !input.prompt_text->empty();
+  const bool has_ids = !input.prompt_ids.empty();
+  if (has_text == has_ids) {
+    return absl::InvalidArgumentError("give exactly one of prompt and prompt_token_ids");
+  }
+  if (has_text) {
+    if (parts_.tokenizer == nullptr) {
+      return absl::InvalidArgumentError(
+          "this model has no tokenizer: send prompt_token_ids instead of prompt");
+    }
+    if (input.prompt_text->size() > kMaxPromptBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt is longer than ", kMaxPromptBytes >> 20, " MiB"));
+    }
+    MOED_ASSIGN_OR_RETURN(out.prompt,
+                          parts_.tokenizer->Encode(*input.prompt_text, input.add_special_tokens));
+  } else {
+    out.prompt = std::move(input.prompt_ids);
+  }
+  if (input.loosest_precision.has_value() &&
+      PrecisionLooseness(parts_.served_precision) > PrecisionLooseness(*input.loosest_precision)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the request refuses the ", cache::PrecisionName(parts_.served_precision),
+                     " expert copies this daemon runs (--expert-precision ",
+                     cache::PrecisionName(parts_.served_precision), ")"));
+  }
+  out.sampling = std::move(input.sampling);
+  out.skip_special_tokens = input.skip_special_tokens;
+  out.priority = input.priority;
+  out.deadline = input.deadline;
+  out.id = input.request_id.empty() ? NewRequestId("req-") : std::move(input.request_id);
+  out.default_seed =
+      input.default_seed != 0
+          ? input.default_seed
+          : std::hash<std::string>()(out.id) ^
+                static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  return parts_.scheduler->Submit(std::move(out));
+}
+
+}  // namespace moed::server
