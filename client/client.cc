@@ -11,19 +11,24 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
 }
 
 std::unique_ptr<Client> Client::Create(const std::string& address,
-                                       std::chrono::milliseconds timeout) {
-  return std::unique_ptr<Client>(
-      new Client(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), timeout));
+                                       std::chrono::milliseconds timeout,
+                                       const std::string& api_key) {
+  return std::unique_ptr<Client>(new Client(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()), timeout, api_key));
 }
 
-Client::Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout)
+Client::Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout,
+               std::string api_key)
     : channel_(std::move(channel)),
       moed_(v1::Moed::NewStub(channel_)),
       health_(grpc::health::v1::Health::NewStub(channel_)),
-      timeout_(timeout) {}
+      timeout_(timeout),
+      api_key_(std::move(api_key)) {}
 
+// Every call sets its deadline (and the API key) here.
 void Client::SetDeadline(grpc::ClientContext* context) const {
   context->set_deadline(std::chrono::system_clock::now() + timeout_);
+  if (!api_key_.empty()) context->AddMetadata("authorization", "Bearer " + api_key_);
 }
 
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Health(

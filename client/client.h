@@ -19,8 +19,10 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 class Client {
  public:
   // Does not connect yet: the first call does, within its timeout.
+  // `api_key`, when not empty, goes with every call as "authorization: Bearer KEY".
   static std::unique_ptr<Client> Create(const std::string& address,
-                                        std::chrono::milliseconds timeout);
+                                        std::chrono::milliseconds timeout,
+                                        const std::string& api_key = "");
 
   // grpc.health.v1 Check for `service` ("" for the daemon as a whole).
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
@@ -34,13 +36,15 @@ class Client {
                         const std::function<bool(const v1::GenerateResponse&)>& on_message);
 
  private:
-  Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout);
+  Client(std::shared_ptr<grpc::Channel> channel, std::chrono::milliseconds timeout,
+         std::string api_key);
   void SetDeadline(grpc::ClientContext* context) const;
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Moed::Stub> moed_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
   std::chrono::milliseconds timeout_;
+  std::string api_key_;
 };
 
 }  // namespace moed::client

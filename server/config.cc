@@ -226,6 +226,31 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .metavar = "HOST:PORT",
                  .help = "gRPC address; port 0 picks a free port. The first line on stdout is "
                          "'listening on HOST:PORT'"});
+    o.push_back({.name = "http-listen",
+                 .field = F(&DaemonConfig::http_listen),
+                 .metavar = "HOST:PORT",
+                 .help = "OpenAI-compatible HTTP API, /health, /ready; port 0 picks a free port, "
+                         "\"\" turns it off. The second line on stdout is 'http listening on "
+                         "HOST:PORT'"});
+    o.push_back({.name = "api-key",
+                 .field = F(&DaemonConfig::api_key),
+                 .metavar = "KEY",
+                 .help = "when set, HTTP /v1/* requests need 'Authorization: Bearer KEY' and gRPC "
+                         "calls the same 'authorization' metadata (health and readiness stay "
+                         "open)"});
+    o.push_back({.name = "max-connections",
+                 .field = F(&DaemonConfig::max_connections),
+                 .metavar = "N",
+                 .help = "open HTTP connections at most; beyond it a new one gets 503",
+                 .min_value = 1,
+                 .max_value = 1 << 20});
+    o.push_back({.name = "http-max-body-bytes",
+                 .field = F(&DaemonConfig::http_max_body_bytes),
+                 .metavar = "BYTES",
+                 .help = "largest HTTP request body; a larger one gets 413",
+                 .min_value = 1024,
+                 .max_value = 1ll << 30,
+                 .byte_size = true});
     o.push_back({.name = "config",
                  .field = F(&DaemonConfig::config),
                  .metavar = "FILE",
@@ -398,6 +423,10 @@ absl::Status ValidateConfig(const DaemonConfig& config) {
   std::string host;
   int port = 0;
   MOED_RETURN_IF_ERROR(WithContext("--listen", SplitHostPort(config.listen, &host, &port)));
+  if (!config.http_listen.empty()) {
+    MOED_RETURN_IF_ERROR(
+        WithContext("--http-listen", SplitHostPort(config.http_listen, &host, &port)));
+  }
   if (config.model.empty() && config.store.empty()) {
     return absl::InvalidArgumentError(
         "no model to serve: pass --model DIR or --store DIR (or set MOED_MODEL)");

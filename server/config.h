@@ -26,6 +26,10 @@ struct DaemonConfig {
   std::string eviction_scope = "layer";
   int64_t io_queue_depth = 16;
   std::string listen = "127.0.0.1:50051";
+  std::string http_listen = "127.0.0.1:8000";
+  std::string api_key;
+  int64_t max_connections = 4096;
+  int64_t http_max_body_bytes = 8 << 20;
   std::string config;
   std::string served_model_name;
   std::string chat_template;

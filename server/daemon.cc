@@ -1,6 +1,10 @@
 #include "server/daemon.h"
 
+#include <sys/resource.h>
+
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -37,6 +41,7 @@ struct ServiceParts {
   std::shared_ptr<scheduler::Scheduler> scheduler;
   std::shared_ptr<const model::Tokenizer> tokenizer;
   std::shared_ptr<ServingCore> core;
+  std::string api_key;
 };
 
 grpc::Status ToGrpc(const absl::Status& status) {
@@ -62,8 +67,9 @@ class MoedService final : public v1::Moed::Service {
  public:
   explicit MoedService(ServiceParts parts) : parts_(std::move(parts)) {}
 
-  grpc::Status ModelInfo(grpc::ServerContext* /*context*/, const v1::ModelInfoRequest* /*request*/,
+  grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* /*request*/,
                          v1::ModelInfoResponse* response) override {
+    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
     *response = parts_.info;
     // Free memory changes as the daemon runs: read it now.
     if (absl::StatusOr<kernels::DeviceInfo> device = parts_.backend->device(); device.ok()) {
@@ -80,6 +86,7 @@ class MoedService final : public v1::Moed::Service {
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
     absl::StatusOr<GenerateInput> converted = Convert(*request, *context);
     if (!converted.ok()) return ToGrpc(converted.status());
     std::string request_id = converted->request_id;
@@ -140,8 +147,9 @@ class MoedService final : public v1::Moed::Service {
     }
   }
 
-  grpc::Status Tokenize(grpc::ServerContext* /*context*/, const v1::TokenizeRequest* request,
+  grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* request,
                         v1::TokenizeResponse* response) override {
+    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
     auto ids = parts_.core->Tokenize(
         request->text(), request->has_add_special_tokens() && request->add_special_tokens());
     if (!ids.ok()) return ToGrpc(ids.status());
@@ -153,6 +161,17 @@ class MoedService final : public v1::Moed::Service {
   }
 
  private:
+  grpc::Status Authorize(const grpc::ServerContext& context) const {
+    if (parts_.api_key.empty()) return grpc::Status::OK;
+    auto it = context.client_metadata().find("authorization");
+    absl::string_view given = it == context.client_metadata().end()
+                                  ? ""
+                                  : absl::string_view(it->second.data(), it->second.size());
+    if (BearerMatches(given, parts_.api_key)) return grpc::Status::OK;
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "a valid API key is needed: send 'authorization: Bearer KEY' metadata");
+  }
+
   absl::StatusOr<GenerateInput> Convert(const v1::GenerateRequest& request,
                                         const grpc::ServerContext& context) {
     GenerateInput out;
@@ -417,9 +436,15 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   serving.reasoning = daemon->reasoning_format_;
   if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
   daemon->core_ = std::make_shared<ServingCore>(std::move(serving));
+  OpenAiServiceOptions openai;
+  openai.api_key = config.api_key;
+  openai.system_fingerprint = absl::StrCat("moed-", MOED_VERSION, "-", info.backend());
+  Daemon* self = daemon.get();
+  openai.ready = [self] { return !self->draining_.load(); };
+  daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
                      daemon->store_,  daemon->scheduler_,     tokenizer,
-                     daemon->core_};
+                     daemon->core_,   config.api_key};
   daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts));
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;
@@ -429,7 +454,24 @@ Daemon::~Daemon() {
   if (server_) Shutdown(std::chrono::milliseconds(0));
 }
 
-absl::StatusOr<std::string> Daemon::Start() {
+namespace {
+
+// Each open HTTP connection holds a descriptor: take the hard limit, not the soft default.
+void RaiseDescriptorLimit(spdlog::logger& log) {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+  const rlim_t before = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+    log.info("open file limit raised from {} to {}", before, limit.rlim_max);
+  } else {
+    log.warn("open file limit stays at {}: {}", before, std::strerror(errno));
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<Daemon::Addresses> Daemon::Start() {
   std::string host;
   int port = 0;
   MOED_RETURN_IF_ERROR(SplitHostPort(config_.listen, &host, &port));
@@ -449,15 +491,37 @@ absl::StatusOr<std::string> Daemon::Start() {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", config_.listen, " (address in use or not local?)"));
   }
+  Addresses addresses;
+  addresses.grpc = absl::StrCat(host, ":", bound_port);
+  if (!config_.http_listen.empty()) {
+    RaiseDescriptorLimit(*logger_);
+    HttpLimits limits;
+    limits.max_connections = config_.max_connections;
+    limits.max_body_bytes = static_cast<size_t>(config_.http_max_body_bytes);
+    OpenAiService* service = openai_service_.get();
+    absl::StatusOr<std::unique_ptr<HttpServer>> http =
+        HttpServer::Start(config_.http_listen, limits,
+                          [service](HttpRequest request, std::shared_ptr<HttpExchange> exchange) {
+                            service->Handle(std::move(request), std::move(exchange));
+                          });
+    if (!http.ok()) {
+      server_->Shutdown();
+      server_.reset();
+      return http.status();
+    }
+    http_server_ = *std::move(http);
+    addresses.http = http_server_->address();
+    logger_->info("serving HTTP on {}", addresses.http);
+  }
   // The model is loaded before Start(), so the daemon is ready as soon as it listens.
   health_service_->SetStatus("", grpc::health::v1::HealthCheckResponse::SERVING);
   health_service_->SetStatus("moed.v1.Moed", grpc::health::v1::HealthCheckResponse::SERVING);
-  std::string address = absl::StrCat(host, ":", bound_port);
-  logger_->info("serving gRPC on {}", address);
-  return address;
+  logger_->info("serving gRPC on {}", addresses.grpc);
+  return addresses;
 }
 
 void Daemon::Drain(std::chrono::seconds limit) {
+  draining_ = true;
   scheduler_->StopAccepting();
   health_service_->Shutdown();
   auto deadline = std::chrono::steady_clock::now() + limit;
@@ -468,6 +532,7 @@ void Daemon::Drain(std::chrono::seconds limit) {
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {
+  if (http_server_) http_server_->Stop();
   if (!server_) return;
   health_service_->Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() + grace);

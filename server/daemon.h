@@ -2,6 +2,7 @@
 // serves the gRPC API until told to stop.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -17,6 +18,8 @@
 #include "scheduler/scheduler.h"
 #include "server/config.h"
 #include "server/health_service.h"
+#include "server/http_server.h"
+#include "server/openai_service.h"
 #include "server/serving_core.h"
 #include "spdlog/logger.h"
 
@@ -30,8 +33,12 @@ class Daemon {
                                                         std::shared_ptr<spdlog::logger> logger);
   ~Daemon();
 
-  // Binds the listening address and starts serving; returns the bound "host:port".
-  absl::StatusOr<std::string> Start();
+  struct Addresses {
+    std::string grpc;  // the bound "host:port"
+    std::string http;  // empty when --http-listen is ""
+  };
+  // Binds the listening addresses and starts serving.
+  absl::StatusOr<Addresses> Start();
   // Stops accepting requests (new ones get UNAVAILABLE, health says NOT_SERVING) and waits up
   // to `limit` for those in flight to finish.
   void Drain(std::chrono::seconds limit);
@@ -46,6 +53,10 @@ class Daemon {
   std::unique_ptr<kernels::Backend> backend_;
   std::shared_ptr<cache::Store> store_;
   std::shared_ptr<cache::ExpertCache> cache_;
+  // Declared before the scheduler, so destroyed after it: no event reaches a dead connection.
+  std::unique_ptr<HttpServer> http_server_;
+  std::unique_ptr<OpenAiService> openai_service_;
+  std::atomic<bool> draining_{false};
   std::shared_ptr<scheduler::Scheduler> scheduler_;
   // The model's chat template (null when it has none) and how its output is parsed; the chat
   // interfaces render and parse with these.

@@ -141,6 +141,10 @@ class Session : public std::enable_shared_from_this<Session> {
     on_disconnect_ = std::move(callback);
   }
 
+  void DoPost(uint64_t exchange, const std::function<void()>& work) {
+    if (Current(exchange)) work();
+  }
+
   net::any_io_executor executor() { return stream_.get_executor(); }
 
  private:
@@ -309,40 +313,46 @@ class Exchange final : public HttpExchange {
  public:
   Exchange(std::weak_ptr<Session> session, uint64_t id) : session_(std::move(session)), id_(id) {}
 
+  // The posted calls capture the exchange's id, not the exchange: it may be gone by then.
   void Respond(int status, std::string content_type, std::string body, Headers headers) override {
-    Post([=, this, body = std::move(body)](Session& s) mutable {
-      s.DoRespond(id_, status, content_type, std::move(body), headers);
+    Dispatch([id = id_, status, content_type = std::move(content_type), body = std::move(body),
+              headers = std::move(headers)](Session& s) mutable {
+      s.DoRespond(id, status, std::move(content_type), std::move(body), std::move(headers));
     });
   }
   void StartStream(int status, std::string content_type, Headers headers) override {
-    Post([=, this](Session& s) { s.DoStart(id_, status, content_type, headers); });
+    Dispatch([id = id_, status, content_type = std::move(content_type),
+              headers = std::move(headers)](Session& s) mutable {
+      s.DoStart(id, status, std::move(content_type), std::move(headers));
+    });
   }
   void Send(std::string data) override {
-    Post([this, data = std::move(data)](Session& s) mutable { s.DoSend(id_, std::move(data)); });
+    Dispatch(
+        [id = id_, data = std::move(data)](Session& s) mutable { s.DoSend(id, std::move(data)); });
   }
   void End() override {
-    Post([this](Session& s) { s.DoEnd(id_); });
+    Dispatch([id = id_](Session& s) { s.DoEnd(id); });
+  }
+  void Post(std::function<void()> work) override {
+    Dispatch([id = id_, work = std::move(work)](Session& s) { s.DoPost(id, work); });
   }
   void OnDisconnect(std::function<void()> callback) override {
     if (session_.expired()) return callback();  // gone already
-    Post([this, callback = std::move(callback)](Session& s) mutable {
-      s.DoOnDisconnect(id_, std::move(callback));
+    Dispatch([id = id_, callback = std::move(callback)](Session& s) mutable {
+      s.DoOnDisconnect(id, std::move(callback));
     });
   }
 
  private:
   template <typename F>
-  void Post(F f) {
+  void Dispatch(F f) {
     std::shared_ptr<Session> session = session_.lock();
     if (!session) return;
-    // The exchange stays alive until the posted call has run.
-    net::post(session->executor(),
-              [session, f = std::move(f), keep = keep_]() mutable { f(*session); });
+    net::post(session->executor(), [session, f = std::move(f)]() mutable { f(*session); });
   }
 
   std::weak_ptr<Session> session_;
   uint64_t id_;
-  std::shared_ptr<int> keep_ = std::make_shared<int>(0);
 };
 
 std::shared_ptr<HttpExchange> Session::MakeExchange() {

@@ -56,6 +56,9 @@ class HttpExchange {
   // Called once, on the connection's thread, if the client goes away before the response
   // ends (closes the connection, or stops reading past the write timeout).
   virtual void OnDisconnect(std::function<void()> callback) = 0;
+  // Runs `work` on the connection's thread, in order with the calls above; dropped once the
+  // exchange has ended or the client has gone.
+  virtual void Post(std::function<void()> work) = 0;
 };
 
 using HttpHandler = std::function<void(HttpRequest, std::shared_ptr<HttpExchange>)>;

@@ -53,13 +53,15 @@ int Run(int argc, char** argv) {
     std::cerr << "moed: error: " << daemon.status().message() << "\n";
     return 1;
   }
-  absl::StatusOr<std::string> address = (*daemon)->Start();
-  if (!address.ok()) {
-    (*logger)->error("cannot start: {}", address.status().message());
-    std::cerr << "moed: error: " << address.status().message() << "\n";
+  absl::StatusOr<moed::server::Daemon::Addresses> addresses = (*daemon)->Start();
+  if (!addresses.ok()) {
+    (*logger)->error("cannot start: {}", addresses.status().message());
+    std::cerr << "moed: error: " << addresses.status().message() << "\n";
     return 1;
   }
-  std::cout << "listening on " << *address << std::endl;
+  std::cout << "listening on " << addresses->grpc << "\n";
+  if (!addresses->http.empty()) std::cout << "http listening on " << addresses->http << "\n";
+  std::cout << std::flush;
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);

@@ -30,7 +30,8 @@ const fs::path& TestModel() {
 
 struct RunningDaemon {
   explicit RunningDaemon(std::vector<std::string> extra_args = {}) {
-    std::vector<std::string> argv = {MOED_BINARY, "--model", TestModel().string(), "--listen",
+    std::vector<std::string> argv = {MOED_BINARY,  "--model",     TestModel().string(),
+                                     "--listen",   "127.0.0.1:0", "--http-listen",
                                      "127.0.0.1:0"};
     argv.insert(argv.end(), extra_args.begin(), extra_args.end());
     process = std::make_unique<ChildProcess>(argv);
@@ -39,9 +40,14 @@ struct RunningDaemon {
     REQUIRE(line.has_value());
     REQUIRE(line->rfind("listening on 127.0.0.1:", 0) == 0);
     address = line->substr(std::string("listening on ").size());
+    line = process->ReadStdoutLine(std::chrono::seconds(30));
+    REQUIRE(line.has_value());
+    REQUIRE(line->rfind("http listening on 127.0.0.1:", 0) == 0);
+    http_address = line->substr(std::string("http listening on ").size());
   }
   std::unique_ptr<ChildProcess> process;
   std::string address;
+  std::string http_address;
 };
 
 TEST_CASE("the daemon serves Health and ModelInfo for its model, then stops on SIGTERM") {
@@ -130,7 +136,8 @@ TEST_CASE("bad flags, config files and models exit non-zero with a one-line erro
       {{"--model", TestModel().string(), "--chat-template", bad_template.string()},
        1,
        "moed: error: " + bad_template.string() +
-           ": chat template: template line 2: unexpected end of template, expected 'else' or 'endfor'"},
+           ": chat template: template line 2: unexpected end of template, expected 'else' or "
+           "'endfor'"},
       {{"--model", TestModel().string(), "--tool-call-parser", "xml"},
        2,
        "moed: error: --tool-call-parser: 'xml' is not one of auto, none, hermes, mistral"},
@@ -186,8 +193,8 @@ TEST_CASE("moectl chat-template renders a model's own template with its special 
 
 TEST_CASE("a taken port is reported and the daemon exits 1") {
   RunningDaemon first;
-  CommandResult second =
-      RunCommand({MOED_BINARY, "--model", TestModel().string(), "--listen", first.address});
+  CommandResult second = RunCommand({MOED_BINARY, "--model", TestModel().string(), "--listen",
+                                     first.address, "--http-listen", ""});
   CHECK(second.exit_code == 1);
   CHECK(second.err.find("cannot listen on " + first.address) != std::string::npos);
 }
@@ -268,15 +275,16 @@ TEST_CASE("the daemon serves an expert store and refuses a budget below the mini
   if (!fs::exists(store))
     REQUIRE(tools::Pack(TestModel().string(), store.string(), tools::PackOptions{}).ok());
   // Two slots of the tiny qwen2 source blobs are the minimum.
-  CommandResult too_small = RunCommand({MOED_BINARY, "--store", store.string(),
-                                        "--device-cache-bytes", "4K", "--listen", "127.0.0.1:0"});
+  CommandResult too_small =
+      RunCommand({MOED_BINARY, "--store", store.string(), "--device-cache-bytes", "4K", "--listen",
+                  "127.0.0.1:0", "--http-listen", ""});
   CHECK(too_small.exit_code == 1);
   CHECK(too_small.err.find("device cache budget of 4096 bytes is below the minimum of") !=
         std::string::npos);
 
   std::vector<std::string> argv = {
-      MOED_BINARY,          "--store", store.string(), "--device-cache-bytes", "1M",
-      "--host-cache-bytes", "512K",    "--listen",     "127.0.0.1:0"};
+      MOED_BINARY, "--store",  store.string(), "--device-cache-bytes", "1M", "--host-cache-bytes",
+      "512K",      "--listen", "127.0.0.1:0",  "--http-listen",        ""};
   ChildProcess daemon(argv);
   auto line = daemon.ReadStdoutLine(std::chrono::seconds(30));
   REQUIRE(line.has_value());

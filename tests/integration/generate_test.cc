@@ -43,7 +43,7 @@ const fs::path& Store() {
 struct Daemon {
   // Serves Model(), or with `extra` starting "--store" the store it names.
   explicit Daemon(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0"};
+    std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0", "--http-listen", ""};
     if (extra.empty() || extra.front() != "--store") {
       argv.push_back("--model");
       argv.push_back(Model().string());
@@ -266,8 +266,8 @@ TEST_CASE("a checkpoint without a tokenizer serves token ids only") {
     fs::copy(Model(), bare);
     fs::remove(bare / "tokenizer.json");
   }
-  std::vector<std::string> argv = {MOED_BINARY, "--model", bare.string(), "--listen",
-                                   "127.0.0.1:0"};
+  std::vector<std::string> argv = {
+      MOED_BINARY, "--model", bare.string(), "--listen", "127.0.0.1:0", "--http-listen", ""};
   ChildProcess process(argv);
   auto line = process.ReadStdoutLine(std::chrono::seconds(30));
   REQUIRE(line.has_value());

@@ -28,7 +28,7 @@ class PythonClientTest(unittest.TestCase):
         subprocess.run([os.environ["MOED_SYNTH_BINARY"], "--arch", "olmoe", "--preset", "tiny",
                         "--out", cls.model], check=True, stdout=subprocess.DEVNULL)
         cls.daemon = subprocess.Popen(
-            [os.environ["MOED_BINARY"], "--model", cls.model, "--listen", "127.0.0.1:0"],
+            [os.environ["MOED_BINARY"], "--model", cls.model, "--listen", "127.0.0.1:0", "--http-listen", ""],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = cls.daemon.stdout.readline().strip()
         assert line.startswith("listening on "), line
