@@ -28,6 +28,8 @@ install_deps() {
   for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
+  # Node.js and npm run the OpenAI SDK test; a machine that has them from elsewhere keeps them.
+  command -v npm >/dev/null || missing+=(nodejs npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   say "installing ${#missing[@]} Debian packages: ${missing[*]}"
   local sudo=()
@@ -80,6 +82,14 @@ MSG
   exec "$ROOT/build/server/moed" --model "$ROOT/models/demo" "$@"
 }
 
+# The official OpenAI SDK, pinned in tests/openai/package-lock.json, for the HTTP API's test.
+install_test_clients() {
+  if [ ! -f "$ROOT/tests/openai/node_modules/openai/package.json" ]; then
+    say "installing the OpenAI SDK for the HTTP API test (npm ci)"
+    (cd "$ROOT/tests/openai" && npm ci --no-audit --no-fund --loglevel=error) >&2
+  fi
+}
+
 cmd_test() {
   local sanitize="" slow=0
   while [ $# -gt 0 ]; do
@@ -91,6 +101,7 @@ cmd_test() {
     esac
   done
   install_deps
+  install_test_clients
   local shared; shared=$(shared_dir)
   local ctest_filter=() conformance_note=""
   if [ ! -d "$shared/golden" ]; then
