@@ -239,7 +239,7 @@ void ParseMessages(Fields& f, const Json& body, OpenAiRequest& r) {
   }
 }
 
-void ParseTools(Fields& f, const Json& body, OpenAiRequest& r) {
+void ParseTools(Fields& f, OpenAiRequest& r) {
   r.tools = nullptr;
   if (const Json* tools = f.Get("tools")) {
     if (!tools->is_array()) return f.Fail("tools", "'tools' must be a list");
@@ -301,7 +301,7 @@ std::variant<OpenAiRequest, OpenAiError> ParseOpenAiRequest(OpenAiEndpoint endpo
   if (model) r.model = *model;
   if (chat) {
     ParseMessages(f, body, r);
-    ParseTools(f, body, r);
+    ParseTools(f, r);
   } else {
     ParsePrompts(f, body, limits, r);
     if (std::optional<bool> echo = f.Bool("echo")) r.echo = *echo;
