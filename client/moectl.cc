@@ -29,6 +29,7 @@ struct GlobalOptions {
   std::string server = "127.0.0.1:50051";
   bool json = false;
   double timeout_seconds = 10;
+  std::string api_key;
 };
 
 std::string ToJson(const google::protobuf::Message& message) {
@@ -52,7 +53,8 @@ int Fail(const absl::Status& status, const GlobalOptions& options) {
 std::unique_ptr<moed::client::Client> Connect(const GlobalOptions& options) {
   return moed::client::Client::Create(
       options.server,
-      std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)));
+      std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)),
+      options.api_key);
 }
 
 int RunHealth(const GlobalOptions& options, const std::string& service) {
@@ -369,11 +371,14 @@ int RunChatTemplate(const std::string& template_file, const std::string& model_d
 int main(int argc, char** argv) try {
   GlobalOptions options;
   if (const char* env = std::getenv("MOED_SERVER"); env != nullptr) options.server = env;
+  if (const char* env = std::getenv("MOED_API_KEY"); env != nullptr) options.api_key = env;
   CLI::App app{"moectl: command-line client for the moed daemon"};
   app.require_subcommand(1);
   app.add_option("--server", options.server, "daemon address HOST:PORT (env MOED_SERVER)")
       ->capture_default_str();
   app.add_flag("--json", options.json, "print one JSON object per line");
+  app.add_option("--api-key", options.api_key,
+                 "the daemon's --api-key, sent as 'authorization: Bearer KEY' (env MOED_API_KEY)");
   app.add_option("--timeout", options.timeout_seconds, "seconds to wait for the daemon")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

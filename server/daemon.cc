@@ -532,7 +532,7 @@ void Daemon::Drain(std::chrono::seconds limit) {
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {
-  if (http_server_) http_server_->Stop();
+  if (http_server_) http_server_->Stop(std::max(grace, std::chrono::milliseconds(5000)));
   if (!server_) return;
   health_service_->Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() + grace);

@@ -105,9 +105,12 @@ class Session : public std::enable_shared_from_this<Session> {
     net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->Read(); });
   }
 
-  // Closes the connection (server stopping).
+  // The server is stopping: close now if no response is in progress, else once it ends.
   void Close() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] { self->Abort(); });
+    net::post(stream_.get_executor(), [self = shared_from_this()] {
+      self->closing_ = true;
+      if (!self->in_exchange_) self->Abort();
+    });
   }
 
   // --- called on the connection's strand through Exchange -----------------------------
@@ -268,7 +271,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!ended_) return;
     in_exchange_ = false;
     on_disconnect_ = nullptr;
-    if (!keep_alive_) {
+    if (!keep_alive_ || closing_) {
       beast::error_code ignored;
       stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
       return Abort();
@@ -306,6 +309,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool ended_ = false;
   bool writing_ = false;
   bool watching_ = false;
+  bool closing_ = false;
   bool gone_ = false;
 };
 
@@ -439,7 +443,7 @@ absl::StatusOr<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string&
 
 int64_t HttpServer::connections() const { return state_ ? state_->connections.load() : 0; }
 
-void HttpServer::Stop() {
+void HttpServer::Stop(std::chrono::milliseconds grace) {
   if (!state_ || threads_.empty()) return;
   net::post(state_->acceptor.get_executor(), [state = state_.get()] {
     beast::error_code ignored;
@@ -451,8 +455,9 @@ void HttpServer::Stop() {
       if (std::shared_ptr<Session> session = weak.lock()) session->Close();
     }
   }
-  // Let the closes run, then stop whatever is left.
-  for (int i = 0; i < 100 && state_->connections.load() > 0; ++i) {
+  // Responses in progress end within the grace; then whatever is left is cut.
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  while (state_->connections.load() > 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   state_->ioc.stop();
@@ -460,6 +465,6 @@ void HttpServer::Stop() {
   threads_.clear();
 }
 
-HttpServer::~HttpServer() { Stop(); }
+HttpServer::~HttpServer() { Stop(std::chrono::milliseconds(0)); }
 
 }  // namespace moed::server

@@ -77,8 +77,9 @@ class HttpServer {
   const std::string& address() const { return address_; }
   // Connections open now (idle, reading, or answering).
   int64_t connections() const;
-  // Stops accepting, closes every connection and joins the threads.
-  void Stop();
+  // Stops accepting and closes idle connections; a response in progress may end within
+  // `grace`, then what is left is closed and the threads are joined.
+  void Stop(std::chrono::milliseconds grace);
 
   struct State;
 

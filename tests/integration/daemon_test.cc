@@ -191,6 +191,23 @@ TEST_CASE("moectl chat-template renders a model's own template with its special 
   CHECK(result.err == "Unexpected message role: robot\n");
 }
 
+TEST_CASE("with --api-key, gRPC calls need the key; health stays open") {
+  RunningDaemon daemon({"--api-key", "sesame"});
+  auto anonymous = client::Client::Create(daemon.address, std::chrono::seconds(10));
+  CHECK(*anonymous->Health() == HealthCheckResponse::SERVING);
+  CHECK(anonymous->ModelInfo().status().code() == absl::StatusCode::kUnauthenticated);
+  auto wrong = client::Client::Create(daemon.address, std::chrono::seconds(10), "sesam");
+  CHECK(wrong->ModelInfo().status().code() == absl::StatusCode::kUnauthenticated);
+  auto keyed = client::Client::Create(daemon.address, std::chrono::seconds(10), "sesame");
+  CHECK(keyed->ModelInfo().ok());
+  CommandResult refused = RunCommand({MOECTL_BINARY, "--server", daemon.address, "info"});
+  CHECK(refused.exit_code == 1);
+  CHECK(refused.err.find("UNAUTHENTICATED") != std::string::npos);
+  CommandResult allowed =
+      RunCommand({MOECTL_BINARY, "--server", daemon.address, "--api-key", "sesame", "info"});
+  CHECK(allowed.exit_code == 0);
+}
+
 TEST_CASE("a taken port is reported and the daemon exits 1") {
   RunningDaemon first;
   CommandResult second = RunCommand({MOED_BINARY, "--model", TestModel().string(), "--listen",

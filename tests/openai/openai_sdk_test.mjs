@@ -168,12 +168,19 @@ test('an API key is required when the daemon has one', async () => {
   assert.equal(out.usage.completion_tokens, 2);
 });
 
+// The demo preset: a context long enough for a stream still running when something happens.
+let demoDir = null;
+function demoModel() {
+  if (demoDir === null) {
+    demoDir = join(work, 'demo');
+    execFileSync(process.env.MOED_SYNTH_BINARY,
+                 ['--arch', 'mixtral', '--preset', 'demo', '--out', demoDir], { stdio: 'ignore' });
+  }
+  return demoDir;
+}
+
 test('a client that disconnects mid-stream frees its slot', async () => {
-  // The demo preset: a context long enough for a stream still running when the client leaves.
-  const demoDir = join(work, 'demo');
-  execFileSync(process.env.MOED_SYNTH_BINARY,
-               ['--arch', 'mixtral', '--preset', 'demo', '--out', demoDir], { stdio: 'ignore' });
-  const demo = await startDaemon([], demoDir);
+  const demo = await startDaemon([], demoModel());
   const demoClient = new OpenAI({ baseURL: `http://${demo.http}/v1`, apiKey: 'unused', maxRetries: 0 });
   const controller = new AbortController();
   const stream = await demoClient.chat.completions.create(
@@ -198,4 +205,28 @@ test('a client that disconnects mid-stream frees its slot', async () => {
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   assert.equal(requestsRunning(demo.grpc), 0);
+});
+
+test('while draining, /ready is 503 and new requests get 503; running streams finish', async () => {
+  const demo = await startDaemon(['--drain-seconds', '60'], demoModel());
+  const base = `http://${demo.http}`;
+  const demoClient = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+  assert.equal((await fetch(`${base}/ready`)).status, 200);
+  const stream = await demoClient.completions.create(
+    { model: 'demo', prompt: 'A long story', max_tokens: 1500, ignore_eos: true, stream: true });
+  const iterator = stream[Symbol.asyncIterator]();
+  await iterator.next();  // running
+  daemons.at(-1).kill('SIGTERM');
+  const deadline = Date.now() + 10000;
+  while ((await fetch(`${base}/ready`)).status !== 503 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  assert.equal((await fetch(`${base}/ready`)).status, 503);
+  await assert.rejects(demoClient.completions.create({ model: 'demo', prompt: 'late', max_tokens: 2 }),
+                       (error) => error.status === 503);
+  let finish = null;
+  for (let next = await iterator.next(); !next.done; next = await iterator.next()) {
+    if (next.value.choices[0]?.finish_reason) finish = next.value.choices[0].finish_reason;
+  }
+  assert.equal(finish, 'length');
 });
