@@ -232,18 +232,17 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnReadable(beast::error_code ec) {
     if (gone_) return;
-    if (ec == net::error::operation_aborted) {
-      if (!in_exchange_) Read();  // the response ended: read the next request
-      return;
+    if (!in_exchange_) {
+      // The response ended while the watch was pending (cancelled, or the next request is
+      // already here): read the next request.
+      if (ec && ec != net::error::operation_aborted) return Abort();
+      return Read();
     }
     if (!ec) {
       char byte;
       ssize_t n = ::recv(stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
       if (n > 0) return;  // pipelined bytes: read them after this response
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        if (in_exchange_) WatchForClose();
-        return;
-      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return WatchForClose();
     }
     Abort();
   }
