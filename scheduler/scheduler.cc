@@ -54,13 +54,13 @@ void RequestHandle::Push(StreamEvent event) {
 }
 
 void RequestHandle::SetListener(std::function<void()> listener) {
-  bool pending;
+  std::function<void()> call_now;
   {
     std::lock_guard lock(mutex_);
-    listener_ = listener;
-    pending = !events_.empty();
+    listener_ = std::move(listener);
+    if (!events_.empty()) call_now = listener_;
   }
-  if (pending && listener) listener();
+  if (call_now) call_now();
 }
 
 bool RequestHandle::cancelled() const {

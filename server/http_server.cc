@@ -114,20 +114,20 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   // --- called on the connection's strand through Exchange -----------------------------
-  void DoRespond(uint64_t exchange, int status, std::string content_type, std::string body,
-                 HttpExchange::Headers headers) {
+  void DoRespond(uint64_t exchange, int status, const std::string& content_type,
+                 const std::string& body, const HttpExchange::Headers& headers) {
     if (!Current(exchange) || started_) return;
     started_ = true;
     ended_ = true;
     Queue(Head(status, content_type, headers, keep_alive_, body.size()) + body);
   }
-  void DoStart(uint64_t exchange, int status, std::string content_type,
-               HttpExchange::Headers headers) {
+  void DoStart(uint64_t exchange, int status, const std::string& content_type,
+               const HttpExchange::Headers& headers) {
     if (!Current(exchange) || started_) return;
     started_ = true;
     Queue(Head(status, content_type, headers, keep_alive_, std::nullopt));
   }
-  void DoSend(uint64_t exchange, std::string data) {
+  void DoSend(uint64_t exchange, const std::string& data) {
     if (!Current(exchange) || !started_ || ended_ || data.empty()) return;
     Queue(Chunk(data));
   }
@@ -191,7 +191,7 @@ class Session : public std::enable_shared_from_this<Session> {
                                          state_.limits.max_header_bytes, " bytes")
                           : "malformed HTTP request",
           R"(","type":"invalid_request_error","param":null,"code":null}})");
-      DoRespond(exchange_id_, status, "application/json", std::move(body), {});
+      DoRespond(exchange_id_, status, "application/json", body, {});
       return;
     }
     http::request<http::string_body> message = parser_->release();
@@ -320,18 +320,17 @@ class Exchange final : public HttpExchange {
   void Respond(int status, std::string content_type, std::string body, Headers headers) override {
     Dispatch([id = id_, status, content_type = std::move(content_type), body = std::move(body),
               headers = std::move(headers)](Session& s) mutable {
-      s.DoRespond(id, status, std::move(content_type), std::move(body), std::move(headers));
+      s.DoRespond(id, status, content_type, body, headers);
     });
   }
   void StartStream(int status, std::string content_type, Headers headers) override {
     Dispatch([id = id_, status, content_type = std::move(content_type),
               headers = std::move(headers)](Session& s) mutable {
-      s.DoStart(id, status, std::move(content_type), std::move(headers));
+      s.DoStart(id, status, content_type, headers);
     });
   }
   void Send(std::string data) override {
-    Dispatch(
-        [id = id_, data = std::move(data)](Session& s) mutable { s.DoSend(id, std::move(data)); });
+    Dispatch([id = id_, data = std::move(data)](Session& s) mutable { s.DoSend(id, data); });
   }
   void End() override {
     Dispatch([id = id_](Session& s) { s.DoEnd(id); });
