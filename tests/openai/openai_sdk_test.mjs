@@ -143,6 +143,37 @@ test('the same seed gives the same tokens', async () => {
   assert.equal(a.choices[0].text, b.choices[0].text);
 });
 
+test('logprobs come in the shape of each API; echo puts the prompt first', async () => {
+  const out = await client.completions.create({
+    model: 'tiny-chat', prompt: 'The clockmaker', max_tokens: 4, temperature: 0, logprobs: 2, ignore_eos: true });
+  const lp = out.choices[0].logprobs;
+  assert.equal(lp.tokens.length, 4);
+  assert.equal(lp.token_logprobs.length, 4);
+  assert.ok(lp.token_logprobs.every((x) => x <= 0));
+  assert.ok(lp.top_logprobs.every((top) => Object.keys(top).length <= 2));
+  assert.deepEqual(lp.text_offset, [...lp.text_offset].sort((a, b) => a - b));
+  // Greedy: the chosen token is the most likely one.
+  lp.top_logprobs.forEach((top, i) => assert.equal(Math.max(...Object.values(top)), lp.token_logprobs[i]));
+
+  const chat = await client.chat.completions.create({
+    model: 'tiny-chat', messages: [{ role: 'user', content: 'hi' }], max_tokens: 3, ignore_eos: true,
+    logprobs: true, top_logprobs: 2 });
+  const content = chat.choices[0].logprobs.content;
+  assert.equal(content.length, 3);
+  for (const entry of content) {
+    assert.equal(typeof entry.token, 'string');
+    assert.ok(entry.logprob <= 0);
+    assert.deepEqual(entry.bytes, [...Buffer.from(entry.token, 'utf8')]);
+    assert.ok(entry.top_logprobs.length <= 2);
+  }
+
+  const echoed = await client.completions.create({
+    model: 'tiny-chat', prompt: 'The clockmaker', max_tokens: 3, temperature: 0, echo: true });
+  const plain = await client.completions.create({
+    model: 'tiny-chat', prompt: 'The clockmaker', max_tokens: 3, temperature: 0 });
+  assert.equal(echoed.choices[0].text, 'The clockmaker' + plain.choices[0].text);
+});
+
 test('a bad request is a 400 with OpenAI error JSON', async () => {
   await assert.rejects(
     client.completions.create({ model: 'tiny-chat', prompt: 'x', temperature: 5 }),
@@ -232,4 +263,18 @@ test('while draining, /ready is 503 and new requests get 503, and running stream
     assert.equal(next.value.choices[0].finish_reason, null);
   }
   controller.abort();  // leaving ends the drain: the daemon exits
+});
+
+test('a full queue answers 429', async () => {
+  const busy = await startDaemon(['--max-batch', '1', '--max-queue', '0'], demoModel());
+  const busyClient = new OpenAI({ baseURL: `http://${busy.http}/v1`, apiKey: 'unused', maxRetries: 0 });
+  const controller = new AbortController();
+  const stream = await busyClient.completions.create(
+    { model: 'demo', prompt: 'occupied', max_tokens: 4000, ignore_eos: true, stream: true },
+    { signal: controller.signal });
+  const iterator = stream[Symbol.asyncIterator]();
+  await iterator.next();  // the one slot is taken
+  await assert.rejects(busyClient.completions.create({ model: 'demo', prompt: 'more', max_tokens: 2 }),
+                       (error) => error.status === 429 && error.error.type === 'rate_limit_error');
+  controller.abort();
 });
