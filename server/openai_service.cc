@@ -78,8 +78,10 @@ struct ChoiceState {
   std::string text, reasoning;
   std::vector<model::ToolCall> calls;
   Json chat_logprobs = Json::array();
-  Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
-       text_offset = Json::array();
+  Json completion_logprobs = {{"tokens", Json::array()},
+                              {"token_logprobs", Json::array()},
+                              {"top_logprobs", Json::array()},
+                              {"text_offset", Json::array()}};
   size_t text_bytes = 0;
   bool done = false;
   std::string finish_reason;
@@ -207,12 +209,8 @@ class Generation : public std::enable_shared_from_this<Generation> {
       offset += token.size();
     }
     c.text_bytes += text.size();
-    for (const char* key : {"tokens", "token_logprobs", "top_logprobs", "text_offset"}) {
-      Json& total = std::string(key) == "tokens"           ? c.tokens
-                    : std::string(key) == "token_logprobs" ? c.token_logprobs
-                    : std::string(key) == "top_logprobs"   ? c.top_logprobs
-                                                           : c.text_offset;
-      for (const auto& item : out[key]) total.push_back(item);
+    for (const auto& [key, items] : out.items()) {
+      for (const auto& item : items) c.completion_logprobs[key].push_back(item);
     }
     return out;
   }
@@ -353,12 +351,7 @@ class Generation : public std::enable_shared_from_this<Generation> {
              {"finish_reason", c.finish_reason}});
       } else {
         Json logprobs = nullptr;
-        if (request_.logprobs) {
-          logprobs = {{"tokens", c.tokens},
-                      {"token_logprobs", c.token_logprobs},
-                      {"top_logprobs", c.top_logprobs},
-                      {"text_offset", c.text_offset}};
-        }
+        if (request_.logprobs) logprobs = c.completion_logprobs;
         list.push_back({{"index", c.index},
                         {"text", c.text},
                         {"logprobs", logprobs},
