@@ -50,11 +50,6 @@ void SendError(HttpExchange& exchange, const OpenAiError& error) {
   exchange.Respond(error.status, "application/json", error.Body());
 }
 
-std::string RandomId(absl::string_view prefix) {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrCat(prefix, absl::StrFormat("%016x%08x", rng(), static_cast<uint32_t>(rng())));
-}
-
 int64_t UnixNow() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -94,14 +89,14 @@ class Generation : public std::enable_shared_from_this<Generation> {
  public:
   Generation(OpenAiRequest request, std::shared_ptr<HttpExchange> exchange,
              std::shared_ptr<const model::Tokenizer> tokenizer, std::string model,
-             std::string fingerprint)
+             std::string fingerprint, std::string id)
       : request_(std::move(request)),
         exchange_(std::move(exchange)),
         tokenizer_(std::move(tokenizer)),
         model_(std::move(model)),
         fingerprint_(std::move(fingerprint)),
         chat_(request_.endpoint == OpenAiEndpoint::kChatCompletions),
-        id_(RandomId(chat_ ? "chatcmpl-" : "cmpl-")),
+        id_(std::move(id)),
         created_(UnixNow()) {}
 
   std::vector<ChoiceState>& choices() { return choices_; }
@@ -407,7 +402,10 @@ bool BearerMatches(absl::string_view authorization, absl::string_view key) {
 }
 
 OpenAiService::OpenAiService(std::shared_ptr<ServingCore> core, OpenAiServiceOptions options)
-    : core_(std::move(core)), options_(std::move(options)), created_(UnixNow()) {}
+    : core_(std::move(core)),
+      options_(std::move(options)),
+      created_(UnixNow()),
+      id_salt_(std::random_device{}() * 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(created_)) {}
 
 void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> exchange) {
   const std::string& path = request.path;
@@ -513,8 +511,13 @@ void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
     output.reasoning = parts.reasoning;
     output.starts_in_reasoning = model::PromptOpensReasoning(*rendered);
   }
-  auto generation = std::make_shared<Generation>(request, exchange, parts.tokenizer,
-                                                 core_->model_name(), options_.system_fingerprint);
+  const uint64_t serial = next_response_.fetch_add(1);
+  std::string response_id = absl::StrFormat(
+      "%s%016x%08x", endpoint == OpenAiEndpoint::kChatCompletions ? "chatcmpl-" : "cmpl-", id_salt_,
+      serial);
+  auto generation =
+      std::make_shared<Generation>(request, exchange, parts.tokenizer, core_->model_name(),
+                                   options_.system_fingerprint, std::move(response_id));
   std::vector<ChoiceState>& choices = generation->choices();
   const std::string base_id = core_->NewRequestId("http-");
   for (size_t p = 0; p < prompts.size(); ++p) {

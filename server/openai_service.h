@@ -2,6 +2,8 @@
 // /v1/chat/completions (streamed as server-sent events or not), /health and /ready.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -32,6 +34,9 @@ class OpenAiService {
   std::shared_ptr<ServingCore> core_;
   OpenAiServiceOptions options_;
   int64_t created_;  // when the daemon started: the model's "created"
+  // Response ids: a random part per daemon, then a counter.
+  uint64_t id_salt_;
+  std::atomic<uint64_t> next_response_{1};
 };
 
 // True when `authorization` is "Bearer KEY"; the comparison takes the same time wherever the
