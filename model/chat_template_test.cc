@@ -93,6 +93,16 @@ TEST_CASE("chat template: named templates: tool_use serves requests with tools")
       RenderOne(**t, kHello, Json::parse(R"([{"type": "function", "function": {"name": "f"}}])")) ==
       "tools:1");
   CHECK((*t)->names() == std::vector<std::string>{"default", "tool_use"});
+
+  dir.Write("tokenizer_config.json",
+            R"({"chat_template": [{"name": "tool_use", "template": "tools only"}]})");
+  auto tools_only = ChatTemplate::LoadForModel(dir.path.string(), "");
+  REQUIRE(tools_only.ok());
+  ChatTemplateInput plain;
+  plain.messages = kHello;
+  absl::StatusOr<std::string> refused = (*tools_only)->Render(plain, std::tm{});
+  CHECK(refused.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(refused.status().message().find("no \"default\" chat template") != std::string::npos);
 }
 
 TEST_CASE("chat template: bad templates and configs are errors naming the file and line") {

@@ -190,6 +190,21 @@ test('a bad request is a 400 with OpenAI error JSON', async () => {
     (error) => error.status === 404 && error.error.code === 'model_not_found');
 });
 
+test('health, unknown routes and wrong methods', async () => {
+  const base = `http://${daemon.http}`;
+  const health = await fetch(`${base}/health`);
+  assert.equal(health.status, 200);
+  assert.deepEqual(await health.json(), { status: 'ok' });
+  const missing = await fetch(`${base}/v1/embeddings`, { method: 'POST', body: '{}' });
+  assert.equal(missing.status, 404);
+  assert.equal((await missing.json()).error.code, 'not_found');
+  const wrong = await fetch(`${base}/v1/models`, { method: 'DELETE' });
+  assert.equal(wrong.status, 405);
+  const malformed = await fetch(`${base}/v1/completions`, { method: 'POST', body: '{"model": ' });
+  assert.equal(malformed.status, 400);
+  assert.match((await malformed.json()).error.message, /not valid JSON/);
+});
+
 test('an API key is required when the daemon has one', async () => {
   const guarded = await startDaemon(['--api-key', 'sesame']);
   const wrong = new OpenAI({ baseURL: `http://${guarded.http}/v1`, apiKey: 'open-up', maxRetries: 0 });
