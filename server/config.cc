@@ -251,6 +251,12 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .min_value = 1024,
                  .max_value = 1ll << 30,
                  .byte_size = true});
+    o.push_back({.name = "http-idle-seconds",
+                 .field = F(&DaemonConfig::http_idle_seconds),
+                 .metavar = "S",
+                 .help = "an HTTP connection with no request in progress for this long is closed",
+                 .min_value = 1,
+                 .max_value = 86400});
     o.push_back({.name = "config",
                  .field = F(&DaemonConfig::config),
                  .metavar = "FILE",

@@ -498,6 +498,7 @@ absl::StatusOr<Daemon::Addresses> Daemon::Start() {
     HttpLimits limits;
     limits.max_connections = config_.max_connections;
     limits.max_body_bytes = static_cast<size_t>(config_.http_max_body_bytes);
+    limits.idle_timeout = std::chrono::seconds(config_.http_idle_seconds);
     OpenAiService* service = openai_service_.get();
     absl::StatusOr<std::unique_ptr<HttpServer>> http =
         HttpServer::Start(config_.http_listen, limits,

@@ -1,13 +1,15 @@
 #!/bin/sh
 # 256 streamed completions beside 2,000 idle keep-alive connections against a real daemon with
 # its default limits: every stream must end with exactly its tokens counted, every idle
-# connection must still be served. Arguments: moed, moed-synth, the load tool.
+# connection must still be served. Arguments: moed, moed-synth, the load tool. The idle timeout
+# is long because a sanitizer build can take minutes over the streams.
 set -eu
 moed=$1 synth=$2 load=$3
 work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 "$synth" --arch mixtral --preset demo --out "$work/demo" >/dev/null
 "$moed" --model "$work/demo" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --log-level warn \
+  --http-idle-seconds 3600 \
   >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 300); do
