@@ -38,9 +38,7 @@ struct ServiceParts {
   kernels::Backend* backend = nullptr;
   std::shared_ptr<cache::ExpertCache> cache;
   std::shared_ptr<cache::Store> store;
-  std::shared_ptr<scheduler::Scheduler> scheduler;
-  std::shared_ptr<const model::Tokenizer> tokenizer;
-  std::shared_ptr<ServingCore> core;
+  std::shared_ptr<ServingCore> core;  // the scheduler and tokenizer are the core's
   std::string api_key;
 };
 
@@ -77,7 +75,7 @@ class MoedService final : public v1::Moed::Service {
     }
     if (parts_.cache != nullptr)
       FillCacheInfo(*parts_.cache, *parts_.store, response->mutable_expert_cache());
-    scheduler::SchedulerStats stats = parts_.scheduler->stats();
+    scheduler::SchedulerStats stats = parts_.core->parts().scheduler->stats();
     response->set_requests_waiting(stats.waiting);
     response->set_requests_running(stats.running);
     response->set_kv_cache_bytes(stats.kv_cache_bytes);
@@ -113,14 +111,13 @@ class MoedService final : public v1::Moed::Service {
           v1::TokenLogprob* lp = response.add_logprobs();
           lp->set_token_id(static_cast<uint32_t>(choice.token));
           lp->set_logprob(choice.logprob);
-          if (parts_.tokenizer != nullptr)
-            lp->set_token(parts_.tokenizer->TokenText(choice.token).value_or(""));
+          if (tokenizer() != nullptr)
+            lp->set_token(tokenizer()->TokenText(choice.token).value_or(""));
           for (const auto& [id, logprob] : choice.top_logprobs) {
             v1::TopLogprob* top = lp->add_top_logprobs();
             top->set_token_id(static_cast<uint32_t>(id));
             top->set_logprob(logprob);
-            if (parts_.tokenizer != nullptr)
-              top->set_token(parts_.tokenizer->TokenText(id).value_or(""));
+            if (tokenizer() != nullptr) top->set_token(tokenizer()->TokenText(id).value_or(""));
           }
         }
       }
@@ -155,12 +152,14 @@ class MoedService final : public v1::Moed::Service {
     if (!ids.ok()) return ToGrpc(ids.status());
     for (int32_t id : *ids) {
       response->add_token_ids(static_cast<uint32_t>(id));
-      response->add_tokens(parts_.tokenizer->TokenText(id).value_or(""));
+      response->add_tokens(tokenizer()->TokenText(id).value_or(""));
     }
     return grpc::Status::OK;
   }
 
  private:
+  const model::Tokenizer* tokenizer() const { return parts_.core->parts().tokenizer.get(); }
+
   grpc::Status Authorize(const grpc::ServerContext& context) const {
     if (parts_.api_key.empty()) return grpc::Status::OK;
     auto it = context.client_metadata().find("authorization");
@@ -376,30 +375,31 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   } else {
     log.info("no tokenizer.json in {}: serving token ids only", dir);
   }
+  // What the serving core needs beside the scheduler, which comes below.
+  ServingParts serving;
   MOED_ASSIGN_OR_RETURN(std::optional<model::ChatTemplate> chat_template,
                         model::ChatTemplate::LoadForModel(dir, config.chat_template));
-  MOED_ASSIGN_OR_RETURN(model::ToolCallFormat tool_calls,
-                        model::ParseToolCallFormat(config.tool_call_parser));
-  MOED_ASSIGN_OR_RETURN(model::ReasoningFormat reasoning,
-                        model::ParseReasoningFormat(config.reasoning_parser));
+  MOED_ASSIGN_OR_RETURN(serving.tool_calls, model::ParseToolCallFormat(config.tool_call_parser));
+  MOED_ASSIGN_OR_RETURN(serving.reasoning, model::ParseReasoningFormat(config.reasoning_parser));
   if (chat_template) {
-    daemon->tool_call_format_ = chat_template->Resolve(tool_calls);
-    daemon->reasoning_format_ = chat_template->Resolve(reasoning);
+    serving.tool_calls = chat_template->Resolve(serving.tool_calls);
+    serving.reasoning = chat_template->Resolve(serving.reasoning);
     log.info("chat template from {} ({}); tool calls: {}, reasoning: {}", chat_template->origin(),
              absl::StrJoin(chat_template->names(), ", "),
-             model::ToolCallFormatName(daemon->tool_call_format_),
-             model::ReasoningFormatName(daemon->reasoning_format_));
+             model::ToolCallFormatName(serving.tool_calls),
+             model::ReasoningFormatName(serving.reasoning));
     info.set_chat_template(chat_template->origin());
-    daemon->chat_template_ = std::make_shared<const model::ChatTemplate>(*std::move(chat_template));
+    serving.chat_template = std::make_shared<const model::ChatTemplate>(*std::move(chat_template));
   } else {
-    daemon->tool_call_format_ =
-        tool_calls == model::ToolCallFormat::kAuto ? model::ToolCallFormat::kNone : tool_calls;
-    daemon->reasoning_format_ =
-        reasoning == model::ReasoningFormat::kAuto ? model::ReasoningFormat::kNone : reasoning;
+    // Without a template "auto" has nothing to follow.
+    if (serving.tool_calls == model::ToolCallFormat::kAuto)
+      serving.tool_calls = model::ToolCallFormat::kNone;
+    if (serving.reasoning == model::ReasoningFormat::kAuto)
+      serving.reasoning = model::ReasoningFormat::kNone;
     log.info("{} has no chat template (chat_template.jinja or tokenizer_config.json)", dir);
   }
-  info.set_tool_call_parser(std::string(model::ToolCallFormatName(daemon->tool_call_format_)));
-  info.set_reasoning_parser(std::string(model::ReasoningFormatName(daemon->reasoning_format_)));
+  info.set_tool_call_parser(std::string(model::ToolCallFormatName(serving.tool_calls)));
+  info.set_reasoning_parser(std::string(model::ReasoningFormatName(serving.reasoning)));
   scheduler::SchedulerOptions scheduler_options;
   scheduler_options.max_batch = static_cast<int>(config.max_batch);
   scheduler_options.max_queue = static_cast<int>(config.max_queue);
@@ -426,14 +426,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   }
   daemon->scheduler_ =
       std::make_shared<scheduler::Scheduler>(engine_model, tokenizer, scheduler_options);
-  ServingParts serving;
   serving.model_name = info.model_name();
   serving.max_context_tokens = info.max_context_tokens();
   serving.scheduler = daemon->scheduler_;
   serving.tokenizer = tokenizer;
-  serving.chat_template = daemon->chat_template_;
-  serving.tool_calls = daemon->tool_call_format_;
-  serving.reasoning = daemon->reasoning_format_;
   if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
   daemon->core_ = std::make_shared<ServingCore>(std::move(serving));
   OpenAiServiceOptions openai;
@@ -443,8 +439,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   openai.ready = [self] { return !self->draining_.load(); };
   daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
-                     daemon->store_,  daemon->scheduler_,     tokenizer,
-                     daemon->core_,   config.api_key};
+                     daemon->store_,  daemon->core_,          config.api_key};
   daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts));
   daemon->health_service_ = std::make_unique<HealthService>();
   return daemon;

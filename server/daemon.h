@@ -58,11 +58,6 @@ class Daemon {
   std::unique_ptr<OpenAiService> openai_service_;
   std::atomic<bool> draining_{false};
   std::shared_ptr<scheduler::Scheduler> scheduler_;
-  // The model's chat template (null when it has none) and how its output is parsed; the chat
-  // interfaces render and parse with these.
-  std::shared_ptr<const model::ChatTemplate> chat_template_;
-  model::ToolCallFormat tool_call_format_ = model::ToolCallFormat::kNone;
-  model::ReasoningFormat reasoning_format_ = model::ReasoningFormat::kNone;
   std::shared_ptr<ServingCore> core_;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;

@@ -148,7 +148,7 @@ TEST_CASE("http: a client that goes away mid-response is reported once") {
   CHECK(disconnects == 1);
 }
 
-TEST_CASE("http: oversized bodies get 413, malformed requests 400, both close the connection") {
+TEST_CASE("http: oversized bodies get 413, headers 431, malformed requests 400; all close") {
   HttpLimits limits;
   limits.max_body_bytes = 100;
   auto server = HttpServer::Start(
@@ -159,6 +159,10 @@ TEST_CASE("http: oversized bodies get 413, malformed requests 400, both close th
   big.Send(Post("/x", std::string(101, 'a')));
   CHECK(big.ReadUntil("}}").rfind("HTTP/1.1 413 Payload Too Large\r\n", 0) == 0);
   CHECK(big.closed_by_peer());
+  Client tall((*server)->address());
+  tall.Send("GET / HTTP/1.1\r\nHost: x\r\nX-Padding: " + std::string(20000, 'p') + "\r\n\r\n");
+  CHECK(tall.ReadUntil("}}").rfind("HTTP/1.1 431 Request Header Fields Too Large\r\n", 0) == 0);
+  CHECK(tall.closed_by_peer());
   Client bad((*server)->address());
   bad.Send("NOT HTTP AT ALL\r\n\r\n");
   CHECK(bad.ReadUntil("}}").rfind("HTTP/1.1 400 Bad Request\r\n", 0) == 0);

@@ -435,15 +435,17 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> ex
                                  "invalid_request_error", "", "invalid_api_key"});
   }
   const std::string& name = core_->model_name();
-  Json model = {{"id", name},
+  auto model = [&] {
+    return Json{{"id", name},
                 {"object", "model"},
                 {"created", created_},
                 {"owned_by", "moed"},
                 {"max_model_len", core_->parts().max_context_tokens}};
+  };
   if (path == "/v1/models") {
     if (method_is("GET"))
       exchange->Respond(200, "application/json",
-                        Dump({{"object", "list"}, {"data", Json::array({model})}}));
+                        Dump({{"object", "list"}, {"data", Json::array({model()})}}));
     return;
   }
   if (absl::StartsWith(path, "/v1/models/")) {
@@ -453,7 +455,7 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> ex
                        {404, absl::StrCat("The model '", path.substr(11), "' does not exist"),
                         "invalid_request_error", "model", "model_not_found"});
     }
-    return exchange->Respond(200, "application/json", Dump(model));
+    return exchange->Respond(200, "application/json", Dump(model()));
   }
   if (path == "/v1/completions" || path == "/v1/chat/completions") {
     if (method_is("POST")) {
