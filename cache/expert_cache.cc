@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "util/status_macros.h"
@@ -168,7 +169,10 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
       // Host hit: copy to the device tier now. (With a GPU backend this is an async H2D copy.)
       ++host_->counters.hits;
       host_->policy->Touch(key, tick_);
+      const auto copy_started = std::chrono::steady_clock::now();
       std::memcpy(device_.SlotData(device_slot), host_->SlotData(it->second), bytes);
+      stage_from_host_.Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - copy_started).count());
       device_.counters.bytes_in += bytes;
       slot.state = SlotState::kReady;
       device_.policy->Touch(key, tick_);
@@ -176,7 +180,7 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
     }
     ++host_->counters.misses;
   }
-  Load load{key, blob, false, -1, device_slot};
+  Load load{key, blob, false, -1, device_slot, std::chrono::steady_clock::now()};
   uint8_t* target = device_.SlotData(device_slot);
   if (host_ != nullptr && !host_->index.contains(key)) {
     int host_slot = AllocateSlotLocked(*host_, key.layer);
@@ -217,9 +221,14 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   const uint64_t bytes = layout_->padded_size;
   uint8_t* read_into =
       load.into_host ? host_->SlotData(load.host_slot) : device_.SlotData(load.device_slot);
+  uint64_t* failure_kind = nullptr;
   if (!status.ok()) {
+    // The readers name a read past the end of the file so; anything else is an I/O error.
+    failure_kind =
+        absl::StartsWith(status.message(), "short read") ? &failed_short_reads_ : &failed_io_;
     status = BlobError(*store_, *load.blob, status.message());
   } else if (Checksum(read_into, bytes) != load.blob->xxh64) {
+    failure_kind = &failed_checksums_;
     status = BlobError(*store_, *load.blob, "checksum mismatch");
   }
   if (status.ok() && load.into_host)
@@ -228,6 +237,8 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   std::lock_guard lock(mutex_);
   Slot& device_slot = device_.slots[load.device_slot];
   if (status.ok()) {
+    stage_from_ssd_.Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count());
     device_slot.state = SlotState::kReady;
     device_.policy->Touch(load.key, tick_);
     device_.counters.bytes_in += bytes;
@@ -238,7 +249,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
       ReleaseSlotLocked(*host_, load.host_slot);
     }
   } else {
-    ++failed_reads_;
+    ++*failure_kind;
     device_slot.state = SlotState::kFree;
     device_.Drop(load.key);
     if (load.into_host) {
@@ -388,6 +399,11 @@ std::vector<std::vector<bool>> ExpertCache::DeviceResidency() const {
   return resident;
 }
 
+std::vector<double> StageSecondsBuckets() {
+  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+          0.025,   0.05,   0.1,     0.25,   0.5,   1,      2.5,   10};
+}
+
 CacheCounters ExpertCache::counters() const {
   std::lock_guard lock(mutex_);
   CacheCounters c;
@@ -403,8 +419,15 @@ CacheCounters ExpertCache::counters() const {
   }
   c.ssd_reads = ssd_reads_;
   c.ssd_bytes = ssd_bytes_;
-  c.failed_reads = failed_reads_;
+  c.device.budget_bytes = c.device.slots * device_.slot_bytes;
+  if (host_ != nullptr) c.host.budget_bytes = c.host.slots * host_->slot_bytes;
+  c.failed_io = failed_io_;
+  c.failed_short_reads = failed_short_reads_;
+  c.failed_checksums = failed_checksums_;
+  c.failed_reads = failed_io_ + failed_short_reads_ + failed_checksums_;
   c.wait_seconds = wait_seconds_;
+  c.stage_from_ssd = stage_from_ssd_.Snapshot();
+  c.stage_from_host = stage_from_host_.Snapshot();
   return c;
 }
 

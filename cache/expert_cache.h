@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -21,6 +22,7 @@
 #include "cache/store_reader.h"
 #include "model/expert_provider.h"
 #include "util/byte_size.h"
+#include "util/histogram.h"
 
 namespace moed::cache {
 
@@ -42,6 +44,7 @@ struct TierCounters {
   uint64_t evictions = 0;
   uint64_t slots = 0;
   uint64_t resident = 0;
+  uint64_t budget_bytes = 0;  // slots × slot bytes
 };
 
 struct CacheCounters {
@@ -49,9 +52,18 @@ struct CacheCounters {
   TierCounters host;
   uint64_t ssd_reads = 0;
   uint64_t ssd_bytes = 0;
-  uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches
-  double wait_seconds = 0;    // time the compute thread waited for experts
+  uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches: the three below
+  uint64_t failed_io = 0;
+  uint64_t failed_short_reads = 0;
+  uint64_t failed_checksums = 0;
+  double wait_seconds = 0;  // time the compute thread waited for experts
+  // Seconds from asking for an expert to having it in the device tier, by where it came from.
+  util::HistogramSnapshot stage_from_ssd;
+  util::HistogramSnapshot stage_from_host;
 };
+
+// The stage-time buckets: from a copy out of RAM (microseconds) to a read from a slow disk.
+std::vector<double> StageSecondsBuckets();
 
 // Makes the reader for a cache; tests inject fault-injecting readers through this.
 using ReaderFactory =
@@ -110,6 +122,7 @@ class ExpertCache final : public model::ExpertProvider {
     bool into_host = false;
     int host_slot = -1;
     int device_slot = -1;
+    std::chrono::steady_clock::time_point started;
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
@@ -141,7 +154,10 @@ class ExpertCache final : public model::ExpertProvider {
   absl::flat_hash_map<ExpertKey, Failure> failures_;
   uint64_t next_tag_ = 1;
   uint64_t tick_ = 0;
-  uint64_t ssd_reads_ = 0, ssd_bytes_ = 0, failed_reads_ = 0;
+  uint64_t ssd_reads_ = 0, ssd_bytes_ = 0;
+  uint64_t failed_io_ = 0, failed_short_reads_ = 0, failed_checksums_ = 0;
+  util::Histogram stage_from_ssd_{StageSecondsBuckets()};
+  util::Histogram stage_from_host_{StageSecondsBuckets()};
   double wait_seconds_ = 0;
 };
 

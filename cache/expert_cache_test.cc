@@ -136,13 +136,14 @@ TEST_CASE("per-layer eviction keeps each layer's share across layer sweeps; one 
       before = (*cache)->counters().device.hits;
       for (int layer = 0; layer < layers; ++layer) {
         int computed = 0;
-        REQUIRE((*cache)
-                    ->ForEachExpert(layer, wanted,
-                                    [&](int, const model::ExpertWeights&, const model::ExpertServed&) {
-                                      ++computed;
-                                      return absl::OkStatus();
-                                    })
-                    .ok());
+        REQUIRE(
+            (*cache)
+                ->ForEachExpert(layer, wanted,
+                                [&](int, const model::ExpertWeights&, const model::ExpertServed&) {
+                                  ++computed;
+                                  return absl::OkStatus();
+                                })
+                .ok());
         CHECK(computed == share + 1);
       }
     }
@@ -218,7 +219,12 @@ TEST_CASE("read faults fail the step naming the expert; the cache stays consiste
                                          std::to_string(victim->offset)) != std::string::npos);
     if (fault == Fault::kCorrupt)
       CHECK(failed.status().message().find("checksum mismatch") != std::string::npos);
-    CHECK(raw->counters().failed_reads >= 1);
+    const CacheCounters counters = raw->counters();
+    CHECK(counters.failed_reads >= 1);
+    // Each failure is counted under its kind, and only there.
+    CHECK(counters.failed_io == (fault == Fault::kIoError ? counters.failed_reads : 0));
+    CHECK(counters.failed_short_reads == (fault == Fault::kShortRead ? counters.failed_reads : 0));
+    CHECK(counters.failed_checksums == (fault == Fault::kCorrupt ? counters.failed_reads : 0));
     // Clear the fault: the same cache now serves the same prompt exactly.
     injector->Clear();
     auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);

@@ -83,6 +83,12 @@ KvCache::KvCache(const ModelConfig& config, int64_t capacity) : capacity_(capaci
   values_.assign(static_cast<size_t>(config.num_layers), std::vector<float>(per_layer));
 }
 
+uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity) {
+  // Keys and values, each capacity × kv heads × head_dim floats per layer.
+  return 2 * static_cast<uint64_t>(config.num_layers) * static_cast<uint64_t>(capacity) *
+         static_cast<uint64_t>(config.num_key_value_heads * config.head_dim) * sizeof(float);
+}
+
 uint64_t KvCache::bytes() const {
   uint64_t floats = 0;
   for (size_t l = 0; l < keys_.size(); ++l) floats += keys_[l].size() + values_[l].size();

@@ -21,6 +21,8 @@ namespace moed::model {
 class KvCache {
  public:
   KvCache(const ModelConfig& config, int64_t capacity);
+  // What a cache of `capacity` tokens holds, without making one.
+  static uint64_t BytesFor(const ModelConfig& config, int64_t capacity);
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
   // Memory held for keys and values.

@@ -27,6 +27,8 @@ struct Scheduler::Sequence {
   uint64_t last_stepped = 0;
   uint64_t arrival = 0;
   RequestExpertStats expert_stats;
+  std::chrono::steady_clock::time_point submitted;
+  std::chrono::steady_clock::time_point last_token;
 };
 
 std::optional<StreamEvent> RequestHandle::Next(std::chrono::milliseconds timeout) {
@@ -72,6 +74,11 @@ Scheduler::Scheduler(std::shared_ptr<model::Model> model,
                      std::shared_ptr<const model::Tokenizer> tokenizer,
                      const SchedulerOptions& options)
     : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {
+  const auto max_running =
+      static_cast<uint64_t>(std::max(options_.max_batch, options_.max_running));
+  stats_.kv_cache_budget_bytes =
+      max_running *
+      model::KvCache::BytesFor(model_->config(), model_->config().max_position_embeddings);
   engine_ = std::thread([this] { Loop(); });
 }
 
@@ -114,6 +121,7 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
   }
   auto seq = std::make_shared<Sequence>();
   seq->max_new = static_cast<uint32_t>(max_new);
+  seq->submitted = std::chrono::steady_clock::now();
   seq->handle = std::make_shared<RequestHandle>();
   seq->sampler =
       std::make_unique<model::Sampler>(request.sampling, request.prompt, request.default_seed);
@@ -194,6 +202,16 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
     }
     (reason == FinishReason::kCancelled ? stats_.cancelled : stats_.completed) += 1;
   }
+  if (options_.observer != nullptr) {
+    FinishedRequest finished;
+    finished.reason = event.finish;
+    finished.error = event.error.code();
+    finished.prompt_tokens = event.prompt_tokens;
+    finished.generation_tokens = event.completion_tokens;
+    finished.e2e_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - seq.submitted).count();
+    options_.observer->OnFinished(finished);
+  }
   seq.done = true;
   seq.cache.reset();
   seq.handle->Push(std::move(event));
@@ -215,10 +233,15 @@ void Scheduler::Loop() {
       }
       const size_t max_running =
           static_cast<size_t>(std::max(options_.max_batch, options_.max_running));
+      const auto admitted_at = std::chrono::steady_clock::now();
       while (running.size() < max_running && !waiting_.empty()) {
         running.push_back(std::move(waiting_.front()));
         running.back()->admitted = true;
         waiting_.pop_front();
+        if (options_.observer != nullptr) {
+          options_.observer->OnAdmitted(
+              std::chrono::duration<double>(admitted_at - running.back()->submitted).count());
+        }
       }
       running_count_ = running.size();
       stats_.waiting = waiting_.size();
@@ -368,6 +391,15 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     return;
   }
   AttributeExpertUses(inputs, owners, *out);
+  const auto step_done = std::chrono::steady_clock::now();
+  if (options_.observer != nullptr) {
+    uint64_t prompt_tokens = 0, sampled = 0;
+    for (size_t i = 0; i < owners.size(); ++i) {
+      prompt_tokens += chunk[i];
+      if (owners[i]->prefilled + chunk[i] >= owners[i]->request.prompt.size()) ++sampled;
+    }
+    options_.observer->OnStepTokens(prompt_tokens, sampled);
+  }
   const model::ModelConfig& config = model_->config();
   const int64_t vocab = config.vocab_size;
   {
@@ -399,6 +431,17 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     if (seq.prefilled < seq.request.prompt.size()) continue;  // more prompt to go
     model::TokenChoice choice = seq.sampler->Next(
         absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
+    if (options_.observer != nullptr) {
+      const std::chrono::steady_clock::time_point since =
+          seq.generated.empty() ? seq.submitted : seq.last_token;
+      const double seconds = std::chrono::duration<double>(step_done - since).count();
+      if (seq.generated.empty()) {
+        options_.observer->OnFirstToken(seconds);
+      } else {
+        options_.observer->OnInterToken(seconds);
+      }
+    }
+    seq.last_token = step_done;
     seq.generated.push_back(choice.token);
     ++generated_tokens_;
     const model::SamplingParams& sp = seq.request.sampling;

@@ -29,6 +29,8 @@ namespace moed::scheduler {
 using RoutingSink = std::function<void(const std::string& request_id, int prompt_tokens,
                                        const std::vector<std::vector<std::vector<int>>>& routing)>;
 
+class RequestObserver;
+
 struct SchedulerOptions {
   int max_batch = 16;             // sequences in one step
   int max_queue = 256;            // requests waiting beyond the running batch
@@ -44,6 +46,8 @@ struct SchedulerOptions {
   bool expert_aware = true;
   int max_delay_steps = 4;
   std::function<ResidentSet()> resident_experts;
+  // When set, told what each request does as it runs (for metrics).
+  std::shared_ptr<RequestObserver> observer;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled };
@@ -108,6 +112,32 @@ class RequestHandle {
   bool cancelled_ = false;
 };
 
+// How a request ended, for a RequestObserver.
+struct FinishedRequest {
+  FinishReason reason = FinishReason::kNone;       // kNone when it failed
+  absl::StatusCode error = absl::StatusCode::kOk;  // why it failed
+  uint32_t prompt_tokens = 0;
+  uint32_t generation_tokens = 0;
+  double e2e_seconds = 0;  // from Submit to the last event
+};
+
+// What the scheduler reports as requests run. Calls come on the engine thread, before the
+// event they concern is pushed, so whoever holds an event finds it recorded; they sit on the
+// decode path, so an implementation takes no lock (atomics, not a mutex).
+class RequestObserver {
+ public:
+  virtual ~RequestObserver() = default;
+  // The request left the queue for the running set.
+  virtual void OnAdmitted(double queue_seconds) = 0;
+  // A step computed this many prompt tokens and sampled this many new ones.
+  virtual void OnStepTokens(uint64_t prompt_tokens, uint64_t generation_tokens) = 0;
+  // A request's first new token, this long after Submit.
+  virtual void OnFirstToken(double seconds) = 0;
+  // A later token, this long after the request's previous one.
+  virtual void OnInterToken(double seconds) = 0;
+  virtual void OnFinished(const FinishedRequest& request) = 0;
+};
+
 struct SchedulerStats {
   uint64_t waiting = 0;
   uint64_t running = 0;
@@ -115,7 +145,12 @@ struct SchedulerStats {
   uint64_t completed = 0;
   uint64_t cancelled = 0;
   uint64_t kv_cache_bytes = 0;  // held by running sequences
+  // What the running set may hold: max_running sequences of the full context.
+  uint64_t kv_cache_budget_bytes = 0;
   uint64_t generated_tokens = 0;
+  // Running sequences sent back to the queue to free KV memory. The scheduler reserves each
+  // sequence's whole KV cache at admission, so it never preempts.
+  uint64_t preemptions = 0;
 };
 
 class Scheduler {

@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <condition_variable>
 #include <filesystem>
@@ -174,6 +175,96 @@ TEST_CASE("a listener hears each event as it is queued, and at once for earlier 
   std::unique_lock lock(mutex);
   CHECK(heard.wait_for(lock, std::chrono::seconds(30), [&] { return last; }));
   CHECK(calls >= 2);  // Request() asks for 3 tokens: several events, each heard
+}
+
+// Counts what it is told, with atomics, as a metrics sink does.
+class CountingObserver final : public RequestObserver {
+ public:
+  void OnAdmitted(double seconds) override {
+    ++admitted;
+    CHECK(seconds >= 0);
+  }
+  void OnStepTokens(uint64_t prompt, uint64_t generation) override {
+    prompt_tokens += prompt;
+    generation_tokens += generation;
+  }
+  void OnFirstToken(double seconds) override {
+    ++first_tokens;
+    CHECK(seconds >= 0);
+  }
+  void OnInterToken(double seconds) override {
+    ++inter_tokens;
+    CHECK(seconds >= 0);
+  }
+  void OnFinished(const FinishedRequest& request) override {
+    ++finished;
+    if (request.reason == FinishReason::kLength) ++lengths;
+    if (request.reason == FinishReason::kCancelled) ++cancels;
+    finished_generation_tokens += request.generation_tokens;
+  }
+  std::atomic<uint64_t> admitted{0}, prompt_tokens{0}, generation_tokens{0}, first_tokens{0},
+      inter_tokens{0}, finished{0}, lengths{0}, cancels{0}, finished_generation_tokens{0};
+};
+
+TEST_CASE("the observer hears every token and every end before the last event is handed over") {
+  Fixture f;
+  auto observer = std::make_shared<CountingObserver>();
+  SchedulerOptions options;
+  options.observer = observer;
+  options.max_tokens_per_step = 3;  // a 5-token prompt takes two steps to prefill
+  Scheduler scheduler(f.model, nullptr, options);
+  uint64_t generated = 0;
+  for (int round = 1; round <= 5; ++round) {
+    GenerationRequest request = Request("r", 0);
+    request.prompt = {1, 2, 3, 4, 5};
+    request.sampling.max_tokens = static_cast<uint32_t>(round);
+    std::shared_ptr<RequestHandle> handle = *scheduler.Submit(std::move(request));
+    std::optional<StreamEvent> event;
+    do {
+      event = handle->Next(std::chrono::seconds(30));
+      REQUIRE(event.has_value());
+    } while (!event->last());
+    CHECK(event->completion_tokens == static_cast<uint32_t>(round));
+    generated += event->completion_tokens;
+    // Read at once: the last event comes after the observer heard everything.
+    CHECK(observer->finished == static_cast<uint64_t>(round));
+    CHECK(observer->lengths == static_cast<uint64_t>(round));
+    CHECK(observer->generation_tokens == generated);
+    CHECK(observer->finished_generation_tokens == generated);
+    CHECK(observer->prompt_tokens == 5u * static_cast<uint64_t>(round));
+    CHECK(observer->first_tokens == static_cast<uint64_t>(round));
+    CHECK(observer->inter_tokens == generated - static_cast<uint64_t>(round));
+    CHECK(observer->admitted == static_cast<uint64_t>(round));
+  }
+  // A cancelled request ends as an abort, counted before its last event too.
+  f.gate->Hold();
+  std::shared_ptr<RequestHandle> handle = *scheduler.Submit(Request("c", 0));
+  f.gate->WaitUntilEntered();
+  handle->Cancel();
+  f.gate->Release();
+  std::optional<StreamEvent> event;
+  do {
+    event = handle->Next(std::chrono::seconds(30));
+    REQUIRE(event.has_value());
+  } while (!event->last());
+  CHECK(event->finish == FinishReason::kCancelled);
+  CHECK(observer->cancels == 1u);
+  CHECK(observer->finished == 6u);
+}
+
+TEST_CASE("the KV budget is max_running sequences of the full context") {
+  Fixture f;
+  SchedulerOptions options;
+  options.max_batch = 2;
+  options.max_running = 3;
+  Scheduler scheduler(f.model, nullptr, options);
+  const model::ModelConfig& c = f.model->config();
+  // Keys and values: 2 × layers × positions × kv heads × head_dim floats.
+  const uint64_t per_sequence = 2ull * static_cast<uint64_t>(c.num_layers) *
+                                static_cast<uint64_t>(c.max_position_embeddings) *
+                                static_cast<uint64_t>(c.num_key_value_heads * c.head_dim) * 4;
+  CHECK(scheduler.stats().kv_cache_budget_bytes == 3 * per_sequence);
+  CHECK(model::KvCache(c, c.max_position_embeddings).bytes() == per_sequence);
 }
 
 }  // namespace

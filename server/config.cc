@@ -257,6 +257,11 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "an HTTP connection with no request in progress for this long is closed",
                  .min_value = 1,
                  .max_value = 86400});
+    o.push_back({.name = "metrics",
+                 .field = F(&DaemonConfig::metrics),
+                 .metavar = "BOOL",
+                 .help = "record Prometheus metrics and serve them at GET /metrics on the HTTP "
+                         "port (false: neither, for measuring what recording costs)"});
     o.push_back({.name = "config",
                  .field = F(&DaemonConfig::config),
                  .metavar = "FILE",

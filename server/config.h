@@ -31,6 +31,7 @@ struct DaemonConfig {
   int64_t max_connections = 4096;
   int64_t http_max_body_bytes = 8 << 20;
   int64_t http_idle_seconds = 120;
+  bool metrics = true;
   std::string config;
   std::string served_model_name;
   std::string chat_template;

@@ -86,7 +86,10 @@ class MoedService final : public v1::Moed::Service {
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
     if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
     absl::StatusOr<GenerateInput> converted = Convert(*request, *context);
-    if (!converted.ok()) return ToGrpc(converted.status());
+    if (!converted.ok()) {
+      parts_.core->RecordRefusal(converted.status().code());
+      return ToGrpc(converted.status());
+    }
     std::string request_id = converted->request_id;
     absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
         parts_.core->Submit(*std::move(converted));
@@ -411,6 +414,23 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     std::shared_ptr<cache::ExpertCache> expert_cache = daemon->cache_;
     scheduler_options.resident_experts = [expert_cache] { return expert_cache->DeviceResidency(); };
   }
+  if (config.metrics) {
+    MetricsInfo metrics_info;
+    metrics_info.model_name = info.model_name();
+    metrics_info.version = MOED_VERSION;
+    metrics_info.backend = info.backend();
+    metrics_info.architecture = info.architecture();
+    metrics_info.expert_precision =
+        daemon->cache_ != nullptr
+            ? std::string(cache::PrecisionName(daemon->cache_->options().precision))
+            : "source";
+    metrics_info.num_layers = info.num_layers();
+    metrics_info.num_experts = info.num_experts();
+    metrics_info.experts_per_token = info.experts_per_token();
+    metrics_info.expert_bytes = info.expert_bytes();
+    serving.metrics = std::make_shared<ServingMetrics>(std::move(metrics_info));
+    scheduler_options.observer = serving.metrics;
+  }
   if (!config.record_routing.empty()) {
     std::shared_ptr<spdlog::logger> trace_log = daemon->logger_;
     scheduler_options.on_routing = [path = config.record_routing, trace_log, model_config, dir](
@@ -437,6 +457,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   openai.system_fingerprint = absl::StrCat("moed-", MOED_VERSION, "-", info.backend());
   Daemon* self = daemon.get();
   openai.ready = [self] { return !self->draining_.load(); };
+  if (std::shared_ptr<ServingMetrics> metrics = daemon->core_->parts().metrics) {
+    openai.metrics = [self, metrics] {
+      return metrics->Render(self->scheduler_->stats(), self->cache_.get(), ReadProcessStats());
+    };
+  }
   daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
                      daemon->store_,  daemon->core_,          config.api_key};

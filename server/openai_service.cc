@@ -386,6 +386,32 @@ class Generation : public std::enable_shared_from_this<Generation> {
 
 }  // namespace
 
+absl::StatusCode StatusCodeOfHttp(int status) {
+  switch (status) {
+    case 400:
+    case 413:
+      return absl::StatusCode::kInvalidArgument;
+    case 401:
+      return absl::StatusCode::kUnauthenticated;
+    case 403:
+      return absl::StatusCode::kPermissionDenied;
+    case 404:
+      return absl::StatusCode::kNotFound;
+    case 408:
+      return absl::StatusCode::kDeadlineExceeded;
+    case 412:
+      return absl::StatusCode::kFailedPrecondition;
+    case 429:
+      return absl::StatusCode::kResourceExhausted;
+    case 501:
+      return absl::StatusCode::kUnimplemented;
+    case 503:
+      return absl::StatusCode::kUnavailable;
+    default:
+      return status >= 500 ? absl::StatusCode::kInternal : absl::StatusCode::kUnknown;
+  }
+}
+
 bool BearerMatches(absl::string_view authorization, absl::string_view key) {
   constexpr absl::string_view kPrefix = "Bearer ";
   if (authorization.size() < kPrefix.size() ||
@@ -424,6 +450,11 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> ex
     const bool ready = !options_.ready || options_.ready();
     exchange->Respond(ready ? 200 : 503, "application/json",
                       ready ? R"({"status":"ready"})" : R"({"status":"not ready"})");
+    return;
+  }
+  if (path == "/metrics" && options_.metrics) {
+    if (method_is("GET"))
+      exchange->Respond(200, "text/plain; version=0.0.4; charset=utf-8", options_.metrics());
     return;
   }
   if (!absl::StartsWith(path, "/v1/")) {
@@ -471,14 +502,18 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> ex
 
 void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
                              const std::shared_ptr<HttpExchange>& exchange) {
+  // What this adapter refuses is counted here; the core counts what Submit refuses.
+  auto refuse = [&](const OpenAiError& error) {
+    core_->RecordRefusal(StatusCodeOfHttp(error.status));
+    SendError(*exchange, error);
+  };
   std::variant<OpenAiRequest, OpenAiError> parsed =
       ParseOpenAiRequest(endpoint, http.body, options_.limits);
-  if (auto* error = std::get_if<OpenAiError>(&parsed)) return SendError(*exchange, *error);
+  if (auto* error = std::get_if<OpenAiError>(&parsed)) return refuse(*error);
   OpenAiRequest request = std::get<OpenAiRequest>(std::move(parsed));
   if (request.model != core_->model_name()) {
-    return SendError(*exchange,
-                     {404, absl::StrCat("The model '", request.model, "' does not exist"),
-                      "invalid_request_error", "model", "model_not_found"});
+    return refuse({404, absl::StrCat("The model '", request.model, "' does not exist"),
+                   "invalid_request_error", "model", "model_not_found"});
   }
   const ServingParts& parts = core_->parts();
   // The prompts, as text or ids; for chat, the template's rendering.
@@ -487,8 +522,7 @@ void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
   if (endpoint == OpenAiEndpoint::kChatCompletions) {
     if (request.tool_choice != "none" && request.tool_choice != "auto" &&
         parts.tool_calls == model::ToolCallFormat::kNone) {
-      return SendError(
-          *exchange,
+      return refuse(
           {400, "this model's chat template has no tool calls, so 'tool_choice' cannot require one",
            "invalid_request_error", "tool_choice", "unsupported"});
     }
@@ -502,11 +536,11 @@ void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
       OpenAiError error = ErrorOf(rendered.status());
       if (error.status == 500 || error.status == 429) error.status = 400;
       error.param = "messages";
-      return SendError(*exchange, error);
+      return refuse(error);
     }
     // The template writes any BOS itself.
     absl::StatusOr<std::vector<int32_t>> ids = core_->Tokenize(*rendered, false);
-    if (!ids.ok()) return SendError(*exchange, ErrorOf(ids.status()));
+    if (!ids.ok()) return refuse(ErrorOf(ids.status()));
     prompts = {OpenAiPrompt{false, "", *std::move(ids)}};
     output.tool_calls =
         request.tool_choice == "none" ? model::ToolCallFormat::kNone : parts.tool_calls;

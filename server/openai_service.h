@@ -19,6 +19,8 @@ struct OpenAiServiceOptions {
   std::string system_fingerprint;  // "moed-VERSION-BACKEND"
   OpenAiLimits limits;
   std::function<bool()> ready;  // the model is loaded and the daemon is not draining
+  // GET /metrics answers with this; without it /metrics is not a route (--metrics false).
+  std::function<std::string()> metrics;
 };
 
 class OpenAiService {
@@ -38,6 +40,10 @@ class OpenAiService {
   uint64_t id_salt_;
   std::atomic<uint64_t> next_response_{1};
 };
+
+// The status code an HTTP error status stands for (400 invalid_argument, 429
+// resource_exhausted, ...), for counting refusals.
+absl::StatusCode StatusCodeOfHttp(int status);
 
 // True when `authorization` is "Bearer KEY"; the comparison takes the same time wherever the
 // first difference lies.

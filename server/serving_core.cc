@@ -34,6 +34,13 @@ absl::StatusOr<std::string> ServingCore::RenderChat(const model::ChatTemplateInp
 }
 
 absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::Submit(GenerateInput input) {
+  absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle = SubmitToScheduler(input);
+  if (!handle.ok()) RecordRefusal(handle.status().code());
+  return handle;
+}
+
+absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::SubmitToScheduler(
+    GenerateInput& input) {
   scheduler::GenerationRequest out;
   const bool has_text = input.prompt_text.has_value() && !input.prompt_text->empty();
   const bool has_ids = !input.prompt_ids.empty();

@@ -18,6 +18,7 @@
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
 #include "scheduler/scheduler.h"
+#include "server/metrics.h"
 
 namespace moed::server {
 
@@ -46,6 +47,7 @@ struct ServingParts {
   model::ToolCallFormat tool_calls = model::ToolCallFormat::kNone;
   model::ReasoningFormat reasoning = model::ReasoningFormat::kNone;
   cache::Precision served_precision = cache::Precision::kSource;
+  std::shared_ptr<ServingMetrics> metrics;  // null with --metrics false
 };
 
 class ServingCore {
@@ -65,6 +67,11 @@ class ServingCore {
 
   absl::StatusOr<std::vector<int32_t>> Tokenize(const std::string& text, bool add_special) const;
 
+  // Counts a generate request an adapter refused before Submit (Submit counts its own).
+  void RecordRefusal(absl::StatusCode code) const {
+    if (parts_.metrics != nullptr) parts_.metrics->RecordRefusal(code);
+  }
+
   // A name for a request that came without one.
   std::string NewRequestId(absl::string_view prefix);
 
@@ -73,6 +80,8 @@ class ServingCore {
   bool has_tokenizer() const { return parts_.tokenizer != nullptr; }
 
  private:
+  absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> SubmitToScheduler(GenerateInput& input);
+
   ServingParts parts_;
   std::atomic<uint64_t> next_id_{1};
 };
