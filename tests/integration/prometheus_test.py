@@ -325,6 +325,25 @@ scrape_configs:
         self.assertEqual(len(rate), 1)
         self.assertGreater(float(rate[0]["value"][1]), 0)
 
+    def test_metrics_false_serves_no_endpoint_and_requests_still_work(self):
+        daemon = subprocess.Popen(
+            [os.environ["MOED_BINARY"], "--store", self.store, "--listen", "127.0.0.1:0",
+             "--http-listen", "127.0.0.1:0", "--metrics", "false"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            daemon.stdout.readline()
+            base = "http://" + daemon.stdout.readline().strip()[len("http listening on "):]
+            self.assertEqual(http("GET", base + "/metrics")[0], 404)
+            status, body = http("POST", base + "/v1/completions", {
+                "model": self.model_name, "prompt": [1, 2], "max_tokens": 3, "ignore_eos": True})
+            self.assertEqual(status, 200, body)
+            self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 3)
+            self.assertEqual(http("GET", base + "/health")[0], 200)
+        finally:
+            daemon.kill()
+            daemon.wait()
+            daemon.stdout.close()
+
     def test_the_dashboard_queries_only_exported_metrics_and_each_returns_data(self):
         for i in range(3):
             self.complete([40 + i, 41, 42], 4)
