@@ -6,30 +6,41 @@
 #   ./dev.sh test --sanitize address|thread   the suite under ASan+UBSan or TSan (own build dir)
 #   ./dev.sh test --slow            TSan suite and long fuzzing (run before resolving concurrency
 #                                   or parser work)
+#   ./dev.sh test --deploy          the deployment checks: compose, kustomize overlays against their
+#                                   schemas, and the container image built with podman and run
 #   ./dev.sh build | deps           just build, or just install the Debian packages
+#   ./dev.sh image PREFIX           (inside the image build) the daemon and tools into PREFIX/bin
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
 
-# Every Debian package the build, the tests and their peers need; a new machine has none.
-PACKAGES=(
-  build-essential cmake ninja-build ccache pkg-config git
+# The Debian packages that build moed (the container image's build stage installs only these).
+BUILD_PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev liburing-dev nlohmann-json3-dev catch2 libcpp-httplib-dev libspdlog-dev libfmt-dev
   libcli11-dev libxxhash-dev libpcre2-dev libutf8proc-dev libbenchmark-dev libboost-dev
+)
+# Every Debian package the build, the tests and their peers need; a new machine has none.
+PACKAGES=(
+  "${BUILD_PACKAGES[@]}" ccache
   clang libclang-rt-14-dev
   python3 python3-grpcio python3-protobuf python3-prometheus-client fio prometheus
 )
+# What ./dev.sh test --deploy adds: the image build and the manifests' checkers.
+DEPLOY_PACKAGES=(podman debootstrap docker-compose uidmap fuse-overlayfs)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# install_deps [PACKAGE...]: those named (default: PACKAGES, with Node.js and npm).
 install_deps() {
-  local missing=()
-  for p in "${PACKAGES[@]}"; do
+  local missing=() wanted=("$@")
+  [ ${#wanted[@]} -eq 0 ] && wanted=("${PACKAGES[@]}")
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   # Node.js and npm run the OpenAI SDK test; a machine that has them from elsewhere keeps them.
-  command -v npm >/dev/null || missing+=(nodejs npm)
+  [ $# -eq 0 ] && { command -v npm >/dev/null || missing+=(nodejs npm); }
   [ ${#missing[@]} -eq 0 ] && return 0
   say "installing ${#missing[@]} Debian packages: ${missing[*]}"
   local sudo=()
@@ -90,6 +101,52 @@ install_test_clients() {
   fi
 }
 
+# The release binaries for the container image, without tests, and the Debian packages whose
+# libraries they load (read from the binaries, so the runtime stage never drifts from the build).
+cmd_image() {
+  local prefix=${1:?usage: dev.sh image PREFIX}
+  install_deps "${BUILD_PACKAGES[@]}"
+  # With nvcc (deploy/Dockerfile.cuda's build stage) the CUDA backend is built in.
+  local cuda=OFF
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+    cuda=ON
+    export PATH=$PATH:/usr/local/cuda/bin
+  fi
+  configure_and_build "$ROOT/build-image" -DCMAKE_BUILD_TYPE=Release -DMOED_TESTS=OFF -DMOED_CUDA=$cuda
+  mkdir -p "$prefix/bin"
+  local binaries=(server/moed client/moectl tools/moed-pack tools/moed-synth)
+  for b in "${binaries[@]}"; do install -m 0755 "$ROOT/build-image/$b" "$prefix/bin/"; done
+  strip --strip-unneeded "$prefix"/bin/*
+  local lib candidate owner
+  for lib in $(ldd "$prefix"/bin/* | awk '/=> \// { print $3 }' | sort -u); do
+    # dpkg knows a file by the path its package installed, which usrmerge may have moved.
+    owner=""
+    for candidate in "$lib" "$(realpath "$lib")" "${lib#/usr}" "/usr$lib"; do
+      owner=$(dpkg -S "$candidate" 2>/dev/null | head -1 | cut -d: -f1) && [ -n "$owner" ] && break
+    done
+    [ -n "$owner" ] || { echo "dev.sh image: no Debian package owns $lib" >&2; exit 1; }
+    echo "$owner"
+  done | sort -u >"$prefix/runtime-packages.txt"
+  say "runtime packages: $(tr '\n' ' ' <"$prefix/runtime-packages.txt")"
+}
+
+# Deployment checks: compose and Prometheus configuration, the Kubernetes overlays rendered and
+# validated offline, and the image built for real with podman and run from its mounted root.
+cmd_test_deploy() {
+  install_deps "${PACKAGES[@]}" "${DEPLOY_PACKAGES[@]}"
+  command -v kubectl >/dev/null ||
+    { echo "dev.sh test --deploy: needs kubectl (with kustomize), which Debian 12 does not package" >&2; exit 1; }
+  if [ ! -f "$ROOT/tests/deploy/node_modules/kubernetes-models/package.json" ]; then
+    say "installing the Kubernetes schema packages (npm ci)"
+    (cd "$ROOT/tests/deploy" && npm ci --no-audit --no-fund --loglevel=error) >&2
+  fi
+  configure_and_build "$ROOT/build"
+  say "checking the deployment files"
+  "$ROOT/tests/deploy/manifests_test.sh"
+  say "building and running the container image"
+  "$ROOT/tests/deploy/image_test.sh"
+}
+
 cmd_test() {
   local sanitize="" slow=0
   while [ $# -gt 0 ]; do
@@ -97,6 +154,7 @@ cmd_test() {
       --sanitize) sanitize=$2; shift 2 ;;
       --sanitize=*) sanitize=${1#*=}; shift ;;
       --slow) slow=1; shift ;;
+      --deploy) cmd_test_deploy; return ;;
       *) echo "dev.sh test: unknown option $1" >&2; exit 2 ;;
     esac
   done
@@ -138,5 +196,6 @@ case ${1:-} in
   test) shift; cmd_test "$@" ;;
   build) install_deps; configure_and_build "$ROOT/build" ;;
   deps) install_deps ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  image) shift; cmd_image "$@" ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

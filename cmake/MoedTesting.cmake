@@ -1,8 +1,13 @@
-include(Catch)
+if(MOED_TESTS)
+  include(Catch)
+endif()
 
 # moed_add_test(NAME SOURCES a.cc b.cc LIBS x y [LABELS unit])
 # One Catch2 executable; each TEST_CASE becomes its own ctest test.
 function(moed_add_test name)
+  if(NOT MOED_TESTS)
+    return()
+  endif()
   cmake_parse_arguments(ARG "" "" "SOURCES;LIBS;LABELS" ${ARGN})
   if(NOT ARG_LABELS)
     set(ARG_LABELS unit)
