@@ -153,4 +153,37 @@ wait "$pid" || status=$?
 pid=""
 [ "$status" -eq 0 ] || { echo "moed exited $status on SIGTERM" >&2; cat "$WORK/moed.err" >&2; exit 1; }
 echo "SIGTERM: moed drained and exited 0"
+
+# The Kubernetes pod's path: the init container's script packs the store (here from the demo
+# checkpoint it creates), a second run finds it present, and the daemon serves it with the
+# base's config file (listen addresses overridden by flags, which take precedence).
+rm -rf --one-file-system "$models/demo"
+(in_image env MOED_DEMO=1 sh -s) <"$ROOT/deploy/kubernetes/base/prepare-store.sh"
+(in_image sh -s) <"$ROOT/deploy/kubernetes/base/prepare-store.sh" | grep -q "expert store present"
+install -m 0644 -o 10001 "$ROOT/deploy/kubernetes/base/moed.json" "$models/moed.json"
+in_image moed --config /models/moed.json --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+  >"$WORK/moed-store.out" 2>"$WORK/moed-store.err" &
+pid=$!
+for _ in $(seq 600); do [ "$(wc -l <"$WORK/moed-store.out")" -ge 2 ] && break; sleep 0.1; done
+http=$(sed -n 's/^http listening on //p' "$WORK/moed-store.out")
+[ -n "$http" ] || { cat "$WORK/moed-store.err" >&2; exit 1; }
+/usr/bin/python3 - "$http" <<'PY'
+import json, sys, urllib.request
+base = "http://" + sys.argv[1]
+body = json.dumps({"model": "store", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True}).encode()
+request = urllib.request.Request(base + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=60) as r:
+    reply = json.loads(r.read())
+assert reply["usage"]["completion_tokens"] == 4, reply
+with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+    metrics = r.read().decode()
+assert "moed_expert_cache_ssd_reads_total" in metrics
+print("the store the init script packed serves: 4 tokens, expert-cache series present")
+PY
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+pid=""
+[ "$status" -eq 0 ] || { echo "moed (store) exited $status on SIGTERM" >&2; exit 1; }
 echo "image size: $size bytes ($((size / 1048576)) MiB); build ${build_seconds}s"
