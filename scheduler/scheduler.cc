@@ -160,6 +160,14 @@ void Scheduler::StopAccepting() {
   accepting_ = false;
 }
 
+void Scheduler::CancelAll() {
+  {
+    std::lock_guard lock(mutex_);
+    cancel_all_ = true;
+  }
+  work_.notify_all();
+}
+
 bool Scheduler::Idle() const {
   std::lock_guard lock(mutex_);
   return waiting_.empty() && running_count_ == 0;
@@ -222,14 +230,20 @@ void Scheduler::Loop() {
   while (true) {
     {
       std::unique_lock lock(mutex_);
-      work_.wait(lock, [&] { return stopping_ || !waiting_.empty() || !running.empty(); });
-      if (stopping_) {
+      work_.wait(lock,
+                 [&] { return stopping_ || cancel_all_ || !waiting_.empty() || !running.empty(); });
+      if (stopping_ || cancel_all_) {
+        const bool stop = stopping_;
+        cancel_all_ = false;
         std::deque<std::shared_ptr<Sequence>> waiting = std::move(waiting_);
         waiting_.clear();
+        stats_.waiting = 0;
         lock.unlock();  // Finish takes the lock to settle the counters
         for (auto& seq : waiting) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
         for (auto& seq : running) Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
-        return;
+        running.clear();
+        if (stop) return;
+        continue;
       }
       const size_t max_running =
           static_cast<size_t>(std::max(options_.max_batch, options_.max_running));

@@ -168,6 +168,9 @@ class Scheduler {
   absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request);
   // Stops accepting requests; those admitted run to the end.
   void StopAccepting();
+  // Ends every waiting and running request at the next step boundary, each with a last event
+  // (FinishReason::kCancelled, its usage), as if its client had cancelled it.
+  void CancelAll();
   // True when nothing is waiting or running.
   bool Idle() const;
   SchedulerStats stats() const;
@@ -200,6 +203,7 @@ class Scheduler {
   uint64_t running_count_ = 0;
   bool accepting_ = true;
   bool stopping_ = false;
+  bool cancel_all_ = false;
   SchedulerStats stats_;
   uint64_t next_arrival_ = 0;
   uint64_t step_counter_ = 0;      // engine thread only

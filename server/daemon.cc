@@ -541,15 +541,30 @@ absl::StatusOr<Daemon::Addresses> Daemon::Start() {
   return addresses;
 }
 
-void Daemon::Drain(std::chrono::seconds limit) {
+void Daemon::Drain(std::chrono::seconds limit, const std::function<bool()>& stop_now) {
   draining_ = true;
   scheduler_->StopAccepting();
   health_service_->Shutdown();
   auto deadline = std::chrono::steady_clock::now() + limit;
+  bool interrupted = false;
   while (!scheduler_->Idle() && std::chrono::steady_clock::now() < deadline) {
+    if (stop_now && stop_now()) {
+      interrupted = true;
+      break;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  if (!scheduler_->Idle()) logger_->warn("drain time is up: cancelling the requests still running");
+  if (scheduler_->Idle()) return;
+  const scheduler::SchedulerStats stats = scheduler_->stats();
+  logger_->warn("{}: cancelling {} running and {} waiting requests",
+                interrupted ? "drain ended early" : "drain time is up", stats.running,
+                stats.waiting);
+  // Each ends at the next step boundary with its last message (cancelled, with usage).
+  scheduler_->CancelAll();
+  const auto cancel_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!scheduler_->Idle() && std::chrono::steady_clock::now() < cancel_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -40,8 +41,10 @@ class Daemon {
   // Binds the listening addresses and starts serving.
   absl::StatusOr<Addresses> Start();
   // Stops accepting requests (new ones get UNAVAILABLE, health says NOT_SERVING) and waits up
-  // to `limit` for those in flight to finish.
-  void Drain(std::chrono::seconds limit);
+  // to `limit` for those in flight to finish, or until `stop_now` (polled) says to end at once.
+  // Requests still waiting or running then end with FINISH_REASON_CANCELLED and their usage;
+  // their last messages are handed to the connections within a few seconds.
+  void Drain(std::chrono::seconds limit, const std::function<bool()>& stop_now = {});
   // Stops accepting calls, lets calls in flight finish for up to `grace`, then cancels them.
   void Shutdown(std::chrono::milliseconds grace);
 

@@ -35,12 +35,14 @@ int Run(int argc, char** argv) {
   }
   const moed::server::DaemonConfig& config = command_line->config;
 
-  // Block the stop signals before any thread starts, so that only sigwait() below sees them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGINT);
-  sigaddset(&stop_signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // Block the signals moed handles before any thread starts, so that only this thread sees
+  // them (through sigwait below).
+  sigset_t handled;
+  sigemptyset(&handled);
+  sigaddset(&handled, SIGINT);
+  sigaddset(&handled, SIGTERM);
+  sigaddset(&handled, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &handled, nullptr);
 
   auto logger = moed::server::MakeLogger("moed", config.log_level, config.log_format);
   if (!logger.ok()) {
@@ -63,10 +65,28 @@ int Run(int argc, char** argv) {
   if (!addresses->http.empty()) std::cout << "http listening on " << addresses->http << "\n";
   std::cout << std::flush;
 
+  auto name = [](int signal_number) {
+    return signal_number == SIGTERM ? "SIGTERM" : signal_number == SIGINT ? "SIGINT" : "SIGHUP";
+  };
+  // SIGHUP (a closed terminal, or an operator's "reload") does not stop the daemon: it logs to
+  // stderr, so there is nothing to reopen, and its configuration is read only at start.
+  auto ignore_hangup = [&] {
+    (*logger)->info("received SIGHUP: ignored (restart the daemon to change its configuration)");
+  };
   int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
-  (*logger)->info("received {}, shutting down", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-  (*daemon)->Drain(std::chrono::seconds(config.drain_seconds));
+  while (sigwait(&handled, &signal_number) == 0 && signal_number == SIGHUP) ignore_hangup();
+  (*logger)->info("received {}: draining for up to {} s (send it again to stop now)",
+                  name(signal_number), config.drain_seconds);
+  // A second SIGTERM or SIGINT during the drain ends it at once.
+  auto stop_now = [&] {
+    const timespec no_wait{0, 0};
+    const int again = sigtimedwait(&handled, nullptr, &no_wait);
+    if (again == SIGHUP) ignore_hangup();
+    if (again != SIGTERM && again != SIGINT) return false;
+    (*logger)->warn("received {} again: ending the drain now", name(again));
+    return true;
+  };
+  (*daemon)->Drain(std::chrono::seconds(config.drain_seconds), stop_now);
   (*daemon)->Shutdown(std::chrono::seconds(1));
   return 0;
 }

@@ -229,6 +229,111 @@ TEST_CASE("the same seed gives the same tokens alone and beside 15 other request
   CHECK(together.ids == alone.ids);
 }
 
+// The demo-sized model with a 64K context: a generation to the end of it runs for many seconds,
+// so that a drain or a signal always finds it running.
+const fs::path& LongModel() {
+  static const fs::path dir = [] {
+    fs::path path = Model().parent_path() / "long";
+    tools::SynthSpec spec = *tools::PresetSpec("demo", model::Architecture::kMixtral);
+    spec.max_position_embeddings = 65536;
+    REQUIRE(tools::WriteCheckpoint(spec, path.string()).ok());
+    return path;
+  }();
+  return dir;
+}
+
+// A stream to the end of LongModel()'s context, started once its first message arrived.
+struct LongStream {
+  explicit LongStream(client::Client& c) {
+    std::promise<void> first;
+    auto first_arrived = first.get_future();
+    result = std::async(std::launch::async, [&c, first = std::move(first)]() mutable {
+      bool told = false;
+      Collected out;
+      out.status = c.Generate(Greedy({1, 2}, 65000), [&](const v1::GenerateResponse& m) {
+        if (!told) first.set_value();
+        told = true;
+        out.ids.insert(out.ids.end(), m.token_ids().begin(), m.token_ids().end());
+        out.last = m;
+        ++out.messages;
+        return true;
+      });
+      if (!told) first.set_value();
+      return out;
+    });
+    first_arrived.wait();
+  }
+  std::future<Collected> result;
+};
+
+std::unique_ptr<ChildProcess> StartLong(const std::vector<std::string>& extra,
+                                        std::string* address) {
+  std::vector<std::string> argv = {
+      MOED_BINARY, "--model", LongModel().string(), "--listen", "127.0.0.1:0", "--http-listen", ""};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  auto process = std::make_unique<ChildProcess>(argv);
+  auto line = process->ReadStdoutLine(std::chrono::seconds(60));
+  REQUIRE(line.has_value());
+  *address = line->substr(std::string("listening on ").size());
+  return process;
+}
+
+grpc::health::v1::HealthCheckResponse::ServingStatus HealthOf(client::Client& c) {
+  auto status = c.Health("");
+  return status.ok() ? *status : grpc::health::v1::HealthCheckResponse::UNKNOWN;
+}
+
+// A stream the drain cut short: cancelled, with the usage of what it generated.
+void CheckCancelledWithUsage(const Collected& got) {
+  REQUIRE(got.status.ok());
+  CHECK(got.last.finish_reason() == v1::FINISH_REASON_CANCELLED);
+  CHECK(!got.ids.empty());
+  CHECK(got.ids.size() < 65000);
+  CHECK(got.last.usage().prompt_tokens() == 2);
+  CHECK(got.last.usage().completion_tokens() == got.ids.size());
+}
+
+TEST_CASE("when the drain time is up, running streams end cancelled with their usage; exit 0") {
+  std::string address;
+  auto process = StartLong({"--drain-seconds", "1"}, &address);
+  auto c = client::Client::Create(address, std::chrono::seconds(60));
+  LongStream stream(*c);
+  kill(process->pid(), SIGTERM);
+  CheckCancelledWithUsage(stream.result.get());
+  CHECK(process->WaitOrKill(std::chrono::seconds(60)) == 0);
+}
+
+TEST_CASE("a second SIGTERM ends the drain at once: streams end cancelled, exit 0") {
+  std::string address;
+  // A drain this long would outlast the test: only the second signal can end it in time.
+  auto process = StartLong({"--drain-seconds", "3600"}, &address);
+  auto c = client::Client::Create(address, std::chrono::seconds(60));
+  LongStream stream(*c);
+  kill(process->pid(), SIGTERM);
+  // Draining: health turns NOT_SERVING (waited for with a deadline).
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (HealthOf(*c) != grpc::health::v1::HealthCheckResponse::NOT_SERVING) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  kill(process->pid(), SIGTERM);
+  CheckCancelledWithUsage(stream.result.get());
+  CHECK(process->WaitOrKill(std::chrono::seconds(60)) == 0);
+}
+
+TEST_CASE("SIGHUP does not stop the daemon") {
+  Daemon daemon;
+  kill(daemon.process->pid(), SIGHUP);
+  auto c = daemon.Connect();
+  // Still serving well after the signal was delivered: health, then a whole generation.
+  CHECK(HealthOf(*c) == grpc::health::v1::HealthCheckResponse::SERVING);
+  Collected got = Run(*c, Greedy({3, 4}, 8));
+  REQUIRE(got.status.ok());
+  CHECK(got.ids.size() == 8);
+  CHECK(HealthOf(*c) == grpc::health::v1::HealthCheckResponse::SERVING);
+  CHECK(daemon.process->Stop(SIGTERM) == 0);
+}
+
 TEST_CASE("SIGTERM drains: requests in flight finish, then the daemon exits 0") {
   Daemon daemon({"--drain-seconds", "30"});
   auto c = daemon.Connect();
