@@ -114,7 +114,7 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("per-layer eviction keeps each layer's share across layer sweeps; one pool thrashes") {
+TEST_CASE("per-layer eviction keeps each layer's share across layer sweeps, one pool thrashes") {
   Fixture f(model::Architecture::kMixtral, 8);
   const model::ModelConfig& config = f.store->config();
   const int layers = static_cast<int>(config.num_layers);
@@ -186,7 +186,7 @@ TEST_CASE("quantized precisions run from the cache too") {
   }
 }
 
-TEST_CASE("read faults fail the step naming the expert; the cache stays consistent") {
+TEST_CASE("read faults fail the step naming the expert, the cache stays consistent") {
   Fixture f(model::Architecture::kMixtral);
   // An expert the prompt's first token uses in layer 1.
   const int used = f.reference.routing[1][0][0];

@@ -45,7 +45,7 @@ GreedyResult Run(const fs::path& dir, const std::vector<int32_t>& prompt, int st
 
 const std::vector<int32_t> kPrompt = {5, 300, 17, 42, 99, 7, 256};
 
-TEST_CASE("fp32 and sharded copies give bitwise the same logits; fp16 nearly") {
+TEST_CASE("fp32 and sharded copies give bitwise the same logits, fp16 nearly") {
   TempDir tmp;
   for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe,
                             Architecture::kQwen3Moe, Architecture::kOlmoe}) {
@@ -82,7 +82,7 @@ TEST_CASE("fp32 and sharded copies give bitwise the same logits; fp16 nearly") {
   }
 }
 
-TEST_CASE("prefill and token-by-token decode agree bitwise; so do batched sequences") {
+TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequences") {
   TempDir tmp;
   fs::path dir = Synthesize(tmp.path, Architecture::kQwen3Moe, "qwen3");
   auto model = Model::Load(dir.string(), 2);

@@ -18,7 +18,7 @@ TEST_CASE("greedy takes the argmax, ties to the lower id") {
   CHECK(Sampler(k1, {}, 0).Next(kLogits).token == 1);
 }
 
-TEST_CASE("the same seed gives the same tokens; another seed other tokens") {
+TEST_CASE("the same seed gives the same tokens, another seed other tokens") {
   SamplingParams p;
   p.seed = 42;
   std::vector<float> flat(50, 0.0f);

@@ -47,7 +47,7 @@ TEST_CASE("expert-aware counts the experts earlier choices bring in as covered")
   CHECK(ChooseForStep(c, 3, &none) == std::vector<size_t>{2, 0, 1});
 }
 
-TEST_CASE("a sequence whose prompt has not started goes first; ties go oldest") {
+TEST_CASE("a sequence whose prompt has not started goes first, ties go oldest") {
   std::vector<StepCandidate> c = {Make(false, {{2, 3}, {2, 3}}, 1, 0),   // 4 to stage
                                   Make(false, {}, 0, 1),                 // not started
                                   Make(false, {{0, 2}, {0, 3}}, 3, 2),   // 2 to stage

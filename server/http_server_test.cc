@@ -148,7 +148,7 @@ TEST_CASE("http: a client that goes away mid-response is reported once") {
   CHECK(disconnects == 1);
 }
 
-TEST_CASE("http: oversized bodies get 413, headers 431, malformed requests 400; all close") {
+TEST_CASE("http: oversized bodies get 413, headers 431, malformed requests 400, all close") {
   HttpLimits limits;
   limits.max_body_bytes = 100;
   auto server = HttpServer::Start(
@@ -169,7 +169,7 @@ TEST_CASE("http: oversized bodies get 413, headers 431, malformed requests 400; 
   CHECK(bad.closed_by_peer());
 }
 
-TEST_CASE("http: past max_connections a new connection gets 503; idle ones time out") {
+TEST_CASE("http: past max_connections a new connection gets 503, idle ones time out") {
   HttpLimits limits;
   limits.max_connections = 2;
   limits.idle_timeout = std::chrono::seconds(1);

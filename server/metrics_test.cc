@@ -14,7 +14,7 @@ bool HasLine(const std::string& text, const std::string& line) {
   return text.find("\n" + line + "\n") != std::string::npos || text.rfind(line + "\n", 0) == 0;
 }
 
-TEST_CASE("metrics: label values escape backslash, quote and newline; values read back") {
+TEST_CASE("metrics: label values escape backslash, quote and newline, values read back") {
   CHECK(EscapeLabelValue("a\\b\"c\nd") == "a\\\\b\\\"c\\nd");
   CHECK(EscapeLabelValue("plain") == "plain");
   CHECK(FormatSampleValue(3) == "3");

@@ -78,7 +78,7 @@ TEST_CASE("the daemon serves Health and ModelInfo for its model, then stops on S
   if (info->cuda_devices_size() == 0) CHECK_FALSE(info->backend_note().empty());
 
   CHECK(daemon.process->Stop(SIGTERM) == 0);
-  CHECK(daemon.process->stderr_text().find("received SIGTERM, shutting down") != std::string::npos);
+  CHECK(daemon.process->stderr_text().find("received SIGTERM: draining") != std::string::npos);
 }
 
 TEST_CASE("SIGINT stops the daemon cleanly too") {
@@ -191,7 +191,7 @@ TEST_CASE("moectl chat-template renders a model's own template with its special 
   CHECK(result.err == "Unexpected message role: robot\n");
 }
 
-TEST_CASE("with --api-key, gRPC calls need the key; health stays open") {
+TEST_CASE("with --api-key, gRPC calls need the key, health stays open") {
   RunningDaemon daemon({"--api-key", "sesame"});
   auto anonymous = client::Client::Create(daemon.address, std::chrono::seconds(10));
   CHECK(*anonymous->Health() == HealthCheckResponse::SERVING);

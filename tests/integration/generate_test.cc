@@ -118,7 +118,7 @@ TEST_CASE("greedy generation streams the engine's own greedy tokens and ends wit
   CHECK(daemon.process->Stop() == 0);
 }
 
-TEST_CASE("text prompts are tokenized; Tokenize agrees with the prompt's usage") {
+TEST_CASE("text prompts are tokenized, Tokenize agrees with the prompt's usage") {
   Daemon daemon;
   auto c = daemon.Connect();
   v1::GenerateRequest request;
@@ -158,7 +158,7 @@ TEST_CASE("bad requests get INVALID_ARGUMENT naming the problem") {
   CHECK(status_of(top_p).code() == absl::StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("a full queue answers RESOURCE_EXHAUSTED; a passed deadline DEADLINE_EXCEEDED") {
+TEST_CASE("a full queue answers RESOURCE_EXHAUSTED, a passed deadline DEADLINE_EXCEEDED") {
   Daemon daemon({"--max-batch", "1", "--max-queue", "0"});
   auto c = daemon.Connect();
   // Occupy the only batch slot with a long generation.
@@ -293,7 +293,8 @@ void CheckCancelledWithUsage(const Collected& got) {
   CHECK(got.last.usage().completion_tokens() == got.ids.size());
 }
 
-TEST_CASE("when the drain time is up, running streams end cancelled with their usage; exit 0") {
+TEST_CASE(
+    "when the drain time is up, running streams end cancelled with their usage, and moed exits 0") {
   std::string address;
   auto process = StartLong({"--drain-seconds", "1"}, &address);
   auto c = client::Client::Create(address, std::chrono::seconds(60));

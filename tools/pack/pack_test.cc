@@ -63,7 +63,7 @@ double MaxDiff(const model::GreedyResult& a, const model::GreedyResult& b) {
 }
 
 TEST_CASE(
-    "a store's source precision gives bitwise the checkpoint's logits; int8 and int4 stay close") {
+    "a store's source precision gives bitwise the checkpoint's logits, int8 and int4 stay close") {
   TempDir tmp;
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
                     model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
