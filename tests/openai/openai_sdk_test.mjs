@@ -280,6 +280,43 @@ test('while draining, /ready is 503 and new requests get 503, and running stream
   controller.abort();  // leaving ends the drain: the daemon exits
 });
 
+// The demo model with a 64K context: a completion to its end runs far longer than a short drain.
+let longDir = null;
+function longModel() {
+  if (longDir === null) {
+    longDir = join(work, 'long');
+    execFileSync(process.env.MOED_SYNTH_BINARY,
+                 ['--arch', 'mixtral', '--preset', 'demo', '--max-position', '65536', '--out', longDir],
+                 { stdio: 'ignore' });
+  }
+  return longDir;
+}
+
+test('when the drain time is up, a running stream ends with finish_reason "abort" and its usage', async () => {
+  const long = await startDaemon(['--drain-seconds', '1'], longModel());
+  const child = daemons.at(-1);
+  const exited = new Promise((resolve) => child.on('exit', (code) => resolve(code)));
+  const longClient = new OpenAI({ baseURL: `http://${long.http}/v1`, apiKey: 'unused', maxRetries: 0 });
+  const stream = await longClient.completions.create(
+    { model: 'long', prompt: 'A very long story', max_tokens: 60000, ignore_eos: true, stream: true,
+      stream_options: { include_usage: true } });
+  const iterator = stream[Symbol.asyncIterator]();
+  await iterator.next();  // running
+  child.kill('SIGTERM');
+  let finish = null;
+  let usage = null;
+  for (let next = await iterator.next(); !next.done; next = await iterator.next()) {
+    if (next.value.choices.length > 0 && next.value.choices[0].finish_reason !== null) {
+      finish = next.value.choices[0].finish_reason;
+    }
+    if (next.value.usage) usage = next.value.usage;
+  }
+  assert.equal(finish, 'abort');
+  assert.ok(usage.completion_tokens > 0 && usage.completion_tokens < 60000, JSON.stringify(usage));
+  assert.ok(usage.prompt_tokens > 0);
+  assert.equal(await exited, 0);
+});
+
 test('a full queue answers 429', async () => {
   const busy = await startDaemon(['--max-batch', '1', '--max-queue', '0'], demoModel());
   const busyClient = new OpenAI({ baseURL: `http://${busy.http}/v1`, apiKey: 'unused', maxRetries: 0 });
