@@ -123,7 +123,10 @@ int RunInfo(const GlobalOptions& options) {
               << c.host_hits() << ", disk reads " << c.ssd_reads() << " (" << Mib(c.ssd_bytes())
               << "), failed " << c.failed_reads() << "\n";
   }
-  std::cout << "version:      " << info->server_version() << "\n";
+  std::cout << "requests:     " << info->requests_running() << " running, "
+            << info->requests_waiting() << " waiting, KV cache " << Mib(info->kv_cache_bytes())
+            << " held\n"
+            << "version:      " << info->server_version() << "\n";
   return 0;
 }
 

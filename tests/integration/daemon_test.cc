@@ -231,6 +231,9 @@ TEST_CASE("moectl health and info talk to the daemon") {
   CommandResult human = RunCommand({MOECTL_BINARY, "--server", daemon.address, "info"});
   CHECK(human.exit_code == 0);
   CHECK(human.out.find("Qwen2MoeForCausalLM") != std::string::npos);
+  // An idle daemon: nothing running or waiting, no KV cache held.
+  CHECK(human.out.find("requests:     0 running, 0 waiting, KV cache 0.00 MiB held\n") !=
+        std::string::npos);
 
   CHECK(daemon.process->Stop() == 0);
   CommandResult gone =
