@@ -2,9 +2,11 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -385,13 +387,36 @@ EnvLookup ProcessEnvironment() {
   };
 }
 
+std::vector<std::string> ProcessEnvironmentNames() {
+  std::vector<std::string> names;
+  for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+    absl::string_view variable(*entry);
+    names.emplace_back(variable.substr(0, variable.find('=')));
+  }
+  return names;
+}
+
 absl::Status ApplyConfigJson(absl::string_view text, absl::string_view source,
                              DaemonConfig* config) {
-  json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  // A key given twice would silently take its last value: name it instead.
+  std::set<std::string> keys;
+  std::string repeated;
+  json::parser_callback_t note_keys = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::key && depth == 1 && parsed.is_string() &&
+        !keys.insert(parsed.get<std::string>()).second && repeated.empty()) {
+      repeated = parsed.get<std::string>();
+    }
+    return true;
+  };
+  json root = json::parse(text.begin(), text.end(), note_keys, /*allow_exceptions=*/false);
   if (root.is_discarded())
     return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   if (!root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": must be a JSON object"));
+  }
+  if (!repeated.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": key \"", repeated, "\" is given more than once"));
   }
   // Validate everything before changing anything, so a bad file leaves the config as it was.
   DaemonConfig updated = *config;
@@ -450,7 +475,8 @@ absl::Status ValidateConfig(const DaemonConfig& config) {
 }
 
 absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args,
-                                             const EnvLookup& env) {
+                                             const EnvLookup& env,
+                                             const std::vector<std::string>& variable_names) {
   struct FlagValue {
     const OptionSpec* spec;
     std::string value;
@@ -511,9 +537,21 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
     result.config.config = *config_path;
     MOED_RETURN_IF_ERROR(ApplyConfigFile(*config_path, &result.config));
   }
+  std::set<std::string> known;
   for (const OptionSpec& spec : DaemonOptions()) {
+    known.insert(spec.EnvVar());
     if (std::optional<std::string> value = env(spec.EnvVar()); value.has_value()) {
       MOED_RETURN_IF_ERROR(WithContext(spec.EnvVar(), SetFromText(spec, *value, &result.config)));
+    }
+  }
+  // moectl's server address and the tests' data folder share the prefix but are no daemon's.
+  known.insert("MOED_SERVER");
+  known.insert("MOED_SHARED_DIR");
+  std::set<std::string> warned;
+  for (const std::string& name : variable_names) {
+    if (absl::StartsWith(name, "MOED_") && !known.contains(name) && warned.insert(name).second) {
+      result.warnings.push_back(absl::StrCat("environment variable ", name,
+                                             " names no moed option and is ignored (see --help)"));
     }
   }
   for (const FlagValue& flag : flags) {

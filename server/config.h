@@ -80,12 +80,22 @@ enum class Action { kRun, kHelp, kVersion, kHelpMarkdown };
 struct CommandLine {
   Action action = Action::kRun;
   DaemonConfig config;
+  // What the daemon logs once its logger exists (for example a MOED_* variable that names no
+  // option: Kubernetes injects service variables such as MOED_SERVICE_HOST, so these are not
+  // errors).
+  std::vector<std::string> warnings;
 };
 
 // Defaults, then the config file (--config or MOED_CONFIG), then MOED_* variables, then
 // flags; then validation. Errors are one line naming the flag, key or variable.
+// `variable_names` lists the environment's variables, for the warnings about unknown MOED_*
+// names.
 absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args,
-                                             const EnvLookup& env);
+                                             const EnvLookup& env,
+                                             const std::vector<std::string>& variable_names = {});
+
+// The names of the process's environment variables.
+std::vector<std::string> ProcessEnvironmentNames();
 
 // Applies a JSON config file's text; keys are the long flag names.
 absl::Status ApplyConfigJson(absl::string_view text, absl::string_view source,

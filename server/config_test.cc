@@ -181,5 +181,36 @@ TEST_CASE("host and port split, IPv6 in brackets") {
   CHECK_FALSE(SplitHostPort("[::1:80", &host, &port).ok());
 }
 
+TEST_CASE("a config file that gives a key twice is refused, naming the key") {
+  std::string path = WriteTempFile(R"({"model": "/a", "max-batch": 4, "model": "/b"})");
+  std::string message = ErrorOf({"--config", path});
+  CHECK(message.find("\"model\" is given more than once") != std::string::npos);
+  std::remove(path.c_str());
+}
+
+TEST_CASE("a MOED_ variable that names no option is a warning, once, and changes nothing") {
+  std::map<std::string, std::string> vars = {{"MOED_MAX_BATCH", "4"},
+                                             {"MOED_MAX_BATCHES", "9"},
+                                             {"MOED_SERVICE_HOST", "10.0.0.1"},
+                                             {"MOED_SERVER", "127.0.0.1:50051"},
+                                             {"PATH", "/bin"}};
+  std::vector<std::string> names = {
+      "MOED_MAX_BATCH", "MOED_MAX_BATCHES", "MOED_SERVICE_HOST", "MOED_SERVER",
+      "PATH",           "MOED_MAX_BATCHES"};
+  absl::StatusOr<CommandLine> parsed = ParseCommandLine({"--model", "/m"}, FakeEnv(vars), names);
+  REQUIRE(parsed.ok());
+  CHECK(parsed->config.max_batch == 4);
+  REQUIRE(parsed->warnings.size() == 2);
+  CHECK(parsed->warnings[0] ==
+        "environment variable MOED_MAX_BATCHES names no moed option and is ignored (see --help)");
+  CHECK(parsed->warnings[1].find("MOED_SERVICE_HOST") != std::string::npos);
+  // Every option's own variable is known: no warning for any of them.
+  std::vector<std::string> all;
+  for (const OptionSpec& spec : DaemonOptions()) all.push_back(spec.EnvVar());
+  absl::StatusOr<CommandLine> quiet = ParseCommandLine({"--model", "/m"}, FakeEnv({}), all);
+  REQUIRE(quiet.ok());
+  CHECK(quiet->warnings.empty());
+}
+
 }  // namespace
 }  // namespace moed::server

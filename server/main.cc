@@ -14,8 +14,8 @@ namespace {
 int Run(int argc, char** argv) {
   using moed::server::Action;
   std::vector<std::string> args(argv + 1, argv + argc);
-  absl::StatusOr<moed::server::CommandLine> command_line =
-      moed::server::ParseCommandLine(args, moed::server::ProcessEnvironment());
+  absl::StatusOr<moed::server::CommandLine> command_line = moed::server::ParseCommandLine(
+      args, moed::server::ProcessEnvironment(), moed::server::ProcessEnvironmentNames());
   if (!command_line.ok()) {
     std::cerr << "moed: error: " << command_line.status().message() << "\n";
     return 2;
@@ -49,6 +49,7 @@ int Run(int argc, char** argv) {
     std::cerr << "moed: error: " << logger.status().message() << "\n";
     return 2;
   }
+  for (const std::string& warning : command_line->warnings) (*logger)->warn("{}", warning);
   auto daemon = moed::server::Daemon::Create(config, *logger);
   if (!daemon.ok()) {
     (*logger)->error("cannot start: {}", daemon.status().message());

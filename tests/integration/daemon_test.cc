@@ -1,5 +1,6 @@
 // The real moed and moectl binaries on loopback.
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -89,7 +90,10 @@ TEST_CASE("SIGINT stops the daemon cleanly too") {
 TEST_CASE("the daemon reads a JSON config file and writes JSON logs") {
   fs::path config = TestModel().parent_path() / "moed.json";
   std::ofstream(config) << R"({"served-model-name": "from-file", "log-format": "json"})";
+  // A misspelt variable is logged as a warning; the daemon starts anyway.
+  setenv("MOED_SERVED_MODEL", "typo", 1);
   RunningDaemon daemon({"--config", config.string()});
+  unsetenv("MOED_SERVED_MODEL");
   auto info = client::Client::Create(daemon.address, std::chrono::seconds(10))->ModelInfo();
   REQUIRE(info.ok());
   CHECK(info->model_name() == "from-file");
@@ -104,6 +108,8 @@ TEST_CASE("the daemon reads a JSON config file and writes JSON logs") {
     ++lines;
   }
   CHECK(lines >= 3);
+  CHECK(logs.find("environment variable MOED_SERVED_MODEL names no moed option") !=
+        std::string::npos);
 }
 
 TEST_CASE("bad flags, config files and models exit non-zero with a one-line error") {
