@@ -268,17 +268,27 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
   if (g.seed) sampling->set_seed(*g.seed);
   for (const std::string& s : g.stop) sampling->add_stop(s);
   sampling->set_logprobs(g.logprobs);
+  std::unique_ptr<moed::client::Client> client = Connect(options);
+  // A model without a tokenizer streams token ids and no text: print the ids then.
+  bool print_ids = false;
+  if (!options.json) {
+    absl::StatusOr<moed::v1::ModelInfoResponse> info = client->ModelInfo();
+    if (!info.ok()) return Fail(info.status(), options);
+    print_ids = !info->has_tokenizer();
+  }
   moed::v1::GenerateResponse last;
-  absl::Status status =
-      Connect(options)->Generate(request, [&](const moed::v1::GenerateResponse& message) {
-        if (options.json) {
-          std::cout << ToJson(message) << std::endl;
-        } else {
-          std::cout << message.text() << std::flush;
-        }
-        last = message;
-        return true;
-      });
+  absl::Status status = client->Generate(request, [&](const moed::v1::GenerateResponse& message) {
+    if (options.json) {
+      std::cout << ToJson(message) << std::endl;
+    } else if (print_ids) {
+      for (uint32_t id : message.token_ids()) std::cout << id << ' ';
+      std::cout << std::flush;
+    } else {
+      std::cout << message.text() << std::flush;
+    }
+    last = message;
+    return true;
+  });
   if (!status.ok()) {
     if (!options.json) std::cout << "\n";
     return Fail(status, options);

@@ -1,4 +1,5 @@
 // The real moed and moectl binaries on loopback.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdlib>
 #include <filesystem>
@@ -355,6 +356,36 @@ TEST_CASE("moectl tokenize asks the daemon with --server and generate streams te
   REQUIRE(lines.size() == 4);  // three tokens, then the closing message
   CHECK(lines.back()["finish_reason"] == "FINISH_REASON_LENGTH");
   CHECK(lines.back()["usage"]["completion_tokens"] == 3);
+  CHECK(daemon.process->Stop() == 0);
+}
+
+TEST_CASE("moectl generate prints token ids for a model without a tokenizer") {
+  fs::path bare = TestModel().parent_path() / "bare";
+  if (!fs::exists(bare)) {
+    fs::copy(TestModel(), bare);
+    fs::remove(bare / "tokenizer.json");
+  }
+  RunningDaemon daemon({"--model", bare.string()});
+  std::vector<std::string> generate = {"generate", "--ids",         "5,6", "--max-tokens",
+                                       "4",        "--temperature", "0"};
+  std::vector<std::string> text_args = {MOECTL_BINARY, "--server", daemon.address};
+  text_args.insert(text_args.end(), generate.begin(), generate.end());
+  std::vector<std::string> json_args = {MOECTL_BINARY, "--server", daemon.address, "--json"};
+  json_args.insert(json_args.end(), generate.begin(), generate.end());
+  CommandResult text = RunCommand(text_args);
+  CommandResult json = RunCommand(json_args);
+  REQUIRE(text.exit_code == 0);
+  REQUIRE(json.exit_code == 0);
+  // The same greedy ids as the JSON messages carry, space-separated.
+  std::string expected;
+  size_t start = 0;
+  for (size_t end; (end = json.out.find('\n', start)) != std::string::npos; start = end + 1) {
+    auto line = nlohmann::json::parse(json.out.substr(start, end - start));
+    if (!line.contains("token_ids")) continue;
+    for (const auto& id : line["token_ids"]) expected += std::to_string(id.get<uint32_t>()) + " ";
+  }
+  CHECK(std::count(expected.begin(), expected.end(), ' ') == 4);
+  CHECK(text.out == expected);
   CHECK(daemon.process->Stop() == 0);
 }
 
