@@ -1,11 +1,16 @@
 #include "server/logging.h"
 
+#include <cstring>
+
 #include "absl/strings/str_cat.h"
+#include "google/protobuf/stubs/logging.h"
+#include "grpc/support/log.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/details/fmt_helper.h"
 #include "spdlog/formatter.h"
 #include "spdlog/pattern_formatter.h"
 #include "spdlog/sinks/stdout_sinks.h"
+#include "spdlog/spdlog.h"
 
 namespace moed::server {
 namespace {
@@ -43,7 +48,44 @@ class JsonFormatter final : public spdlog::formatter {
   }
 };
 
+constexpr char kGrpcLogger[] = "grpc";
+constexpr char kProtobufLogger[] = "protobuf";
+
+const char* BaseName(const char* path) {
+  const char* slash = path == nullptr ? nullptr : std::strrchr(path, '/');
+  return slash == nullptr ? (path == nullptr ? "" : path) : slash + 1;
+}
+
+void LogGrpc(gpr_log_func_args* args) {
+  std::shared_ptr<spdlog::logger> log = spdlog::get(kGrpcLogger);
+  if (log == nullptr) return;
+  const spdlog::level::level_enum level =
+      args->severity == GPR_LOG_SEVERITY_ERROR  ? spdlog::level::err
+      : args->severity == GPR_LOG_SEVERITY_INFO ? spdlog::level::info
+                                                : spdlog::level::debug;
+  log->log(level, "{} ({}:{})", args->message, BaseName(args->file), args->line);
+}
+
+void LogProtobuf(google::protobuf::LogLevel level, const char* filename, int line,
+                 const std::string& message) {
+  std::shared_ptr<spdlog::logger> log = spdlog::get(kProtobufLogger);
+  if (log == nullptr) return;
+  spdlog::level::level_enum to = spdlog::level::info;
+  if (level == google::protobuf::LOGLEVEL_WARNING) to = spdlog::level::warn;
+  if (level >= google::protobuf::LOGLEVEL_ERROR) to = spdlog::level::err;
+  log->log(to, "{} ({}:{})", message, BaseName(filename), line);
+}
+
 }  // namespace
+
+void RouteLibraryLogs(const std::shared_ptr<spdlog::logger>& logger) {
+  for (const char* name : {kGrpcLogger, kProtobufLogger}) {
+    spdlog::drop(name);
+    spdlog::register_logger(logger->clone(name));
+  }
+  gpr_set_log_function(&LogGrpc);
+  google::protobuf::SetLogHandler(&LogProtobuf);
+}
 
 absl::StatusOr<std::shared_ptr<spdlog::logger>> MakeLogger(const std::string& name,
                                                            const std::string& level,

@@ -49,6 +49,7 @@ int Run(int argc, char** argv) {
     std::cerr << "moed: error: " << logger.status().message() << "\n";
     return 2;
   }
+  moed::server::RouteLibraryLogs(*logger);
   for (const std::string& warning : command_line->warnings) (*logger)->warn("{}", warning);
   auto daemon = moed::server::Daemon::Create(config, *logger);
   if (!daemon.ok()) {

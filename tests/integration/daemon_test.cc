@@ -221,6 +221,22 @@ TEST_CASE("a taken port is reported and the daemon exits 1") {
                                      first.address, "--http-listen", ""});
   CHECK(second.exit_code == 1);
   CHECK(second.err.find("cannot listen on " + first.address) != std::string::npos);
+  // In JSON mode every line but the final one-line error is a JSON log line, the gRPC
+  // library's own report included: no raw library output.
+  CommandResult json = RunCommand({MOED_BINARY, "--model", TestModel().string(), "--listen",
+                                   first.address, "--http-listen", "", "--log-format", "json"});
+  CHECK(json.exit_code == 1);
+  bool grpc_line = false;
+  size_t start = 0;
+  for (size_t end; (end = json.err.find('\n', start)) != std::string::npos; start = end + 1) {
+    std::string line = json.err.substr(start, end - start);
+    if (line.rfind("moed: error: ", 0) == 0) continue;
+    auto parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    INFO(line);
+    REQUIRE(!parsed.is_discarded());
+    grpc_line |= parsed["logger"] == "grpc";
+  }
+  CHECK(grpc_line);
 }
 
 TEST_CASE("moectl health and info talk to the daemon") {
