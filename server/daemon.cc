@@ -414,16 +414,14 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     std::shared_ptr<cache::ExpertCache> expert_cache = daemon->cache_;
     scheduler_options.resident_experts = [expert_cache] { return expert_cache->DeviceResidency(); };
   }
+  if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
   if (config.metrics) {
     MetricsInfo metrics_info;
     metrics_info.model_name = info.model_name();
     metrics_info.version = MOED_VERSION;
     metrics_info.backend = info.backend();
     metrics_info.architecture = info.architecture();
-    metrics_info.expert_precision =
-        daemon->cache_ != nullptr
-            ? std::string(cache::PrecisionName(daemon->cache_->options().precision))
-            : "source";
+    metrics_info.expert_precision = std::string(cache::PrecisionName(serving.served_precision));
     metrics_info.num_layers = info.num_layers();
     metrics_info.num_experts = info.num_experts();
     metrics_info.experts_per_token = info.experts_per_token();
@@ -450,7 +448,6 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   serving.max_context_tokens = info.max_context_tokens();
   serving.scheduler = daemon->scheduler_;
   serving.tokenizer = tokenizer;
-  if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
   daemon->core_ = std::make_shared<ServingCore>(std::move(serving));
   OpenAiServiceOptions openai;
   openai.api_key = config.api_key;
@@ -458,8 +455,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   Daemon* self = daemon.get();
   openai.ready = [self] { return !self->draining_.load(); };
   if (std::shared_ptr<ServingMetrics> metrics = daemon->core_->parts().metrics) {
-    openai.metrics = [self, metrics] {
-      return metrics->Render(self->scheduler_->stats(), self->cache_.get(), ReadProcessStats());
+    // The HTTP threads hold what a scrape reads, not the daemon.
+    openai.metrics = [metrics, scheduler = daemon->scheduler_, cache = daemon->cache_] {
+      return metrics->Render(scheduler->stats(), cache.get(), ReadProcessStats());
     };
   }
   daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
@@ -545,26 +543,29 @@ void Daemon::Drain(std::chrono::seconds limit, const std::function<bool()>& stop
   draining_ = true;
   scheduler_->StopAccepting();
   health_service_->Shutdown();
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  bool interrupted = false;
-  while (!scheduler_->Idle() && std::chrono::steady_clock::now() < deadline) {
-    if (stop_now && stop_now()) {
-      interrupted = true;
-      break;
+  // Polls until the scheduler is idle (true), the time is up or `stop` says so (false).
+  auto wait_idle = [&](std::chrono::steady_clock::duration within,
+                       const std::function<bool()>& stop) {
+    const auto deadline = std::chrono::steady_clock::now() + within;
+    while (!scheduler_->Idle()) {
+      if (std::chrono::steady_clock::now() >= deadline || (stop && stop())) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  if (scheduler_->Idle()) return;
+    return true;
+  };
+  bool interrupted = false;
+  auto stop_requested = [&] {
+    interrupted = stop_now && stop_now();
+    return interrupted;
+  };
+  if (wait_idle(limit, stop_requested)) return;
   const scheduler::SchedulerStats stats = scheduler_->stats();
   logger_->warn("{}: cancelling {} running and {} waiting requests",
                 interrupted ? "drain ended early" : "drain time is up", stats.running,
                 stats.waiting);
   // Each ends at the next step boundary with its last message (cancelled, with usage).
   scheduler_->CancelAll();
-  const auto cancel_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (!scheduler_->Idle() && std::chrono::steady_clock::now() < cancel_deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  wait_idle(std::chrono::seconds(5), {});
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {

@@ -52,8 +52,9 @@ constexpr char kGrpcLogger[] = "grpc";
 constexpr char kProtobufLogger[] = "protobuf";
 
 const char* BaseName(const char* path) {
-  const char* slash = path == nullptr ? nullptr : std::strrchr(path, '/');
-  return slash == nullptr ? (path == nullptr ? "" : path) : slash + 1;
+  if (path == nullptr) return "";
+  const char* slash = std::strrchr(path, '/');
+  return slash == nullptr ? path : slash + 1;
 }
 
 void LogGrpc(gpr_log_func_args* args) {

@@ -273,34 +273,31 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
 
   if (cache != nullptr) {
     const cache::CacheCounters c = cache->counters();
-    const std::pair<const char*, const cache::TierCounters*> tiers[] = {{"device", &c.device},
-                                                                        {"host", &c.host}};
+    // Family `name`: one sample per tier, `field` read from that tier's counters.
+    auto per_tier = [&](const char* name, auto field) {
+      out.Sample(name, {{"tier", "device"}}, static_cast<double>(field(c.device)));
+      out.Sample(name, {{"tier", "host"}}, static_cast<double>(field(c.host)));
+    };
+    using Tier = cache::TierCounters;
     out.Family("moed_expert_cache_lookups_total", "counter",
                "Experts a step asked a tier for (the host tier is asked on device misses).");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_lookups_total", {{"tier", tier}},
-                 static_cast<double>(t->hits + t->misses));
+    per_tier("moed_expert_cache_lookups_total", [](const Tier& t) { return t.hits + t.misses; });
     out.Family("moed_expert_cache_hits_total", "counter", "Lookups the tier served.");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_hits_total", {{"tier", tier}}, static_cast<double>(t->hits));
+    per_tier("moed_expert_cache_hits_total", [](const Tier& t) { return t.hits; });
     out.Family("moed_expert_cache_ssd_reads_total", "counter", "Experts read from the store.");
     out.Sample("moed_expert_cache_ssd_reads_total", {}, static_cast<double>(c.ssd_reads));
     out.Family("moed_expert_cache_ssd_bytes_total", "counter", "Bytes read from the store.");
     out.Sample("moed_expert_cache_ssd_bytes_total", {}, static_cast<double>(c.ssd_bytes));
     out.Family("moed_expert_cache_staged_bytes_total", "counter",
                "Bytes copied or read into the tier.");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_staged_bytes_total", {{"tier", tier}},
-                 static_cast<double>(t->bytes_in));
+    per_tier("moed_expert_cache_staged_bytes_total", [](const Tier& t) { return t.bytes_in; });
     out.Family("moed_expert_cache_stage_seconds", "histogram",
                "Time to bring an expert into the device tier, by where it came from.");
     out.Histogram("moed_expert_cache_stage_seconds", {{"source", "ssd"}}, c.stage_from_ssd);
     out.Histogram("moed_expert_cache_stage_seconds", {{"source", "host"}}, c.stage_from_host);
     out.Family("moed_expert_cache_evictions_total", "counter",
                "Experts evicted to make room, by tier.");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_evictions_total", {{"tier", tier}},
-                 static_cast<double>(t->evictions));
+    per_tier("moed_expert_cache_evictions_total", [](const Tier& t) { return t.evictions; });
     out.Family("moed_expert_cache_failed_reads_total", "counter",
                "Expert reads that failed: io_error, short_read (the store is truncated) or "
                "checksum (the bytes do not match the manifest).");
@@ -314,13 +311,10 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
                "Time the engine waited for experts to arrive.");
     out.Sample("moed_expert_cache_stall_seconds_total", {}, c.wait_seconds);
     out.Family("moed_expert_cache_resident", "gauge", "Experts resident in the tier.");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_resident", {{"tier", tier}}, static_cast<double>(t->resident));
+    per_tier("moed_expert_cache_resident", [](const Tier& t) { return t.resident; });
     out.Family("moed_expert_cache_budget_bytes", "gauge",
                "Memory the tier holds for experts (its slots).");
-    for (const auto& [tier, t] : tiers)
-      out.Sample("moed_expert_cache_budget_bytes", {{"tier", tier}},
-                 static_cast<double>(t->budget_bytes));
+    per_tier("moed_expert_cache_budget_bytes", [](const Tier& t) { return t.budget_bytes; });
   }
 
   out.Family("moed_build_info", "gauge", "The daemon's version and compute backend (always 1).");

@@ -386,32 +386,6 @@ class Generation : public std::enable_shared_from_this<Generation> {
 
 }  // namespace
 
-absl::StatusCode StatusCodeOfHttp(int status) {
-  switch (status) {
-    case 400:
-    case 413:
-      return absl::StatusCode::kInvalidArgument;
-    case 401:
-      return absl::StatusCode::kUnauthenticated;
-    case 403:
-      return absl::StatusCode::kPermissionDenied;
-    case 404:
-      return absl::StatusCode::kNotFound;
-    case 408:
-      return absl::StatusCode::kDeadlineExceeded;
-    case 412:
-      return absl::StatusCode::kFailedPrecondition;
-    case 429:
-      return absl::StatusCode::kResourceExhausted;
-    case 501:
-      return absl::StatusCode::kUnimplemented;
-    case 503:
-      return absl::StatusCode::kUnavailable;
-    default:
-      return status >= 500 ? absl::StatusCode::kInternal : absl::StatusCode::kUnknown;
-  }
-}
-
 bool BearerMatches(absl::string_view authorization, absl::string_view key) {
   constexpr absl::string_view kPrefix = "Bearer ";
   if (authorization.size() < kPrefix.size() ||
@@ -502,18 +476,22 @@ void OpenAiService::Handle(HttpRequest request, std::shared_ptr<HttpExchange> ex
 
 void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
                              const std::shared_ptr<HttpExchange>& exchange) {
-  // What this adapter refuses is counted here; the core counts what Submit refuses.
-  auto refuse = [&](const OpenAiError& error) {
-    core_->RecordRefusal(StatusCodeOfHttp(error.status));
+  // What this adapter refuses is counted here, under the code of the refusal's cause; the core
+  // counts what Submit refuses.
+  auto refuse = [&](const OpenAiError& error, absl::StatusCode code) {
+    core_->RecordRefusal(code);
     SendError(*exchange, error);
   };
   std::variant<OpenAiRequest, OpenAiError> parsed =
       ParseOpenAiRequest(endpoint, http.body, options_.limits);
-  if (auto* error = std::get_if<OpenAiError>(&parsed)) return refuse(*error);
+  if (auto* error = std::get_if<OpenAiError>(&parsed)) {
+    return refuse(*error, absl::StatusCode::kInvalidArgument);
+  }
   OpenAiRequest request = std::get<OpenAiRequest>(std::move(parsed));
   if (request.model != core_->model_name()) {
     return refuse({404, absl::StrCat("The model '", request.model, "' does not exist"),
-                   "invalid_request_error", "model", "model_not_found"});
+                   "invalid_request_error", "model", "model_not_found"},
+                  absl::StatusCode::kNotFound);
   }
   const ServingParts& parts = core_->parts();
   // The prompts, as text or ids; for chat, the template's rendering.
@@ -524,7 +502,8 @@ void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
         parts.tool_calls == model::ToolCallFormat::kNone) {
       return refuse(
           {400, "this model's chat template has no tool calls, so 'tool_choice' cannot require one",
-           "invalid_request_error", "tool_choice", "unsupported"});
+           "invalid_request_error", "tool_choice", "unsupported"},
+          absl::StatusCode::kInvalidArgument);
     }
     model::ChatTemplateInput input;
     input.messages = request.messages;
@@ -536,11 +515,11 @@ void OpenAiService::Generate(OpenAiEndpoint endpoint, const HttpRequest& http,
       OpenAiError error = ErrorOf(rendered.status());
       if (error.status == 500 || error.status == 429) error.status = 400;
       error.param = "messages";
-      return refuse(error);
+      return refuse(error, rendered.status().code());
     }
     // The template writes any BOS itself.
     absl::StatusOr<std::vector<int32_t>> ids = core_->Tokenize(*rendered, false);
-    if (!ids.ok()) return refuse(ErrorOf(ids.status()));
+    if (!ids.ok()) return refuse(ErrorOf(ids.status()), ids.status().code());
     prompts = {OpenAiPrompt{false, "", *std::move(ids)}};
     output.tool_calls =
         request.tool_choice == "none" ? model::ToolCallFormat::kNone : parts.tool_calls;

@@ -41,10 +41,6 @@ class OpenAiService {
   std::atomic<uint64_t> next_response_{1};
 };
 
-// The status code an HTTP error status stands for (400 invalid_argument, 429
-// resource_exhausted, ...), for counting refusals.
-absl::StatusCode StatusCodeOfHttp(int status);
-
 // True when `authorization` is "Bearer KEY"; the comparison takes the same time wherever the
 // first difference lies.
 bool BearerMatches(absl::string_view authorization, absl::string_view key);
