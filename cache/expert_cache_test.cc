@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "cache/fault_injecting_reader.h"
+#include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
@@ -32,7 +33,7 @@ struct Fixture {
     auto opened = Store::Open((root / "s").string());
     REQUIRE(opened.ok());
     store = *opened;
-    auto model = model::Model::Load((root / "m").string(), 2);
+    auto model = model::Model::Load((root / "m").string(), kernels::TestCpuBackend(2));
     REQUIRE(model.ok());
     auto result = model::ScoreAndGreedy(**model, kPrompt, 6);
     REQUIRE(result.ok());
@@ -61,7 +62,8 @@ Run RunWith(const Fixture& f, const CacheOptions& options, const ReaderFactory& 
   INFO(cache.status().ToString());
   REQUIRE(cache.ok());
   ExpertCache* raw = cache->get();
-  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache),
+                                    kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   Run run{model::ScoreAndGreedy(**model, Fixture::kPrompt, 6), {}};
   run.counters = raw->counters();
@@ -208,7 +210,8 @@ TEST_CASE("read faults fail the step naming the expert, the cache stays consiste
     REQUIRE(cache.ok());
     ExpertCache* raw = cache->get();
     injector->Inject(victim->offset, fault, 1000);
-    auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+    auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache),
+                                      kernels::TestCpuBackend(2));
     REQUIRE(model.ok());
     auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
     REQUIRE_FALSE(failed.ok());
@@ -246,11 +249,12 @@ TEST_CASE("a corrupted store file fails only the steps that need the damaged exp
   options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
   auto cache = ExpertCache::Create(f.store, options);
   REQUIRE(cache.ok());
-  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), 2);
+  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache),
+                                    kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   // Find one token routed to layer 0 expert 6 and one that avoids it.
   int needs = -1, avoids = -1;
-  auto reference = model::Model::Load((f.root / "m").string(), 1);
+  auto reference = model::Model::Load((f.root / "m").string(), kernels::TestCpuBackend(1));
   REQUIRE(reference.ok());
   for (int token = 0; token < 512 && (needs < 0 || avoids < 0); ++token) {
     auto r = model::ScoreAndGreedy(**reference, {token}, 0);

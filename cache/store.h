@@ -18,7 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "kernels/cpu_ops.h"
+#include "kernels/weights.h"
 #include "model/expert_provider.h"
 
 namespace moed::cache {

@@ -20,6 +20,7 @@
 #include "model/generate.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "server/engine.h"
 #include "util/read_file.h"
 #include "util/status_macros.h"
 
@@ -132,25 +133,27 @@ int RunInfo(const GlobalOptions& options) {
 
 struct LogitsOptions {
   std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0",
-                                    policy = "lru", scope = "layer";
+                                    policy = "lru", scope = "layer", backend = "auto";
   std::string tokens, record_routing;
-  int greedy = 0, threads = 0;
+  int greedy = 0, threads = 0, cuda_device = 0;
 };
 
-absl::StatusOr<std::unique_ptr<moed::model::Model>> OpenForLogits(const LogitsOptions& o) {
-  if (o.store_dir.empty()) return moed::model::Model::Load(o.model_dir, o.threads);
-  moed::cache::CacheOptions cache;
-  MOED_ASSIGN_OR_RETURN(cache.precision, moed::cache::ParsePrecision(o.precision));
-  MOED_ASSIGN_OR_RETURN(cache.device_bytes, moed::cache::ParseByteSize(o.device_bytes));
-  MOED_ASSIGN_OR_RETURN(cache.host_bytes, moed::cache::ParseByteSize(o.host_bytes));
-  MOED_ASSIGN_OR_RETURN(cache.device_policy, moed::cache::ParsePolicyKind(o.policy));
-  cache.host_policy = cache.device_policy;
-  MOED_ASSIGN_OR_RETURN(cache.eviction_scope, moed::cache::ParseEvictionScope(o.scope));
-  MOED_ASSIGN_OR_RETURN(std::shared_ptr<moed::cache::Store> store,
-                        moed::cache::Store::Open(o.store_dir));
-  MOED_ASSIGN_OR_RETURN(std::unique_ptr<moed::cache::ExpertCache> experts,
-                        moed::cache::ExpertCache::Create(store, cache));
-  return moed::model::Model::Create(store->config(), store, std::move(experts), o.threads);
+// The same engine the daemon builds, from the same configuration fields.
+absl::StatusOr<moed::server::Engine> OpenForLogits(const LogitsOptions& o) {
+  moed::server::DaemonConfig config;
+  config.model = o.model_dir;
+  config.store = o.store_dir;
+  config.backend = o.backend;
+  config.cuda_device = o.cuda_device;
+  config.threads = o.threads;
+  config.expert_precision = o.precision;
+  MOED_ASSIGN_OR_RETURN(uint64_t device_bytes, moed::cache::ParseByteSize(o.device_bytes));
+  MOED_ASSIGN_OR_RETURN(uint64_t host_bytes, moed::cache::ParseByteSize(o.host_bytes));
+  config.device_cache_bytes = static_cast<int64_t>(device_bytes);
+  config.host_cache_bytes = static_cast<int64_t>(host_bytes);
+  config.eviction_policy = o.policy;
+  config.eviction_scope = o.scope;
+  return moed::server::BuildEngine(config);
 }
 
 // Local: loads the checkpoint or store itself, no daemon. Prints one JSON object with the
@@ -165,18 +168,18 @@ int RunLogits(const LogitsOptions& o) {
     }
     tokens.push_back(id);
   }
-  auto model = OpenForLogits(o);
-  if (!model.ok()) {
-    std::cerr << "moectl logits: " << model.status().message() << "\n";
+  auto engine = OpenForLogits(o);
+  if (!engine.ok()) {
+    std::cerr << "moectl logits: " << engine.status().message() << "\n";
     return 1;
   }
-  auto result = moed::model::ScoreAndGreedy(**model, tokens, o.greedy);
+  auto result = moed::model::ScoreAndGreedy(*engine->model, tokens, o.greedy);
   if (!result.ok()) {
     std::cerr << "moectl logits: " << result.status().message() << "\n";
     return 1;
   }
   if (!o.record_routing.empty()) {
-    const auto& c = (*model)->config();
+    const auto& c = engine->model_config;
     auto trace = moed::cache::TraceFromRouting(
         result->routing, static_cast<int>(c.num_experts), static_cast<int>(c.experts_per_token),
         static_cast<int>(tokens.size()), o.store_dir.empty() ? o.model_dir : o.store_dir);
@@ -418,6 +421,13 @@ int main(int argc, char** argv) try {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   logits->add_option("--threads", logits_options.threads, "compute threads (0: every core)")
+      ->capture_default_str();
+  logits
+      ->add_option("--backend", logits_options.backend,
+                   "what computes: cpu, cuda, or auto (a GPU when there is one)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  logits->add_option("--cuda-device", logits_options.cuda_device, "with --backend cuda: the GPU")
       ->capture_default_str();
   logits
       ->add_option("--expert-precision", logits_options.precision,

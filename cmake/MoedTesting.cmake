@@ -13,7 +13,8 @@ function(moed_add_test name)
     set(ARG_LABELS unit)
   endif()
   add_executable(${name} ${ARG_SOURCES})
-  target_link_libraries(${name} PRIVATE ${ARG_LIBS} Catch2::Catch2WithMain)
+  # Every test may make a backend (kernels/test_backend.h): the factory is an executable's.
+  target_link_libraries(${name} PRIVATE ${ARG_LIBS} moed_backends Catch2::Catch2WithMain)
   # -w NoTests: a ctest test whose filter matches no test case fails instead of passing empty
   # (a ';' in a test case's name, which CMake splits, once hid ten tests that way).
   catch_discover_tests(${name}

@@ -1,26 +1,31 @@
 #include "kernels/backend.h"
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "kernels/cpu_backend.h"
-#ifdef MOED_HAVE_CUDA
-#include "kernels/cuda/cuda_backend.h"
-#endif
 
 namespace moed::kernels {
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_ != nullptr) owner_->Free(data_, bytes_);
+    if (data_ != nullptr) owner_->Free(data_, bytes_, kind_);
     owner_ = std::exchange(other.owner_, nullptr);
     data_ = std::exchange(other.data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
+    kind_ = other.kind_;
   }
   return *this;
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  if (data_ != nullptr) owner_->Free(data_, bytes_);
+  if (data_ != nullptr) owner_->Free(data_, bytes_, kind_);
+}
+
+absl::Status CheckRange(const DeviceBuffer& buffer, size_t offset, size_t bytes) {
+  if (offset > buffer.size() || bytes > buffer.size() - offset) {
+    return absl::OutOfRangeError(absl::StrCat("range [", offset, ", ", offset + bytes,
+                                              ") is outside a buffer of ", buffer.size(),
+                                              " bytes"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<BackendKind> ParseBackendKind(absl::string_view text) {
@@ -43,51 +48,42 @@ absl::string_view BackendKindName(BackendKind kind) {
   return "?";
 }
 
-bool CudaCompiledIn() {
-#ifdef MOED_HAVE_CUDA
-  return true;
-#else
-  return false;
-#endif
+const char* OpName(Op op) {
+  switch (op) {
+    case Op::kEmbedding:
+      return "embedding";
+    case Op::kRmsNorm:
+      return "rms_norm";
+    case Op::kMatMul:
+      return "matmul";
+    case Op::kAddBias:
+      return "add_bias";
+    case Op::kRope:
+      return "rope";
+    case Op::kKvWrite:
+      return "kv_write";
+    case Op::kAttention:
+      return "attention";
+    case Op::kRouterTopK:
+      return "router_topk";
+    case Op::kSiluMul:
+      return "silu_mul";
+    case Op::kExpertFfn:
+      return "expert_ffn";
+    case Op::kMoeCombine:
+      return "moe_combine";
+    case Op::kAdd:
+      return "add";
+    case Op::kSigmoidGatedAdd:
+      return "sigmoid_gated_add";
+    case Op::kGatherRows:
+      return "gather_rows";
+  }
+  return "?";
 }
 
-Discovery DiscoverDevices() {
-  Discovery discovery;
-#ifdef MOED_HAVE_CUDA
-  absl::StatusOr<std::vector<DeviceInfo>> devices = cuda::ListDevices();
-  if (devices.ok()) {
-    discovery.cuda_devices = *std::move(devices);
-  } else {
-    discovery.problems.push_back(std::string(devices.status().message()));
-  }
-#else
-  discovery.problems.push_back("this build has no CUDA backend");
-#endif
-  return discovery;
-}
-
-absl::StatusOr<BackendChoice> CreateBackend(BackendKind kind, [[maybe_unused]] int cuda_device) {
-  BackendChoice choice;
-  if (kind == BackendKind::kCpu) {
-    choice.backend = std::make_unique<CpuBackend>();
-    return choice;
-  }
-#ifdef MOED_HAVE_CUDA
-  absl::StatusOr<std::unique_ptr<Backend>> cuda_backend = cuda::CreateCudaBackend(cuda_device);
-  if (cuda_backend.ok()) {
-    choice.backend = *std::move(cuda_backend);
-    return choice;
-  }
-  absl::Status failure = cuda_backend.status();
-#else
-  absl::Status failure = absl::UnavailableError("this build has no CUDA backend");
-#endif
-  if (kind == BackendKind::kCuda) {
-    return absl::Status(failure.code(), absl::StrCat("--backend cuda: ", failure.message()));
-  }
-  choice.backend = std::make_unique<CpuBackend>();
-  choice.fallback_reason = std::string(failure.message());
-  return choice;
+bool OpTakesWeights(Op op) {
+  return op == Op::kEmbedding || op == Op::kMatMul || op == Op::kExpertFfn;
 }
 
 }  // namespace moed::kernels

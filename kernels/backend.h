@@ -1,5 +1,13 @@
-// The compute backend seam: everything above kernels/ talks to a Backend and never
-// branches on which implementation it has.
+// The compute seam: everything above kernels/ computes through a Backend and never branches on
+// which implementation it has. Split as ggml splits it: a Device (memory, pinned host memory,
+// capability queries per operator and weight format) and Streams (ordered queues of copies and
+// operators, with events so one queue can wait for another). A Backend is one device with a
+// compute stream and a copy stream.
+//
+// Every pointer an operator takes is in the device's memory (DeviceBuffer::data() plus an
+// offset); activations and the KV cache are fp32. Operators are queued: their results are
+// visible to later work on the same stream, to the host after CopyToHost or Synchronize, and
+// to another stream after it waits for an event recorded behind them.
 #pragma once
 
 #include <cstddef>
@@ -11,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "kernels/weights.h"
 
 namespace moed::kernels {
 
@@ -31,15 +40,43 @@ struct DeviceInfo {
   int compute_units = 0;
 };
 
-class Backend;
+// The operators the architectures need. The cross-backend test has a row for each.
+enum class Op {
+  kEmbedding,        // rows of an embedding table, widened to fp32
+  kRmsNorm,          // also the per-head and whole-width q/k norms
+  kMatMul,           // y = x W^T per weight format (GEMV when n is small)
+  kAddBias,          // x[t] += bias
+  kRope,             // rotate-half rotary embedding
+  kKvWrite,          // keys and values of new tokens into their paged KV blocks
+  kAttention,        // causal attention of new tokens over the paged KV cache
+  kRouterTopK,       // softmax over experts, top-k, optional renormalisation
+  kSiluMul,          // SwiGLU: silu(gate) * up
+  kExpertFfn,        // one expert's SwiGLU FFN over the tokens routed to it
+  kMoeCombine,       // the gate-weighted sum of each token's expert outputs, in rank order
+  kAdd,              // residual: acc += x
+  kSigmoidGatedAdd,  // out[t] += sigmoid(gate[t]) * x[t] (Qwen2-MoE's shared expert)
+  kGatherRows,       // dst[i] = src[rows[i]]
+};
+inline constexpr Op kAllOps[] = {
+    Op::kEmbedding,  Op::kRmsNorm,   Op::kMatMul,          Op::kAddBias,   Op::kRope,
+    Op::kKvWrite,    Op::kAttention, Op::kRouterTopK,      Op::kSiluMul,   Op::kExpertFfn,
+    Op::kMoeCombine, Op::kAdd,       Op::kSigmoidGatedAdd, Op::kGatherRows};
+const char* OpName(Op op);
+// True for the operators whose capability depends on a weight format.
+bool OpTakesWeights(Op op);
 
-// Memory owned by a backend ("device" memory; on the CPU backend, RAM). Move-only; freed
-// when it goes out of scope.
+enum class BufferKind { kDevice, kPinnedHost };
+
+class Device;
+
+// Memory owned by a device: device memory, or pinned host memory the device can copy from
+// without staging. On the CPU backend both are aligned RAM. Move-only; freed when it goes
+// out of scope, after the work queued on it.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  DeviceBuffer(Backend* owner, void* data, size_t bytes)
-      : owner_(owner), data_(data), bytes_(bytes) {}
+  DeviceBuffer(Device* owner, void* data, size_t bytes, BufferKind kind)
+      : owner_(owner), data_(data), bytes_(bytes), kind_(kind) {}
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
@@ -47,42 +84,167 @@ class DeviceBuffer {
   ~DeviceBuffer();
 
   void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
   size_t size() const { return bytes_; }
+  BufferKind kind() const { return kind_; }
   explicit operator bool() const { return data_ != nullptr; }
 
  private:
-  Backend* owner_ = nullptr;
+  Device* owner_ = nullptr;
   void* data_ = nullptr;
   size_t bytes_ = 0;
+  BufferKind kind_ = BufferKind::kDevice;
 };
+
+// Fails with OUT_OF_RANGE when [offset, offset + bytes) is not inside the buffer.
+absl::Status CheckRange(const DeviceBuffer& buffer, size_t offset, size_t bytes);
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  // What it is, with its free memory read now.
+  virtual absl::StatusOr<DeviceInfo> info() const = 0;
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  // Host memory the device's copy engine reads directly (page-locked on a GPU).
+  virtual absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) = 0;
+  // True when operators can read ordinary host memory (the CPU): weights then stay where they
+  // were loaded (a checkpoint's mapping, the expert cache's slots) instead of being copied.
+  virtual bool host_memory_is_device_memory() const = 0;
+  // Whether `op` runs with weights in `format` (ignored for operators without weights).
+  virtual bool Supports(Op op, WeightFormat format) const = 0;
+
+ protected:
+  friend class DeviceBuffer;
+  virtual void Free(void* data, size_t bytes, BufferKind kind) = 0;
+};
+
+// A recorded point in a stream. Copyable; empty when the backend runs everything in order.
+class Event {
+ public:
+  Event() = default;
+  explicit Event(std::shared_ptr<void> handle) : handle_(std::move(handle)) {}
+  void* handle() const { return handle_.get(); }
+
+ private:
+  std::shared_ptr<void> handle_;
+};
+
+// A SwiGLU FFN's weights: down(silu(gate x) * up x).
+struct SwiGluWeights {
+  WeightMatrix gate;  // [intermediate, hidden]
+  WeightMatrix up;    // [intermediate, hidden]
+  WeightMatrix down;  // [hidden, intermediate]
+};
+
+// The paged KV cache as the attention operators see one step. Each sequence owns a list of
+// fixed-size blocks; a block holds `block_size` tokens of every layer:
+//   layer l keys   at block + l * layer_floats,                     [block_size, kv_heads,
+//   head_dim] layer l values at block + l * layer_floats + block_size * kv_width
+// Token t of the step sits at positions[t] of its sequence, whose block addresses start at
+// block_table[table_start[t]].
+struct PagedKv {
+  float* const* block_table = nullptr;
+  const int32_t* table_start = nullptr;
+  const int64_t* positions = nullptr;
+  int64_t block_size = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t layer_floats = 0;  // 2 * block_size * kv_heads * head_dim
+
+  int64_t kv_width() const { return kv_heads * head_dim; }
+};
+
+// How the router turns logits into expert weights.
+enum class RouterScoring {
+  kSoftmax,             // softmax over all experts, top-k of it (Mixtral renormalises: below)
+  kSoftmaxRenormalized  // ... and the k chosen weights divided by their sum
+};
+
+class Stream {
+ public:
+  virtual ~Stream() = default;
+
+  // ---- copies and ordering ----
+  // Queues a host-to-device copy. `src` must stay valid until the copy is done (Synchronize,
+  // or an event recorded behind it has completed).
+  virtual absl::Status CopyToDevice(const DeviceBuffer& dst, size_t dst_offset, const void* src,
+                                    size_t bytes) = 0;
+  // Queues a device-to-device copy.
+  virtual absl::Status CopyOnDevice(const DeviceBuffer& dst, size_t dst_offset,
+                                    const DeviceBuffer& src, size_t src_offset, size_t bytes) = 0;
+  // Waits for this stream's earlier work, then copies device memory to the host.
+  virtual absl::Status CopyToHost(void* dst, const DeviceBuffer& src, size_t src_offset,
+                                  size_t bytes) = 0;
+  // A point behind everything queued so far.
+  virtual absl::StatusOr<Event> Record() = 0;
+  // Later work on this stream starts after `event` (recorded on any stream of the device).
+  virtual absl::Status Wait(const Event& event) = 0;
+  // Returns when everything queued on this stream is done.
+  virtual absl::Status Synchronize() = 0;
+
+  // ---- operators (pointers in device memory) ----
+  // out[t] = table[tokens[t]] widened to fp32; the table is [vocab, width], unquantized.
+  virtual absl::Status Embed(const WeightMatrix& table, const int32_t* tokens, int64_t n,
+                             float* out) = 0;
+  // y[t] = x[t] * weight / sqrt(mean(x[t]^2) + eps) over `rows` rows of `width`; y may be x.
+  virtual absl::Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t width,
+                               float eps, float* y) = 0;
+  // y[t, r] = sum_c w[r, c] * x[t, c]: x is [n, w.cols], y is [n, w.rows].
+  virtual absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) = 0;
+  // x[t, i] += bias[i] for t < rows, i < width.
+  virtual absl::Status AddBias(float* x, const float* bias, int64_t rows, int64_t width) = 0;
+  // Rotate-half ("NEOX") rotary embedding in place on x[t, head, :], token t at positions[t].
+  virtual absl::Status Rope(float* x, int64_t n, int64_t heads, int64_t head_dim,
+                            const int64_t* positions, double theta) = 0;
+  // Writes token t's keys k[t] and values v[t] ([n, kv_heads * head_dim]) of `layer` at its
+  // position in its sequence's blocks.
+  virtual absl::Status WriteKv(const PagedKv& kv, int layer, const float* k, const float* v,
+                               int64_t n) = 0;
+  // Causal attention: token t's query heads q[t] ([n, heads, head_dim]) over cache rows
+  // 0..positions[t] of its sequence (grouped-query: heads / kv_heads queries per kv head).
+  virtual absl::Status Attention(const PagedKv& kv, int layer, const float* q, int64_t n,
+                                 int64_t heads, float* out) = 0;
+  // For each token: probabilities over `experts` logits, the k largest (ties to the lower id)
+  // in rank order into chosen[t * k + r], their weights into weights[t * k + r].
+  virtual absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
+                                  RouterScoring scoring, int32_t* chosen, float* weights) = 0;
+  // out[i] = silu(gate[i]) * up[i]; out may be gate.
+  virtual absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) = 0;
+  // The grouped expert FFN for one expert: for i < m, out[out_rows[i]] = ffn(x[rows[i]]), rows
+  // of w.gate.cols. `scratch` holds ExpertFfnScratchFloats(m, ...) floats.
+  virtual absl::Status ExpertFfn(const SwiGluWeights& w, const float* x, const int32_t* rows,
+                                 int64_t m, float* out, const int32_t* out_rows,
+                                 float* scratch) = 0;
+  // out[t] = sum over r < k, in rank order, of weights[t * k + r] * expert_out[t * k + r].
+  virtual absl::Status MoeCombine(const float* expert_out, const float* weights, int64_t n,
+                                  int64_t k, int64_t width, float* out) = 0;
+  // acc[i] += x[i].
+  virtual absl::Status Add(float* acc, const float* x, int64_t count) = 0;
+  // out[t, i] += sigmoid(gate_logits[t]) * x[t, i].
+  virtual absl::Status SigmoidGatedAdd(const float* gate_logits, const float* x, int64_t n,
+                                       int64_t width, float* out) = 0;
+  // dst[i] = src[rows[i]] for rows of `width`.
+  virtual absl::Status GatherRows(const float* src, int64_t width, const int32_t* rows, int64_t m,
+                                  float* dst) = 0;
+};
+
+inline int64_t ExpertFfnScratchFloats(int64_t m, int64_t width, int64_t intermediate) {
+  return m * (2 * width + 2 * intermediate);
+}
 
 class Backend {
  public:
   virtual ~Backend() = default;
-
   // "cpu" or "cuda".
   virtual absl::string_view name() const = 0;
-  // The device this backend computes on, with its memory read now.
-  virtual absl::StatusOr<DeviceInfo> device() const = 0;
-
-  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
-  // Starts a host-to-device copy on the backend's copy queue; Synchronize() waits for it.
-  virtual absl::Status CopyToDeviceAsync(const DeviceBuffer& dst, size_t dst_offset,
-                                         const void* src, size_t bytes) = 0;
-  // Copies device memory back to the host; returns when the bytes are in dst.
-  virtual absl::Status CopyToHost(void* dst, const DeviceBuffer& src, size_t src_offset,
-                                  size_t bytes) = 0;
-  // Waits for every copy and kernel this backend has queued.
-  virtual absl::Status Synchronize() = 0;
-
-  // Operators. Each is queued on the backend's compute queue.
-  // dst[i] = float(src[i]) for `count` bf16 values (bf16 widens exactly).
-  virtual absl::Status ConvertBf16ToF32(const DeviceBuffer& src, const DeviceBuffer& dst,
-                                        size_t count) = 0;
-
- protected:
-  friend class DeviceBuffer;
-  virtual void Free(void* data, size_t bytes) = 0;
+  virtual Device& device() = 0;
+  // Where operators and the engine's own uploads run.
+  virtual Stream& compute() = 0;
+  // A second queue for staging weights while the compute stream works.
+  virtual Stream& copy() = 0;
 };
 
 // Every device a compiled backend can see. Never fails: a backend that cannot enumerate
@@ -93,15 +255,20 @@ struct Discovery {
 };
 Discovery DiscoverDevices();
 
+struct BackendOptions {
+  int cuda_device = 0;
+  int cpu_threads = 0;  // 0: one per hardware thread
+};
+
 struct BackendChoice {
   std::unique_ptr<Backend> backend;
   // Set when kAuto wanted a GPU and fell back to the CPU: why.
   std::string fallback_reason;
 };
 
-// kAuto picks CUDA device `cuda_device` when there is one and the CPU otherwise;
-// kCuda without a usable device is an error.
-absl::StatusOr<BackendChoice> CreateBackend(BackendKind kind, int cuda_device);
+// The only way to make a backend. kAuto picks the CUDA device when there is one and the CPU
+// otherwise; kCuda without a usable device is an error.
+absl::StatusOr<BackendChoice> CreateBackend(BackendKind kind, const BackendOptions& options = {});
 
 // True when this binary was built with the CUDA backend.
 bool CudaCompiledIn();

@@ -11,27 +11,13 @@ namespace {
 // Every backend this machine can run: the CPU always, CUDA device 0 when there is one.
 std::vector<std::unique_ptr<Backend>> AvailableBackends() {
   std::vector<std::unique_ptr<Backend>> backends;
-  backends.push_back(std::move(CreateBackend(BackendKind::kCpu, 0)->backend));
+  backends.push_back(std::move(CreateBackend(BackendKind::kCpu)->backend));
   if (!DiscoverDevices().cuda_devices.empty()) {
-    absl::StatusOr<BackendChoice> cuda = CreateBackend(BackendKind::kCuda, 0);
+    absl::StatusOr<BackendChoice> cuda = CreateBackend(BackendKind::kCuda);
     REQUIRE(cuda.ok());
     backends.push_back(std::move(cuda->backend));
   }
   return backends;
-}
-
-float ReferenceBf16ToF32(uint16_t bits) {
-  // bf16 is the top half of an IEEE binary32: sign, 8-bit exponent, 7-bit mantissa.
-  int sign = (bits >> 15) & 1;
-  int exponent = (bits >> 7) & 0xff;
-  int mantissa = bits & 0x7f;
-  if (exponent == 0xff) {
-    if (mantissa != 0) return std::numeric_limits<float>::quiet_NaN();
-    return sign ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
-  }
-  double value = exponent == 0 ? std::ldexp(mantissa / 128.0, -126)
-                               : std::ldexp(1.0 + mantissa / 128.0, exponent - 127);
-  return static_cast<float>(sign ? -value : value);
 }
 
 TEST_CASE("backend names parse and unknown names are refused") {
@@ -46,13 +32,13 @@ TEST_CASE("backend names parse and unknown names are refused") {
 
 TEST_CASE("auto picks CUDA when a device exists and falls back to the CPU with a reason") {
   Discovery discovery = DiscoverDevices();
-  absl::StatusOr<BackendChoice> choice = CreateBackend(BackendKind::kAuto, 0);
+  absl::StatusOr<BackendChoice> choice = CreateBackend(BackendKind::kAuto);
   REQUIRE(choice.ok());
   if (discovery.cuda_devices.empty()) {
     CHECK(choice->backend->name() == "cpu");
     CHECK_FALSE(choice->fallback_reason.empty());
     REQUIRE_FALSE(discovery.problems.empty());
-    absl::StatusOr<BackendChoice> forced = CreateBackend(BackendKind::kCuda, 0);
+    absl::StatusOr<BackendChoice> forced = CreateBackend(BackendKind::kCuda);
     REQUIRE_FALSE(forced.ok());
     CHECK(std::string(forced.status().message()).find("--backend cuda") != std::string::npos);
   } else {
@@ -64,14 +50,14 @@ TEST_CASE("auto picks CUDA when a device exists and falls back to the CPU with a
       CHECK(device.free_memory_bytes <= device.total_memory_bytes);
       CHECK_FALSE(device.compute_capability.empty());
     }
-    CHECK_FALSE(CreateBackend(BackendKind::kCuda, 1000).ok());
+    CHECK_FALSE(CreateBackend(BackendKind::kCuda, BackendOptions{1000, 0}).ok());
   }
 }
 
 TEST_CASE("every backend reports its device and memory") {
   for (auto& backend : AvailableBackends()) {
     INFO(backend->name());
-    absl::StatusOr<DeviceInfo> device = backend->device();
+    absl::StatusOr<DeviceInfo> device = backend->device().info();
     REQUIRE(device.ok());
     CHECK_FALSE(device->name.empty());
     CHECK(device->total_memory_bytes > 0);
@@ -80,44 +66,30 @@ TEST_CASE("every backend reports its device and memory") {
   }
 }
 
-TEST_CASE("every backend copies bytes to the device and back unchanged") {
+TEST_CASE("every backend copies bytes to the device, between buffers and back unchanged") {
   std::vector<uint8_t> host(1 << 20);
   std::mt19937 rng(7);
   for (auto& b : host) b = static_cast<uint8_t>(rng());
   for (auto& backend : AvailableBackends()) {
     INFO(backend->name());
-    absl::StatusOr<DeviceBuffer> buffer = backend->Allocate(host.size() + 4096);
-    REQUIRE(buffer.ok());
-    REQUIRE(backend->CopyToDeviceAsync(*buffer, 4096, host.data(), host.size()).ok());
-    REQUIRE(backend->Synchronize().ok());
+    absl::StatusOr<DeviceBuffer> buffer = backend->device().Allocate(host.size() + 4096);
+    absl::StatusOr<DeviceBuffer> second = backend->device().Allocate(host.size());
+    absl::StatusOr<DeviceBuffer> pinned = backend->device().AllocateHost(host.size());
+    REQUIRE((buffer.ok() && second.ok() && pinned.ok()));
+    CHECK(pinned->kind() == BufferKind::kPinnedHost);
+    std::memcpy(pinned->data(), host.data(), host.size());
+    // Staged on the copy stream; the compute stream waits for it through an event.
+    REQUIRE(backend->copy().CopyToDevice(*buffer, 4096, pinned->data(), host.size()).ok());
+    absl::StatusOr<Event> copied = backend->copy().Record();
+    REQUIRE(copied.ok());
+    REQUIRE(backend->compute().Wait(*copied).ok());
+    REQUIRE(backend->compute().CopyOnDevice(*second, 0, *buffer, 4096, host.size()).ok());
     std::vector<uint8_t> back(host.size());
-    REQUIRE(backend->CopyToHost(back.data(), *buffer, 4096, back.size()).ok());
+    REQUIRE(backend->compute().CopyToHost(back.data(), *second, 0, back.size()).ok());
     CHECK(back == host);
-    absl::Status outside = backend->CopyToDeviceAsync(*buffer, 8192, host.data(), host.size());
+    absl::Status outside = backend->compute().CopyToDevice(*buffer, 8192, host.data(), host.size());
     CHECK(outside.code() == absl::StatusCode::kOutOfRange);
-  }
-}
-
-TEST_CASE("bf16 to f32 conversion matches the plain reference on every backend") {
-  std::vector<uint16_t> input;
-  for (uint32_t bits = 0; bits < 65536; ++bits) input.push_back(static_cast<uint16_t>(bits));
-  for (auto& backend : AvailableBackends()) {
-    INFO(backend->name());
-    auto src = backend->Allocate(input.size() * 2);
-    auto dst = backend->Allocate(input.size() * 4);
-    REQUIRE((src.ok() && dst.ok()));
-    REQUIRE(backend->CopyToDeviceAsync(*src, 0, input.data(), input.size() * 2).ok());
-    REQUIRE(backend->ConvertBf16ToF32(*src, *dst, input.size()).ok());
-    std::vector<float> out(input.size());
-    REQUIRE(backend->CopyToHost(out.data(), *dst, 0, out.size() * 4).ok());
-    size_t mismatches = 0;
-    for (size_t i = 0; i < input.size(); ++i) {
-      float expected = ReferenceBf16ToF32(input[i]);
-      bool same = std::isnan(expected) ? std::isnan(out[i]) : out[i] == expected;
-      if (!same) ++mismatches;
-    }
-    CHECK(mismatches == 0);
-    CHECK(backend->ConvertBf16ToF32(*src, *dst, input.size() + 1).code() ==
+    CHECK(backend->compute().CopyOnDevice(*second, 1, *buffer, 0, host.size()).code() ==
           absl::StatusCode::kOutOfRange);
   }
 }

@@ -421,9 +421,27 @@ void RopeNeox(float* x, int64_t n, int64_t heads, int64_t head_dim, const int64_
   }
 }
 
-void Attention(const float* q, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
-               const float* k_cache, const float* v_cache, const int64_t* positions, float* out,
-               ThreadPool& pool) {
+namespace {
+
+float* KvRow(const PagedKv& kv, int32_t table_start, int layer, int64_t position, bool values) {
+  float* block = kv.block_table[table_start + position / kv.block_size];
+  return block + layer * kv.layer_floats + (values ? kv.block_size * kv.kv_width() : 0) +
+         (position % kv.block_size) * kv.kv_width();
+}
+
+}  // namespace
+
+void PagedWriteKv(const PagedKv& kv, int layer, const float* k, const float* v, int64_t n) {
+  const int64_t width = kv.kv_width();
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(k + t * width, width, KvRow(kv, kv.table_start[t], layer, kv.positions[t], false));
+    std::copy_n(v + t * width, width, KvRow(kv, kv.table_start[t], layer, kv.positions[t], true));
+  }
+}
+
+void PagedAttention(const PagedKv& kv, int layer, const float* q, int64_t n, int64_t heads,
+                    float* out, ThreadPool& pool) {
+  const int64_t head_dim = kv.head_dim, kv_heads = kv.kv_heads;
   const int64_t group = heads / kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   pool.ParallelFor(n * heads, [&](int64_t begin, int64_t end) {
@@ -431,13 +449,14 @@ void Attention(const float* q, int64_t n, int64_t heads, int64_t kv_heads, int64
     for (int64_t item = begin; item < end; ++item) {
       int64_t t = item / heads;
       int64_t h = item % heads;
-      int64_t kv = h / group;
-      int64_t len = positions[t] + 1;
+      int64_t kv_head = h / group;
+      int64_t len = kv.positions[t] + 1;
+      const int32_t start = kv.table_start[t];
       const float* qv = q + (t * heads + h) * head_dim;
       scores.resize(static_cast<size_t>(len));
       float max_score = -INFINITY;
       for (int64_t p = 0; p < len; ++p) {
-        const float* kp = k_cache + (p * kv_heads + kv) * head_dim;
+        const float* kp = KvRow(kv, start, layer, p, false) + kv_head * head_dim;
         float dot = 0;
         for (int64_t i = 0; i < head_dim; ++i) dot += qv[i] * kp[i];
         scores[p] = dot * scale;
@@ -452,7 +471,7 @@ void Attention(const float* q, int64_t n, int64_t heads, int64_t kv_heads, int64
       std::fill(o, o + head_dim, 0.0f);
       float inv_total = static_cast<float>(1.0 / total);
       for (int64_t p = 0; p < len; ++p) {
-        const float* vp = v_cache + (p * kv_heads + kv) * head_dim;
+        const float* vp = KvRow(kv, start, layer, p, true) + kv_head * head_dim;
         float weight = scores[p] * inv_total;
         for (int64_t i = 0; i < head_dim; ++i) o[i] += weight * vp[i];
       }
@@ -467,77 +486,4 @@ void SiluMul(const float* gate, const float* up, int64_t count, float* out) {
   }
 }
 
-void ToFloat(DType dtype, const void* data, int64_t count, float* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = LoadScalar(dtype, data, i);
-}
-
-void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* scales) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = w + r * cols;
-    float max_abs = 0;
-    for (int64_t c = 0; c < cols; ++c) max_abs = std::max(max_abs, std::abs(row[c]));
-    float scale = max_abs > 0 ? max_abs / 127.0f : 1.0f;
-    scales[r] = scale;
-    for (int64_t c = 0; c < cols; ++c) {
-      q[r * cols + c] =
-          static_cast<int8_t>(std::clamp(std::nearbyint(row[c] / scale), -127.0f, 127.0f));
-    }
-  }
-}
-
-void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size, uint8_t* packed,
-                  float* scales) {
-  const int64_t groups = cols / group_size, half = group_size / 2;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const float* group = w + r * cols + gi * group_size;
-      float max_abs = 0;
-      for (int64_t c = 0; c < group_size; ++c) max_abs = std::max(max_abs, std::abs(group[c]));
-      float scale = max_abs > 0 ? max_abs / 7.0f : 1.0f;
-      scales[r * groups + gi] = scale;
-      auto code = [&](float v) {
-        return static_cast<uint8_t>(std::clamp(std::nearbyint(v / scale), -7.0f, 7.0f) + 8.0f);
-      };
-      uint8_t* out = packed + r * (cols / 2) + gi * half;
-      for (int64_t j = 0; j < half; ++j)
-        out[j] = static_cast<uint8_t>(code(group[j]) | (code(group[j + half]) << 4));
-    }
-  }
-}
-
-float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col) {
-  switch (w.quantization) {
-    case Quantization::kNone:
-      return LoadScalar(w.dtype,
-                        static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
-    case Quantization::kInt8PerRow:
-      return static_cast<float>(static_cast<const int8_t*>(w.data)[row * w.cols + col]) *
-             w.scales[row];
-    case Quantization::kInt4Grouped: {
-      const int64_t g = w.group_size, gi = col / g, within = col % g, half = g / 2;
-      uint8_t byte =
-          static_cast<const uint8_t*>(w.data)[row * (w.cols / 2) + gi * half + within % half];
-      int q = within < half ? (byte & 0xF) : (byte >> 4);
-      return static_cast<float>(q - 8) * w.scales[row * (w.cols / g) + gi];
-    }
-  }
-  return 0;
-}
-
 }  // namespace moed::kernels::cpu
-
-namespace moed::kernels {
-
-int64_t WeightMatrix::DataBytes() const {
-  switch (quantization) {
-    case Quantization::kNone:
-      return rows * cols * static_cast<int64_t>(DTypeSize(dtype));
-    case Quantization::kInt8PerRow:
-      return rows * cols;
-    case Quantization::kInt4Grouped:
-      return rows * cols / 2;
-  }
-  return 0;
-}
-
-}  // namespace moed::kernels

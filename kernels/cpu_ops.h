@@ -5,36 +5,11 @@
 
 #include <cstdint>
 
-#include "kernels/dtype.h"
+#include "kernels/backend.h"
 #include "kernels/thread_pool.h"
+#include "kernels/weights.h"
 
 namespace moed::kernels {
-
-// How a weight matrix's values are stored.
-enum class Quantization {
-  kNone,         // `dtype` values, row-major
-  kInt8PerRow,   // int8 row-major; value = q * scales[row]
-  kInt4Grouped,  // 4-bit, groups of `group_size` columns; value = (q - 8) * scales[row * groups +
-                 // g]
-};
-
-// A row-major [rows, cols] weight matrix in host memory.
-//
-// Int4 layout: each row is cols / 2 bytes; within a group of G columns starting at g0, byte
-// g0 / 2 + j holds column g0 + j in its low nibble and column g0 + j + G / 2 in its high
-// nibble, so that a run of bytes unpacks into two runs of consecutive columns.
-struct WeightMatrix {
-  DType dtype = DType::kF32;
-  const void* data = nullptr;
-  int64_t rows = 0;
-  int64_t cols = 0;
-  Quantization quantization = Quantization::kNone;
-  const float* scales = nullptr;
-  int64_t group_size = 0;  // int4 only
-
-  // Bytes of `data` (without the scales).
-  int64_t DataBytes() const;
-};
 
 namespace cpu {
 
@@ -57,27 +32,15 @@ void RmsNorm(const float* x, const float* weight, int64_t n, int64_t width, floa
 void RopeNeox(float* x, int64_t n, int64_t heads, int64_t head_dim, const int64_t* positions,
               double theta);
 
-// Causal attention of n query tokens against a cache of keys/values [len, kv_heads, head_dim]
-// (fp32). Query token t sits at position positions[t] and sees cache rows 0..positions[t].
-// q is [n, heads, head_dim]; out is [n, heads, head_dim].
-void Attention(const float* q, int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim,
-               const float* k_cache, const float* v_cache, const int64_t* positions, float* out,
-               ThreadPool& pool);
+// Causal attention of n query tokens over the paged KV cache (see PagedKv); the same loop
+// order for every token whatever the batch.
+void PagedAttention(const PagedKv& kv, int layer, const float* q, int64_t n, int64_t heads,
+                    float* out, ThreadPool& pool);
+// Writes k[t], v[t] at token t's position in its sequence's blocks.
+void PagedWriteKv(const PagedKv& kv, int layer, const float* k, const float* v, int64_t n);
 
 // out[i] = silu(gate[i]) * up[i].
 void SiluMul(const float* gate, const float* up, int64_t count, float* out);
-
-// Widens `count` weights to fp32.
-void ToFloat(DType dtype, const void* data, int64_t count, float* out);
-
-// Quantizes rows of fp32 weights: int8 with one scale per row (max |w| / 127), int4 with one
-// scale per group of `group_size` columns (max |w| / 7), rounding to nearest. `group_size`
-// must be even and divide `cols`.
-void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* scales);
-void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size, uint8_t* packed,
-                  float* scales);
-// The value a quantized matrix stores at (row, col).
-float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col);
 
 }  // namespace cpu
 }  // namespace moed::kernels

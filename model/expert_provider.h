@@ -8,16 +8,12 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "kernels/cpu_ops.h"
+#include "kernels/backend.h"
 
 namespace moed::model {
 
 // One routed expert's SwiGLU weights: down(silu(gate x) * up x).
-struct ExpertWeights {
-  kernels::WeightMatrix gate;  // [intermediate, hidden]
-  kernels::WeightMatrix up;    // [intermediate, hidden]
-  kernels::WeightMatrix down;  // [hidden, intermediate]
-};
+using ExpertWeights = kernels::SwiGluWeights;
 
 // Where the weights of one expert came from for one ForEachExpert call.
 enum class ExpertSource { kDevice, kHost, kDisk };
@@ -39,6 +35,10 @@ class ExpertProvider {
   // (from the provider or from `compute`) and returns it.
   virtual absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                                      const ExpertCompute& compute) = 0;
+
+  // True when the weights handed to `compute` are in the compute backend's device memory;
+  // otherwise they are in host memory, which a GPU backend first copies to the device.
+  virtual bool serves_device_memory() const { return false; }
 };
 
 }  // namespace moed::model

@@ -23,7 +23,8 @@ absl::StatusOr<GreedyResult> ScoreAndGreedy(Model& model, const std::vector<int3
                                                    steps, " steps exceeds the context of ",
                                                    config.max_position_embeddings));
   }
-  KvCache cache(config, needed);
+  std::unique_ptr<KvCache> owned_cache = model.NewKvCache(needed);
+  KvCache& cache = *owned_cache;
   GreedyResult result;
   result.routing.assign(static_cast<size_t>(config.num_layers), {});
   auto keep_routing = [&](Routing& step) {

@@ -2,15 +2,17 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/quant.h"
 #include "util/status_macros.h"
 
 namespace moed::model {
 namespace {
 
+using kernels::DeviceBuffer;
 using kernels::WeightMatrix;
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
@@ -40,14 +42,14 @@ class WeightBinder {
   absl::StatusOr<std::vector<float>> Vector(const std::string& name, int64_t size) {
     MOED_ASSIGN_OR_RETURN(TensorRef ref, Tensor(name, {size}));
     std::vector<float> out(static_cast<size_t>(size));
-    kernels::cpu::ToFloat(ref.info->dtype, ref.data, size, out.data());
+    kernels::WidenToF32(ref.info->dtype, ref.data, size, out.data());
     return out;
   }
 
-  absl::StatusOr<DenseMlp> Mlp(const std::string& prefix, absl::string_view gate,
-                               absl::string_view up, absl::string_view down, int64_t hidden,
-                               int64_t inter) {
-    DenseMlp mlp;
+  absl::StatusOr<kernels::SwiGluWeights> Mlp(const std::string& prefix, absl::string_view gate,
+                                             absl::string_view up, absl::string_view down,
+                                             int64_t hidden, int64_t inter) {
+    kernels::SwiGluWeights mlp;
     MOED_ASSIGN_OR_RETURN(mlp.gate, Matrix(absl::StrCat(prefix, gate, ".weight"), inter, hidden));
     MOED_ASSIGN_OR_RETURN(mlp.up, Matrix(absl::StrCat(prefix, up, ".weight"), inter, hidden));
     MOED_ASSIGN_OR_RETURN(mlp.down, Matrix(absl::StrCat(prefix, down, ".weight"), hidden, inter));
@@ -58,11 +60,55 @@ class WeightBinder {
   const TensorSource& checkpoint_;
 };
 
-// Serves every expert straight from the checkpoint's memory mapping.
+// Copies host bytes into a new device buffer and waits for the copy.
+absl::StatusOr<DeviceBuffer> UploadBytes(kernels::Backend& backend, const void* data,
+                                         size_t bytes) {
+  MOED_ASSIGN_OR_RETURN(DeviceBuffer buffer, backend.device().Allocate(bytes));
+  MOED_RETURN_IF_ERROR(backend.compute().CopyToDevice(buffer, 0, data, bytes));
+  MOED_RETURN_IF_ERROR(backend.compute().Synchronize());
+  return buffer;
+}
+
+// Puts a host matrix where the backend computes on it: the same memory when the device
+// reads host memory, a device copy (kept in `owned`) otherwise.
+absl::StatusOr<WeightMatrix> PlaceMatrix(kernels::Backend& backend, const WeightMatrix& host,
+                                         std::vector<DeviceBuffer>* owned) {
+  if (backend.device().host_memory_is_device_memory() || host.data == nullptr) return host;
+  WeightMatrix placed = host;
+  MOED_ASSIGN_OR_RETURN(DeviceBuffer data,
+                        UploadBytes(backend, host.data, static_cast<size_t>(host.DataBytes())));
+  placed.data = data.data();
+  owned->push_back(std::move(data));
+  if (host.scales != nullptr) {
+    MOED_ASSIGN_OR_RETURN(DeviceBuffer scales, UploadBytes(backend, host.scales,
+                                                           static_cast<size_t>(host.ScaleBytes())));
+    placed.scales = scales.as<const float>();
+    owned->push_back(std::move(scales));
+  }
+  return placed;
+}
+
+absl::StatusOr<kernels::SwiGluWeights> PlaceSwiGlu(kernels::Backend& backend,
+                                                   const kernels::SwiGluWeights& host,
+                                                   std::vector<DeviceBuffer>* owned) {
+  kernels::SwiGluWeights placed;
+  MOED_ASSIGN_OR_RETURN(placed.gate, PlaceMatrix(backend, host.gate, owned));
+  MOED_ASSIGN_OR_RETURN(placed.up, PlaceMatrix(backend, host.up, owned));
+  MOED_ASSIGN_OR_RETURN(placed.down, PlaceMatrix(backend, host.down, owned));
+  return placed;
+}
+
+absl::StatusOr<DeviceBuffer> UploadFloats(kernels::Backend& backend,
+                                          const std::vector<float>& values) {
+  return UploadBytes(backend, values.data(), values.size() * sizeof(float));
+}
+
+// Serves every expert from the checkpoint: its memory mapping, or device copies of it.
 class CheckpointExpertProvider final : public ExpertProvider {
  public:
-  explicit CheckpointExpertProvider(std::vector<std::vector<ExpertWeights>> experts)
-      : experts_(std::move(experts)) {}
+  CheckpointExpertProvider(std::vector<std::vector<ExpertWeights>> experts,
+                           std::vector<DeviceBuffer> device_copies)
+      : experts_(std::move(experts)), device_copies_(std::move(device_copies)) {}
 
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const ExpertCompute& compute) override {
@@ -70,37 +116,68 @@ class CheckpointExpertProvider final : public ExpertProvider {
       MOED_RETURN_IF_ERROR(compute(expert, experts_[layer][expert], ExpertServed{}));
     return absl::OkStatus();
   }
+  bool serves_device_memory() const override { return true; }
 
  private:
   std::vector<std::vector<ExpertWeights>> experts_;  // [layer][expert]; empty for dense layers
+  std::vector<DeviceBuffer> device_copies_;
+};
+
+// Offsets of one step's activations inside a single device allocation.
+class ArenaLayout {
+ public:
+  size_t Add(size_t bytes) {
+    size_t at = total_;
+    total_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    return at;
+  }
+  size_t total() const { return total_; }
+
+ private:
+  static constexpr size_t kAlign = 256;
+  size_t total_ = 0;
 };
 
 }  // namespace
 
-KvCache::KvCache(const ModelConfig& config, int64_t capacity) : capacity_(capacity) {
-  size_t per_layer = static_cast<size_t>(capacity * config.num_key_value_heads * config.head_dim);
-  keys_.assign(static_cast<size_t>(config.num_layers), std::vector<float>(per_layer));
-  values_.assign(static_cast<size_t>(config.num_layers), std::vector<float>(per_layer));
-}
+KvCache::KvCache(kernels::Device& device, const ModelConfig& config, int64_t capacity,
+                 int64_t block_size)
+    : device_(device),
+      capacity_(capacity),
+      block_size_(block_size),
+      block_bytes_(BytesFor(config, block_size, block_size)) {}
 
-uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity) {
-  // Keys and values, each capacity × kv heads × head_dim floats per layer.
-  return 2 * static_cast<uint64_t>(config.num_layers) * static_cast<uint64_t>(capacity) *
+uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity, int64_t block_size) {
+  // Whole blocks; each holds keys and values, block_size × kv heads × head_dim floats per layer.
+  const uint64_t blocks = static_cast<uint64_t>((capacity + block_size - 1) / block_size);
+  return blocks * 2 * static_cast<uint64_t>(config.num_layers) * static_cast<uint64_t>(block_size) *
          static_cast<uint64_t>(config.num_key_value_heads * config.head_dim) * sizeof(float);
 }
 
-uint64_t KvCache::bytes() const {
-  uint64_t floats = 0;
-  for (size_t l = 0; l < keys_.size(); ++l) floats += keys_[l].size() + values_[l].size();
-  return floats * sizeof(float);
+absl::Status KvCache::Reserve(int64_t tokens) {
+  const size_t needed = static_cast<size_t>((tokens + block_size_ - 1) / block_size_);
+  std::vector<DeviceBuffer> added;
+  while (blocks_.size() + added.size() < needed) {
+    absl::StatusOr<DeviceBuffer> block = device_.Allocate(block_bytes_);
+    if (!block.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot allocate a KV cache block of ",
+                                                       block_bytes_,
+                                                       " bytes: ", block.status().message()));
+    }
+    added.push_back(*std::move(block));
+  }
+  for (DeviceBuffer& block : added) blocks_.push_back(std::move(block));
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int threads) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   std::shared_ptr<kernels::Backend> backend) {
   MOED_ASSIGN_OR_RETURN(ModelConfig c, LoadModelConfig(dir));
   MOED_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> opened, Checkpoint::Open(dir));
   std::shared_ptr<const Checkpoint> checkpoint = std::move(opened);
   WeightBinder bind(*checkpoint);
   std::vector<std::vector<ExpertWeights>> experts(static_cast<size_t>(c.num_layers));
+  std::vector<DeviceBuffer> device_copies;
   for (int layer = 0; layer < c.num_layers; ++layer) {
     if (!c.IsMoeLayer(layer)) continue;
     for (int e = 0; e < c.num_experts; ++e) {
@@ -110,30 +187,52 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, int t
       MOED_ASSIGN_OR_RETURN(weights.gate, bind.Matrix(names.gate, inter, h));
       MOED_ASSIGN_OR_RETURN(weights.up, bind.Matrix(names.up, inter, h));
       MOED_ASSIGN_OR_RETURN(weights.down, bind.Matrix(names.down, h, inter));
+      MOED_ASSIGN_OR_RETURN(weights, PlaceSwiGlu(*backend, weights, &device_copies));
       experts[layer].push_back(weights);
     }
   }
-  return Create(c, checkpoint, std::make_unique<CheckpointExpertProvider>(std::move(experts)),
-                threads);
+  return Create(
+      c, checkpoint,
+      std::make_unique<CheckpointExpertProvider>(std::move(experts), std::move(device_copies)),
+      std::move(backend));
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
                                                      std::shared_ptr<const TensorSource> dense,
                                                      std::unique_ptr<ExpertProvider> experts,
-                                                     int threads) {
+                                                     std::shared_ptr<kernels::Backend> backend) {
+  if (backend == nullptr) return absl::InvalidArgumentError("a model needs a compute backend");
   std::unique_ptr<Model> model(new Model());
   model->config_ = config;
+  model->backend_ = std::move(backend);
   model->dense_ = std::move(dense);
+  kernels::Backend& b = *model->backend_;
+  std::vector<DeviceBuffer>* owned = &model->weight_buffers_;
   const ModelConfig& c = model->config_;
   WeightBinder bind(*model->dense_);
   const int64_t h = c.hidden_size;
   const int64_t q_width = c.num_attention_heads * c.head_dim;
   const int64_t kv_width = c.num_key_value_heads * c.head_dim;
+  auto matrix = [&](const std::string& name, int64_t rows,
+                    int64_t cols) -> absl::StatusOr<WeightMatrix> {
+    MOED_ASSIGN_OR_RETURN(WeightMatrix host, bind.Matrix(name, rows, cols));
+    return PlaceMatrix(b, host, owned);
+  };
+  auto vector = [&](const std::string& name, int64_t size) -> absl::StatusOr<DeviceBuffer> {
+    MOED_ASSIGN_OR_RETURN(std::vector<float> values, bind.Vector(name, size));
+    return UploadFloats(b, values);
+  };
+  auto mlp = [&](const std::string& prefix,
+                 int64_t inter) -> absl::StatusOr<kernels::SwiGluWeights> {
+    MOED_ASSIGN_OR_RETURN(kernels::SwiGluWeights host,
+                          bind.Mlp(prefix, "gate_proj", "up_proj", "down_proj", h, inter));
+    return PlaceSwiGlu(b, host, owned);
+  };
 
-  MOED_ASSIGN_OR_RETURN(model->embed_, bind.Matrix("model.embed_tokens.weight", c.vocab_size, h));
-  MOED_ASSIGN_OR_RETURN(model->final_norm_, bind.Vector("model.norm.weight", h));
+  MOED_ASSIGN_OR_RETURN(model->embed_, matrix("model.embed_tokens.weight", c.vocab_size, h));
+  MOED_ASSIGN_OR_RETURN(model->final_norm_, vector("model.norm.weight", h));
   if (model->dense_->Contains("lm_head.weight") || !c.tie_word_embeddings) {
-    MOED_ASSIGN_OR_RETURN(model->lm_head_, bind.Matrix("lm_head.weight", c.vocab_size, h));
+    MOED_ASSIGN_OR_RETURN(model->lm_head_, matrix("lm_head.weight", c.vocab_size, h));
   } else {
     model->lm_head_ = model->embed_;
   }
@@ -141,140 +240,202 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
   for (int layer = 0; layer < c.num_layers; ++layer) {
     LayerWeights w;
     std::string p = absl::StrCat("model.layers.", layer, ".");
-    MOED_ASSIGN_OR_RETURN(w.input_norm, bind.Vector(p + "input_layernorm.weight", h));
-    MOED_ASSIGN_OR_RETURN(w.post_norm, bind.Vector(p + "post_attention_layernorm.weight", h));
-    MOED_ASSIGN_OR_RETURN(w.q, bind.Matrix(p + "self_attn.q_proj.weight", q_width, h));
-    MOED_ASSIGN_OR_RETURN(w.k, bind.Matrix(p + "self_attn.k_proj.weight", kv_width, h));
-    MOED_ASSIGN_OR_RETURN(w.v, bind.Matrix(p + "self_attn.v_proj.weight", kv_width, h));
-    MOED_ASSIGN_OR_RETURN(w.o, bind.Matrix(p + "self_attn.o_proj.weight", h, q_width));
+    MOED_ASSIGN_OR_RETURN(w.input_norm, vector(p + "input_layernorm.weight", h));
+    MOED_ASSIGN_OR_RETURN(w.post_norm, vector(p + "post_attention_layernorm.weight", h));
+    MOED_ASSIGN_OR_RETURN(w.q, matrix(p + "self_attn.q_proj.weight", q_width, h));
+    MOED_ASSIGN_OR_RETURN(w.k, matrix(p + "self_attn.k_proj.weight", kv_width, h));
+    MOED_ASSIGN_OR_RETURN(w.v, matrix(p + "self_attn.v_proj.weight", kv_width, h));
+    MOED_ASSIGN_OR_RETURN(w.o, matrix(p + "self_attn.o_proj.weight", h, q_width));
     // Qwen2-MoE has q/k/v biases; they are detected from the tensors, as the config may not say.
     if (model->dense_->Contains(p + "self_attn.q_proj.bias")) {
-      MOED_ASSIGN_OR_RETURN(w.q_bias, bind.Vector(p + "self_attn.q_proj.bias", q_width));
-      MOED_ASSIGN_OR_RETURN(w.k_bias, bind.Vector(p + "self_attn.k_proj.bias", kv_width));
-      MOED_ASSIGN_OR_RETURN(w.v_bias, bind.Vector(p + "self_attn.v_proj.bias", kv_width));
+      MOED_ASSIGN_OR_RETURN(w.q_bias, vector(p + "self_attn.q_proj.bias", q_width));
+      MOED_ASSIGN_OR_RETURN(w.k_bias, vector(p + "self_attn.k_proj.bias", kv_width));
+      MOED_ASSIGN_OR_RETURN(w.v_bias, vector(p + "self_attn.v_proj.bias", kv_width));
     }
     if (c.architecture == Architecture::kQwen3Moe) {
-      MOED_ASSIGN_OR_RETURN(w.q_norm, bind.Vector(p + "self_attn.q_norm.weight", c.head_dim));
-      MOED_ASSIGN_OR_RETURN(w.k_norm, bind.Vector(p + "self_attn.k_norm.weight", c.head_dim));
+      MOED_ASSIGN_OR_RETURN(w.q_norm, vector(p + "self_attn.q_norm.weight", c.head_dim));
+      MOED_ASSIGN_OR_RETURN(w.k_norm, vector(p + "self_attn.k_norm.weight", c.head_dim));
     } else if (c.architecture == Architecture::kOlmoe) {
-      MOED_ASSIGN_OR_RETURN(w.q_norm, bind.Vector(p + "self_attn.q_norm.weight", q_width));
-      MOED_ASSIGN_OR_RETURN(w.k_norm, bind.Vector(p + "self_attn.k_norm.weight", kv_width));
+      MOED_ASSIGN_OR_RETURN(w.q_norm, vector(p + "self_attn.q_norm.weight", q_width));
+      MOED_ASSIGN_OR_RETURN(w.k_norm, vector(p + "self_attn.k_norm.weight", kv_width));
     }
     w.moe = c.IsMoeLayer(layer);
     if (!w.moe) {
-      MOED_ASSIGN_OR_RETURN(w.dense_mlp, bind.Mlp(p + "mlp.", "gate_proj", "up_proj", "down_proj",
-                                                  h, c.dense_intermediate_size));
+      MOED_ASSIGN_OR_RETURN(w.dense_mlp, mlp(p + "mlp.", c.dense_intermediate_size));
     } else {
       std::string moe = MoeBlockPrefix(c.architecture, layer);
-      MOED_ASSIGN_OR_RETURN(w.router, bind.Matrix(moe + "gate.weight", c.num_experts, h));
+      MOED_ASSIGN_OR_RETURN(w.router, matrix(moe + "gate.weight", c.num_experts, h));
       if (c.shared_expert_intermediate_size > 0) {
         w.has_shared_expert = true;
         MOED_ASSIGN_OR_RETURN(w.shared_expert,
-                              bind.Mlp(moe + "shared_expert.", "gate_proj", "up_proj", "down_proj",
-                                       h, c.shared_expert_intermediate_size));
+                              mlp(moe + "shared_expert.", c.shared_expert_intermediate_size));
         MOED_ASSIGN_OR_RETURN(w.shared_expert_gate,
-                              bind.Matrix(moe + "shared_expert_gate.weight", 1, h));
+                              matrix(moe + "shared_expert_gate.weight", 1, h));
       }
     }
     model->layers_.push_back(std::move(w));
   }
+  // Refuse at load, not mid-request, a backend that lacks an operator these weights need.
+  std::vector<std::pair<kernels::Op, const WeightMatrix*>> needs = {
+      {kernels::Op::kEmbedding, &model->embed_}, {kernels::Op::kMatMul, &model->lm_head_}};
+  for (const LayerWeights& w : model->layers_) {
+    for (const WeightMatrix* m : {&w.q, &w.k, &w.v, &w.o})
+      needs.push_back({kernels::Op::kMatMul, m});
+  }
+  for (const auto& [op, m] : needs) {
+    if (!b.device().Supports(op, m->format())) {
+      return absl::UnimplementedError(
+          absl::StrCat("the ", b.name(), " backend has no ", kernels::OpName(op), " for ",
+                       kernels::WeightFormatName(m->format()), " weights"));
+    }
+  }
   model->experts_ = std::move(experts);
-  model->pool_ = std::make_unique<kernels::ThreadPool>(threads);
   return model;
 }
 
-void Model::Mlp(const DenseMlp& mlp, const float* x, int64_t n, float* out) {
-  const int64_t inter = mlp.gate.rows;
-  std::vector<float> gate(static_cast<size_t>(n * inter)), up(gate.size());
-  kernels::cpu::MatMul(mlp.gate, x, n, gate.data(), *pool_);
-  kernels::cpu::MatMul(mlp.up, x, n, up.data(), *pool_);
-  kernels::cpu::SiluMul(gate.data(), up.data(), n * inter, gate.data());
-  kernels::cpu::MatMul(mlp.down, gate.data(), n, out, *pool_);
+std::unique_ptr<KvCache> Model::NewKvCache(int64_t capacity) const {
+  return std::make_unique<KvCache>(backend_->device(), config_, capacity);
 }
 
-absl::Status Model::MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing,
-                             std::vector<ExpertUse>* uses) {
+// One step's activations and index arrays, all in one device allocation.
+struct Model::StepBuffers {
+  int64_t n = 0;
+  DeviceBuffer arena;
+  float* hidden = nullptr;         // [n, h] residual stream
+  float* x = nullptr;              // [n, h] normed
+  float* q = nullptr;              // [n, q_width]
+  float* k = nullptr;              // [n, kv_width]
+  float* v = nullptr;              // [n, kv_width]
+  float* attn = nullptr;           // [n, q_width]
+  float* projected = nullptr;      // [n, h]
+  float* router_logits = nullptr;  // [n, experts]
+  int32_t* chosen = nullptr;       // [n, k]
+  float* gate_weights = nullptr;   // [n, k]
+  float* expert_out = nullptr;     // [n * k, h]
+  float* ffn_scratch = nullptr;    // ExpertFfnScratchFloats(n, h, intermediate)
+  float* mlp_gate = nullptr;       // [n, max intermediate]
+  float* mlp_up = nullptr;         // [n, max intermediate]
+  float* shared = nullptr;         // [n, h]
+  float* shared_gate = nullptr;    // [n]
+  size_t expert_rows_offset = 0;   // int32 [n * k]: tokens, grouped by expert
+  int32_t* expert_rows = nullptr;
+  size_t expert_slots_offset = 0;  // int32 [n * k]: (token, rank) slots, grouped by expert
+  int32_t* expert_slots = nullptr;
+  kernels::PagedKv kv;
+};
+
+absl::Status Model::Mlp(const kernels::SwiGluWeights& mlp, const float* x, int64_t n, float* out,
+                        StepBuffers& step) {
+  kernels::Stream& s = backend_->compute();
+  const int64_t inter = mlp.gate.rows;
+  MOED_RETURN_IF_ERROR(s.MatMul(mlp.gate, x, n, step.mlp_gate));
+  MOED_RETURN_IF_ERROR(s.MatMul(mlp.up, x, n, step.mlp_up));
+  MOED_RETURN_IF_ERROR(s.SiluMul(step.mlp_gate, step.mlp_up, n * inter, step.mlp_gate));
+  return s.MatMul(mlp.down, step.mlp_gate, n, out);
+}
+
+absl::StatusOr<ExpertWeights> Model::OnDevice(const ExpertWeights& served) {
+  if (experts_->serves_device_memory() || backend_->device().host_memory_is_device_memory()) {
+    return served;
+  }
+  // One staging buffer, reused expert after expert: the copies and the FFN that reads them are
+  // ordered on the compute stream, and a copy from host memory returns once its source is read.
+  const WeightMatrix* parts[] = {&served.gate, &served.up, &served.down};
+  size_t bytes = 0;
+  for (const WeightMatrix* m : parts) {
+    bytes += static_cast<size_t>(m->DataBytes() + m->ScaleBytes()) + 256;
+  }
+  if (expert_staging_.size() < bytes) {
+    expert_staging_ = DeviceBuffer();
+    MOED_ASSIGN_OR_RETURN(expert_staging_, backend_->device().Allocate(bytes));
+  }
+  kernels::Stream& s = backend_->compute();
+  ExpertWeights staged = served;
+  WeightMatrix* staged_parts[] = {&staged.gate, &staged.up, &staged.down};
+  size_t at = 0;
+  auto put = [&](const void* src, size_t n) -> absl::StatusOr<void*> {
+    MOED_RETURN_IF_ERROR(s.CopyToDevice(expert_staging_, at, src, n));
+    void* placed = static_cast<char*>(expert_staging_.data()) + at;
+    at += (n + 255) / 256 * 256;
+    return placed;
+  };
+  for (int i = 0; i < 3; ++i) {
+    MOED_ASSIGN_OR_RETURN(void* data,
+                          put(parts[i]->data, static_cast<size_t>(parts[i]->DataBytes())));
+    staged_parts[i]->data = data;
+    if (parts[i]->scales != nullptr) {
+      MOED_ASSIGN_OR_RETURN(void* scales,
+                            put(parts[i]->scales, static_cast<size_t>(parts[i]->ScaleBytes())));
+      staged_parts[i]->scales = static_cast<const float*>(scales);
+    }
+  }
+  return staged;
+}
+
+absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output) {
   const ModelConfig& c = config_;
   const LayerWeights& w = layers_[layer];
-  const int64_t h = c.hidden_size, k = c.experts_per_token, num_experts = c.num_experts;
+  kernels::Stream& s = backend_->compute();
+  const int64_t n = step.n, h = c.hidden_size, k = c.experts_per_token, num_experts = c.num_experts;
 
-  std::vector<float> router_logits(static_cast<size_t>(n * num_experts));
-  kernels::cpu::MatMul(w.router, x, n, router_logits.data(), *pool_);
-
-  // Softmax over all experts, top-k (ties to the lower id), optional renormalisation.
-  std::vector<int> chosen(static_cast<size_t>(n * k));
-  std::vector<float> weights(static_cast<size_t>(n * k));
-  std::vector<std::vector<std::pair<int64_t, int>>> tokens_of(static_cast<size_t>(num_experts));
+  MOED_RETURN_IF_ERROR(s.MatMul(w.router, step.x, n, step.router_logits));
+  MOED_RETURN_IF_ERROR(s.RouterTopK(step.router_logits, n, num_experts, k,
+                                    c.norm_topk_prob ? kernels::RouterScoring::kSoftmaxRenormalized
+                                                     : kernels::RouterScoring::kSoftmax,
+                                    step.chosen, step.gate_weights));
+  // The routing comes back to the host: it decides which experts to fetch.
+  std::vector<int32_t> chosen(static_cast<size_t>(n * k));
+  MOED_RETURN_IF_ERROR(
+      s.CopyToHost(chosen.data(), step.arena,
+                   reinterpret_cast<char*>(step.chosen) - static_cast<char*>(step.arena.data()),
+                   chosen.size() * sizeof(int32_t)));
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> tokens_of(static_cast<size_t>(num_experts));
   for (int64_t t = 0; t < n; ++t) {
-    const float* logits = router_logits.data() + t * num_experts;
-    float max_logit = *std::max_element(logits, logits + num_experts);
-    std::vector<float> p(static_cast<size_t>(num_experts));
-    float total = 0;
-    for (int64_t e = 0; e < num_experts; ++e) total += p[e] = std::exp(logits[e] - max_logit);
-    for (float& v : p) v /= total;
-    std::vector<int> order(static_cast<size_t>(num_experts));
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-    float selected = 0;
-    for (int64_t r = 0; r < k; ++r) selected += p[order[r]];
+    std::vector<int> ranked(static_cast<size_t>(k));
     for (int64_t r = 0; r < k; ++r) {
-      chosen[t * k + r] = order[r];
-      weights[t * k + r] = c.norm_topk_prob ? p[order[r]] / selected : p[order[r]];
-      tokens_of[order[r]].push_back({t, static_cast<int>(r)});
+      const int32_t e = chosen[t * k + r];
+      if (e < 0 || e >= num_experts) {
+        return absl::InternalError(
+            absl::StrCat("the router chose expert ", e, " of ", num_experts, " at layer ", layer));
+      }
+      ranked[r] = e;
+      tokens_of[e].push_back({static_cast<int32_t>(t), static_cast<int32_t>(t * k + r)});
     }
-    (*routing)[layer].push_back(std::vector<int>(order.begin(), order.begin() + k));
+    output->routing[layer].push_back(std::move(ranked));
   }
 
   // Each expert runs once over all its tokens; outputs land in per-(token, rank) slots so the
   // final sum is in rank order whatever order the experts ran in.
-  std::vector<float> expert_out(static_cast<size_t>(n * k * h));
   std::vector<int> needed;
+  std::vector<int32_t> rows, slots;
+  std::vector<size_t> first(static_cast<size_t>(num_experts));
   for (int e = 0; e < num_experts; ++e) {
-    if (!tokens_of[e].empty()) needed.push_back(e);
+    first[e] = rows.size();
+    if (tokens_of[e].empty()) continue;
+    needed.push_back(e);
+    for (auto [t, slot] : tokens_of[e]) {
+      rows.push_back(t);
+      slots.push_back(slot);
+    }
   }
-  std::vector<float> gathered, gate, up, down;
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, step.expert_rows_offset, rows.data(),
+                                      rows.size() * sizeof(int32_t)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, step.expert_slots_offset, slots.data(),
+                                      slots.size() * sizeof(int32_t)));
   MOED_RETURN_IF_ERROR(experts_->ForEachExpert(
       layer, needed,
-      [&](int e, const ExpertWeights& ew, const ExpertServed& served) -> absl::Status {
-        uses->push_back({layer, e, served});
-        const auto& tokens = tokens_of[e];
-        const int64_t m = static_cast<int64_t>(tokens.size());
-        const int64_t inter = ew.gate.rows;
-        gathered.resize(static_cast<size_t>(m * h));
-        for (int64_t i = 0; i < m; ++i) {
-          std::copy_n(x + tokens[i].first * h, h, gathered.data() + i * h);
-        }
-        gate.resize(static_cast<size_t>(m * inter));
-        up.resize(gate.size());
-        down.resize(static_cast<size_t>(m * h));
-        kernels::cpu::MatMul(ew.gate, gathered.data(), m, gate.data(), *pool_);
-        kernels::cpu::MatMul(ew.up, gathered.data(), m, up.data(), *pool_);
-        kernels::cpu::SiluMul(gate.data(), up.data(), m * inter, gate.data());
-        kernels::cpu::MatMul(ew.down, gate.data(), m, down.data(), *pool_);
-        for (int64_t i = 0; i < m; ++i) {
-          auto [t, rank] = tokens[i];
-          std::copy_n(down.data() + i * h, h, expert_out.data() + (t * k + rank) * h);
-        }
-        return absl::OkStatus();
+      [&](int e, const ExpertWeights& served_weights, const ExpertServed& served) -> absl::Status {
+        output->expert_uses.push_back({layer, e, served});
+        MOED_ASSIGN_OR_RETURN(ExpertWeights ew, OnDevice(served_weights));
+        const int64_t m = static_cast<int64_t>(tokens_of[e].size());
+        return s.ExpertFfn(ew, step.x, step.expert_rows + first[e], m, step.expert_out,
+                           step.expert_slots + first[e], step.ffn_scratch);
       }));
-  for (int64_t t = 0; t < n; ++t) {
-    float* o = out + t * h;
-    std::fill(o, o + h, 0.0f);
-    for (int64_t r = 0; r < k; ++r) {
-      const float* y = expert_out.data() + (t * k + r) * h;
-      float weight = weights[t * k + r];
-      for (int64_t i = 0; i < h; ++i) o[i] += weight * y[i];
-    }
-  }
+  MOED_RETURN_IF_ERROR(s.MoeCombine(step.expert_out, step.gate_weights, n, k, h, step.projected));
   if (w.has_shared_expert) {
-    std::vector<float> shared(static_cast<size_t>(n * h)), gate_logit(static_cast<size_t>(n));
-    Mlp(w.shared_expert, x, n, shared.data());
-    kernels::cpu::MatMul(w.shared_expert_gate, x, n, gate_logit.data(), *pool_);
-    for (int64_t t = 0; t < n; ++t) {
-      float g = 1.0f / (1.0f + std::exp(-gate_logit[t]));
-      for (int64_t i = 0; i < h; ++i) out[t * h + i] += g * shared[t * h + i];
-    }
+    MOED_RETURN_IF_ERROR(Mlp(w.shared_expert, step.x, n, step.shared, step));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.shared_expert_gate, step.x, n, step.shared_gate));
+    MOED_RETURN_IF_ERROR(s.SigmoidGatedAdd(step.shared_gate, step.shared, n, h, step.projected));
   }
   return absl::OkStatus();
 }
@@ -283,6 +444,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   const ModelConfig& c = config_;
   const int64_t h = c.hidden_size, heads = c.num_attention_heads, kv_heads = c.num_key_value_heads;
   const int64_t d = c.head_dim, q_width = heads * d, kv_width = kv_heads * d;
+  const int64_t k_experts = c.experts_per_token;
 
   // Validate everything before any cache changes.
   int64_t n = 0;
@@ -301,103 +463,163 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
                                                 " tokens, beyond its context of ",
                                                 input.cache->capacity()));
     }
+    if (&input.cache->device_ != &backend_->device()) {
+      return absl::InvalidArgumentError("a KV cache of another backend");
+    }
     n += static_cast<int64_t>(input.tokens.size());
   }
+  // KV blocks for the new tokens (a cache keeps spare blocks it could not use yet).
+  for (SequenceInput& input : inputs) {
+    MOED_RETURN_IF_ERROR(
+        input.cache->Reserve(input.cache->length() + static_cast<int64_t>(input.tokens.size())));
+  }
 
-  std::vector<float> hidden(static_cast<size_t>(n * h));
+  // What the step reads from the host: tokens, positions, each token's block table.
+  std::vector<int32_t> tokens, table_start;
   std::vector<int64_t> positions;
-  std::vector<std::pair<size_t, int64_t>> token_source;  // (input, index within input)
-  for (size_t s = 0; s < inputs.size(); ++s) {
-    for (size_t i = 0; i < inputs[s].tokens.size(); ++i) {
-      int64_t t = static_cast<int64_t>(positions.size());
-      const char* row =
-          static_cast<const char*>(embed_.data) +
-          inputs[s].tokens[i] * h * static_cast<int64_t>(kernels::DTypeSize(embed_.dtype));
-      kernels::cpu::ToFloat(embed_.dtype, row, h, hidden.data() + t * h);
-      positions.push_back(inputs[s].cache->length() + static_cast<int64_t>(i));
-      token_source.push_back({s, static_cast<int64_t>(i)});
+  std::vector<float*> block_table;
+  std::vector<int32_t> logit_rows;  // which tokens' logits are returned, in order
+  for (SequenceInput& input : inputs) {
+    const int32_t start = static_cast<int32_t>(block_table.size());
+    for (DeviceBuffer& block : input.cache->blocks_) block_table.push_back(block.as<float>());
+    const int64_t m = static_cast<int64_t>(input.tokens.size());
+    for (int64_t i = 0; i < m; ++i) {
+      if (input.all_logits || i == m - 1) logit_rows.push_back(static_cast<int32_t>(tokens.size()));
+      tokens.push_back(input.tokens[i]);
+      positions.push_back(input.cache->length() + i);
+      table_start.push_back(start);
     }
   }
+  const int64_t rows_out = static_cast<int64_t>(logit_rows.size());
+
+  int64_t max_inter = 0;
+  for (const LayerWeights& w : layers_) {
+    if (!w.moe) max_inter = std::max(max_inter, w.dense_mlp.gate.rows);
+    if (w.has_shared_expert) max_inter = std::max(max_inter, w.shared_expert.gate.rows);
+  }
+  const auto f = [](int64_t count) { return static_cast<size_t>(count) * sizeof(float); };
+  const auto i32 = [](int64_t count) { return static_cast<size_t>(count) * sizeof(int32_t); };
+  ArenaLayout layout;
+  const size_t hidden_at = layout.Add(f(n * h)), x_at = layout.Add(f(n * h)),
+               q_at = layout.Add(f(n * q_width)), k_at = layout.Add(f(n * kv_width)),
+               v_at = layout.Add(f(n * kv_width)), attn_at = layout.Add(f(n * q_width)),
+               projected_at = layout.Add(f(n * h)),
+               router_at = layout.Add(f(n * std::max<int64_t>(c.num_experts, 1))),
+               chosen_at = layout.Add(i32(n * k_experts)),
+               gate_weights_at = layout.Add(f(n * k_experts)),
+               expert_out_at = layout.Add(f(n * k_experts * h)),
+               ffn_at =
+                   layout.Add(f(kernels::ExpertFfnScratchFloats(n, h, c.expert_intermediate_size))),
+               mlp_gate_at = layout.Add(f(n * max_inter)), mlp_up_at = layout.Add(f(n * max_inter)),
+               shared_at = layout.Add(f(n * h)), shared_gate_at = layout.Add(f(n)),
+               rows_at = layout.Add(i32(n * k_experts)), slots_at = layout.Add(i32(n * k_experts)),
+               tokens_at = layout.Add(i32(n)), positions_at = layout.Add(n * sizeof(int64_t)),
+               table_start_at = layout.Add(i32(n)),
+               table_at = layout.Add(block_table.size() * sizeof(float*)),
+               logit_rows_at = layout.Add(i32(rows_out)), selected_at = layout.Add(f(rows_out * h)),
+               logits_at = layout.Add(f(rows_out * c.vocab_size));
+  StepBuffers step;
+  step.n = n;
+  {
+    absl::StatusOr<DeviceBuffer> arena = backend_->device().Allocate(layout.total());
+    if (!arena.ok()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot allocate a step's ", layout.total(),
+                       " bytes of activations: ", arena.status().message()));
+    }
+    step.arena = *std::move(arena);
+  }
+  char* base = static_cast<char*>(step.arena.data());
+  auto at_f = [&](size_t offset) { return reinterpret_cast<float*>(base + offset); };
+  auto at_i = [&](size_t offset) { return reinterpret_cast<int32_t*>(base + offset); };
+  step.hidden = at_f(hidden_at);
+  step.x = at_f(x_at);
+  step.q = at_f(q_at);
+  step.k = at_f(k_at);
+  step.v = at_f(v_at);
+  step.attn = at_f(attn_at);
+  step.projected = at_f(projected_at);
+  step.router_logits = at_f(router_at);
+  step.chosen = at_i(chosen_at);
+  step.gate_weights = at_f(gate_weights_at);
+  step.expert_out = at_f(expert_out_at);
+  step.ffn_scratch = at_f(ffn_at);
+  step.mlp_gate = at_f(mlp_gate_at);
+  step.mlp_up = at_f(mlp_up_at);
+  step.shared = at_f(shared_at);
+  step.shared_gate = at_f(shared_gate_at);
+  step.expert_rows_offset = rows_at;
+  step.expert_rows = at_i(rows_at);
+  step.expert_slots_offset = slots_at;
+  step.expert_slots = at_i(slots_at);
+
+  kernels::Stream& s = backend_->compute();
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, tokens_at, tokens.data(), i32(n)));
+  MOED_RETURN_IF_ERROR(
+      s.CopyToDevice(step.arena, positions_at, positions.data(), n * sizeof(int64_t)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, table_start_at, table_start.data(), i32(n)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, table_at, block_table.data(),
+                                      block_table.size() * sizeof(float*)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, logit_rows_at, logit_rows.data(), i32(rows_out)));
+  const int64_t* positions_dev = reinterpret_cast<const int64_t*>(base + positions_at);
+  step.kv.block_table = reinterpret_cast<float* const*>(base + table_at);
+  step.kv.table_start = at_i(table_start_at);
+  step.kv.positions = positions_dev;
+  step.kv.block_size = kKvBlockSize;
+  step.kv.kv_heads = kv_heads;
+  step.kv.head_dim = d;
+  step.kv.layer_floats = 2 * kKvBlockSize * kv_width;
 
   ForwardOutput output;
   output.routing.assign(static_cast<size_t>(c.num_layers), {});
-  std::vector<float> x(hidden.size()), q(static_cast<size_t>(n * q_width)),
-      k(static_cast<size_t>(n * kv_width)), v(k.size()), attn(q.size()), projected(hidden.size());
+  MOED_RETURN_IF_ERROR(s.Embed(embed_, at_i(tokens_at), n, step.hidden));
   const float eps = static_cast<float>(c.rms_norm_eps);
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& w = layers_[layer];
-    kernels::cpu::RmsNorm(hidden.data(), w.input_norm.data(), n, h, eps, x.data());
-    kernels::cpu::MatMul(w.q, x.data(), n, q.data(), *pool_);
-    kernels::cpu::MatMul(w.k, x.data(), n, k.data(), *pool_);
-    kernels::cpu::MatMul(w.v, x.data(), n, v.data(), *pool_);
-    if (!w.q_bias.empty()) {
-      for (int64_t t = 0; t < n; ++t) {
-        for (int64_t i = 0; i < q_width; ++i) q[t * q_width + i] += w.q_bias[i];
-        for (int64_t i = 0; i < kv_width; ++i) {
-          k[t * kv_width + i] += w.k_bias[i];
-          v[t * kv_width + i] += w.v_bias[i];
-        }
-      }
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.input_norm.as<float>(), n, h, eps, step.x));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.x, n, step.q));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.k, step.x, n, step.k));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.v, step.x, n, step.v));
+    if (w.q_bias) {
+      MOED_RETURN_IF_ERROR(s.AddBias(step.q, w.q_bias.as<float>(), n, q_width));
+      MOED_RETURN_IF_ERROR(s.AddBias(step.k, w.k_bias.as<float>(), n, kv_width));
+      MOED_RETURN_IF_ERROR(s.AddBias(step.v, w.v_bias.as<float>(), n, kv_width));
     }
     if (c.architecture == Architecture::kQwen3Moe) {  // per head, before RoPE
-      kernels::cpu::RmsNorm(q.data(), w.q_norm.data(), n * heads, d, eps, q.data());
-      kernels::cpu::RmsNorm(k.data(), w.k_norm.data(), n * kv_heads, d, eps, k.data());
+      MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n * heads, d, eps, step.q));
+      MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n * kv_heads, d, eps, step.k));
     } else if (c.architecture == Architecture::kOlmoe) {  // over the whole projection
-      kernels::cpu::RmsNorm(q.data(), w.q_norm.data(), n, q_width, eps, q.data());
-      kernels::cpu::RmsNorm(k.data(), w.k_norm.data(), n, kv_width, eps, k.data());
+      MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n, q_width, eps, step.q));
+      MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n, kv_width, eps, step.k));
     }
-    kernels::cpu::RopeNeox(q.data(), n, heads, d, positions.data(), c.rope_theta);
-    kernels::cpu::RopeNeox(k.data(), n, kv_heads, d, positions.data(), c.rope_theta);
+    MOED_RETURN_IF_ERROR(s.Rope(step.q, n, heads, d, positions_dev, c.rope_theta));
+    MOED_RETURN_IF_ERROR(s.Rope(step.k, n, kv_heads, d, positions_dev, c.rope_theta));
+    MOED_RETURN_IF_ERROR(s.WriteKv(step.kv, layer, step.k, step.v, n));
+    MOED_RETURN_IF_ERROR(s.Attention(step.kv, layer, step.q, n, heads, step.attn));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.o, step.attn, n, step.projected));
+    MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
 
-    int64_t t0 = 0;
-    for (SequenceInput& input : inputs) {
-      const int64_t m = static_cast<int64_t>(input.tokens.size());
-      KvCache& cache = *input.cache;
-      std::copy_n(k.data() + t0 * kv_width, m * kv_width,
-                  cache.keys_[layer].data() + cache.length_ * kv_width);
-      std::copy_n(v.data() + t0 * kv_width, m * kv_width,
-                  cache.values_[layer].data() + cache.length_ * kv_width);
-      kernels::cpu::Attention(q.data() + t0 * q_width, m, heads, kv_heads, d,
-                              cache.keys_[layer].data(), cache.values_[layer].data(),
-                              positions.data() + t0, attn.data() + t0 * q_width, *pool_);
-      t0 += m;
-    }
-    kernels::cpu::MatMul(w.o, attn.data(), n, projected.data(), *pool_);
-    for (size_t i = 0; i < hidden.size(); ++i) hidden[i] += projected[i];
-
-    kernels::cpu::RmsNorm(hidden.data(), w.post_norm.data(), n, h, eps, x.data());
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.post_norm.as<float>(), n, h, eps, step.x));
     if (w.moe) {
-      MOED_RETURN_IF_ERROR(
-          MoeBlock(layer, x.data(), n, projected.data(), &output.routing, &output.expert_uses));
+      MOED_RETURN_IF_ERROR(MoeBlock(layer, step, &output));
     } else {
-      Mlp(w.dense_mlp, x.data(), n, projected.data());
+      MOED_RETURN_IF_ERROR(Mlp(w.dense_mlp, step.x, n, step.projected, step));
       output.routing[layer].assign(static_cast<size_t>(n), {});
     }
-    for (size_t i = 0; i < hidden.size(); ++i) hidden[i] += projected[i];
+    MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
   }
-  for (SequenceInput& input : inputs)
-    input.cache->length_ += static_cast<int64_t>(input.tokens.size());
 
   // Final norm and the vocabulary projection, only for the rows asked for.
-  std::vector<int64_t> rows;
-  int64_t t0 = 0;
-  for (const SequenceInput& input : inputs) {
-    const int64_t m = static_cast<int64_t>(input.tokens.size());
-    if (input.all_logits) {
-      for (int64_t i = 0; i < m; ++i) rows.push_back(t0 + i);
-    } else {
-      rows.push_back(t0 + m - 1);
-    }
-    t0 += m;
-  }
-  std::vector<float> selected(rows.size() * static_cast<size_t>(h));
-  for (size_t r = 0; r < rows.size(); ++r) {
-    kernels::cpu::RmsNorm(hidden.data() + rows[r] * h, final_norm_.data(), 1, h, eps,
-                          selected.data() + r * h);
-  }
-  output.rows = static_cast<int64_t>(rows.size());
-  output.logits.resize(rows.size() * static_cast<size_t>(c.vocab_size));
-  kernels::cpu::MatMul(lm_head_, selected.data(), output.rows, output.logits.data(), *pool_);
+  float* selected = at_f(selected_at);
+  MOED_RETURN_IF_ERROR(s.GatherRows(step.hidden, h, at_i(logit_rows_at), rows_out, selected));
+  MOED_RETURN_IF_ERROR(s.RmsNorm(selected, final_norm_.as<float>(), rows_out, h, eps, selected));
+  MOED_RETURN_IF_ERROR(s.MatMul(lm_head_, selected, rows_out, at_f(logits_at)));
+  output.rows = rows_out;
+  output.logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
+  MOED_RETURN_IF_ERROR(s.CopyToHost(output.logits.data(), step.arena, logits_at,
+                                    output.logits.size() * sizeof(float)));
+  for (SequenceInput& input : inputs)
+    input.cache->length_ += static_cast<int64_t>(input.tokens.size());
   return output;
 }
 

@@ -1,5 +1,5 @@
-// A loaded MoE model and its forward pass on the CPU, in exact mode: fp32 activations,
-// accumulators and KV cache; weights widened inside the dot products.
+// A loaded MoE model and its forward pass, computed through a kernels::Backend in exact mode:
+// fp32 activations, accumulators and KV cache; weights widened inside the dot products.
 #pragma once
 
 #include <cstdint>
@@ -9,31 +9,42 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "kernels/cpu_ops.h"
-#include "kernels/thread_pool.h"
+#include "kernels/backend.h"
 #include "model/expert_provider.h"
 #include "model/model_config.h"
 #include "model/safetensors.h"
 
 namespace moed::model {
 
-// Keys and values of one sequence for every layer: [capacity, kv_heads, head_dim] each, fp32.
+// Tokens per KV block.
+inline constexpr int64_t kKvBlockSize = 16;
+
+// Keys and values of one sequence for every layer, in fixed-size blocks of the backend's
+// memory (the paged layout of kernels::PagedKv), allocated as the sequence grows.
 class KvCache {
  public:
-  KvCache(const ModelConfig& config, int64_t capacity);
-  // What a cache of `capacity` tokens holds, without making one.
-  static uint64_t BytesFor(const ModelConfig& config, int64_t capacity);
+  KvCache(kernels::Device& device, const ModelConfig& config, int64_t capacity,
+          int64_t block_size = kKvBlockSize);
+  // What a cache of `capacity` tokens holds when full, without making one.
+  static uint64_t BytesFor(const ModelConfig& config, int64_t capacity,
+                           int64_t block_size = kKvBlockSize);
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
-  // Memory held for keys and values.
-  uint64_t bytes() const;
+  int64_t block_size() const { return block_size_; }
+  // Memory held for keys and values now.
+  uint64_t bytes() const { return blocks_.size() * block_bytes_; }
 
  private:
   friend class Model;
+  // Blocks for the first `tokens` positions; on failure the cache holds what it held.
+  absl::Status Reserve(int64_t tokens);
+
+  kernels::Device& device_;
   int64_t capacity_;
+  int64_t block_size_;
+  uint64_t block_bytes_;
   int64_t length_ = 0;
-  std::vector<std::vector<float>> keys_;    // per layer
-  std::vector<std::vector<float>> values_;  // per layer
+  std::vector<kernels::DeviceBuffer> blocks_;
 };
 
 // The tokens one sequence contributes to a forward step.
@@ -64,40 +75,42 @@ struct ForwardOutput {
   std::vector<ExpertUse> expert_uses;
 };
 
-struct DenseMlp {
-  kernels::WeightMatrix gate, up, down;
-};
-
 struct LayerWeights {
-  std::vector<float> input_norm, post_norm;
+  kernels::DeviceBuffer input_norm, post_norm;  // fp32 [hidden]
   kernels::WeightMatrix q, k, v, o;
-  std::vector<float> q_bias, k_bias, v_bias;  // empty when the checkpoint has none
-  std::vector<float> q_norm, k_norm;          // Qwen3 (per head) / OLMoE (whole width)
+  kernels::DeviceBuffer q_bias, k_bias, v_bias;  // empty when the checkpoint has none
+  kernels::DeviceBuffer q_norm, k_norm;          // Qwen3 (per head) / OLMoE (whole width)
   bool moe = true;
   kernels::WeightMatrix router;  // [experts, hidden]
   bool has_shared_expert = false;
-  DenseMlp shared_expert;                    // Qwen2-MoE
+  kernels::SwiGluWeights shared_expert;      // Qwen2-MoE
   kernels::WeightMatrix shared_expert_gate;  // [1, hidden]
-  DenseMlp dense_mlp;                        // non-MoE layers
+  kernels::SwiGluWeights dense_mlp;          // non-MoE layers
 };
 
 class Model {
  public:
   // Opens the checkpoint in `dir`, checks every tensor the config implies (name, dtype and
-  // shape) and serves the experts from the checkpoint's mapping.
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, int threads = 0);
+  // shape) and serves the experts from the checkpoint (copied to the device when the backend
+  // cannot read host memory).
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     std::shared_ptr<kernels::Backend> backend);
 
   // A model whose dense weights come from `dense` (kept alive by the model) and whose routed
   // experts come from `experts`.
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
                                                        std::shared_ptr<const TensorSource> dense,
                                                        std::unique_ptr<ExpertProvider> experts,
-                                                       int threads = 0);
+                                                       std::shared_ptr<kernels::Backend> backend);
 
   const ModelConfig& config() const { return config_; }
+  kernels::Backend& backend() const { return *backend_; }
+
+  // An empty KV cache for up to `capacity` tokens in this model's backend.
+  std::unique_ptr<KvCache> NewKvCache(int64_t capacity) const;
 
   // Runs one step: every input's tokens are appended to its cache. Fails without touching
-  // any cache on bad token ids or a full context.
+  // any cache on bad token ids, a full context or a KV block that cannot be allocated.
   absl::StatusOr<ForwardOutput> Forward(absl::Span<SequenceInput> inputs);
 
   // Replaces where the experts come from (the expert cache, in offloaded mode).
@@ -106,18 +119,26 @@ class Model {
   }
 
  private:
+  struct StepBuffers;
   Model() = default;
-  absl::Status MoeBlock(int layer, const float* x, int64_t n, float* out, Routing* routing,
-                        std::vector<ExpertUse>* uses);
-  void Mlp(const DenseMlp& mlp, const float* x, int64_t n, float* out);
+  absl::Status MoeBlock(int layer, StepBuffers& step, ForwardOutput* output);
+  absl::Status Mlp(const kernels::SwiGluWeights& mlp, const float* x, int64_t n, float* out,
+                   StepBuffers& step);
+  // The expert's weights where the backend computes on them: as served, or copied into the
+  // staging buffer when the provider serves host memory the device cannot read.
+  absl::StatusOr<ExpertWeights> OnDevice(const ExpertWeights& served);
 
   ModelConfig config_;
+  std::shared_ptr<kernels::Backend> backend_;
   std::shared_ptr<const TensorSource> dense_;
-  std::vector<float> final_norm_;
+  // Device copies of the weights when the backend cannot read host memory; the fp32 norm
+  // vectors and biases always.
+  std::vector<kernels::DeviceBuffer> weight_buffers_;
+  kernels::DeviceBuffer final_norm_;
   kernels::WeightMatrix embed_, lm_head_;
   std::vector<LayerWeights> layers_;
   std::unique_ptr<ExpertProvider> experts_;
-  std::unique_ptr<kernels::ThreadPool> pool_;
+  kernels::DeviceBuffer expert_staging_;
 };
 
 }  // namespace moed::model

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "tools/reencode/reencode.h"
 #include "tools/synth/synthesizer.h"
@@ -35,7 +36,7 @@ fs::path Synthesize(const fs::path& root, Architecture arch, const std::string& 
 }
 
 GreedyResult Run(const fs::path& dir, const std::vector<int32_t>& prompt, int steps) {
-  auto model = Model::Load(dir.string(), 2);
+  auto model = Model::Load(dir.string(), kernels::TestCpuBackend(2));
   INFO(model.status().ToString());
   REQUIRE(model.ok());
   auto result = ScoreAndGreedy(**model, prompt, steps);
@@ -85,16 +86,16 @@ TEST_CASE("fp32 and sharded copies give bitwise the same logits, fp16 nearly") {
 TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequences") {
   TempDir tmp;
   fs::path dir = Synthesize(tmp.path, Architecture::kQwen3Moe, "qwen3");
-  auto model = Model::Load(dir.string(), 2);
+  auto model = Model::Load(dir.string(), kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   const int64_t vocab = (*model)->config().vocab_size;
 
-  KvCache prefill_cache((*model)->config(), 16);
+  KvCache prefill_cache((*model)->backend().device(), (*model)->config(), 16);
   SequenceInput prefill{&prefill_cache, kPrompt, true};
   auto all = (*model)->Forward(absl::MakeSpan(&prefill, 1));
   REQUIRE(all.ok());
 
-  KvCache decode_cache((*model)->config(), 16);
+  KvCache decode_cache((*model)->backend().device(), (*model)->config(), 16);
   for (size_t i = 0; i < kPrompt.size(); ++i) {
     SequenceInput one{&decode_cache, {kPrompt[i]}, false};
     auto out = (*model)->Forward(absl::MakeSpan(&one, 1));
@@ -105,12 +106,14 @@ TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequen
   }
 
   // Two sequences in one step, at different positions, each as if alone.
-  KvCache a((*model)->config(), 16), b((*model)->config(), 16);
+  KvCache a((*model)->backend().device(), (*model)->config(), 16),
+      b((*model)->backend().device(), (*model)->config(), 16);
   std::vector<SequenceInput> batch = {{&a, {1, 2, 3}, false}, {&b, {9}, false}};
   auto together = (*model)->Forward(absl::MakeSpan(batch));
   REQUIRE(together.ok());
   REQUIRE(together->rows == 2);
-  KvCache a_alone((*model)->config(), 16), b_alone((*model)->config(), 16);
+  KvCache a_alone((*model)->backend().device(), (*model)->config(), 16),
+      b_alone((*model)->backend().device(), (*model)->config(), 16);
   SequenceInput sa{&a_alone, {1, 2, 3}, false}, sb{&b_alone, {9}, false};
   auto ra = (*model)->Forward(absl::MakeSpan(&sa, 1));
   auto rb = (*model)->Forward(absl::MakeSpan(&sb, 1));
@@ -125,9 +128,9 @@ TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequen
 TEST_CASE("bad tokens and a full context are refused and change nothing") {
   TempDir tmp;
   fs::path dir = Synthesize(tmp.path, Architecture::kMixtral, "mixtral");
-  auto model = Model::Load(dir.string(), 1);
+  auto model = Model::Load(dir.string(), kernels::TestCpuBackend(1));
   REQUIRE(model.ok());
-  KvCache cache((*model)->config(), 4);
+  KvCache cache((*model)->backend().device(), (*model)->config(), 4);
   SequenceInput bad{&cache, {1, 512}, false};
   auto out = (*model)->Forward(absl::MakeSpan(&bad, 1));
   CHECK(out.status().code() == absl::StatusCode::kInvalidArgument);
@@ -147,7 +150,7 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
 
   SECTION("truncated weights") {
     fs::resize_file(weights, fs::file_size(weights) - 1000);
-    auto model = Model::Load(dir.string());
+    auto model = Model::Load(dir.string(), kernels::TestCpuBackend());
     CHECK(model.status().code() == absl::StatusCode::kDataLoss);
     CHECK(model.status().message().find(weights.string()) != std::string::npos);
     CHECK(model.status().message().find("truncated") != std::string::npos);
@@ -159,7 +162,7 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
     REQUIRE(at != std::string::npos);
     config.replace(at, 24, "\"intermediate_size\": 64");
     std::ofstream(dir / "config.json") << config;
-    auto model = Model::Load(dir.string());
+    auto model = Model::Load(dir.string(), kernels::TestCpuBackend());
     CHECK(model.status().message() ==
           weights.string() +
               ": tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape "
@@ -168,7 +171,7 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
   SECTION("garbage instead of a header") {
     std::ofstream(weights, std::ios::binary | std::ios::in | std::ios::out)
         .write("\x10\0\0\0\0\0\0\0not json at all!", 24);
-    auto model = Model::Load(dir.string());
+    auto model = Model::Load(dir.string(), kernels::TestCpuBackend());
     CHECK_FALSE(model.ok());
     CHECK(model.status().message().find(weights.string()) != std::string::npos);
   }
@@ -176,13 +179,13 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
     fs::path sharded = tmp.path / "sharded";
     REQUIRE(tools::Reencode(dir.string(), sharded.string(), {kernels::DType::kBF16, 2}).ok());
     fs::remove(sharded / "model-00002-of-00002.safetensors");
-    auto model = Model::Load(sharded.string());
+    auto model = Model::Load(sharded.string(), kernels::TestCpuBackend());
     CHECK(model.status().code() == absl::StatusCode::kNotFound);
     CHECK(model.status().message().find("model-00002-of-00002.safetensors") != std::string::npos);
   }
   SECTION("no weights at all") {
     fs::remove(weights);
-    CHECK(Model::Load(dir.string()).status().message() ==
+    CHECK(Model::Load(dir.string(), kernels::TestCpuBackend()).status().message() ==
           dir.string() + ": no *.safetensors files");
   }
 }

@@ -273,8 +273,8 @@ void Scheduler::Loop() {
                absl::DeadlineExceededError("the request's deadline passed"));
       } else {
         if (seq->cache == nullptr) {
-          seq->cache = std::make_unique<model::KvCache>(
-              model_->config(), static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
+          seq->cache =
+              model_->NewKvCache(static_cast<int64_t>(seq->request.prompt.size()) + seq->max_new);
         }
         live.push_back(seq);
       }

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "cache/expert_cache.h"
+#include "kernels/test_backend.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -72,7 +73,8 @@ struct Fixture {
     REQUIRE(made.ok());
     auto provider = std::make_unique<GatedProvider>(*std::move(made));
     gate = provider.get();
-    auto created = model::Model::Create(store->config(), store, std::move(provider), 1);
+    auto created = model::Model::Create(store->config(), store, std::move(provider),
+                                        kernels::TestCpuBackend(1));
     REQUIRE(created.ok());
     model = *std::move(created);
   }
@@ -264,7 +266,9 @@ TEST_CASE("the KV budget is max_running sequences of the full context") {
                                 static_cast<uint64_t>(c.max_position_embeddings) *
                                 static_cast<uint64_t>(c.num_key_value_heads * c.head_dim) * 4;
   CHECK(scheduler.stats().kv_cache_budget_bytes == 3 * per_sequence);
-  CHECK(model::KvCache(c, c.max_position_embeddings).bytes() == per_sequence);
+  CHECK(model::KvCache::BytesFor(c, c.max_position_embeddings) == per_sequence);
+  // Blocks are taken as a sequence grows: an empty cache holds none.
+  CHECK(f.model->NewKvCache(c.max_position_embeddings)->bytes() == 0);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "cache/routing_trace.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "server/engine.h"
 #include "util/fmt_absl.h"
 #include "util/status_macros.h"
 
@@ -70,7 +71,7 @@ class MoedService final : public v1::Moed::Service {
     if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
     *response = parts_.info;
     // Free memory changes as the daemon runs: read it now.
-    if (absl::StatusOr<kernels::DeviceInfo> device = parts_.backend->device(); device.ok()) {
+    if (absl::StatusOr<kernels::DeviceInfo> device = parts_.backend->device().info(); device.ok()) {
       FillDevice(*device, response->mutable_device());
     }
     if (parts_.cache != nullptr)
@@ -305,73 +306,49 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   daemon->logger_ = std::move(logger);
   spdlog::logger& log = *daemon->logger_;
 
-  model::ModelConfig model_config;
-  if (!config.store.empty()) {
-    MOED_ASSIGN_OR_RETURN(daemon->store_, cache::Store::Open(config.store));
-    model_config = daemon->store_->config();
-    cache::CacheOptions options;
-    options.device_bytes = static_cast<uint64_t>(config.device_cache_bytes);
-    options.host_bytes = static_cast<uint64_t>(config.host_cache_bytes);
-    MOED_ASSIGN_OR_RETURN(options.precision, cache::ParsePrecision(config.expert_precision));
-    MOED_ASSIGN_OR_RETURN(options.device_policy, cache::ParsePolicyKind(config.eviction_policy));
-    options.host_policy = options.device_policy;
-    MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
-    options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
-    std::string note;
-    MOED_ASSIGN_OR_RETURN(std::unique_ptr<cache::ExpertCache> expert_cache,
-                          cache::ExpertCache::Create(daemon->store_, options, {}, &note));
-    if (!note.empty()) log.warn("{}", note);
-    daemon->cache_ = std::move(expert_cache);
+  MOED_ASSIGN_OR_RETURN(Engine engine, BuildEngine(config));
+  const model::ModelConfig& model_config = engine.model_config;
+  daemon->store_ = engine.store;
+  daemon->cache_ = engine.cache;
+  daemon->backend_ = engine.backend;
+  if (!engine.cache_note.empty()) log.warn("{}", engine.cache_note);
+  if (daemon->cache_ != nullptr) {
     cache::CacheCounters counters = daemon->cache_->counters();
     log.info("expert cache: {} experts, {} device slots, {} host slots of {:.1f} MiB, reader {}",
              config.expert_precision, counters.device.slots, counters.host.slots,
-             cache::ExpertCache::SlotBytes(*daemon->store_, options.precision) / double(1 << 20),
+             cache::ExpertCache::SlotBytes(*daemon->store_, daemon->cache_->options().precision) /
+                 double(1 << 20),
              daemon->cache_->reader_name());
-  } else {
-    MOED_ASSIGN_OR_RETURN(model_config, model::LoadModelConfig(config.model));
   }
   log.info("model {}: {} with {} layers, {} experts (top-{}), hidden {}, vocab {}",
            config.store.empty() ? config.model : config.store,
            model::ArchitectureName(model_config.architecture), model_config.num_layers,
            model_config.num_experts, model_config.experts_per_token, model_config.hidden_size,
            model_config.vocab_size);
-
-  MOED_ASSIGN_OR_RETURN(kernels::BackendKind kind, kernels::ParseBackendKind(config.backend));
-  kernels::Discovery discovery = kernels::DiscoverDevices();
-  for (const kernels::DeviceInfo& device : discovery.cuda_devices) {
+  for (const kernels::DeviceInfo& device : engine.discovery.cuda_devices) {
     log.info("cuda device {}: {} (compute {}, {} SMs), {:.1f} GiB free of {:.1f} GiB", device.index,
              device.name, device.compute_capability, device.compute_units,
              device.free_memory_bytes / double(1 << 30),
              device.total_memory_bytes / double(1 << 30));
   }
-  MOED_ASSIGN_OR_RETURN(kernels::BackendChoice choice,
-                        kernels::CreateBackend(kind, static_cast<int>(config.cuda_device)));
-  if (!choice.fallback_reason.empty()) {
-    log.info("no usable CUDA device ({}); using the CPU backend", choice.fallback_reason);
+  if (!engine.backend_fallback_reason.empty()) {
+    log.info("no usable CUDA device ({}); using the CPU backend", engine.backend_fallback_reason);
   }
-  daemon->backend_ = std::move(choice.backend);
-  MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, daemon->backend_->device());
-  log.info("backend {}: {}, {:.1f} GiB free of {:.1f} GiB", daemon->backend_->name(), device.name,
-           device.free_memory_bytes / double(1 << 30), device.total_memory_bytes / double(1 << 30));
+  MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, daemon->backend_->device().info());
+  log.info("backend {} computes: {}, {:.1f} GiB free of {:.1f} GiB", daemon->backend_->name(),
+           device.name, device.free_memory_bytes / double(1 << 30),
+           device.total_memory_bytes / double(1 << 30));
 
   v1::ModelInfoResponse info = DescribeModel(model_config, config);
   info.set_backend(std::string(daemon->backend_->name()));
   FillDevice(device, info.mutable_device());
-  for (const kernels::DeviceInfo& cuda_device : discovery.cuda_devices) {
+  for (const kernels::DeviceInfo& cuda_device : engine.discovery.cuda_devices) {
     FillDevice(cuda_device, info.add_cuda_devices());
   }
-  info.set_backend_note(choice.fallback_reason);
+  info.set_backend_note(engine.backend_fallback_reason);
   // The engine: the model's weights, the tokenizer when the directory has one, the scheduler.
   const std::string dir = config.store.empty() ? config.model : config.store;
-  std::shared_ptr<model::Model> engine_model;
-  if (daemon->store_ != nullptr) {
-    MOED_ASSIGN_OR_RETURN(engine_model, model::Model::Create(model_config, daemon->store_,
-                                                             cache::SharedProvider(daemon->cache_),
-                                                             static_cast<int>(config.threads)));
-  } else {
-    MOED_ASSIGN_OR_RETURN(engine_model,
-                          model::Model::Load(config.model, static_cast<int>(config.threads)));
-  }
+  std::shared_ptr<model::Model> engine_model = engine.model;
   std::shared_ptr<const model::Tokenizer> tokenizer;
   if (std::filesystem::exists(dir + "/tokenizer.json")) {
     MOED_ASSIGN_OR_RETURN(tokenizer, model::Tokenizer::FromFile(dir + "/tokenizer.json"));

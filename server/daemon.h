@@ -53,7 +53,7 @@ class Daemon {
 
   DaemonConfig config_;
   std::shared_ptr<spdlog::logger> logger_;
-  std::unique_ptr<kernels::Backend> backend_;
+  std::shared_ptr<kernels::Backend> backend_;
   std::shared_ptr<cache::Store> store_;
   std::shared_ptr<cache::ExpertCache> cache_;
   // Declared before the scheduler, so destroyed after it: no event reaches a dead connection.

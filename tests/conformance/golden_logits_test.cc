@@ -9,6 +9,7 @@
 
 #include "cache/expert_cache.h"
 #include "cache/store_reader.h"
+#include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "tools/pack/pack.h"
@@ -29,7 +30,7 @@ void CheckGolden(const std::string& name) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
   std::string dir = std::string(shared) + "/golden/" + name;
-  auto model = Model::Load(dir, 2);
+  auto model = Model::Load(dir, kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
   REQUIRE(cases["cases"].size() == 3);
@@ -67,7 +68,7 @@ void CheckGoldenStore(const std::string& name) {
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
   REQUIRE(store.ok());
-  auto from_checkpoint = Model::Load(dir, 2);
+  auto from_checkpoint = Model::Load(dir, kernels::TestCpuBackend(2));
   REQUIRE(from_checkpoint.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
   const uint64_t slot = cache::ExpertCache::SlotBytes(**store, cache::Precision::kSource);
@@ -81,7 +82,8 @@ void CheckGoldenStore(const std::string& name) {
     options.device_bytes = budget;
     auto experts = cache::ExpertCache::Create(*store, options);
     REQUIRE(experts.ok());
-    auto from_store = Model::Create((*store)->config(), *store, *std::move(experts), 2);
+    auto from_store =
+        Model::Create((*store)->config(), *store, *std::move(experts), kernels::TestCpuBackend(2));
     REQUIRE(from_store.ok());
     for (const auto& c : cases["cases"]) {
       std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();

@@ -9,6 +9,7 @@
 
 #include "cache/routing_trace.h"
 #include "client/client.h"
+#include "kernels/test_backend.h"
 #include "tests/integration/daemon_process.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
@@ -96,7 +97,7 @@ TEST_CASE("greedy generation streams the engine's own greedy tokens and ends wit
   auto c = daemon.Connect();
   Collected got = Run(*c, Greedy({5, 300, 17}, 12));
   REQUIRE(got.status.ok());
-  auto local = model::Model::Load(Model().string(), 1);
+  auto local = model::Model::Load(Model().string(), kernels::TestCpuBackend(1));
   REQUIRE(local.ok());
   auto expected = model::ScoreAndGreedy(**local, {5, 300, 17}, 12);
   REQUIRE(expected.ok());

@@ -7,6 +7,7 @@
 
 #include "CLI/CLI.hpp"
 #include "cache/expert_cache.h"
+#include "kernels/test_backend.h"
 #include "scheduler/scheduler.h"
 
 int main(int argc, char** argv) try {
@@ -53,7 +54,8 @@ int main(int argc, char** argv) try {
     auto made = moed::cache::ExpertCache::Create(*store, options);
     if (!made.ok()) return 1;
     std::shared_ptr<moed::cache::ExpertCache> cache = *std::move(made);
-    auto model = moed::model::Model::Create(c, *store, moed::cache::SharedProvider(cache), 0);
+    auto model = moed::model::Model::Create(c, *store, moed::cache::SharedProvider(cache),
+                                            moed::kernels::TestCpuBackend());
     if (!model.ok()) return 1;
     moed::scheduler::SchedulerOptions so;
     so.max_batch = batch;

@@ -21,6 +21,7 @@
 
 #include "CLI/CLI.hpp"
 #include "kernels/cpu_ops.h"
+#include "kernels/test_backend.h"
 #include "model/model.h"
 #include "tools/synth/synthesizer.h"
 
@@ -191,7 +192,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  auto model = moed::model::Model::Load(model_dir, 0);
+  auto model = moed::model::Model::Load(model_dir, moed::kernels::TestCpuBackend());
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
     return 1;
@@ -214,7 +215,7 @@ int main(int argc, char** argv) {
     std::vector<std::unique_ptr<moed::model::KvCache>> caches;
     std::vector<moed::model::SequenceInput> inputs;
     for (int s = 0; s < sequences; ++s) {
-      caches.push_back(std::make_unique<moed::model::KvCache>(c, 16 + steps + 8));
+      caches.push_back((*model)->NewKvCache(16 + steps + 8));
       inputs.push_back({caches.back().get(), {1 + s, 100 + s, 200 + s, 300 + s}, false});
     }
     auto prefill = (*model)->Forward(absl::MakeSpan(inputs));  // also pulls the weights into RAM

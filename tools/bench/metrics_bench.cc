@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "kernels/test_backend.h"
 #include "scheduler/scheduler.h"
 #include "server/metrics.h"
 #include "tools/synth/synthesizer.h"
@@ -86,7 +87,7 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "cannot write the %s model\n", preset.c_str());
     return 1;
   }
-  auto loaded = moed::model::Model::Load(dir.string(), threads);
+  auto loaded = moed::model::Model::Load(dir.string(), moed::kernels::TestCpuBackend(threads));
   std::filesystem::remove_all(dir);
   if (!loaded.ok()) {
     std::fprintf(stderr, "%s\n", std::string(loaded.status().message()).c_str());

@@ -22,6 +22,7 @@
 #include "CLI/CLI.hpp"
 #include "cache/aligned_buffer.h"
 #include "cache/expert_cache.h"
+#include "kernels/test_backend.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "tools/pack/pack.h"
@@ -175,10 +176,11 @@ int main(int argc, char** argv) {
     auto cache = moed::cache::ExpertCache::Create(*store, options);
     if (!cache.ok()) return 1;
     moed::cache::ExpertCache* raw = cache->get();
-    auto model = moed::model::Model::Create(c, *store, *std::move(cache), 0);
+    auto model =
+        moed::model::Model::Create(c, *store, *std::move(cache), moed::kernels::TestCpuBackend());
     if (!model.ok()) return 1;
-    moed::model::KvCache kv(c, 8 + steps + 32);
-    moed::model::SequenceInput input{&kv, {1, 2, 3, 4}, false};
+    auto kv = (*model)->NewKvCache(8 + steps + 32);
+    moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false};
     if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     // The synthetic model's greedy output soon repeats one token, which would make routing
     // unrealistically repetitive: feed a fixed pseudo-random token stream instead (the same

@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cache/aligned_buffer.h"
-#include "kernels/cpu_ops.h"
+#include "kernels/quant.h"
 #include "model/model_config.h"
 #include "model/safetensors.h"
 #include "tools/checkpoint_files.h"
@@ -87,15 +87,15 @@ void FillMatrix(const MatrixLayout& m, const model::TensorRef& tensor, std::vect
     return;
   }
   scratch->resize(static_cast<size_t>(m.rows * m.cols));
-  kernels::cpu::ToFloat(tensor.info->dtype, tensor.data, m.rows * m.cols, scratch->data());
+  kernels::WidenToF32(tensor.info->dtype, tensor.data, m.rows * m.cols, scratch->data());
   auto* scales = reinterpret_cast<float*>(blob + m.scales_offset);
   if (m.quantization == kernels::Quantization::kInt8PerRow) {
-    kernels::cpu::QuantizeInt8(scratch->data(), m.rows, m.cols,
-                               reinterpret_cast<int8_t*>(blob + m.offset), scales);
+    kernels::QuantizeInt8(scratch->data(), m.rows, m.cols,
+                          reinterpret_cast<int8_t*>(blob + m.offset), scales);
   } else {
     int64_t group =
         m.cols / static_cast<int64_t>(m.scales_bytes / 4 / static_cast<uint64_t>(m.rows));
-    kernels::cpu::QuantizeInt4(scratch->data(), m.rows, m.cols, group, blob + m.offset, scales);
+    kernels::QuantizeInt4(scratch->data(), m.rows, m.cols, group, blob + m.offset, scales);
   }
 }
 

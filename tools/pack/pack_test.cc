@@ -11,6 +11,7 @@
 
 #include "cache/expert_cache.h"
 #include "cache/store_reader.h"
+#include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "tools/synth/synthesizer.h"
 
@@ -45,7 +46,8 @@ model::GreedyResult FromStore(const fs::path& store_dir, cache::Precision precis
   options.precision = precision;  // the default budget holds every expert
   auto experts = cache::ExpertCache::Create(*store, options);
   REQUIRE(experts.ok());
-  auto model = model::Model::Create((*store)->config(), *store, *std::move(experts), 2);
+  auto model = model::Model::Create((*store)->config(), *store, *std::move(experts),
+                                    kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   auto result = model::ScoreAndGreedy(**model, kPrompt, 4);
   REQUIRE(result.ok());
@@ -74,7 +76,7 @@ TEST_CASE(
     fs::path store = tmp.path / (name + "-store");
     REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{}).ok());
 
-    auto model = model::Model::Load(checkpoint.string(), 2);
+    auto model = model::Model::Load(checkpoint.string(), kernels::TestCpuBackend(2));
     REQUIRE(model.ok());
     auto reference = model::ScoreAndGreedy(**model, kPrompt, 4);
     REQUIRE(reference.ok());
@@ -142,7 +144,8 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
     REQUIRE(s.ok());  // expert blobs are verified when read, not at open
     auto cache = cache::ExpertCache::Create(*s, cache::CacheOptions{});
     REQUIRE(cache.ok());
-    auto model = model::Model::Create((*s)->config(), *s, *std::move(cache), 1);
+    auto model =
+        model::Model::Create((*s)->config(), *s, *std::move(cache), kernels::TestCpuBackend(1));
     REQUIRE(model.ok());
     // Token 0 of every layer needs some expert; run until the damaged one is read.
     absl::Status failure;

@@ -1,0 +1,107 @@
+// The operators of the CUDA backend over a launcher: the device launcher (cuda_kernels.h) on a
+// GPU, the host launcher (host_grid_backend.cc) in the tests. Copies and events are the
+// derived stream's.
+#pragma once
+
+#include "absl/strings/str_cat.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/kernel_bodies.h"
+
+namespace moed::kernels::grid {
+
+inline Matrix ToGrid(const WeightMatrix& w) {
+  return Matrix{static_cast<int>(w.format()), w.data, w.rows, w.cols, w.scales, w.group_size};
+}
+
+inline Kv ToGrid(const PagedKv& kv) {
+  return Kv{kv.block_table, kv.table_start, kv.positions,   kv.block_size,
+            kv.kv_heads,    kv.head_dim,    kv.layer_floats};
+}
+
+template <class Launcher>
+class GridStream : public Stream {
+ public:
+  absl::Status Embed(const WeightMatrix& table, const int32_t* tokens, int64_t n,
+                     float* out) override {
+    if (table.quantization != Quantization::kNone) {
+      return absl::UnimplementedError("embedding tables are unquantized");
+    }
+    launcher().Elementwise(n * table.cols, EmbedBody{ToGrid(table), tokens, out});
+    return Launched("embedding");
+  }
+  absl::Status RmsNorm(const float* x, const float* weight, int64_t rows, int64_t width, float eps,
+                       float* y) override {
+    launcher().Warps(rows, RmsNormBody{x, weight, width, eps, y});
+    return Launched("rms_norm");
+  }
+  absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) override {
+    RunMatMul(launcher(), ToGrid(w), x, n, y);
+    return Launched("matmul");
+  }
+  absl::Status AddBias(float* x, const float* bias, int64_t rows, int64_t width) override {
+    launcher().Elementwise(rows * width, AddBiasBody{x, bias, width});
+    return Launched("add_bias");
+  }
+  absl::Status Rope(float* x, int64_t n, int64_t heads, int64_t head_dim, const int64_t* positions,
+                    double theta) override {
+    launcher().Elementwise(n * heads * (head_dim / 2),
+                           RopeBody{x, heads, head_dim, positions, theta});
+    return Launched("rope");
+  }
+  absl::Status WriteKv(const PagedKv& kv, int layer, const float* k, const float* v,
+                       int64_t n) override {
+    launcher().Elementwise(n * kv.kv_width(), WriteKvBody{ToGrid(kv), layer, k, v});
+    return Launched("kv_write");
+  }
+  absl::Status Attention(const PagedKv& kv, int layer, const float* q, int64_t n, int64_t heads,
+                         float* out) override {
+    launcher().Elementwise(n * heads, AttentionBody{ToGrid(kv), layer, q, heads, out});
+    return Launched("attention");
+  }
+  absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
+                          RouterScoring scoring, int32_t* chosen, float* weights) override {
+    if (experts > kMaxExperts || k > experts) {
+      return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts));
+    }
+    launcher().Elementwise(
+        n, RouterTopKBody{logits, experts, k, scoring == RouterScoring::kSoftmaxRenormalized,
+                          chosen, weights});
+    return Launched("router_topk");
+  }
+  absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) override {
+    RunSiluMul(launcher(), gate, up, count, out);
+    return Launched("silu_mul");
+  }
+  absl::Status ExpertFfn(const SwiGluWeights& w, const float* x, const int32_t* rows, int64_t m,
+                         float* out, const int32_t* out_rows, float* scratch) override {
+    RunExpertFfn(launcher(), ToGrid(w.gate), ToGrid(w.up), ToGrid(w.down), x, rows, m, out,
+                 out_rows, scratch);
+    return Launched("expert_ffn");
+  }
+  absl::Status MoeCombine(const float* expert_out, const float* weights, int64_t n, int64_t k,
+                          int64_t width, float* out) override {
+    launcher().Elementwise(n * width, MoeCombineBody{expert_out, weights, k, width, out});
+    return Launched("moe_combine");
+  }
+  absl::Status Add(float* acc, const float* x, int64_t count) override {
+    launcher().Elementwise(count, AddBody{acc, x});
+    return Launched("add");
+  }
+  absl::Status SigmoidGatedAdd(const float* gate_logits, const float* x, int64_t n, int64_t width,
+                               float* out) override {
+    launcher().Elementwise(n * width, SigmoidGatedAddBody{gate_logits, x, width, out});
+    return Launched("sigmoid_gated_add");
+  }
+  absl::Status GatherRows(const float* src, int64_t width, const int32_t* rows, int64_t m,
+                          float* dst) override {
+    launcher().Elementwise(m * width, GatherRowsBody{src, width, rows, dst});
+    return Launched("gather_rows");
+  }
+
+ protected:
+  virtual Launcher& launcher() = 0;
+  // The launch error of the operator just queued, if any.
+  virtual absl::Status Launched(const char* op) = 0;
+};
+
+}  // namespace moed::kernels::grid

@@ -1,0 +1,47 @@
+#include "server/engine.h"
+
+#include "util/status_macros.h"
+
+namespace moed::server {
+
+absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config) {
+  Engine engine;
+  MOED_ASSIGN_OR_RETURN(kernels::BackendKind kind, kernels::ParseBackendKind(config.backend));
+  if (!config.store.empty()) {
+    MOED_ASSIGN_OR_RETURN(engine.store, cache::Store::Open(config.store));
+    engine.model_config = engine.store->config();
+  } else {
+    MOED_ASSIGN_OR_RETURN(engine.model_config, model::LoadModelConfig(config.model));
+  }
+  engine.discovery = kernels::DiscoverDevices();
+  kernels::BackendOptions backend_options;
+  backend_options.cuda_device = static_cast<int>(config.cuda_device);
+  backend_options.cpu_threads = static_cast<int>(config.threads);
+  MOED_ASSIGN_OR_RETURN(kernels::BackendChoice choice,
+                        kernels::CreateBackend(kind, backend_options));
+  engine.backend = std::move(choice.backend);
+  engine.backend_fallback_reason = std::move(choice.fallback_reason);
+
+  if (engine.store != nullptr) {
+    cache::CacheOptions options;
+    options.device_bytes = static_cast<uint64_t>(config.device_cache_bytes);
+    options.host_bytes = static_cast<uint64_t>(config.host_cache_bytes);
+    MOED_ASSIGN_OR_RETURN(options.precision, cache::ParsePrecision(config.expert_precision));
+    MOED_ASSIGN_OR_RETURN(options.device_policy, cache::ParsePolicyKind(config.eviction_policy));
+    options.host_policy = options.device_policy;
+    MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
+    options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
+    MOED_ASSIGN_OR_RETURN(
+        std::unique_ptr<cache::ExpertCache> expert_cache,
+        cache::ExpertCache::Create(engine.store, options, {}, &engine.cache_note));
+    engine.cache = std::move(expert_cache);
+    MOED_ASSIGN_OR_RETURN(
+        engine.model, model::Model::Create(engine.model_config, engine.store,
+                                           cache::SharedProvider(engine.cache), engine.backend));
+  } else {
+    MOED_ASSIGN_OR_RETURN(engine.model, model::Model::Load(config.model, engine.backend));
+  }
+  return engine;
+}
+
+}  // namespace moed::server

@@ -1,0 +1,35 @@
+// The one place an engine is built from the configuration: the compute backend, the model's
+// weights in it, and, for a store, the store and the expert cache that serves it. The daemon,
+// `moectl logits` and the benchmarks all build theirs here.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "cache/expert_cache.h"
+#include "cache/store.h"
+#include "kernels/backend.h"
+#include "model/model.h"
+#include "server/config.h"
+
+namespace moed::server {
+
+struct Engine {
+  std::shared_ptr<kernels::Backend> backend;
+  // Set when --backend auto found no usable GPU: why.
+  std::string backend_fallback_reason;
+  kernels::Discovery discovery;
+  model::ModelConfig model_config;
+  // A store (--store): the expert cache serves its experts. Both null for a checkpoint.
+  std::shared_ptr<cache::Store> store;
+  std::shared_ptr<cache::ExpertCache> cache;
+  // A warning from the cache's set-up (its reader fell back), empty when none.
+  std::string cache_note;
+  std::shared_ptr<model::Model> model;
+};
+
+// Reads config.backend, cuda_device, threads, model or store, and the cache options.
+absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config);
+
+}  // namespace moed::server

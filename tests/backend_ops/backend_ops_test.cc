@@ -1,0 +1,876 @@
+// Every operator of the Backend seam, in every weight format and at odd shapes, on every
+// backend this machine has (the CPU; the CUDA kernels' bodies run on the host; a CUDA device
+// when there is one), against plain double-precision references written here from the
+// operators' definitions, not from any backend's code. A second test runs every architecture
+// through a recording backend and fails if the model calls an (operator, format) pair the
+// table does not check.
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "cache/expert_cache.h"
+#include "cache/store.h"
+#include "kernels/backend.h"
+#include "kernels/cuda/host_grid_backend.h"
+#include "kernels/quant.h"
+#include "kernels/test_backend.h"
+#include "model/model.h"
+#include "tools/pack/pack.h"
+#include "tools/synth/synthesizer.h"
+
+namespace moed::kernels {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct NamedBackend {
+  std::string name;
+  std::shared_ptr<Backend> backend;
+};
+
+std::vector<NamedBackend> BackendsUnderTest() {
+  std::vector<NamedBackend> out;
+  out.push_back({"cpu", TestCpuBackend(2)});
+  out.push_back({"cuda-bodies-on-host", grid::CreateHostGridBackend()});
+  if (!DiscoverDevices().cuda_devices.empty()) {
+    absl::StatusOr<BackendChoice> cuda = CreateBackend(BackendKind::kCuda);
+    REQUIRE(cuda.ok());
+    out.push_back({"cuda", std::move(cuda->backend)});
+  }
+  return out;
+}
+
+// Device memory for a test: uploads, downloads, addresses.
+class Mem {
+ public:
+  explicit Mem(Backend& backend) : b_(backend) {}
+  template <typename T>
+  T* Put(const std::vector<T>& values) {
+    absl::StatusOr<DeviceBuffer> buffer = b_.device().Allocate(values.size() * sizeof(T) + 16);
+    REQUIRE(buffer.ok());
+    REQUIRE(b_.compute().CopyToDevice(*buffer, 0, values.data(), values.size() * sizeof(T)).ok());
+    T* at = buffer->as<T>();
+    buffers_.push_back(*std::move(buffer));
+    return at;
+  }
+  template <typename T>
+  T* Zeros(size_t count) {
+    return Put(std::vector<T>(count));
+  }
+  template <typename T>
+  std::vector<T> Get(const T* at, size_t count) {
+    for (const DeviceBuffer& buffer : buffers_) {
+      if (buffer.data() == at) {
+        std::vector<T> out(count);
+        REQUIRE(b_.compute().CopyToHost(out.data(), buffer, 0, count * sizeof(T)).ok());
+        return out;
+      }
+    }
+    FAIL("not a buffer of this test");
+    return {};
+  }
+  // A weight matrix stored in `format`, uploaded; `dense` gets the values it stands for.
+  WeightMatrix Weights(WeightFormat format, int64_t rows, int64_t cols, int64_t group,
+                       std::mt19937& rng, std::vector<double>* dense);
+
+ private:
+  Backend& b_;
+  std::vector<DeviceBuffer> buffers_;
+};
+
+std::vector<float> Random(size_t count, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> out(count);
+  for (float& v : out) v = dist(rng);
+  return out;
+}
+
+// Decoders written from the formats' definitions.
+double DecodeBf16(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+double DecodeF16(uint16_t bits) {
+  int sign = bits >> 15, exponent = (bits >> 10) & 31, mantissa = bits & 1023;
+  double magnitude =
+      exponent == 0 ? std::ldexp(mantissa, -24) : std::ldexp(1024 + mantissa, exponent - 25);
+  return sign ? -magnitude : magnitude;
+}
+
+WeightMatrix Mem::Weights(WeightFormat format, int64_t rows, int64_t cols, int64_t group,
+                          std::mt19937& rng, std::vector<double>* dense) {
+  std::vector<float> w = Random(static_cast<size_t>(rows * cols), rng, 0.5f);
+  dense->assign(w.size(), 0.0);
+  WeightMatrix m;
+  m.rows = rows;
+  m.cols = cols;
+  switch (format) {
+    case WeightFormat::kF32:
+      for (size_t i = 0; i < w.size(); ++i) (*dense)[i] = w[i];
+      m.data = Put(w);
+      break;
+    case WeightFormat::kF16:
+    case WeightFormat::kBF16: {
+      std::vector<uint16_t> half(w.size());
+      for (size_t i = 0; i < w.size(); ++i) {
+        half[i] = format == WeightFormat::kF16 ? F32ToF16(w[i]) : F32ToBf16(w[i]);
+        (*dense)[i] = format == WeightFormat::kF16 ? DecodeF16(half[i]) : DecodeBf16(half[i]);
+      }
+      m.dtype = format == WeightFormat::kF16 ? DType::kF16 : DType::kBF16;
+      m.data = Put(half);
+      break;
+    }
+    case WeightFormat::kInt8PerRow: {
+      std::vector<int8_t> q(w.size());
+      std::vector<float> scales(static_cast<size_t>(rows));
+      QuantizeInt8(w.data(), rows, cols, q.data(), scales.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          (*dense)[r * cols + c] = double(q[r * cols + c]) * scales[r];
+      m.quantization = Quantization::kInt8PerRow;
+      m.data = Put(q);
+      m.scales = Put(scales);
+      break;
+    }
+    case WeightFormat::kInt4Grouped: {
+      std::vector<uint8_t> packed(static_cast<size_t>(rows * cols / 2));
+      const int64_t groups = cols / group;
+      std::vector<float> scales(static_cast<size_t>(rows * groups));
+      QuantizeInt4(w.data(), rows, cols, group, packed.data(), scales.data());
+      // Byte g0/2 + j of a group holds column g0 + j (low nibble) and g0 + j + G/2 (high).
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          for (int64_t j = 0; j < group / 2; ++j) {
+            uint8_t byte = packed[r * (cols / 2) + gi * (group / 2) + j];
+            double scale = scales[r * groups + gi];
+            (*dense)[r * cols + gi * group + j] = ((byte & 15) - 8) * scale;
+            (*dense)[r * cols + gi * group + group / 2 + j] = ((byte >> 4) - 8) * scale;
+          }
+        }
+      }
+      m.quantization = Quantization::kInt4Grouped;
+      m.group_size = group;
+      m.data = Put(packed);
+      m.scales = Put(scales);
+      break;
+    }
+  }
+  return m;
+}
+
+// |got - want| <= rel * scale + abs, where scale is the magnitude the sum was built from.
+void CheckClose(const std::vector<float>& got, const std::vector<double>& want,
+                const std::vector<double>& scale, double rel, double abs) {
+  REQUIRE(got.size() == want.size());
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    double limit = rel * (scale.empty() ? std::abs(want[i]) : scale[i]) + abs;
+    if (!(std::abs(got[i] - want[i]) <= limit)) {
+      if (bad++ < 3) {
+        UNSCOPED_INFO("element " << i << ": got " << got[i] << ", want " << want[i] << " (limit "
+                                 << limit << ")");
+      }
+    }
+  }
+  CHECK(bad == 0);
+}
+
+std::vector<double> RefMatMul(const std::vector<double>& w, int64_t rows, int64_t cols,
+                              const std::vector<float>& x, int64_t n, std::vector<double>* scale) {
+  std::vector<double> y(static_cast<size_t>(n * rows));
+  scale->assign(y.size(), 0.0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        y[t * rows + r] += w[r * cols + c] * x[t * cols + c];
+        (*scale)[t * rows + r] += std::abs(w[r * cols + c] * x[t * cols + c]);
+      }
+  return y;
+}
+
+double Silu(double g) { return g / (1 + std::exp(-g)); }
+
+// One row of the table: an operator in one weight format at one shape.
+struct OpCase {
+  Op op;
+  WeightFormat format;
+  std::string shape;
+  std::function<void(Backend&)> run;
+};
+
+struct MatShape {
+  int64_t rows, cols, n, group;
+};
+
+std::vector<MatShape> MatShapes(WeightFormat format) {
+  if (format == WeightFormat::kInt4Grouped) {
+    return {{5, 64, 1, 32}, {67, 96, 2, 32}, {33, 24, 8, 8}, {20, 128, 40, 64}};
+  }
+  return {{1, 1, 1, 0}, {5, 37, 1, 0}, {67, 130, 2, 0}, {33, 256, 8, 0}, {17, 64, 40, 0}};
+}
+
+std::string Shape(std::initializer_list<std::pair<const char*, int64_t>> dims) {
+  std::string out;
+  for (auto [name, value] : dims)
+    out += std::string(out.empty() ? "" : " ") + name + "=" + std::to_string(value);
+  return out;
+}
+
+// A paged KV cache for a test: sequences of the given lengths, blocks of `block_size`, in
+// shuffled block order so no test passes by reading blocks contiguously.
+struct TestKv {
+  PagedKv kv;
+  std::vector<float*> block_addresses;           // on the device
+  std::vector<std::vector<int32_t>> blocks_of;   // per sequence: indexes into addresses
+  std::vector<std::vector<float>> keys, values;  // per sequence: [len, kv_width] per layer 0
+};
+
+std::vector<OpCase> OpTable() {
+  std::vector<OpCase> cases;
+  // ---- matmul: every format, odd shapes, batch 1 to 40 (cuBLAS takes n >= 32 on a GPU)
+  for (WeightFormat format : kAllWeightFormats) {
+    for (MatShape s : MatShapes(format)) {
+      cases.push_back({Op::kMatMul, format,
+                       Shape({{"rows", s.rows}, {"cols", s.cols}, {"n", s.n}, {"group", s.group}}),
+                       [format, s](Backend& b) {
+                         std::mt19937 rng(static_cast<uint32_t>(s.rows * 131 + s.cols + s.n));
+                         Mem mem(b);
+                         std::vector<double> dense, scale;
+                         WeightMatrix w = mem.Weights(format, s.rows, s.cols, s.group, rng, &dense);
+                         std::vector<float> x = Random(static_cast<size_t>(s.n * s.cols), rng);
+                         float* y = mem.Zeros<float>(static_cast<size_t>(s.n * s.rows));
+                         REQUIRE(b.compute().MatMul(w, mem.Put(x), s.n, y).ok());
+                         std::vector<double> want =
+                             RefMatMul(dense, s.rows, s.cols, x, s.n, &scale);
+                         CheckClose(mem.Get(y, want.size()), want, scale, 2e-6, 1e-6);
+                       }});
+    }
+  }
+  // ---- expert FFN: every format; tokens gathered from and scattered to arbitrary rows
+  for (WeightFormat format : kAllWeightFormats) {
+    struct FfnShape {
+      int64_t width, inter, m, group;
+    };
+    std::vector<FfnShape> shapes =
+        format == WeightFormat::kInt4Grouped
+            ? std::vector<FfnShape>{{64, 96, 1, 32}, {24, 40, 3, 8}, {64, 32, 8, 32}}
+            : std::vector<FfnShape>{{37, 53, 1, 0}, {64, 96, 3, 0}, {16, 8, 8, 0}};
+    for (FfnShape s : shapes) {
+      cases.push_back(
+          {Op::kExpertFfn, format, Shape({{"width", s.width}, {"inter", s.inter}, {"m", s.m}}),
+           [format, s](Backend& b) {
+             std::mt19937 rng(static_cast<uint32_t>(s.width + s.inter * 7 + s.m));
+             Mem mem(b);
+             std::vector<double> g, u, d;
+             SwiGluWeights w{mem.Weights(format, s.inter, s.width, s.group, rng, &g),
+                             mem.Weights(format, s.inter, s.width, s.group, rng, &u),
+                             mem.Weights(format, s.width, s.inter, s.group, rng, &d)};
+             const int64_t tokens = s.m + 3, slots = 2 * tokens;
+             std::vector<float> x = Random(static_cast<size_t>(tokens * s.width), rng);
+             std::vector<int32_t> rows, out_rows;
+             for (int64_t i = 0; i < s.m; ++i) {
+               rows.push_back(static_cast<int32_t>((i * 5 + 2) % tokens));
+               out_rows.push_back(static_cast<int32_t>(slots - 1 - 2 * i));
+             }
+             std::vector<float> out_init = Random(static_cast<size_t>(slots * s.width), rng);
+             float* out = mem.Put(out_init);
+             float* scratch = mem.Zeros<float>(
+                 static_cast<size_t>(ExpertFfnScratchFloats(s.m, s.width, s.inter)));
+             REQUIRE(
+                 b.compute()
+                     .ExpertFfn(w, mem.Put(x), mem.Put(rows), s.m, out, mem.Put(out_rows), scratch)
+                     .ok());
+             std::vector<double> want(out_init.begin(), out_init.end());
+             std::vector<double> scale(want.size(), 0.0);
+             for (int64_t i = 0; i < s.m; ++i) {
+               std::vector<double> hidden(static_cast<size_t>(s.inter));
+               double hidden_scale = 0;
+               for (int64_t r = 0; r < s.inter; ++r) {
+                 double gate = 0, up = 0;
+                 for (int64_t c = 0; c < s.width; ++c) {
+                   gate += g[r * s.width + c] * x[rows[i] * s.width + c];
+                   up += u[r * s.width + c] * x[rows[i] * s.width + c];
+                 }
+                 hidden[r] = Silu(gate) * up;
+                 hidden_scale = std::max(hidden_scale, std::abs(hidden[r]));
+               }
+               for (int64_t c = 0; c < s.width; ++c) {
+                 double sum = 0, mag = 0;
+                 for (int64_t r = 0; r < s.inter; ++r) {
+                   sum += d[c * s.inter + r] * hidden[r];
+                   mag +=
+                       std::abs(d[c * s.inter + r]) * (std::abs(hidden[r]) + hidden_scale * 1e-2);
+                 }
+                 want[out_rows[i] * s.width + c] = sum;
+                 scale[out_rows[i] * s.width + c] = mag;
+               }
+             }
+             CheckClose(mem.Get(out, want.size()), want, scale, 1e-5, 1e-6);
+           }});
+    }
+  }
+  // ---- embedding: unquantized tables; every bf16 bit pattern widens exactly
+  for (WeightFormat format : {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kBF16}) {
+    cases.push_back({Op::kEmbedding, format, "vocab=11 width=37 n=1,2,8", [format](Backend& b) {
+                       std::mt19937 rng(3);
+                       Mem mem(b);
+                       std::vector<double> dense;
+                       WeightMatrix table = mem.Weights(format, 11, 37, 0, rng, &dense);
+                       for (int64_t n : {1, 2, 8}) {
+                         std::vector<int32_t> tokens;
+                         for (int64_t t = 0; t < n; ++t)
+                           tokens.push_back(static_cast<int32_t>((t * 7 + 10) % 11));
+                         float* out = mem.Zeros<float>(static_cast<size_t>(n * 37));
+                         REQUIRE(b.compute().Embed(table, mem.Put(tokens), n, out).ok());
+                         std::vector<double> want;
+                         for (int32_t token : tokens)
+                           for (int64_t c = 0; c < 37; ++c) want.push_back(dense[token * 37 + c]);
+                         CheckClose(mem.Get(out, want.size()), want, {}, 0, 0);
+                       }
+                     }});
+  }
+  cases.push_back({Op::kEmbedding, WeightFormat::kBF16, "every bf16 value", [](Backend& b) {
+                     Mem mem(b);
+                     std::vector<uint16_t> all(65536);
+                     for (uint32_t i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+                     WeightMatrix table{DType::kBF16, mem.Put(all), 4096, 16};
+                     std::vector<int32_t> tokens(4096);
+                     for (int32_t t = 0; t < 4096; ++t) tokens[t] = t;
+                     float* out = mem.Zeros<float>(65536);
+                     REQUIRE(b.compute().Embed(table, mem.Put(tokens), 4096, out).ok());
+                     std::vector<float> got = mem.Get(out, 65536);
+                     size_t bad = 0;
+                     for (uint32_t i = 0; i < 65536; ++i) {
+                       double want = DecodeBf16(static_cast<uint16_t>(i));
+                       bool same = std::isnan(want) ? std::isnan(got[i]) : double(got[i]) == want;
+                       bad += same ? 0 : 1;
+                     }
+                     CHECK(bad == 0);
+                   }});
+  // ---- norms: model width, per head (Qwen3) and whole projection (OLMoE); y may be x
+  for (auto [rows, width] :
+       std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {2, 37}, {8, 128}, {24, 16}, {3, 4096}}) {
+    cases.push_back({Op::kRmsNorm, WeightFormat::kF32, Shape({{"rows", rows}, {"width", width}}),
+                     [rows, width](Backend& b) {
+                       std::mt19937 rng(static_cast<uint32_t>(rows * width));
+                       Mem mem(b);
+                       std::vector<float> x = Random(static_cast<size_t>(rows * width), rng, 3.0f);
+                       std::vector<float> w = Random(static_cast<size_t>(width), rng);
+                       float* xs = mem.Put(x);
+                       REQUIRE(b.compute().RmsNorm(xs, mem.Put(w), rows, width, 1e-5f, xs).ok());
+                       std::vector<double> want(x.size());
+                       for (int64_t r = 0; r < rows; ++r) {
+                         double ss = 0;
+                         for (int64_t c = 0; c < width; ++c)
+                           ss += double(x[r * width + c]) * x[r * width + c];
+                         double inv = 1 / std::sqrt(ss / width + 1e-5);
+                         for (int64_t c = 0; c < width; ++c)
+                           want[r * width + c] = x[r * width + c] * inv * w[c];
+                       }
+                       CheckClose(mem.Get(xs, want.size()), want, {}, 1e-6, 1e-7);
+                     }});
+  }
+  // ---- rope: positions far into the context, both thetas the architectures use
+  for (auto [heads, head_dim, theta] : std::vector<std::tuple<int64_t, int64_t, double>>{
+           {1, 2, 1e4}, {3, 8, 1e6}, {4, 64, 1e4}, {2, 128, 1e6}}) {
+    cases.push_back(
+        {Op::kRope, WeightFormat::kF32, Shape({{"heads", heads}, {"head_dim", head_dim}, {"n", 8}}),
+         [heads, head_dim, theta](Backend& b) {
+           std::mt19937 rng(static_cast<uint32_t>(heads * head_dim));
+           Mem mem(b);
+           const int64_t n = 8;
+           std::vector<float> x = Random(static_cast<size_t>(n * heads * head_dim), rng);
+           std::vector<int64_t> positions = {0, 1, 2, 17, 255, 1000, 4095, 32767};
+           float* xs = mem.Put(x);
+           REQUIRE(b.compute().Rope(xs, n, heads, head_dim, mem.Put(positions), theta).ok());
+           std::vector<double> want(x.size());
+           const int64_t half = head_dim / 2;
+           for (int64_t t = 0; t < n; ++t)
+             for (int64_t h = 0; h < heads; ++h)
+               for (int64_t i = 0; i < half; ++i) {
+                 double angle = positions[t] * std::pow(theta, -2.0 * i / head_dim);
+                 size_t a = (t * heads + h) * head_dim + i, c = a + half;
+                 want[a] = x[a] * std::cos(angle) - x[c] * std::sin(angle);
+                 want[c] = x[c] * std::cos(angle) + x[a] * std::sin(angle);
+               }
+           CheckClose(mem.Get(xs, want.size()), want, {}, 1e-6, 1e-6);
+         }});
+  }
+  // ---- paged KV: write, then attend; grouped-query heads, blocks in shuffled order
+  struct AttnShape {
+    int64_t heads, kv_heads, head_dim, block_size;
+    std::vector<int64_t> lengths;  // per sequence, after the step
+    std::vector<int64_t> step;     // tokens each sequence adds in the step
+  };
+  for (const AttnShape& s : std::vector<AttnShape>{{4, 2, 8, 16, {5}, {5}},
+                                                   {4, 4, 3, 3, {1, 10}, {1, 2}},
+                                                   {8, 2, 64, 16, {40, 17, 3}, {1, 8, 1}},
+                                                   {2, 1, 128, 4, {70}, {1}}}) {
+    auto run_kv = [s](Backend& b, bool check_attention) {
+      std::mt19937 rng(static_cast<uint32_t>(s.head_dim * 31 + s.block_size));
+      Mem mem(b);
+      const int64_t width = s.kv_heads * s.head_dim, layers = 2, layer = 1;
+      const int64_t layer_floats = 2 * s.block_size * width;
+      // Blocks for every sequence, shuffled in memory order.
+      std::vector<std::vector<int32_t>> blocks_of;
+      int32_t total_blocks = 0;
+      for (int64_t len : s.lengths) {
+        blocks_of.emplace_back();
+        for (int64_t i = 0; i < (len + s.block_size - 1) / s.block_size; ++i)
+          blocks_of.back().push_back(total_blocks++);
+      }
+      std::vector<int32_t> physical(static_cast<size_t>(total_blocks));
+      for (int32_t i = 0; i < total_blocks; ++i) physical[i] = i;
+      std::shuffle(physical.begin(), physical.end(), rng);
+      float* pool = mem.Zeros<float>(static_cast<size_t>(total_blocks * layers * layer_floats));
+      std::vector<float*> table;
+      for (int32_t i = 0; i < total_blocks; ++i)
+        table.push_back(pool + physical[i] * layers * layer_floats);
+      // Every position of every sequence is written (the earlier ones "in earlier steps").
+      std::vector<int32_t> start;
+      std::vector<int64_t> positions;
+      std::vector<float> k, v;
+      std::vector<std::vector<float>> seq_k(s.lengths.size()), seq_v(s.lengths.size());
+      for (size_t q = 0; q < s.lengths.size(); ++q) {
+        seq_k[q] = Random(static_cast<size_t>(s.lengths[q] * width), rng);
+        seq_v[q] = Random(static_cast<size_t>(s.lengths[q] * width), rng);
+        for (int64_t p = 0; p < s.lengths[q]; ++p) {
+          start.push_back(blocks_of[q][0]);
+          positions.push_back(p);
+        }
+        k.insert(k.end(), seq_k[q].begin(), seq_k[q].end());
+        v.insert(v.end(), seq_v[q].begin(), seq_v[q].end());
+      }
+      PagedKv kv{mem.Put(table), mem.Put(start), mem.Put(positions), s.block_size,
+                 s.kv_heads,     s.head_dim,     layer_floats};
+      REQUIRE(b.compute()
+                  .WriteKv(kv, static_cast<int>(layer), mem.Put(k), mem.Put(v),
+                           static_cast<int64_t>(positions.size()))
+                  .ok());
+      if (!check_attention) {
+        std::vector<float> got =
+            mem.Get(pool, static_cast<size_t>(total_blocks * layers * layer_floats));
+        size_t bad = 0;
+        for (size_t q = 0; q < s.lengths.size(); ++q)
+          for (int64_t p = 0; p < s.lengths[q]; ++p)
+            for (int64_t c = 0; c < width; ++c) {
+              int64_t base = physical[blocks_of[q][p / s.block_size]] * layers * layer_floats +
+                             layer * layer_floats + (p % s.block_size) * width + c;
+              bad += got[base] == seq_k[q][p * width + c] ? 0 : 1;
+              bad += got[base + s.block_size * width] == seq_v[q][p * width + c] ? 0 : 1;
+            }
+        CHECK(bad == 0);
+        return;
+      }
+      // The step: the last `step[q]` tokens of each sequence query the cache.
+      std::vector<int32_t> q_start;
+      std::vector<int64_t> q_pos;
+      for (size_t q = 0; q < s.lengths.size(); ++q)
+        for (int64_t p = s.lengths[q] - s.step[q]; p < s.lengths[q]; ++p) {
+          q_start.push_back(blocks_of[q][0]);
+          q_pos.push_back(p);
+        }
+      const int64_t n = static_cast<int64_t>(q_pos.size());
+      std::vector<float> query = Random(static_cast<size_t>(n * s.heads * s.head_dim), rng);
+      PagedKv step{kv.block_table, mem.Put(q_start), mem.Put(q_pos), s.block_size,
+                   s.kv_heads,     s.head_dim,       layer_floats};
+      float* out = mem.Zeros<float>(query.size());
+      REQUIRE(b.compute()
+                  .Attention(step, static_cast<int>(layer), mem.Put(query), n, s.heads, out)
+                  .ok());
+      std::vector<double> want(query.size()), scale(query.size());
+      int64_t t = 0;
+      for (size_t q = 0; q < s.lengths.size(); ++q)
+        for (int64_t p = s.lengths[q] - s.step[q]; p < s.lengths[q]; ++p, ++t)
+          for (int64_t h = 0; h < s.heads; ++h) {
+            const int64_t kvh = h / (s.heads / s.kv_heads);
+            std::vector<double> e;
+            double total = 0, max_dot = -1e300;
+            for (int64_t j = 0; j <= p; ++j) {
+              double dot = 0;
+              for (int64_t i = 0; i < s.head_dim; ++i)
+                dot += double(query[(t * s.heads + h) * s.head_dim + i]) *
+                       seq_k[q][j * width + kvh * s.head_dim + i];
+              e.push_back(dot / std::sqrt(double(s.head_dim)));
+              max_dot = std::max(max_dot, e.back());
+            }
+            for (double& x : e) total += x = std::exp(x - max_dot);
+            for (int64_t i = 0; i < s.head_dim; ++i) {
+              double sum = 0, mag = 0;
+              for (int64_t j = 0; j <= p; ++j) {
+                sum += e[j] / total * seq_v[q][j * width + kvh * s.head_dim + i];
+                mag += e[j] / total * std::abs(seq_v[q][j * width + kvh * s.head_dim + i]);
+              }
+              want[(t * s.heads + h) * s.head_dim + i] = sum;
+              scale[(t * s.heads + h) * s.head_dim + i] = mag;
+            }
+          }
+      CheckClose(mem.Get(out, want.size()), want, scale, 2e-5, 1e-6);
+    };
+    std::string shape = Shape({{"heads", s.heads},
+                               {"kv_heads", s.kv_heads},
+                               {"head_dim", s.head_dim},
+                               {"block", s.block_size},
+                               {"sequences", static_cast<int64_t>(s.lengths.size())}});
+    cases.push_back(
+        {Op::kKvWrite, WeightFormat::kF32, shape, [run_kv](Backend& b) { run_kv(b, false); }});
+    cases.push_back(
+        {Op::kAttention, WeightFormat::kF32, shape, [run_kv](Backend& b) { run_kv(b, true); }});
+  }
+  // ---- router: both scorings, ties broken toward the lower expert id
+  for (auto [experts, k] :
+       std::vector<std::pair<int64_t, int64_t>>{{8, 2}, {60, 4}, {64, 8}, {3, 1}}) {
+    for (RouterScoring scoring : {RouterScoring::kSoftmax, RouterScoring::kSoftmaxRenormalized}) {
+      cases.push_back(
+          {Op::kRouterTopK, WeightFormat::kF32,
+           Shape({{"experts", experts},
+                  {"k", k},
+                  {"renormalized", scoring == RouterScoring::kSoftmaxRenormalized}}),
+           [experts, k, scoring](Backend& b) {
+             std::mt19937 rng(static_cast<uint32_t>(experts * k));
+             Mem mem(b);
+             const int64_t n = 8;
+             std::vector<float> logits = Random(static_cast<size_t>(n * experts), rng, 2.0f);
+             // Token 0: every logit equal (all tied); token 1: pairs of equal logits.
+             for (int64_t e = 0; e < experts; ++e) {
+               logits[e] = 0.25f;
+               logits[experts + e] = static_cast<float>(e / 2);
+             }
+             int32_t* chosen = mem.Zeros<int32_t>(static_cast<size_t>(n * k));
+             float* weights = mem.Zeros<float>(static_cast<size_t>(n * k));
+             REQUIRE(b.compute()
+                         .RouterTopK(mem.Put(logits), n, experts, k, scoring, chosen, weights)
+                         .ok());
+             std::vector<int32_t> got_ids = mem.Get(chosen, static_cast<size_t>(n * k));
+             std::vector<float> got_w = mem.Get(weights, static_cast<size_t>(n * k));
+             std::vector<double> want_w;
+             for (int64_t t = 0; t < n; ++t) {
+               std::vector<double> p(static_cast<size_t>(experts));
+               double max_l = -1e300, total = 0;
+               for (int64_t e = 0; e < experts; ++e)
+                 max_l = std::max(max_l, double(logits[t * experts + e]));
+               for (int64_t e = 0; e < experts; ++e)
+                 total += p[e] = std::exp(logits[t * experts + e] - max_l);
+               std::vector<int> ids(static_cast<size_t>(experts));
+               for (int e = 0; e < experts; ++e) ids[e] = e;
+               std::stable_sort(ids.begin(), ids.end(), [&](int a, int c) { return p[a] > p[c]; });
+               double sum = 0;
+               for (int64_t r = 0; r < k; ++r) sum += p[ids[r]] / total;
+               for (int64_t r = 0; r < k; ++r) {
+                 CHECK(got_ids[t * k + r] == ids[r]);
+                 double w = p[ids[r]] / total;
+                 want_w.push_back(scoring == RouterScoring::kSoftmaxRenormalized ? w / sum : w);
+               }
+             }
+             CheckClose(got_w, want_w, {}, 1e-5, 1e-7);
+           }});
+    }
+  }
+  // ---- element-wise operators over odd sizes
+  for (int64_t n : {1, 2, 8}) {
+    for (int64_t width : {1, 37, 1000}) {
+      std::string shape = Shape({{"n", n}, {"width", width}});
+      cases.push_back({Op::kAddBias, WeightFormat::kF32, shape, [n, width](Backend& b) {
+                         std::mt19937 rng(1);
+                         Mem mem(b);
+                         std::vector<float> x = Random(static_cast<size_t>(n * width), rng),
+                                            bias = Random(static_cast<size_t>(width), rng);
+                         float* xs = mem.Put(x);
+                         REQUIRE(b.compute().AddBias(xs, mem.Put(bias), n, width).ok());
+                         std::vector<double> want(x.size());
+                         for (size_t i = 0; i < x.size(); ++i)
+                           want[i] = double(x[i]) + bias[i % width];
+                         CheckClose(mem.Get(xs, want.size()), want, {}, 1e-7, 0);
+                       }});
+      cases.push_back({Op::kAdd, WeightFormat::kF32, shape, [n, width](Backend& b) {
+                         std::mt19937 rng(2);
+                         Mem mem(b);
+                         std::vector<float> a = Random(static_cast<size_t>(n * width), rng),
+                                            x = Random(a.size(), rng);
+                         float* as = mem.Put(a);
+                         REQUIRE(b.compute().Add(as, mem.Put(x), n * width).ok());
+                         std::vector<double> want(a.size());
+                         for (size_t i = 0; i < a.size(); ++i) want[i] = double(a[i]) + x[i];
+                         CheckClose(mem.Get(as, want.size()), want, {}, 1e-7, 0);
+                       }});
+      cases.push_back({Op::kSiluMul, WeightFormat::kF32, shape, [n, width](Backend& b) {
+                         std::mt19937 rng(3);
+                         Mem mem(b);
+                         std::vector<float> g = Random(static_cast<size_t>(n * width), rng, 4.0f),
+                                            u = Random(g.size(), rng);
+                         float* out = mem.Zeros<float>(g.size());
+                         REQUIRE(b.compute().SiluMul(mem.Put(g), mem.Put(u), n * width, out).ok());
+                         std::vector<double> want(g.size());
+                         for (size_t i = 0; i < g.size(); ++i) want[i] = Silu(g[i]) * u[i];
+                         CheckClose(mem.Get(out, want.size()), want, {}, 1e-6, 1e-7);
+                       }});
+      cases.push_back(
+          {Op::kSigmoidGatedAdd, WeightFormat::kF32, shape, [n, width](Backend& b) {
+             std::mt19937 rng(4);
+             Mem mem(b);
+             std::vector<float> gate = Random(static_cast<size_t>(n), rng, 3.0f),
+                                x = Random(static_cast<size_t>(n * width), rng),
+                                o = Random(x.size(), rng);
+             float* out = mem.Put(o);
+             REQUIRE(b.compute().SigmoidGatedAdd(mem.Put(gate), mem.Put(x), n, width, out).ok());
+             std::vector<double> want(o.size());
+             for (size_t i = 0; i < o.size(); ++i)
+               want[i] = o[i] + x[i] / (1 + std::exp(-double(gate[i / width])));
+             CheckClose(mem.Get(out, want.size()), want, {}, 1e-6, 1e-7);
+           }});
+      cases.push_back(
+          {Op::kMoeCombine, WeightFormat::kF32, shape + " k=2,8", [n, width](Backend& b) {
+             for (int64_t k : {2, 8}) {
+               std::mt19937 rng(5);
+               Mem mem(b);
+               std::vector<float> y = Random(static_cast<size_t>(n * k * width), rng),
+                                  w = Random(static_cast<size_t>(n * k), rng);
+               float* out = mem.Zeros<float>(static_cast<size_t>(n * width));
+               REQUIRE(b.compute().MoeCombine(mem.Put(y), mem.Put(w), n, k, width, out).ok());
+               std::vector<double> want(static_cast<size_t>(n * width)), scale(want.size());
+               for (int64_t t = 0; t < n; ++t)
+                 for (int64_t r = 0; r < k; ++r)
+                   for (int64_t i = 0; i < width; ++i) {
+                     want[t * width + i] += double(w[t * k + r]) * y[(t * k + r) * width + i];
+                     scale[t * width + i] +=
+                         std::abs(double(w[t * k + r]) * y[(t * k + r) * width + i]);
+                   }
+               CheckClose(mem.Get(out, want.size()), want, scale, 1e-6, 0);
+             }
+           }});
+      cases.push_back(
+          {Op::kGatherRows, WeightFormat::kF32, shape, [n, width](Backend& b) {
+             std::mt19937 rng(6);
+             Mem mem(b);
+             const int64_t src_rows = n + 5;
+             std::vector<float> src = Random(static_cast<size_t>(src_rows * width), rng);
+             std::vector<int32_t> rows;
+             for (int64_t i = 0; i < n; ++i)
+               rows.push_back(static_cast<int32_t>((i * 3 + 4) % src_rows));
+             float* dst = mem.Zeros<float>(static_cast<size_t>(n * width));
+             REQUIRE(b.compute().GatherRows(mem.Put(src), width, mem.Put(rows), n, dst).ok());
+             std::vector<double> want;
+             for (int32_t r : rows)
+               for (int64_t i = 0; i < width; ++i) want.push_back(src[r * width + i]);
+             CheckClose(mem.Get(dst, want.size()), want, {}, 0, 0);
+           }});
+    }
+  }
+  return cases;
+}
+
+std::set<std::pair<Op, WeightFormat>> Covered() {
+  std::set<std::pair<Op, WeightFormat>> covered;
+  for (const OpCase& c : OpTable())
+    covered.insert({c.op, OpTakesWeights(c.op) ? c.format : WeightFormat::kF32});
+  return covered;
+}
+
+TEST_CASE("every operator matches its reference on every backend, format and shape") {
+  for (const NamedBackend& nb : BackendsUnderTest()) {
+    for (const OpCase& c : OpTable()) {
+      INFO(nb.name << ": " << OpName(c.op) << " " << WeightFormatName(c.format) << " " << c.shape);
+      REQUIRE(nb.backend->device().Supports(c.op, c.format));
+      c.run(*nb.backend);
+      REQUIRE(nb.backend->compute().Synchronize().ok());
+    }
+  }
+}
+
+TEST_CASE("the table has every operator, and every weight format of the weighted ones") {
+  std::set<std::pair<Op, WeightFormat>> covered = Covered();
+  for (Op op : kAllOps) {
+    if (op == Op::kEmbedding) {
+      for (WeightFormat f : {WeightFormat::kF32, WeightFormat::kF16, WeightFormat::kBF16})
+        CHECK(covered.count({op, f}) == 1);
+    } else if (OpTakesWeights(op)) {
+      for (WeightFormat f : kAllWeightFormats) {
+        INFO(OpName(op) << " " << WeightFormatName(f));
+        CHECK(covered.count({op, f}) == 1);
+      }
+    } else {
+      INFO(OpName(op));
+      CHECK(covered.count({op, WeightFormat::kF32}) == 1);
+    }
+  }
+}
+
+// Forwards to a real backend and records which (operator, format) pairs were called.
+class RecordingStream final : public Stream {
+ public:
+  RecordingStream(Stream& inner, std::set<std::pair<Op, WeightFormat>>* seen)
+      : inner_(inner), seen_(*seen) {}
+  absl::Status CopyToDevice(const DeviceBuffer& d, size_t o, const void* s, size_t n) override {
+    return inner_.CopyToDevice(d, o, s, n);
+  }
+  absl::Status CopyOnDevice(const DeviceBuffer& d, size_t o, const DeviceBuffer& s, size_t so,
+                            size_t n) override {
+    return inner_.CopyOnDevice(d, o, s, so, n);
+  }
+  absl::Status CopyToHost(void* d, const DeviceBuffer& s, size_t o, size_t n) override {
+    return inner_.CopyToHost(d, s, o, n);
+  }
+  absl::StatusOr<Event> Record() override { return inner_.Record(); }
+  absl::Status Wait(const Event& e) override { return inner_.Wait(e); }
+  absl::Status Synchronize() override { return inner_.Synchronize(); }
+  absl::Status Embed(const WeightMatrix& t, const int32_t* tok, int64_t n, float* out) override {
+    Note(Op::kEmbedding, t.format());
+    return inner_.Embed(t, tok, n, out);
+  }
+  absl::Status RmsNorm(const float* x, const float* w, int64_t r, int64_t wd, float e,
+                       float* y) override {
+    Note(Op::kRmsNorm);
+    return inner_.RmsNorm(x, w, r, wd, e, y);
+  }
+  absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) override {
+    Note(Op::kMatMul, w.format());
+    return inner_.MatMul(w, x, n, y);
+  }
+  absl::Status AddBias(float* x, const float* b, int64_t r, int64_t w) override {
+    Note(Op::kAddBias);
+    return inner_.AddBias(x, b, r, w);
+  }
+  absl::Status Rope(float* x, int64_t n, int64_t h, int64_t d, const int64_t* p,
+                    double t) override {
+    Note(Op::kRope);
+    return inner_.Rope(x, n, h, d, p, t);
+  }
+  absl::Status WriteKv(const PagedKv& kv, int l, const float* k, const float* v,
+                       int64_t n) override {
+    Note(Op::kKvWrite);
+    return inner_.WriteKv(kv, l, k, v, n);
+  }
+  absl::Status Attention(const PagedKv& kv, int l, const float* q, int64_t n, int64_t h,
+                         float* o) override {
+    Note(Op::kAttention);
+    return inner_.Attention(kv, l, q, n, h, o);
+  }
+  absl::Status RouterTopK(const float* lg, int64_t n, int64_t e, int64_t k, RouterScoring s,
+                          int32_t* c, float* w) override {
+    Note(Op::kRouterTopK);
+    return inner_.RouterTopK(lg, n, e, k, s, c, w);
+  }
+  absl::Status SiluMul(const float* g, const float* u, int64_t n, float* o) override {
+    Note(Op::kSiluMul);
+    return inner_.SiluMul(g, u, n, o);
+  }
+  absl::Status ExpertFfn(const SwiGluWeights& w, const float* x, const int32_t* r, int64_t m,
+                         float* o, const int32_t* orow, float* s) override {
+    Note(Op::kExpertFfn, w.gate.format());
+    return inner_.ExpertFfn(w, x, r, m, o, orow, s);
+  }
+  absl::Status MoeCombine(const float* y, const float* w, int64_t n, int64_t k, int64_t wd,
+                          float* o) override {
+    Note(Op::kMoeCombine);
+    return inner_.MoeCombine(y, w, n, k, wd, o);
+  }
+  absl::Status Add(float* a, const float* x, int64_t n) override {
+    Note(Op::kAdd);
+    return inner_.Add(a, x, n);
+  }
+  absl::Status SigmoidGatedAdd(const float* g, const float* x, int64_t n, int64_t w,
+                               float* o) override {
+    Note(Op::kSigmoidGatedAdd);
+    return inner_.SigmoidGatedAdd(g, x, n, w, o);
+  }
+  absl::Status GatherRows(const float* s, int64_t w, const int32_t* r, int64_t m,
+                          float* d) override {
+    Note(Op::kGatherRows);
+    return inner_.GatherRows(s, w, r, m, d);
+  }
+
+ private:
+  void Note(Op op, WeightFormat format = WeightFormat::kF32) { seen_.insert({op, format}); }
+  Stream& inner_;
+  std::set<std::pair<Op, WeightFormat>>& seen_;
+};
+
+class RecordingBackend final : public Backend {
+ public:
+  explicit RecordingBackend(std::shared_ptr<Backend> inner)
+      : inner_(std::move(inner)),
+        compute_(inner_->compute(), &seen),
+        copy_(inner_->copy(), &seen) {}
+  absl::string_view name() const override { return inner_->name(); }
+  Device& device() override { return inner_->device(); }
+  Stream& compute() override { return compute_; }
+  Stream& copy() override { return copy_; }
+  std::set<std::pair<Op, WeightFormat>> seen;
+
+ private:
+  std::shared_ptr<Backend> inner_;
+  RecordingStream compute_, copy_;
+};
+
+TEST_CASE("every operator the models call is in the table, for every architecture and precision") {
+  const std::set<std::pair<Op, WeightFormat>> covered = Covered();
+  const fs::path root =
+      fs::temp_directory_path() / ("moed_backend_ops_" + std::to_string(getpid()));
+  fs::remove_all(root);
+  std::set<std::pair<Op, WeightFormat>> all_seen;
+  auto check = [&](RecordingBackend& recording, model::Model& model) {
+    std::unique_ptr<model::KvCache> cache = model.NewKvCache(16);
+    model::SequenceInput input{cache.get(), {1, 2, 3}, true};
+    REQUIRE(model.Forward(absl::MakeSpan(&input, 1)).ok());
+    model::SequenceInput next{cache.get(), {4}, false};
+    REQUIRE(model.Forward(absl::MakeSpan(&next, 1)).ok());
+    for (const auto& pair : recording.seen) {
+      INFO(OpName(pair.first) << " " << WeightFormatName(pair.second));
+      CHECK(covered.count(
+                {pair.first, OpTakesWeights(pair.first) ? pair.second : WeightFormat::kF32}) == 1);
+      all_seen.insert(pair);
+    }
+  };
+  for (model::Architecture arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
+                                   model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+    for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
+      tools::SynthSpec spec = *tools::PresetSpec("tiny", arch);
+      spec.dtype = dtype;
+      const fs::path dir =
+          root / (std::string(model::ArchitectureName(arch)) + DTypeName(dtype).data());
+      REQUIRE(tools::WriteCheckpoint(spec, dir.string()).ok());
+      auto recording = std::make_shared<RecordingBackend>(TestCpuBackend(1));
+      auto model = model::Model::Load(dir.string(), recording);
+      REQUIRE(model.ok());
+      check(*recording, **model);
+      if (dtype != DType::kBF16) continue;
+      // The packed store's int8 and int4 experts.
+      const fs::path store_dir = dir.string() + "-store";
+      REQUIRE(tools::Pack(dir.string(), store_dir.string(), tools::PackOptions{}).ok());
+      auto store = cache::Store::Open(store_dir.string());
+      REQUIRE(store.ok());
+      for (cache::Precision precision : {cache::Precision::kInt8, cache::Precision::kInt4}) {
+        cache::CacheOptions options;
+        options.precision = precision;
+        auto experts = cache::ExpertCache::Create(*store, options);
+        REQUIRE(experts.ok());
+        auto quantized_recording = std::make_shared<RecordingBackend>(TestCpuBackend(1));
+        auto quantized = model::Model::Create((*store)->config(), *store, *std::move(experts),
+                                              quantized_recording);
+        REQUIRE(quantized.ok());
+        check(*quantized_recording, **quantized);
+      }
+    }
+  }
+  fs::remove_all(root);
+  // The models reach the quantized expert formats and the q/k norms: the check above is live.
+  CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt4Grouped}) == 1);
+  CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt8PerRow}) == 1);
+  CHECK(all_seen.count({Op::kSigmoidGatedAdd, WeightFormat::kF32}) == 1);
+  CHECK(all_seen.count({Op::kAddBias, WeightFormat::kF32}) == 1);
+}
+
+}  // namespace
+}  // namespace moed::kernels
