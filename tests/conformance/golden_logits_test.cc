@@ -9,6 +9,7 @@
 
 #include "cache/expert_cache.h"
 #include "cache/store_reader.h"
+#include "kernels/cuda/host_grid_backend.h"
 #include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
@@ -26,11 +27,12 @@ double MaxAbsDiff(const std::vector<float>& ours, const nlohmann::json& referenc
   return worst;
 }
 
-void CheckGolden(const std::string& name) {
+void CheckGolden(const std::string& name,
+                 std::shared_ptr<kernels::Backend> backend = kernels::TestCpuBackend(2)) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
   std::string dir = std::string(shared) + "/golden/" + name;
-  auto model = Model::Load(dir, kernels::TestCpuBackend(2));
+  auto model = Model::Load(dir, std::move(backend));
   REQUIRE(model.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
   REQUIRE(cases["cases"].size() == 3);
@@ -109,6 +111,29 @@ TEST_CASE("golden mixtral") { CheckGolden("mixtral"); }
 TEST_CASE("golden qwen2_moe") { CheckGolden("qwen2_moe"); }
 TEST_CASE("golden qwen3_moe") { CheckGolden("qwen3_moe"); }
 TEST_CASE("golden olmoe") { CheckGolden("olmoe"); }
+
+// The CUDA backend's kernels, their bodies run on the host over the launch grid: the whole
+// forward pass (paged KV, grouped expert FFN, router) within the golden tolerance.
+TEST_CASE("golden logits through the CUDA kernels' bodies run on the host") {
+  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+    INFO(name);
+    CheckGolden(name, kernels::grid::CreateHostGridBackend());
+  }
+}
+
+// On a machine with a GPU (the lent-GPU check runs this binary there).
+TEST_CASE("golden logits on a CUDA device when there is one") {
+  if (kernels::DiscoverDevices().cuda_devices.empty()) {
+    CHECK_FALSE(kernels::CreateBackend(kernels::BackendKind::kCuda).ok());
+    return;
+  }
+  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+    INFO(name);
+    auto cuda = kernels::CreateBackend(kernels::BackendKind::kCuda);
+    REQUIRE(cuda.ok());
+    CheckGolden(name, std::move(cuda->backend));
+  }
+}
 
 }  // namespace
 }  // namespace moed::model
