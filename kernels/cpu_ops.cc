@@ -441,26 +441,31 @@ void PagedWriteKv(const PagedKv& kv, int layer, const float* k, const float* v, 
 
 void PagedAttention(const PagedKv& kv, int layer, const float* q, int64_t n, int64_t heads,
                     float* out, ThreadPool& pool) {
-  const int64_t head_dim = kv.head_dim, kv_heads = kv.kv_heads;
-  const int64_t group = heads / kv_heads;
+  const int64_t head_dim = kv.head_dim, kv_heads = kv.kv_heads, width = kv.kv_width();
+  const int64_t block_size = kv.block_size, group = heads / kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   pool.ParallelFor(n * heads, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t item = begin; item < end; ++item) {
       int64_t t = item / heads;
       int64_t h = item % heads;
-      int64_t kv_head = h / group;
       int64_t len = kv.positions[t] + 1;
-      const int32_t start = kv.table_start[t];
+      float* const* blocks = kv.block_table + kv.table_start[t];
+      // This head's keys and values inside a block, from the block's start.
+      const int64_t key_at = layer * kv.layer_floats + (h / group) * head_dim;
+      const int64_t value_at = key_at + block_size * width;
       const float* qv = q + (t * heads + h) * head_dim;
       scores.resize(static_cast<size_t>(len));
       float max_score = -INFINITY;
-      for (int64_t p = 0; p < len; ++p) {
-        const float* kp = KvRow(kv, start, layer, p, false) + kv_head * head_dim;
-        float dot = 0;
-        for (int64_t i = 0; i < head_dim; ++i) dot += qv[i] * kp[i];
-        scores[p] = dot * scale;
-        max_score = std::max(max_score, scores[p]);
+      // Positions in order, a block at a time (no division per position).
+      for (int64_t p0 = 0, b = 0; p0 < len; p0 += block_size, ++b) {
+        const float* kp = blocks[b] + key_at;
+        for (int64_t p = p0; p < std::min(len, p0 + block_size); ++p, kp += width) {
+          float dot = 0;
+          for (int64_t i = 0; i < head_dim; ++i) dot += qv[i] * kp[i];
+          scores[p] = dot * scale;
+          max_score = std::max(max_score, scores[p]);
+        }
       }
       double total = 0;
       for (int64_t p = 0; p < len; ++p) {
@@ -470,10 +475,12 @@ void PagedAttention(const PagedKv& kv, int layer, const float* q, int64_t n, int
       float* o = out + (t * heads + h) * head_dim;
       std::fill(o, o + head_dim, 0.0f);
       float inv_total = static_cast<float>(1.0 / total);
-      for (int64_t p = 0; p < len; ++p) {
-        const float* vp = KvRow(kv, start, layer, p, true) + kv_head * head_dim;
-        float weight = scores[p] * inv_total;
-        for (int64_t i = 0; i < head_dim; ++i) o[i] += weight * vp[i];
+      for (int64_t p0 = 0, b = 0; p0 < len; p0 += block_size, ++b) {
+        const float* vp = blocks[b] + value_at;
+        for (int64_t p = p0; p < std::min(len, p0 + block_size); ++p, vp += width) {
+          float weight = scores[p] * inv_total;
+          for (int64_t i = 0; i < head_dim; ++i) o[i] += weight * vp[i];
+        }
       }
     }
   });

@@ -300,7 +300,7 @@ std::unique_ptr<KvCache> Model::NewKvCache(int64_t capacity) const {
 // One step's activations and index arrays, all in one device allocation.
 struct Model::StepBuffers {
   int64_t n = 0;
-  DeviceBuffer arena;
+  const DeviceBuffer* arena = nullptr;
   float* hidden = nullptr;         // [n, h] residual stream
   float* x = nullptr;              // [n, h] normed
   float* q = nullptr;              // [n, q_width]
@@ -386,8 +386,8 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   // The routing comes back to the host: it decides which experts to fetch.
   std::vector<int32_t> chosen(static_cast<size_t>(n * k));
   MOED_RETURN_IF_ERROR(
-      s.CopyToHost(chosen.data(), step.arena,
-                   reinterpret_cast<char*>(step.chosen) - static_cast<char*>(step.arena.data()),
+      s.CopyToHost(chosen.data(), *step.arena,
+                   reinterpret_cast<char*>(step.chosen) - static_cast<char*>(step.arena->data()),
                    chosen.size() * sizeof(int32_t)));
   std::vector<std::vector<std::pair<int32_t, int32_t>>> tokens_of(static_cast<size_t>(num_experts));
   for (int64_t t = 0; t < n; ++t) {
@@ -418,9 +418,9 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
       slots.push_back(slot);
     }
   }
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, step.expert_rows_offset, rows.data(),
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, step.expert_rows_offset, rows.data(),
                                       rows.size() * sizeof(int32_t)));
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, step.expert_slots_offset, slots.data(),
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, step.expert_slots_offset, slots.data(),
                                       slots.size() * sizeof(int32_t)));
   MOED_RETURN_IF_ERROR(experts_->ForEachExpert(
       layer, needed,
@@ -518,18 +518,22 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
                table_at = layout.Add(block_table.size() * sizeof(float*)),
                logit_rows_at = layout.Add(i32(rows_out)), selected_at = layout.Add(f(rows_out * h)),
                logits_at = layout.Add(f(rows_out * c.vocab_size));
-  StepBuffers step;
-  step.n = n;
-  {
+  // The activations of the largest step so far, kept: a step allocates nothing in the common
+  // case (a fresh allocation per step would cost page faults on the CPU, cudaMalloc on a GPU).
+  if (step_arena_.size() < layout.total()) {
+    step_arena_ = DeviceBuffer();
     absl::StatusOr<DeviceBuffer> arena = backend_->device().Allocate(layout.total());
     if (!arena.ok()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot allocate a step's ", layout.total(),
                        " bytes of activations: ", arena.status().message()));
     }
-    step.arena = *std::move(arena);
+    step_arena_ = *std::move(arena);
   }
-  char* base = static_cast<char*>(step.arena.data());
+  StepBuffers step;
+  step.n = n;
+  step.arena = &step_arena_;
+  char* base = static_cast<char*>(step_arena_.data());
   auto at_f = [&](size_t offset) { return reinterpret_cast<float*>(base + offset); };
   auto at_i = [&](size_t offset) { return reinterpret_cast<int32_t*>(base + offset); };
   step.hidden = at_f(hidden_at);
@@ -554,13 +558,14 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   step.expert_slots = at_i(slots_at);
 
   kernels::Stream& s = backend_->compute();
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, tokens_at, tokens.data(), i32(n)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, tokens_at, tokens.data(), i32(n)));
   MOED_RETURN_IF_ERROR(
-      s.CopyToDevice(step.arena, positions_at, positions.data(), n * sizeof(int64_t)));
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, table_start_at, table_start.data(), i32(n)));
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, table_at, block_table.data(),
+      s.CopyToDevice(*step.arena, positions_at, positions.data(), n * sizeof(int64_t)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, table_start_at, table_start.data(), i32(n)));
+  MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, table_at, block_table.data(),
                                       block_table.size() * sizeof(float*)));
-  MOED_RETURN_IF_ERROR(s.CopyToDevice(step.arena, logit_rows_at, logit_rows.data(), i32(rows_out)));
+  MOED_RETURN_IF_ERROR(
+      s.CopyToDevice(*step.arena, logit_rows_at, logit_rows.data(), i32(rows_out)));
   const int64_t* positions_dev = reinterpret_cast<const int64_t*>(base + positions_at);
   step.kv.block_table = reinterpret_cast<float* const*>(base + table_at);
   step.kv.table_start = at_i(table_start_at);
@@ -616,7 +621,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   MOED_RETURN_IF_ERROR(s.MatMul(lm_head_, selected, rows_out, at_f(logits_at)));
   output.rows = rows_out;
   output.logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
-  MOED_RETURN_IF_ERROR(s.CopyToHost(output.logits.data(), step.arena, logits_at,
+  MOED_RETURN_IF_ERROR(s.CopyToHost(output.logits.data(), *step.arena, logits_at,
                                     output.logits.size() * sizeof(float)));
   for (SequenceInput& input : inputs)
     input.cache->length_ += static_cast<int64_t>(input.tokens.size());

@@ -110,7 +110,8 @@ class Model {
   std::unique_ptr<KvCache> NewKvCache(int64_t capacity) const;
 
   // Runs one step: every input's tokens are appended to its cache. Fails without touching
-  // any cache on bad token ids, a full context or a KV block that cannot be allocated.
+  // any cache on bad token ids, a full context or a KV block that cannot be allocated. One
+  // step at a time (the engine thread's): steps share the model's activation buffer.
   absl::StatusOr<ForwardOutput> Forward(absl::Span<SequenceInput> inputs);
 
   // Replaces where the experts come from (the expert cache, in offloaded mode).
@@ -139,6 +140,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   std::unique_ptr<ExpertProvider> experts_;
   kernels::DeviceBuffer expert_staging_;
+  kernels::DeviceBuffer step_arena_;
 };
 
 }  // namespace moed::model

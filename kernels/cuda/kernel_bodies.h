@@ -50,11 +50,9 @@ MOED_HD float BitsToFloat(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
-  union {
-    uint32_t u;
-    float f;
-  } v{bits};
-  return v.f;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
 #endif
 }
 

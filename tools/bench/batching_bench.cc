@@ -7,8 +7,8 @@
 
 #include "CLI/CLI.hpp"
 #include "cache/expert_cache.h"
-#include "kernels/test_backend.h"
 #include "scheduler/scheduler.h"
+#include "server/engine.h"
 
 int main(int argc, char** argv) try {
   std::string store_dir = "build/bench-models/bench-6g-store";
@@ -48,22 +48,20 @@ int main(int argc, char** argv) try {
               "experts / token", "hit rate");
   double baseline = 0;
   for (bool aware : {false, true}) {
-    moed::cache::CacheOptions options;
-    options.device_bytes = static_cast<uint64_t>(fraction * all);
-    options.eviction_scope = *eviction_scope;
-    auto made = moed::cache::ExpertCache::Create(*store, options);
-    if (!made.ok()) return 1;
-    std::shared_ptr<moed::cache::ExpertCache> cache = *std::move(made);
-    auto model = moed::model::Model::Create(c, *store, moed::cache::SharedProvider(cache),
-                                            moed::kernels::TestCpuBackend());
-    if (!model.ok()) return 1;
+    moed::server::DaemonConfig config;
+    config.store = store_dir;
+    config.backend = "cpu";
+    config.device_cache_bytes = static_cast<int64_t>(fraction * all);
+    config.eviction_scope = scope;
+    auto engine = moed::server::BuildEngine(config);
+    if (!engine.ok()) return 1;
+    std::shared_ptr<moed::cache::ExpertCache> cache = engine->cache;
     moed::scheduler::SchedulerOptions so;
     so.max_batch = batch;
     so.max_running = requests;
     so.expert_aware = aware;
     so.resident_experts = [cache] { return cache->DeviceResidency(); };
-    moed::scheduler::Scheduler scheduler(std::shared_ptr<moed::model::Model>(std::move(*model)),
-                                         nullptr, so);
+    moed::scheduler::Scheduler scheduler(engine->model, nullptr, so);
     std::mt19937 rng(3);
     std::vector<std::shared_ptr<moed::scheduler::RequestHandle>> handles;
     auto start = std::chrono::steady_clock::now();

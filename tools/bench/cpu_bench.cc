@@ -21,8 +21,8 @@
 
 #include "CLI/CLI.hpp"
 #include "kernels/cpu_ops.h"
-#include "kernels/test_backend.h"
 #include "model/model.h"
+#include "server/engine.h"
 #include "tools/synth/synthesizer.h"
 
 namespace {
@@ -192,12 +192,16 @@ int main(int argc, char** argv) {
       }
     }
   }
-  auto model = moed::model::Model::Load(model_dir, moed::kernels::TestCpuBackend());
-  if (!model.ok()) {
-    std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());
+  moed::server::DaemonConfig config;
+  config.model = model_dir;
+  config.backend = "cpu";
+  auto engine = moed::server::BuildEngine(config);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(engine.status().message()).c_str());
     return 1;
   }
-  const auto& c = (*model)->config();
+  std::shared_ptr<moed::model::Model> model = engine->model;
+  const auto& c = model->config();
   const uint64_t expert_bytes = 2ull * c.ExpertParameters();
   const uint64_t attention_bytes =
       2ull * c.hidden_size *
@@ -215,10 +219,10 @@ int main(int argc, char** argv) {
     std::vector<std::unique_ptr<moed::model::KvCache>> caches;
     std::vector<moed::model::SequenceInput> inputs;
     for (int s = 0; s < sequences; ++s) {
-      caches.push_back((*model)->NewKvCache(16 + steps + 8));
+      caches.push_back(model->NewKvCache(16 + steps + 8));
       inputs.push_back({caches.back().get(), {1 + s, 100 + s, 200 + s, 300 + s}, false});
     }
-    auto prefill = (*model)->Forward(absl::MakeSpan(inputs));  // also pulls the weights into RAM
+    auto prefill = model->Forward(absl::MakeSpan(inputs));  // also pulls the weights into RAM
     if (!prefill.ok()) return 1;
     std::vector<int32_t> next(sequences, 5);
     double seconds = 0;
@@ -226,7 +230,7 @@ int main(int argc, char** argv) {
     for (int step = 0; step < steps + 2; ++step) {
       for (int s = 0; s < sequences; ++s) inputs[s].tokens = {next[s]};
       auto start = Clock::now();
-      auto out = (*model)->Forward(absl::MakeSpan(inputs));
+      auto out = model->Forward(absl::MakeSpan(inputs));
       auto end = Clock::now();
       if (!out.ok()) return 1;
       for (int s = 0; s < sequences; ++s) {

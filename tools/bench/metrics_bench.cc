@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "kernels/test_backend.h"
 #include "scheduler/scheduler.h"
+#include "server/engine.h"
 #include "server/metrics.h"
 #include "tools/synth/synthesizer.h"
 
@@ -87,13 +87,17 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "cannot write the %s model\n", preset.c_str());
     return 1;
   }
-  auto loaded = moed::model::Model::Load(dir.string(), moed::kernels::TestCpuBackend(threads));
+  moed::server::DaemonConfig config;
+  config.model = dir.string();
+  config.backend = "cpu";
+  config.threads = threads;
+  auto loaded = moed::server::BuildEngine(config);
   std::filesystem::remove_all(dir);
   if (!loaded.ok()) {
     std::fprintf(stderr, "%s\n", std::string(loaded.status().message()).c_str());
     return 1;
   }
-  std::shared_ptr<moed::model::Model> model = *std::move(loaded);
+  std::shared_ptr<moed::model::Model> model = loaded->model;
   std::printf("synthetic %s Mixtral, greedy decode of %d tokens per request, %d rounds per arm\n",
               preset.c_str(), tokens, rounds);
   std::printf("%-6s %14s %14s %14s %8s %8s\n", "batch", "off t/s", "on t/s", "off-2 t/s", "on/off",

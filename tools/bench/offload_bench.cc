@@ -22,9 +22,9 @@
 #include "CLI/CLI.hpp"
 #include "cache/aligned_buffer.h"
 #include "cache/expert_cache.h"
-#include "kernels/test_backend.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
+#include "server/engine.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -170,18 +170,18 @@ int main(int argc, char** argv) {
               "MB missed/tok", "roofline tok/s", "of roofline", "hit rate");
   double resident_seconds = 0;
   for (double fraction : {1.0, 0.5, 0.25}) {
-    moed::cache::CacheOptions options;
-    options.device_bytes = static_cast<uint64_t>(fraction * all);
-    options.reader.queue_depth = depth;
-    auto cache = moed::cache::ExpertCache::Create(*store, options);
-    if (!cache.ok()) return 1;
-    moed::cache::ExpertCache* raw = cache->get();
-    auto model =
-        moed::model::Model::Create(c, *store, *std::move(cache), moed::kernels::TestCpuBackend());
-    if (!model.ok()) return 1;
-    auto kv = (*model)->NewKvCache(8 + steps + 32);
+    moed::server::DaemonConfig config;
+    config.store = store_dir;
+    config.backend = "cpu";
+    config.device_cache_bytes = static_cast<int64_t>(fraction * all);
+    config.io_queue_depth = depth;
+    auto engine = moed::server::BuildEngine(config);
+    if (!engine.ok()) return 1;
+    moed::cache::ExpertCache* raw = engine->cache.get();
+    std::shared_ptr<moed::model::Model> model = engine->model;
+    auto kv = model->NewKvCache(8 + steps + 32);
     moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false};
-    if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
+    if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     // The synthetic model's greedy output soon repeats one token, which would make routing
     // unrealistically repetitive: feed a fixed pseudo-random token stream instead (the same
     // for every budget), so consecutive tokens route like unrelated text.
@@ -192,13 +192,13 @@ int main(int argc, char** argv) {
     // Warm-up: the resident run loads every expert it will use at least once.
     for (int warm = 0; warm < (fraction == 1.0 ? 24 : 2); ++warm) {
       input.tokens = {next_token()};
-      if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
+      if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     }
     auto before = raw->counters();
     auto start = Clock::now();
     for (int s = 0; s < steps; ++s) {
       input.tokens = {next_token()};
-      if (!(*model)->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
+      if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
     }
     double seconds = Seconds(start, Clock::now()) / steps;
     auto after = raw->counters();
