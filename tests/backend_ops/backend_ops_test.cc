@@ -727,19 +727,23 @@ class RecordingStream final : public Stream {
   absl::Status Synchronize() override { return inner_.Synchronize(); }
   absl::Status Embed(const WeightMatrix& t, const int32_t* tok, int64_t n, float* out) override {
     Note(Op::kEmbedding, t.format());
+    Audit(t);
     return inner_.Embed(t, tok, n, out);
   }
   absl::Status RmsNorm(const float* x, const float* w, int64_t r, int64_t wd, float e,
                        float* y) override {
     Note(Op::kRmsNorm);
+    if (audit) audit(w, static_cast<size_t>(wd) * sizeof(float));
     return inner_.RmsNorm(x, w, r, wd, e, y);
   }
   absl::Status MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y) override {
     Note(Op::kMatMul, w.format());
+    Audit(w);
     return inner_.MatMul(w, x, n, y);
   }
   absl::Status AddBias(float* x, const float* b, int64_t r, int64_t w) override {
     Note(Op::kAddBias);
+    if (audit) audit(b, static_cast<size_t>(w) * sizeof(float));
     return inner_.AddBias(x, b, r, w);
   }
   absl::Status Rope(float* x, int64_t n, int64_t h, int64_t d, const int64_t* p,
@@ -769,6 +773,9 @@ class RecordingStream final : public Stream {
   absl::Status ExpertFfn(const SwiGluWeights& w, const float* x, const int32_t* r, int64_t m,
                          float* o, const int32_t* orow, float* s) override {
     Note(Op::kExpertFfn, w.gate.format());
+    Audit(w.gate);
+    Audit(w.up);
+    Audit(w.down);
     return inner_.ExpertFfn(w, x, r, m, o, orow, s);
   }
   absl::Status MoeCombine(const float* y, const float* w, int64_t n, int64_t k, int64_t wd,
@@ -791,13 +798,21 @@ class RecordingStream final : public Stream {
     return inner_.GatherRows(s, w, r, m, d);
   }
 
+  // Called with every weight the operators read (data, scales, norm vectors, biases).
+  std::function<void(const void*, size_t)> audit;
+
  private:
   void Note(Op op, WeightFormat format = WeightFormat::kF32) { seen_.insert({op, format}); }
+  void Audit(const WeightMatrix& w) {
+    if (!audit) return;
+    audit(w.data, static_cast<size_t>(w.DataBytes()));
+    if (w.scales != nullptr) audit(w.scales, static_cast<size_t>(w.ScaleBytes()));
+  }
   Stream& inner_;
   std::set<std::pair<Op, WeightFormat>>& seen_;
 };
 
-class RecordingBackend final : public Backend {
+class RecordingBackend : public Backend {
  public:
   explicit RecordingBackend(std::shared_ptr<Backend> inner)
       : inner_(std::move(inner)),
@@ -809,9 +824,72 @@ class RecordingBackend final : public Backend {
   Stream& copy() override { return copy_; }
   std::set<std::pair<Op, WeightFormat>> seen;
 
- private:
+ protected:
   std::shared_ptr<Backend> inner_;
   RecordingStream compute_, copy_;
+};
+
+// A device that, like a GPU, cannot compute on host memory: the model must copy every weight
+// into its buffers (or stage each expert there). It computes on the CPU, and counts every
+// weight an operator is handed outside the memory it allocated.
+class DeviceOnlyMemory final : public Device {
+ public:
+  explicit DeviceOnlyMemory(Device& inner) : inner_(inner) {}
+  absl::StatusOr<DeviceInfo> info() const override { return inner_.info(); }
+  absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    absl::StatusOr<DeviceBuffer> buffer = inner_.Allocate(bytes);
+    if (!buffer.ok()) return buffer.status();
+    // Handed out as this device's, its range remembered for the audit.
+    void* data = buffer->data();
+    size_t size = buffer->size();
+    held_.push_back(*std::move(buffer));
+    ranges_[reinterpret_cast<uintptr_t>(data)] = size;
+    return DeviceBuffer(this, data, size, BufferKind::kDevice);
+  }
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override {
+    return inner_.AllocateHost(bytes);
+  }
+  bool host_memory_is_device_memory() const override { return false; }
+  bool Supports(Op op, WeightFormat format) const override { return inner_.Supports(op, format); }
+  bool Holds(const void* at, size_t bytes) const {
+    const auto address = reinterpret_cast<uintptr_t>(at);
+    auto it = ranges_.upper_bound(address);
+    if (it == ranges_.begin()) return false;
+    --it;
+    return address + bytes <= it->first + it->second;
+  }
+
+ protected:
+  void Free(void* data, size_t, BufferKind) override {
+    ranges_.erase(reinterpret_cast<uintptr_t>(data));
+    for (auto it = held_.begin(); it != held_.end(); ++it) {
+      if (it->data() == data) {
+        held_.erase(it);
+        return;
+      }
+    }
+  }
+
+ private:
+  Device& inner_;
+  std::vector<DeviceBuffer> held_;
+  std::map<uintptr_t, size_t> ranges_;
+};
+
+class DeviceOnlyBackend final : public RecordingBackend {
+ public:
+  explicit DeviceOnlyBackend(std::shared_ptr<Backend> inner)
+      : RecordingBackend(std::move(inner)), memory_(inner_->device()) {
+    compute_.audit = [this](const void* at, size_t bytes) {
+      ++weights_read;
+      if (!memory_.Holds(at, bytes)) ++outside;
+    };
+  }
+  Device& device() override { return memory_; }
+  size_t weights_read = 0, outside = 0;
+
+ private:
+  DeviceOnlyMemory memory_;
 };
 
 TEST_CASE("every operator the models call is in the table, for every architecture and precision") {
@@ -870,6 +948,62 @@ TEST_CASE("every operator the models call is in the table, for every architectur
   CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt8PerRow}) == 1);
   CHECK(all_seen.count({Op::kSigmoidGatedAdd, WeightFormat::kF32}) == 1);
   CHECK(all_seen.count({Op::kAddBias, WeightFormat::kF32}) == 1);
+}
+
+TEST_CASE("a device that cannot read host memory gets every weight copied or staged, bitwise") {
+  const fs::path root =
+      fs::temp_directory_path() / ("moed_device_only_" + std::to_string(getpid()));
+  fs::remove_all(root);
+  auto logits_of = [](model::Model& model) {
+    std::unique_ptr<model::KvCache> cache = model.NewKvCache(16);
+    model::SequenceInput input{cache.get(), {1, 2, 3, 4, 5}, true};
+    auto out = model.Forward(absl::MakeSpan(&input, 1));
+    REQUIRE(out.ok());
+    model::SequenceInput next{cache.get(), {6}, false};
+    auto step = model.Forward(absl::MakeSpan(&next, 1));
+    REQUIRE(step.ok());
+    std::vector<float> all = out->logits;
+    all.insert(all.end(), step->logits.begin(), step->logits.end());
+    return all;
+  };
+  for (model::Architecture arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
+                                   model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+    INFO(model::ArchitectureName(arch));
+    const fs::path dir = root / std::string(model::ArchitectureName(arch));
+    REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", arch), dir.string()).ok());
+    auto reference = model::Model::Load(dir.string(), TestCpuBackend(1));
+    REQUIRE(reference.ok());
+    const std::vector<float> expected = logits_of(**reference);
+    {  // A checkpoint: every weight copied to the device at load.
+      auto device_only = std::make_shared<DeviceOnlyBackend>(TestCpuBackend(1));
+      auto model = model::Model::Load(dir.string(), device_only);
+      REQUIRE(model.ok());
+      CHECK(logits_of(**model) == expected);
+      CHECK(device_only->weights_read > 0);
+      CHECK(device_only->outside == 0);
+    }
+    // A store: the expert cache serves host memory, staged to the device per use.
+    const fs::path store_dir = dir.string() + "-store";
+    REQUIRE(tools::Pack(dir.string(), store_dir.string(), tools::PackOptions{}).ok());
+    auto store = cache::Store::Open(store_dir.string());
+    REQUIRE(store.ok());
+    for (cache::Precision precision : {cache::Precision::kSource, cache::Precision::kInt4}) {
+      cache::CacheOptions options;
+      options.precision = precision;
+      auto host_experts = cache::ExpertCache::Create(*store, options);
+      auto staged_experts = cache::ExpertCache::Create(*store, options);
+      REQUIRE((host_experts.ok() && staged_experts.ok()));
+      auto on_cpu = model::Model::Create((*store)->config(), *store, *std::move(host_experts),
+                                         TestCpuBackend(1));
+      auto device_only = std::make_shared<DeviceOnlyBackend>(TestCpuBackend(1));
+      auto staged =
+          model::Model::Create((*store)->config(), *store, *std::move(staged_experts), device_only);
+      REQUIRE((on_cpu.ok() && staged.ok()));
+      CHECK(logits_of(**staged) == logits_of(**on_cpu));
+      CHECK(device_only->outside == 0);
+    }
+  }
+  fs::remove_all(root);
 }
 
 }  // namespace
