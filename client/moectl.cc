@@ -126,7 +126,8 @@ int RunInfo(const GlobalOptions& options) {
   }
   std::cout << "requests:     " << info->requests_running() << " running, "
             << info->requests_waiting() << " waiting, KV cache " << Mib(info->kv_cache_bytes())
-            << " held\n"
+            << " held of " << Mib(info->kv_cache_budget_bytes()) << ", " << info->preemptions()
+            << " preemptions\n"
             << "version:      " << info->server_version() << "\n";
   return 0;
 }

@@ -141,11 +141,16 @@ class ArenaLayout {
 }  // namespace
 
 KvCache::KvCache(kernels::Device& device, const ModelConfig& config, int64_t capacity,
-                 int64_t block_size)
+                 int64_t block_size, std::shared_ptr<KvBlockPool> pool)
     : device_(device),
       capacity_(capacity),
       block_size_(block_size),
-      block_bytes_(BytesFor(config, block_size, block_size)) {}
+      block_bytes_(BytesFor(config, block_size, block_size)),
+      pool_(std::move(pool)) {}
+
+KvCache::~KvCache() {
+  if (pool_ != nullptr) pool_->used_.fetch_sub(blocks_held(), std::memory_order_relaxed);
+}
 
 uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity, int64_t block_size) {
   // Whole blocks; each holds keys and values, block_size × kv heads × head_dim floats per layer.
@@ -155,11 +160,23 @@ uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity, int64_t 
 }
 
 absl::Status KvCache::Reserve(int64_t tokens) {
-  const size_t needed = static_cast<size_t>((tokens + block_size_ - 1) / block_size_);
+  const size_t needed = static_cast<size_t>(BlocksFor(tokens));
+  if (needed <= blocks_.size()) return absl::OkStatus();
+  const int64_t more = static_cast<int64_t>(needed - blocks_.size());
+  if (pool_ != nullptr) {
+    // Claimed before allocating, so two caches can never both take the last blocks.
+    if (pool_->used_.fetch_add(more, std::memory_order_relaxed) + more > pool_->total()) {
+      pool_->used_.fetch_sub(more, std::memory_order_relaxed);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the KV cache budget (", pool_->total(), " blocks of ", block_bytes_,
+                       " bytes) has no room for ", more, " more block", more == 1 ? "" : "s"));
+    }
+  }
   std::vector<DeviceBuffer> added;
   while (blocks_.size() + added.size() < needed) {
     absl::StatusOr<DeviceBuffer> block = device_.Allocate(block_bytes_);
     if (!block.ok()) {
+      if (pool_ != nullptr) pool_->used_.fetch_sub(more, std::memory_order_relaxed);
       return absl::ResourceExhaustedError(absl::StrCat("cannot allocate a KV cache block of ",
                                                        block_bytes_,
                                                        " bytes: ", block.status().message()));
@@ -294,7 +311,17 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
 }
 
 std::unique_ptr<KvCache> Model::NewKvCache(int64_t capacity) const {
-  return std::make_unique<KvCache>(backend_->device(), config_, capacity);
+  return std::make_unique<KvCache>(backend_->device(), config_, capacity, kKvBlockSize, kv_pool_);
+}
+
+void Model::SetKvBudget(uint64_t bytes) {
+  if (bytes == 0) {
+    kv_pool_ = nullptr;
+    return;
+  }
+  const uint64_t block = kv_block_bytes();
+  kv_pool_ = std::make_shared<KvBlockPool>(
+      static_cast<int64_t>(std::max<uint64_t>(1, bytes / block)), block);
 }
 
 // One step's activations and index arrays, all in one device allocation.

@@ -2,6 +2,7 @@
 // fp32 activations, accumulators and KV cache; weights widened inside the dot products.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -19,12 +20,33 @@ namespace moed::model {
 // Tokens per KV block.
 inline constexpr int64_t kKvBlockSize = 16;
 
+// The KV memory budget every cache of a model draws its blocks from, counted in blocks.
+class KvBlockPool {
+ public:
+  KvBlockPool(int64_t total_blocks, uint64_t block_bytes)
+      : total_(total_blocks), block_bytes_(block_bytes) {}
+  int64_t total() const { return total_; }
+  int64_t used() const { return used_.load(std::memory_order_relaxed); }
+  int64_t free() const { return total_ - used(); }
+  uint64_t block_bytes() const { return block_bytes_; }
+
+ private:
+  friend class KvCache;
+  const int64_t total_;
+  const uint64_t block_bytes_;
+  std::atomic<int64_t> used_{0};
+};
+
 // Keys and values of one sequence for every layer, in fixed-size blocks of the backend's
-// memory (the paged layout of kernels::PagedKv), allocated as the sequence grows.
+// memory (the paged layout of kernels::PagedKv), allocated as the sequence grows, from the
+// model's KV budget when it has one.
 class KvCache {
  public:
   KvCache(kernels::Device& device, const ModelConfig& config, int64_t capacity,
-          int64_t block_size = kKvBlockSize);
+          int64_t block_size = kKvBlockSize, std::shared_ptr<KvBlockPool> pool = nullptr);
+  ~KvCache();
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
   // What a cache of `capacity` tokens holds when full, without making one.
   static uint64_t BytesFor(const ModelConfig& config, int64_t capacity,
                            int64_t block_size = kKvBlockSize);
@@ -33,6 +55,9 @@ class KvCache {
   int64_t block_size() const { return block_size_; }
   // Memory held for keys and values now.
   uint64_t bytes() const { return blocks_.size() * block_bytes_; }
+  int64_t blocks_held() const { return static_cast<int64_t>(blocks_.size()); }
+  // Blocks the first `tokens` positions take.
+  int64_t BlocksFor(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
 
  private:
   friend class Model;
@@ -45,6 +70,7 @@ class KvCache {
   uint64_t block_bytes_;
   int64_t length_ = 0;
   std::vector<kernels::DeviceBuffer> blocks_;
+  std::shared_ptr<KvBlockPool> pool_;
 };
 
 // The tokens one sequence contributes to a forward step.
@@ -106,8 +132,16 @@ class Model {
   const ModelConfig& config() const { return config_; }
   kernels::Backend& backend() const { return *backend_; }
 
-  // An empty KV cache for up to `capacity` tokens in this model's backend.
+  // An empty KV cache for up to `capacity` tokens in this model's backend, drawing from the
+  // KV budget when one is set.
   std::unique_ptr<KvCache> NewKvCache(int64_t capacity) const;
+  // Caps the KV memory of every cache made from now on at `bytes` (whole blocks, at least
+  // one); 0 lifts the cap.
+  void SetKvBudget(uint64_t bytes);
+  // The budget's pool; null without a budget.
+  const KvBlockPool* kv_pool() const { return kv_pool_.get(); }
+  // What one block of kKvBlockSize tokens holds.
+  uint64_t kv_block_bytes() const { return KvCache::BytesFor(config_, kKvBlockSize); }
 
   // Runs one step: every input's tokens are appended to its cache. Fails without touching
   // any cache on bad token ids, a full context or a KV block that cannot be allocated. One
@@ -141,6 +175,7 @@ class Model {
   std::unique_ptr<ExpertProvider> experts_;
   kernels::DeviceBuffer expert_staging_;
   kernels::DeviceBuffer step_arena_;
+  std::shared_ptr<KvBlockPool> kv_pool_;
 };
 
 }  // namespace moed::model

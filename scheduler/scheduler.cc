@@ -13,13 +13,17 @@ struct Scheduler::Sequence {
   GenerationRequest request;
   std::shared_ptr<RequestHandle> handle;
   std::unique_ptr<model::KvCache> cache;
+  // The tokens to prefill: the prompt, or after a preemption the prompt and every token
+  // generated so far (recomputed; the batch-invariant kernels give the same logits).
+  std::vector<int32_t> context;
   size_t prefilled = 0;
   std::vector<int32_t> generated;
   std::unique_ptr<model::Sampler> sampler;
   std::unique_ptr<model::StreamingDecoder> decoder;
   std::unique_ptr<model::StopMatcher> stops;
   uint32_t max_new = 0;
-  bool admitted = false;  // moved from the queue into the running set
+  bool admitted = false;   // moved from the queue into the running set
+  bool preempted = false;  // sent back to the queue once to free KV blocks
   bool done = false;
   std::vector<std::vector<std::vector<int>>> routing;  // [layer][token], when recording
   std::vector<std::vector<int>> last_experts;          // [layer]: its last token's experts
@@ -76,9 +80,12 @@ Scheduler::Scheduler(std::shared_ptr<model::Model> model,
     : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {
   const auto max_running =
       static_cast<uint64_t>(std::max(options_.max_batch, options_.max_running));
+  const model::KvBlockPool* pool = model_->kv_pool();
   stats_.kv_cache_budget_bytes =
-      max_running *
-      model::KvCache::BytesFor(model_->config(), model_->config().max_position_embeddings);
+      pool != nullptr
+          ? static_cast<uint64_t>(pool->total()) * pool->block_bytes()
+          : max_running * model::KvCache::BytesFor(model_->config(),
+                                                   model_->config().max_position_embeddings);
   engine_ = std::thread([this] { Loop(); });
 }
 
@@ -119,6 +126,17 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
         absl::StrCat("the prompt (", prompt, " tokens) plus max_tokens (",
                      request.sampling.max_tokens, ") exceeds the context of ", context, " tokens"));
   }
+  if (const model::KvBlockPool* pool = model_->kv_pool(); pool != nullptr) {
+    // The prompt and the first new token must fit the whole budget at least.
+    const uint64_t needed = model::KvCache::BytesFor(config, prompt + 1);
+    if (needed > static_cast<uint64_t>(pool->total()) * pool->block_bytes()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the prompt (", prompt, " tokens) needs ", needed,
+          " bytes of KV cache, beyond the "
+          "daemon's KV budget of ",
+          static_cast<uint64_t>(pool->total()) * pool->block_bytes(), " bytes (--kv-cache-bytes)"));
+    }
+  }
   auto seq = std::make_shared<Sequence>();
   seq->max_new = static_cast<uint32_t>(max_new);
   seq->submitted = std::chrono::steady_clock::now();
@@ -131,6 +149,7 @@ absl::StatusOr<std::shared_ptr<RequestHandle>> Scheduler::Submit(GenerationReque
     seq->stops = std::make_unique<model::StopMatcher>(request.sampling.stop);
   }
   seq->request = std::move(request);
+  seq->context = seq->request.prompt;
   std::shared_ptr<RequestHandle> handle = seq->handle;
   {
     std::lock_guard lock(mutex_);
@@ -248,11 +267,21 @@ void Scheduler::Loop() {
       const size_t max_running =
           static_cast<size_t>(std::max(options_.max_batch, options_.max_running));
       const auto admitted_at = std::chrono::steady_clock::now();
+      const model::KvBlockPool* pool = model_->kv_pool();
+      int64_t promised = 0;  // blocks the sequences admitted here will take for their prefix
       while (running.size() < max_running && !waiting_.empty()) {
+        if (pool != nullptr) {
+          // Admit by free KV blocks: what the prefix and its first new token take.
+          const int64_t needed =
+              (static_cast<int64_t>(waiting_.front()->context.size()) + model::kKvBlockSize) /
+              model::kKvBlockSize;
+          if (!running.empty() && pool->free() - promised < needed) break;
+          promised += needed;
+        }
         running.push_back(std::move(waiting_.front()));
         running.back()->admitted = true;
         waiting_.pop_front();
-        if (options_.observer != nullptr) {
+        if (options_.observer != nullptr && !running.back()->preempted) {
           options_.observer->OnAdmitted(
               std::chrono::duration<double>(admitted_at - running.back()->submitted).count());
         }
@@ -280,10 +309,11 @@ void Scheduler::Loop() {
       }
     }
     std::vector<std::shared_ptr<Sequence>> step = SelectForStep(live);
+    if (model_->kv_pool() != nullptr) FitKvBudget(running, step);
     Step(step);
-    running.erase(
-        std::remove_if(running.begin(), running.end(), [](const auto& s) { return s->done; }),
-        running.end());
+    running.erase(std::remove_if(running.begin(), running.end(),
+                                 [](const auto& s) { return s->done || !s->admitted; }),
+                  running.end());
     uint64_t kv_bytes = 0;
     for (const auto& seq : running) kv_bytes += seq->cache->bytes();
     std::lock_guard lock(mutex_);
@@ -373,30 +403,100 @@ void Scheduler::AttributeExpertUses(const std::vector<model::SequenceInput>& inp
   for (Sequence* seq : owners) seq->expert_stats.stall_seconds += waited;
 }
 
+std::vector<Scheduler::StepInput> Scheduler::PlanStep(
+    const std::vector<std::shared_ptr<Sequence>>& step) const {
+  // Decode tokens first (they bound the latency of running requests), then prefix chunks.
+  std::vector<StepInput> plan;
+  int budget = options_.max_tokens_per_step;
+  for (const auto& seq : step) {
+    if (seq->done || seq->prefilled < seq->context.size() || budget <= 0) continue;
+    plan.push_back({seq.get(), 1, false});
+    --budget;
+  }
+  for (const auto& seq : step) {
+    if (seq->done || seq->prefilled >= seq->context.size() || budget <= 0) continue;
+    size_t take =
+        std::min<size_t>(seq->context.size() - seq->prefilled, static_cast<size_t>(budget));
+    plan.push_back({seq.get(), take, true});
+    budget -= static_cast<int>(take);
+  }
+  return plan;
+}
+
+void Scheduler::Preempt(Sequence& seq) {
+  std::lock_guard lock(mutex_);
+  const uint64_t held = seq.cache != nullptr ? seq.cache->bytes() : 0;
+  stats_.kv_cache_bytes -= std::min(stats_.kv_cache_bytes, held);
+  ++stats_.preemptions;
+  seq.admitted = false;
+  seq.preempted = true;
+  seq.cache.reset();
+  seq.context = seq.request.prompt;
+  seq.context.insert(seq.context.end(), seq.generated.begin(), seq.generated.end());
+  seq.prefilled = 0;
+  seq.last_experts.clear();
+  seq.routing.clear();  // the recompute records the prefix's routing again
+  seq.skipped = 0;
+  if (running_count_ > 0) --running_count_;
+  if (stats_.running > 0) --stats_.running;
+}
+
+void Scheduler::FitKvBudget(std::vector<std::shared_ptr<Sequence>>& running,
+                            std::vector<std::shared_ptr<Sequence>>& step) {
+  const model::KvBlockPool& pool = *model_->kv_pool();
+  while (true) {
+    int64_t needed = 0;
+    for (const StepInput& input : PlanStep(step)) {
+      const model::KvCache& cache = *input.seq->cache;
+      needed += std::max<int64_t>(
+          0, cache.BlocksFor(cache.length() + static_cast<int64_t>(input.tokens)) -
+                 cache.blocks_held());
+    }
+    if (needed <= pool.free()) return;
+    // Free the newest sequence's blocks: it goes back to the queue and later recomputes its
+    // prefix, as vLLM's recompute preemption does.
+    std::shared_ptr<Sequence> victim;
+    for (const auto& seq : running) {
+      if (!seq->done && seq->admitted && (victim == nullptr || seq->arrival > victim->arrival))
+        victim = seq;
+    }
+    if (victim == nullptr) return;
+    step.erase(std::remove(step.begin(), step.end(), victim), step.end());
+    const bool alone = std::count_if(running.begin(), running.end(),
+                                     [](const auto& s) { return !s->done && s->admitted; }) == 1;
+    if (alone) {
+      // Nothing else to free: the sequence has outgrown the whole budget.
+      Finish(*victim, FinishReason::kNone,
+             absl::ResourceExhaustedError(absl::StrCat(
+                 "the KV cache budget (", static_cast<uint64_t>(pool.total()) * pool.block_bytes(),
+                 " bytes, --kv-cache-bytes) cannot hold this sequence's ",
+                 victim->cache->length() + 1, " tokens")));
+      return;
+    }
+    Preempt(*victim);
+    std::lock_guard lock(mutex_);
+    waiting_.push_front(victim);  // first in line: older than everything waiting behind it
+    stats_.waiting = waiting_.size();
+  }
+}
+
 void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
-  // Decode tokens first (they bound the latency of running requests), then prompt chunks.
   std::vector<model::SequenceInput> inputs;
   std::vector<Sequence*> owners;
   std::vector<size_t> chunk;
-  int budget = options_.max_tokens_per_step;
-  for (auto& seq : running) {
-    if (seq->done || seq->prefilled < seq->request.prompt.size() || budget <= 0) continue;
-    inputs.push_back({seq->cache.get(), {seq->generated.back()}, false});
-    owners.push_back(seq.get());
-    chunk.push_back(0);
-    --budget;
-  }
-  for (auto& seq : running) {
-    if (seq->done || seq->prefilled >= seq->request.prompt.size() || budget <= 0) continue;
-    size_t take =
-        std::min<size_t>(seq->request.prompt.size() - seq->prefilled, static_cast<size_t>(budget));
-    std::vector<int32_t> tokens(
-        seq->request.prompt.begin() + static_cast<int64_t>(seq->prefilled),
-        seq->request.prompt.begin() + static_cast<int64_t>(seq->prefilled + take));
-    inputs.push_back({seq->cache.get(), std::move(tokens), false});
-    owners.push_back(seq.get());
-    chunk.push_back(take);
-    budget -= static_cast<int>(take);
+  for (const StepInput& input : PlanStep(running)) {
+    Sequence& seq = *input.seq;
+    if (!input.prefix) {
+      inputs.push_back({seq.cache.get(), {seq.generated.back()}, false});
+      chunk.push_back(0);
+    } else {
+      std::vector<int32_t> tokens(
+          seq.context.begin() + static_cast<int64_t>(seq.prefilled),
+          seq.context.begin() + static_cast<int64_t>(seq.prefilled + input.tokens));
+      inputs.push_back({seq.cache.get(), std::move(tokens), false});
+      chunk.push_back(input.tokens);
+    }
+    owners.push_back(&seq);
   }
   if (inputs.empty()) return;
   absl::StatusOr<model::ForwardOutput> out = model_->Forward(absl::MakeSpan(inputs));
@@ -410,7 +510,7 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     uint64_t prompt_tokens = 0, sampled = 0;
     for (size_t i = 0; i < owners.size(); ++i) {
       prompt_tokens += chunk[i];
-      if (owners[i]->prefilled + chunk[i] >= owners[i]->request.prompt.size()) ++sampled;
+      if (owners[i]->prefilled + chunk[i] >= owners[i]->context.size()) ++sampled;
     }
     options_.observer->OnStepTokens(prompt_tokens, sampled);
   }
@@ -442,7 +542,7 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   for (size_t i = 0; i < owners.size(); ++i) {
     Sequence& seq = *owners[i];
     seq.prefilled += chunk[i];
-    if (seq.prefilled < seq.request.prompt.size()) continue;  // more prompt to go
+    if (seq.prefilled < seq.context.size()) continue;  // more prefix to go
     model::TokenChoice choice = seq.sampler->Next(
         absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
     if (options_.observer != nullptr) {

@@ -145,11 +145,12 @@ struct SchedulerStats {
   uint64_t completed = 0;
   uint64_t cancelled = 0;
   uint64_t kv_cache_bytes = 0;  // held by running sequences
-  // What the running set may hold: max_running sequences of the full context.
+  // What the running set may hold: the model's KV budget, or without one max_running
+  // sequences of the full context.
   uint64_t kv_cache_budget_bytes = 0;
   uint64_t generated_tokens = 0;
-  // Running sequences sent back to the queue to free KV memory. The scheduler reserves each
-  // sequence's whole KV cache at admission, so it never preempts.
+  // Running sequences sent back to the queue to free KV blocks (the newest first); each
+  // recomputes its prefix when admitted again.
   uint64_t preemptions = 0;
 };
 
@@ -177,7 +178,21 @@ class Scheduler {
 
  private:
   struct Sequence;
+  // One sequence's part of a step: its next decode token, or a chunk of its prefix.
+  struct StepInput {
+    Sequence* seq = nullptr;
+    size_t tokens = 0;
+    bool prefix = false;
+  };
   void Loop();
+  // What each of `step`'s sequences contributes, within max_tokens_per_step.
+  std::vector<StepInput> PlanStep(const std::vector<std::shared_ptr<Sequence>>& step) const;
+  // With a KV budget: preempts the newest running sequences until the step's new blocks fit
+  // (dropping them from `step`); a sequence alone that outgrows the budget fails.
+  void FitKvBudget(std::vector<std::shared_ptr<Sequence>>& running,
+                   std::vector<std::shared_ptr<Sequence>>& step);
+  // Frees a running sequence's KV cache and readies it to recompute its prefix.
+  void Preempt(Sequence& seq);
   void Step(std::vector<std::shared_ptr<Sequence>>& running);
   // The sequences of the next step, from the admitted ones.
   std::vector<std::shared_ptr<Sequence>> SelectForStep(

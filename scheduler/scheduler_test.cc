@@ -85,6 +85,13 @@ struct Fixture {
   GatedProvider* gate = nullptr;
 };
 
+// `sequences` full contexts of KV memory, computed from the shapes (keys and values, fp32).
+uint64_t KvBudgetFor(const model::ModelConfig& c, double sequences) {
+  return static_cast<uint64_t>(sequences * 2.0 * static_cast<double>(c.num_layers) *
+                               static_cast<double>(c.max_position_embeddings) *
+                               static_cast<double>(c.num_key_value_heads * c.head_dim) * 4.0);
+}
+
 GenerationRequest Request(const std::string& id, int32_t priority) {
   GenerationRequest r;
   r.id = id;
@@ -269,6 +276,102 @@ TEST_CASE("the KV budget is max_running sequences of the full context") {
   CHECK(model::KvCache::BytesFor(c, c.max_position_embeddings) == per_sequence);
   // Blocks are taken as a sequence grows: an empty cache holds none.
   CHECK(f.model->NewKvCache(c.max_position_embeddings)->bytes() == 0);
+}
+
+// Every token id a request streams, and how it ended.
+struct Outcome {
+  std::vector<int32_t> tokens;
+  absl::Status error;
+  FinishReason finish = FinishReason::kNone;
+};
+
+Outcome Collect(RequestHandle& handle) {
+  Outcome outcome;
+  while (true) {
+    auto event = handle.Next(std::chrono::seconds(60));
+    REQUIRE(event.has_value());
+    outcome.tokens.insert(outcome.tokens.end(), event->token_ids.begin(), event->token_ids.end());
+    if (event->last()) {
+      outcome.error = event->error;
+      outcome.finish = event->finish;
+      return outcome;
+    }
+  }
+}
+
+GenerationRequest ToContextEnd(int i) {
+  GenerationRequest r;
+  r.id = "r" + std::to_string(i);
+  r.prompt = {static_cast<int32_t>(5 + i), 6, static_cast<int32_t>(7 + 3 * i)};
+  r.sampling.max_tokens = 0;  // to the end of the context
+  r.sampling.temperature = 0.8f;
+  r.sampling.seed = static_cast<uint64_t>(100 + i);
+  r.sampling.ignore_eos = true;
+  return r;
+}
+
+TEST_CASE(
+    "with a KV budget of a few sequences, requests to the end of the context all "
+    "complete with the tokens they get alone, through preemptions") {
+  Fixture f;
+  const model::ModelConfig& c = f.model->config();
+  const int requests = 8;
+  // Each alone, without a budget: the reference.
+  std::vector<Outcome> alone;
+  {
+    Scheduler scheduler(f.model, nullptr, SchedulerOptions{});
+    for (int i = 0; i < requests; ++i) {
+      auto handle = scheduler.Submit(ToContextEnd(i));
+      REQUIRE(handle.ok());
+      alone.push_back(Collect(**handle));
+      REQUIRE(alone.back().error.ok());
+      CHECK(alone.back().tokens.size() == static_cast<size_t>(c.max_position_embeddings - 3));
+    }
+  }
+  // Two and a half full sequences of KV memory for eight that each grow to the full context.
+  const uint64_t budget = KvBudgetFor(c, 2.5);
+  f.model->SetKvBudget(budget);
+  SchedulerOptions options;
+  options.max_batch = 8;
+  options.max_running = 8;
+  Scheduler scheduler(f.model, nullptr, options);
+  CHECK(scheduler.stats().kv_cache_budget_bytes <= budget);
+  CHECK(scheduler.stats().kv_cache_budget_bytes > budget - f.model->kv_block_bytes());
+  std::vector<std::shared_ptr<RequestHandle>> handles;
+  for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(ToContextEnd(i)));
+  for (int i = 0; i < requests; ++i) {
+    INFO("request " << i);
+    Outcome outcome = Collect(*handles[i]);
+    CHECK(outcome.error.ok());
+    CHECK(outcome.finish == FinishReason::kLength);
+    CHECK(outcome.tokens == alone[i].tokens);
+  }
+  CHECK(scheduler.stats().preemptions > 0);
+  CHECK(f.model->kv_pool()->used() == 0);  // every block back once all finished
+  f.model->SetKvBudget(0);
+}
+
+TEST_CASE("a prompt that cannot fit the KV budget is refused, naming the budget") {
+  Fixture f;
+  f.model->SetKvBudget(f.model->kv_block_bytes());  // one block: 16 tokens
+  Scheduler scheduler(f.model, nullptr, SchedulerOptions{});
+  GenerationRequest r = Request("long", 0);
+  r.prompt.assign(16, 5);  // 16 tokens and the first new one need two blocks
+  auto refused = scheduler.Submit(r);
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(refused.status().message()).find("--kv-cache-bytes") != std::string::npos);
+  // A sequence alone that outgrows the budget fails with RESOURCE_EXHAUSTED, not a crash.
+  r.prompt.assign(10, 5);
+  r.sampling.max_tokens = 20;
+  auto handle = scheduler.Submit(r);
+  REQUIRE(handle.ok());
+  Outcome outcome = Collect(**handle);
+  CHECK(outcome.error.code() == absl::StatusCode::kResourceExhausted);
+  // The prefill's token, then one per decode of positions 10..15 (the block's last six); the
+  // next decode would need position 16, a second block.
+  CHECK(outcome.tokens.size() == 7);
+  f.model->SetKvBudget(0);
 }
 
 }  // namespace

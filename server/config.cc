@@ -337,6 +337,15 @@ const std::vector<OptionSpec>& DaemonOptions() {
                          "--max-batch, each step picks --max-batch of them; 0 means --max-batch",
                  .min_value = 0,
                  .max_value = 65536});
+    o.push_back(
+        {.name = "kv-cache-bytes",
+         .field = F(&DaemonConfig::kv_cache_bytes),
+         .metavar = "BYTES",
+         .help = "KV cache memory of all running sequences, taken in 16-token blocks as they "
+                 "grow; when it runs out the newest sequence is preempted (requeued, its prefix "
+                 "recomputed later). 0: --max-running full contexts, at most half the compute "
+                 "device's free memory",
+         .byte_size = true});
     o.push_back({.name = "expert-aware-batching",
                  .field = F(&DaemonConfig::expert_aware_batching),
                  .metavar = "BOOL",

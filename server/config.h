@@ -44,6 +44,7 @@ struct DaemonConfig {
   int64_t max_queue = 256;
   int64_t max_tokens_per_step = 256;
   int64_t max_running = 0;
+  int64_t kv_cache_bytes = 0;
   bool expert_aware_batching = true;
   int64_t max_delay_steps = 4;
   int64_t drain_seconds = 30;

@@ -80,6 +80,8 @@ class MoedService final : public v1::Moed::Service {
     response->set_requests_waiting(stats.waiting);
     response->set_requests_running(stats.running);
     response->set_kv_cache_bytes(stats.kv_cache_bytes);
+    response->set_kv_cache_budget_bytes(stats.kv_cache_budget_bytes);
+    response->set_preemptions(stats.preemptions);
     return grpc::Status::OK;
   }
 

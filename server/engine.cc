@@ -1,5 +1,7 @@
 #include "server/engine.h"
 
+#include <algorithm>
+
 #include "util/status_macros.h"
 
 namespace moed::server {
@@ -41,6 +43,22 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config) {
   } else {
     MOED_ASSIGN_OR_RETURN(engine.model, model::Model::Load(config.model, engine.backend));
   }
+  engine.kv_cache_budget_bytes = static_cast<uint64_t>(config.kv_cache_bytes);
+  if (engine.kv_cache_budget_bytes == 0) {
+    // Room for every running sequence to reach the full context, within half of what the
+    // compute device has free now.
+    const uint64_t running =
+        static_cast<uint64_t>(std::max<int64_t>(1, std::max(config.max_batch, config.max_running)));
+    const uint64_t full =
+        running *
+        model::KvCache::BytesFor(engine.model_config, engine.model_config.max_position_embeddings);
+    MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, engine.backend->device().info());
+    const uint64_t half_free = device.free_memory_bytes / 2;
+    engine.kv_cache_budget_bytes = half_free > 0 ? std::min(full, half_free) : full;
+  }
+  engine.kv_cache_budget_bytes =
+      std::max(engine.kv_cache_budget_bytes, engine.model->kv_block_bytes());
+  engine.model->SetKvBudget(engine.kv_cache_budget_bytes);
   return engine;
 }
 

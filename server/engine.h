@@ -27,9 +27,12 @@ struct Engine {
   // A warning from the cache's set-up (its reader fell back), empty when none.
   std::string cache_note;
   std::shared_ptr<model::Model> model;
+  // The KV cache budget set on the model (--kv-cache-bytes, or the default it resolved to).
+  uint64_t kv_cache_budget_bytes = 0;
 };
 
-// Reads config.backend, cuda_device, threads, model or store, and the cache options.
+// Reads config.backend, cuda_device, threads, model or store, the cache options and the KV
+// budget (kv_cache_bytes; its default needs max_batch and max_running).
 absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config);
 
 }  // namespace moed::server

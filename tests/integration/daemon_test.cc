@@ -254,9 +254,11 @@ TEST_CASE("moectl health and info talk to the daemon") {
   CommandResult human = RunCommand({MOECTL_BINARY, "--server", daemon.address, "info"});
   CHECK(human.exit_code == 0);
   CHECK(human.out.find("Qwen2MoeForCausalLM") != std::string::npos);
-  // An idle daemon: nothing running or waiting, no KV cache held.
-  CHECK(human.out.find("requests:     0 running, 0 waiting, KV cache 0.00 MiB held\n") !=
+  // An idle daemon: nothing running or waiting, no KV cache held, the KV budget's default.
+  CHECK(human.out.find("requests:     0 running, 0 waiting, KV cache 0.00 MiB held of ") !=
         std::string::npos);
+  CHECK(human.out.find(", 0 preemptions\n") != std::string::npos);
+  CHECK(json["kv_cache_budget_bytes"].get<std::string>() != "0");
 
   CHECK(daemon.process->Stop() == 0);
   CommandResult gone =

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <thread>
 
@@ -42,10 +43,13 @@ const fs::path& Store() {
 }
 
 struct Daemon {
-  // Serves Model(), or with `extra` starting "--store" the store it names.
+  // Serves Model(), unless `extra` names a --store or a --model.
   explicit Daemon(std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0", "--http-listen", ""};
-    if (extra.empty() || extra.front() != "--store") {
+    auto names = [&](const char* flag) {
+      return std::find(extra.begin(), extra.end(), flag) != extra.end();
+    };
+    if (!names("--store") && !names("--model")) {
       argv.push_back("--model");
       argv.push_back(Model().string());
     }
@@ -228,6 +232,80 @@ TEST_CASE("the same seed gives the same tokens alone and beside 15 other request
   for (auto& f : crowd) CHECK(f.get().status.ok());
   REQUIRE(together.status.ok());
   CHECK(together.ids == alone.ids);
+}
+
+// Peak and current resident memory of a process, from /proc (kB lines of its status).
+uint64_t ProcStatusBytes(pid_t pid, const std::string& key) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::stoull(line.substr(key.size() + 1)) * 1024;
+  }
+  return 0;
+}
+
+// A small model whose KV cache is large for its size (16 KiB a token, 4 MiB a context), so
+// that 64 contexts outweigh everything else the daemon holds.
+const fs::path& KvHeavyModel() {
+  static const fs::path dir = [] {
+    fs::path path = Model().parent_path() / "kv-heavy";
+    tools::SynthSpec spec = *tools::PresetSpec("tiny", model::Architecture::kMixtral);
+    spec.hidden_size = 256;
+    spec.num_layers = 4;
+    spec.num_attention_heads = 2;
+    spec.num_key_value_heads = 2;
+    spec.head_dim = 256;
+    spec.max_position_embeddings = 256;
+    REQUIRE(tools::WriteCheckpoint(spec, path.string()).ok());
+    return path;
+  }();
+  return dir;
+}
+
+TEST_CASE(
+    "64 requests to the end of the context under a KV budget of three all complete, "
+    "memory stays within the budget, preemptions are counted") {
+  const model::ModelConfig config = *model::LoadModelConfig(KvHeavyModel().string());
+  const uint64_t full_context = model::KvCache::BytesFor(config, config.max_position_embeddings);
+  const uint64_t budget = 3 * full_context;
+  Daemon daemon({"--max-batch", "16", "--max-running", "64", "--kv-cache-bytes",
+                 std::to_string(budget), "--model", KvHeavyModel().string()});
+  auto c = daemon.Connect();
+  auto info = c->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->kv_cache_budget_bytes() == budget);
+  const uint64_t rss_before = ProcStatusBytes(daemon.process->pid(), "VmRSS");
+  std::vector<std::future<Collected>> streams;
+  for (int i = 0; i < 64; ++i) {
+    streams.push_back(std::async(std::launch::async, [&, i] {
+      auto own = daemon.Connect(std::chrono::minutes(10));
+      v1::GenerateRequest request;  // max_tokens unset: to the end of the context
+      request.add_prompt_token_ids(static_cast<uint32_t>(3 + i));
+      request.add_prompt_token_ids(9);
+      request.mutable_sampling()->set_ignore_eos(true);
+      request.mutable_sampling()->set_seed(static_cast<uint64_t>(i));
+      return Run(*own, request);
+    }));
+  }
+  for (auto& stream : streams) {
+    Collected got = stream.get();
+    INFO(got.status.message());
+    CHECK(got.status.ok());
+    CHECK(got.last.finish_reason() == v1::FINISH_REASON_LENGTH);
+    CHECK(got.ids.size() == static_cast<size_t>(config.max_position_embeddings - 2));
+  }
+  info = c->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->preemptions() > 0);
+  CHECK(info->kv_cache_bytes() == 0);
+  // Without the budget the 64 sequences would hold 64 full contexts at the end. The daemon's
+  // peak stays within what it held idle, the budget, and a stated 64 MiB for the 64 streams'
+  // buffers and threads and the step's activations.
+  const uint64_t peak = ProcStatusBytes(daemon.process->pid(), "VmHWM");
+  INFO("idle " << rss_before << ", peak " << peak << ", budget " << budget << ", 64 contexts "
+               << 64 * full_context);
+  CHECK(peak <= rss_before + budget + (64ull << 20));
+  CHECK(budget + (64ull << 20) < 64 * full_context);  // the bound excludes the unbudgeted case
 }
 
 // The demo-sized model with a 64K context: a generation to the end of it runs for many seconds,
