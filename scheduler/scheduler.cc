@@ -500,6 +500,38 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   }
   if (inputs.empty()) return;
   absl::StatusOr<model::ForwardOutput> out = model_->Forward(absl::MakeSpan(inputs));
+  if (!out.ok() && inputs.size() > 1) {
+    // A fault (an expert that cannot be read, a KV block that cannot be had) fails only the
+    // sequences it touches: each runs the step alone, and the batch-invariant kernels make
+    // every solo result exactly what the batch would have computed for it.
+    model::ForwardOutput merged;
+    merged.routing.assign(static_cast<size_t>(model_->config().num_layers), {});
+    std::vector<model::SequenceInput> kept_inputs;
+    std::vector<Sequence*> kept_owners;
+    std::vector<size_t> kept_chunk;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      absl::StatusOr<model::ForwardOutput> solo = model_->Forward(absl::MakeSpan(&inputs[i], 1));
+      if (!solo.ok()) {
+        Finish(*owners[i], FinishReason::kNone, solo.status());
+        continue;
+      }
+      merged.logits.insert(merged.logits.end(), solo->logits.begin(), solo->logits.end());
+      merged.rows += solo->rows;
+      for (size_t layer = 0; layer < merged.routing.size(); ++layer) {
+        for (auto& token : solo->routing[layer]) merged.routing[layer].push_back(std::move(token));
+      }
+      merged.expert_uses.insert(merged.expert_uses.end(), solo->expert_uses.begin(),
+                                solo->expert_uses.end());
+      kept_inputs.push_back(std::move(inputs[i]));
+      kept_owners.push_back(owners[i]);
+      kept_chunk.push_back(chunk[i]);
+    }
+    inputs = std::move(kept_inputs);
+    owners = std::move(kept_owners);
+    chunk = std::move(kept_chunk);
+    if (inputs.empty()) return;
+    out = std::move(merged);
+  }
   if (!out.ok()) {
     for (Sequence* seq : owners) Finish(*seq, FinishReason::kNone, out.status());
     return;

@@ -8,9 +8,13 @@
 #include <catch2/catch.hpp>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
+#include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "cache/expert_cache.h"
 #include "kernels/test_backend.h"
 #include "tools/pack/pack.h"
@@ -349,6 +353,111 @@ TEST_CASE(
   CHECK(scheduler.stats().preemptions > 0);
   CHECK(f.model->kv_pool()->used() == 0);  // every block back once all finished
   f.model->SetKvBudget(0);
+}
+
+TEST_CASE(
+    "a damaged expert fails only the requests routed to it, and the others in its steps "
+    "complete with the tokens of a fault-free run") {
+  const fs::path root =
+      fs::temp_directory_path() / ("moed_scheduler_fault_" + std::to_string(getpid()));
+  fs::remove_all(root);
+  REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", model::Architecture::kMixtral),
+                                 (root / "m").string())
+              .ok());
+  REQUIRE(tools::Pack((root / "m").string(), (root / "s").string(), tools::PackOptions{}).ok());
+  const int requests = 8;
+  auto make = [](int i) {
+    GenerationRequest r;
+    r.id = std::to_string(i);
+    r.prompt = {static_cast<int32_t>(11 + 7 * i), static_cast<int32_t>(3 + i)};
+    r.sampling.max_tokens = 8;
+    r.sampling.temperature = 0.8f;
+    r.sampling.seed = static_cast<uint64_t>(i);
+    r.sampling.ignore_eos = true;
+    return r;
+  };
+  // The fault-free run, from the checkpoint: each request's tokens and every (layer, expert)
+  // its tokens were routed to.
+  std::mutex mutex;
+  std::map<std::string, std::set<std::pair<int, int>>> used;
+  std::vector<Outcome> reference;
+  {
+    auto checkpoint = model::Model::Load((root / "m").string(), kernels::TestCpuBackend(1));
+    REQUIRE(checkpoint.ok());
+    SchedulerOptions options;
+    options.max_batch = requests;
+    options.on_routing = [&](const std::string& id, int, const auto& routing) {
+      std::lock_guard lock(mutex);
+      for (size_t layer = 0; layer < routing.size(); ++layer)
+        for (const auto& token : routing[layer])
+          for (int e : token) used[id].insert({static_cast<int>(layer), e});
+    };
+    Scheduler scheduler(std::shared_ptr<model::Model>(*std::move(checkpoint)), nullptr, options);
+    std::vector<std::shared_ptr<RequestHandle>> handles;
+    for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(make(i)));
+    for (auto& handle : handles) reference.push_back(Collect(*handle));
+    for (int i = 0; i < 1000 && !scheduler.Idle(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  // Damage an expert that some requests use and most do not.
+  std::pair<int, int> damaged{-1, -1};
+  size_t users = 0;
+  for (const auto& [id, experts] : used) {
+    for (const auto& expert : experts) {
+      size_t n = 0;
+      for (const auto& [other, set] : used) n += set.count(expert);
+      if (n >= 1 && n <= requests / 2 && (damaged.first < 0 || n > users)) {
+        damaged = expert;
+        users = n;
+      }
+    }
+  }
+  REQUIRE(damaged.first >= 0);
+  auto store = cache::Store::Open((root / "s").string());
+  REQUIRE(store.ok());
+  const cache::BlobEntry* blob =
+      (*store)->manifest().FindBlob(damaged.first, damaged.second, cache::Precision::kSource);
+  REQUIRE(blob != nullptr);
+  {
+    std::fstream file((*store)->experts_path(), std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(blob->offset + 100));
+    file.put('\x5A');
+  }
+  auto experts = cache::ExpertCache::Create(*store, cache::CacheOptions{});
+  REQUIRE(experts.ok());
+  auto provider = std::make_unique<GatedProvider>(*std::move(experts));
+  GatedProvider* gate = provider.get();
+  auto faulty = model::Model::Create((*store)->config(), *store, std::move(provider),
+                                     kernels::TestCpuBackend(1));
+  REQUIRE(faulty.ok());
+  SchedulerOptions options;
+  options.max_batch = requests;
+  Scheduler scheduler(std::shared_ptr<model::Model>(*std::move(faulty)), nullptr, options);
+  // The first request holds its first step; the other seven queue and then step together.
+  gate->Hold();
+  std::vector<std::shared_ptr<RequestHandle>> handles;
+  handles.push_back(*scheduler.Submit(make(0)));
+  gate->WaitUntilEntered();
+  for (int i = 1; i < requests; ++i) handles.push_back(*scheduler.Submit(make(i)));
+  gate->Release();
+  size_t failed = 0;
+  for (int i = 0; i < requests; ++i) {
+    INFO("request " << i << ", damaged layer " << damaged.first << " expert " << damaged.second);
+    Outcome outcome = Collect(*handles[i]);
+    if (used[std::to_string(i)].count(damaged) == 1) {
+      ++failed;
+      CHECK(outcome.error.code() == absl::StatusCode::kDataLoss);
+      CHECK(std::string(outcome.error.message())
+                .find(absl::StrCat("layer ", damaged.first, " expert ", damaged.second)) !=
+            std::string::npos);
+    } else {
+      CHECK(outcome.error.ok());
+      CHECK(outcome.tokens == reference[i].tokens);
+    }
+  }
+  CHECK(failed == users);
+  CHECK(failed < static_cast<size_t>(requests));
+  fs::remove_all(root);
 }
 
 TEST_CASE("a prompt that cannot fit the KV budget is refused, naming the budget") {
