@@ -478,6 +478,9 @@ absl::StatusOr<Daemon::Addresses> Daemon::Start() {
   grpc::ServerBuilder builder;
   // gRPC sets SO_REUSEPORT by default, which would let a second daemon share a taken port.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // gRPC's own limit (4 MiB by default) would refuse a long prompt before moed's checks, which
+  // name the limit: let through the longest prompt moed accepts and the rest of a request.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(ServingCore::kMaxPromptBytes + (1 << 20)));
   int bound_port = 0;
   builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &bound_port);
   builder.RegisterService(moed_service_.get());

@@ -1,5 +1,7 @@
 #include "server/serving_core.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "util/status_macros.h"
 
@@ -7,6 +9,21 @@ namespace moed::server {
 
 int PrecisionLooseness(cache::Precision precision) {
   return precision == cache::Precision::kSource ? 0 : precision == cache::Precision::kInt8 ? 1 : 2;
+}
+
+ServingCore::ServingCore(ServingParts parts) : parts_(std::move(parts)) {
+  if (parts_.tokenizer == nullptr || parts_.max_context_tokens == 0) return;
+  // A token's vocabulary string is at least as long as the text it covers (byte-level and
+  // Metaspace symbols take 2-3 bytes for 1, byte-fallback "<0x41>" 6), and normalization
+  // shrinks text at most 3x (NFC composition, at worst three Hangul jamo into one syllable).
+  // So a prompt longer than 3 x longest token x context has more tokens than the context.
+  for (int32_t id = 0; id < parts_.tokenizer->vocab_size(); ++id) {
+    if (std::optional<std::string> text = parts_.tokenizer->TokenText(id); text.has_value()) {
+      longest_token_bytes_ = std::max(longest_token_bytes_, text->size());
+    }
+  }
+  const size_t fits = 3 * std::max<size_t>(longest_token_bytes_, 1) * parts_.max_context_tokens;
+  max_prompt_bytes_ = std::min(kMaxPromptBytes, fits);
 }
 
 std::string ServingCore::NewRequestId(absl::string_view prefix) {
@@ -42,6 +59,11 @@ absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::Submit(Ge
 absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::SubmitToScheduler(
     GenerateInput& input) {
   scheduler::GenerationRequest out;
+  if (input.request_id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("request_id is ", input.request_id.size(),
+                                                   " bytes, more than the limit of ",
+                                                   kMaxRequestIdBytes));
+  }
   const bool has_text = input.prompt_text.has_value() && !input.prompt_text->empty();
   const bool has_ids = !input.prompt_ids.empty();
   if (has_text == has_ids) {
@@ -52,9 +74,15 @@ absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::SubmitToS
       return absl::InvalidArgumentError(
           "this model has no tokenizer: send prompt_token_ids instead of prompt");
     }
-    if (input.prompt_text->size() > kMaxPromptBytes) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt is longer than ", kMaxPromptBytes >> 20, " MiB"));
+    if (input.prompt_text->size() > max_prompt_bytes_) {
+      if (max_prompt_bytes_ == kMaxPromptBytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("prompt is longer than ", kMaxPromptBytes >> 20, " MiB"));
+      }
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the prompt's ", input.prompt_text->size(), " bytes are more tokens than the context of ",
+          parts_.max_context_tokens, " (no token covers more than ", longest_token_bytes_,
+          " bytes); refused before tokenizing"));
     }
     MOED_ASSIGN_OR_RETURN(out.prompt,
                           parts_.tokenizer->Encode(*input.prompt_text, input.add_special_tokens));

@@ -53,8 +53,11 @@ struct ServingParts {
 class ServingCore {
  public:
   static constexpr size_t kMaxPromptBytes = 8u << 20;
+  // A request id is echoed in every message of its stream: bounded, so that one request
+  // cannot multiply its size into the responses.
+  static constexpr size_t kMaxRequestIdBytes = 256;
 
-  explicit ServingCore(ServingParts parts) : parts_(std::move(parts)) {}
+  explicit ServingCore(ServingParts parts);
 
   // INVALID_ARGUMENT for a bad prompt (both or neither form, too long, text without a
   // tokenizer) and what the scheduler refuses; FAILED_PRECONDITION for a precision the daemon
@@ -83,6 +86,10 @@ class ServingCore {
   absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> SubmitToScheduler(GenerateInput& input);
 
   ServingParts parts_;
+  // The most bytes a prompt text can have and still fit the context (kMaxPromptBytes at most):
+  // checked before tokenizing, so an oversized prompt costs nothing.
+  size_t max_prompt_bytes_ = kMaxPromptBytes;
+  size_t longest_token_bytes_ = 0;
   std::atomic<uint64_t> next_id_{1};
 };
 

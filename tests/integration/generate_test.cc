@@ -153,6 +153,20 @@ TEST_CASE("bad requests get INVALID_ARGUMENT naming the problem") {
   absl::Status out_of_range = status_of(Greedy({1, 512}, 4));
   CHECK(out_of_range.code() == absl::StatusCode::kInvalidArgument);
   CHECK(out_of_range.message() == "prompt token id 512 is outside the vocabulary of 512");
+  // A 1 MiB request id would be echoed in every message: refused, naming the limit.
+  v1::GenerateRequest long_id = Greedy({1}, 4);
+  long_id.set_request_id(std::string(1 << 20, 'i'));
+  absl::Status id_refused = status_of(long_id);
+  CHECK(id_refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(id_refused.message() == "request_id is 1048576 bytes, more than the limit of 256");
+  // A prompt far beyond the context is refused before it is tokenized, naming the context.
+  v1::GenerateRequest huge;
+  huge.set_prompt(std::string(4 << 20, 'a'));
+  huge.mutable_sampling()->set_max_tokens(1);
+  absl::Status huge_refused = status_of(huge);
+  CHECK(huge_refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(huge_refused.message().find("bytes are more tokens than the context of 256") !=
+        std::string::npos);
   absl::Status too_long = status_of(Greedy({1, 2, 3}, 254));
   CHECK(too_long.code() == absl::StatusCode::kInvalidArgument);
   CHECK(too_long.message().find("exceeds the context of 256 tokens") != std::string::npos);
