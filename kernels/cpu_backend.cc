@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <numeric>
 #include <string>
@@ -14,6 +13,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "kernels/cpu_ops.h"
+#include "kernels/host_memory.h"
 #include "kernels/quant.h"
 #include "kernels/thread_pool.h"
 
@@ -83,13 +83,7 @@ class CpuDevice final : public Device {
 
  private:
   absl::StatusOr<DeviceBuffer> AllocateKind(size_t bytes, BufferKind kind) {
-    if (bytes == 0) return DeviceBuffer(this, nullptr, 0, kind);
-    size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-    void* data = std::aligned_alloc(kAlignment, rounded);
-    if (data == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("cpu: cannot allocate ", bytes, " bytes"));
-    }
-    return DeviceBuffer(this, data, bytes, kind);
+    return host_memory::Allocate(this, bytes, kind, kAlignment);
   }
 };
 
@@ -101,25 +95,15 @@ class CpuStream final : public Stream {
 
   absl::Status CopyToDevice(const DeviceBuffer& dst, size_t dst_offset, const void* src,
                             size_t bytes) override {
-    if (absl::Status s = CheckRange(dst, dst_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) std::memcpy(static_cast<char*>(dst.data()) + dst_offset, src, bytes);
-    return absl::OkStatus();
+    return host_memory::CopyToDevice(dst, dst_offset, src, bytes);
   }
   absl::Status CopyOnDevice(const DeviceBuffer& dst, size_t dst_offset, const DeviceBuffer& src,
                             size_t src_offset, size_t bytes) override {
-    if (absl::Status s = CheckRange(dst, dst_offset, bytes); !s.ok()) return s;
-    if (absl::Status s = CheckRange(src, src_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) {
-      std::memmove(static_cast<char*>(dst.data()) + dst_offset,
-                   static_cast<const char*>(src.data()) + src_offset, bytes);
-    }
-    return absl::OkStatus();
+    return host_memory::CopyOnDevice(dst, dst_offset, src, src_offset, bytes);
   }
   absl::Status CopyToHost(void* dst, const DeviceBuffer& src, size_t src_offset,
                           size_t bytes) override {
-    if (absl::Status s = CheckRange(src, src_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) std::memcpy(dst, static_cast<const char*>(src.data()) + src_offset, bytes);
-    return absl::OkStatus();
+    return host_memory::CopyToHost(dst, src, src_offset, bytes);
   }
   absl::StatusOr<Event> Record() override { return Event(); }
   absl::Status Wait(const Event& /*event*/) override { return absl::OkStatus(); }

@@ -16,18 +16,6 @@ constexpr int kRowBlock = 4;
 constexpr int kTokenBlock = 2;
 constexpr int64_t kPrefetchElements = 256;
 
-float LoadScalar(DType dtype, const void* data, int64_t i) {
-  switch (dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(data)[i];
-    case DType::kF16:
-      return F16ToF32(static_cast<const uint16_t*>(data)[i]);
-    case DType::kBF16:
-      return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
-  }
-  return 0;
-}
-
 // ---- scalar ---------------------------------------------------------------------------------
 
 void MatMulRowsScalarQuantized(const WeightMatrix& w, const float* x, int64_t n, float* y,
@@ -66,7 +54,7 @@ void MatMulRowsScalar(const WeightMatrix& w, const float* x, int64_t n, float* y
     for (int64_t t = 0; t < n; ++t) {
       const float* xt = x + t * w.cols;
       float sum = 0;
-      for (int64_t c = 0; c < w.cols; ++c) sum += LoadScalar(w.dtype, row, c) * xt[c];
+      for (int64_t c = 0; c < w.cols; ++c) sum += LoadAsF32(w.dtype, row, c) * xt[c];
       y[t * w.rows + r] = sum;
     }
   }

@@ -62,4 +62,17 @@ inline uint16_t F32ToBf16(float value) {
 // Round to nearest even, overflow to infinity.
 uint16_t F32ToF16(float value);
 
+// Element i of an array of `dtype` values, widened to fp32 (exact).
+inline float LoadAsF32(DType dtype, const void* data, int64_t i) {
+  switch (dtype) {
+    case DType::kF32:
+      return static_cast<const float*>(data)[i];
+    case DType::kF16:
+      return F16ToF32(static_cast<const uint16_t*>(data)[i]);
+    case DType::kBF16:
+      return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
+  }
+  return 0;
+}
+
 }  // namespace moed::kernels

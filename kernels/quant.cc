@@ -4,22 +4,6 @@
 #include <cmath>
 
 namespace moed::kernels {
-namespace {
-
-float LoadScalar(DType dtype, const void* data, int64_t i) {
-  switch (dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(data)[i];
-    case DType::kF16:
-      return F16ToF32(static_cast<const uint16_t*>(data)[i]);
-    case DType::kBF16:
-      return Bf16ToF32(static_cast<const uint16_t*>(data)[i]);
-  }
-  return 0;
-}
-
-}  // namespace
-
 const char* WeightFormatName(WeightFormat format) {
   switch (format) {
     case WeightFormat::kF32:
@@ -81,7 +65,7 @@ WeightFormat WeightMatrix::format() const {
 }
 
 void WidenToF32(DType dtype, const void* data, int64_t count, float* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = LoadScalar(dtype, data, i);
+  for (int64_t i = 0; i < count; ++i) out[i] = LoadAsF32(dtype, data, i);
 }
 
 void QuantizeInt8(const float* w, int64_t rows, int64_t cols, int8_t* q, float* scales) {
@@ -121,8 +105,8 @@ void QuantizeInt4(const float* w, int64_t rows, int64_t cols, int64_t group_size
 float DequantizedValue(const WeightMatrix& w, int64_t row, int64_t col) {
   switch (w.quantization) {
     case Quantization::kNone:
-      return LoadScalar(w.dtype,
-                        static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
+      return LoadAsF32(w.dtype,
+                       static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype), col);
     case Quantization::kInt8PerRow:
       return static_cast<float>(static_cast<const int8_t*>(w.data)[row * w.cols + col]) *
              w.scales[row];

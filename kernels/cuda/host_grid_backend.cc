@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/grid_stream.h"
+#include "kernels/host_memory.h"
 
 namespace moed::kernels::grid {
 namespace {
@@ -71,10 +72,7 @@ class HostDevice final : public Device {
 
  private:
   absl::StatusOr<DeviceBuffer> Make(size_t bytes, BufferKind kind) {
-    if (bytes == 0) return DeviceBuffer(this, nullptr, 0, kind);
-    void* data = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
-    if (data == nullptr) return absl::ResourceExhaustedError("host grid: allocation failed");
-    return DeviceBuffer(this, data, bytes, kind);
+    return host_memory::Allocate(this, bytes, kind, 256);
   }
 };
 
@@ -82,25 +80,15 @@ class HostGridStream final : public GridStream<HostLauncher> {
  public:
   absl::Status CopyToDevice(const DeviceBuffer& dst, size_t dst_offset, const void* src,
                             size_t bytes) override {
-    if (absl::Status s = CheckRange(dst, dst_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) std::memcpy(static_cast<char*>(dst.data()) + dst_offset, src, bytes);
-    return absl::OkStatus();
+    return host_memory::CopyToDevice(dst, dst_offset, src, bytes);
   }
   absl::Status CopyOnDevice(const DeviceBuffer& dst, size_t dst_offset, const DeviceBuffer& src,
                             size_t src_offset, size_t bytes) override {
-    if (absl::Status s = CheckRange(dst, dst_offset, bytes); !s.ok()) return s;
-    if (absl::Status s = CheckRange(src, src_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) {
-      std::memmove(static_cast<char*>(dst.data()) + dst_offset,
-                   static_cast<const char*>(src.data()) + src_offset, bytes);
-    }
-    return absl::OkStatus();
+    return host_memory::CopyOnDevice(dst, dst_offset, src, src_offset, bytes);
   }
   absl::Status CopyToHost(void* dst, const DeviceBuffer& src, size_t src_offset,
                           size_t bytes) override {
-    if (absl::Status s = CheckRange(src, src_offset, bytes); !s.ok()) return s;
-    if (bytes > 0) std::memcpy(dst, static_cast<const char*>(src.data()) + src_offset, bytes);
-    return absl::OkStatus();
+    return host_memory::CopyToHost(dst, src, src_offset, bytes);
   }
   absl::StatusOr<Event> Record() override { return Event(); }
   absl::Status Wait(const Event&) override { return absl::OkStatus(); }
