@@ -14,9 +14,10 @@ export PATH=$PATH:/usr/local/cuda/bin
 
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+mkdir -p "$BUILD"
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOED_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90 -DMOED_SHARED_DIR="$SHARED" "${launcher[@]}" >"$BUILD.configure.log" 2>&1 ||
-  { cat "$BUILD.configure.log" >&2; exit 1; }
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DMOED_SHARED_DIR="$SHARED" "${launcher[@]}" >"$BUILD/configure.log" 2>&1 ||
+  { cat "$BUILD/configure.log" >&2; exit 1; }
 targets=(backend_ops_test kernels_backend_test conformance_golden_config_test moectl)
 cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 
