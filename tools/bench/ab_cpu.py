@@ -37,17 +37,19 @@ def main():
     parser.add_argument("b")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    runs = {args.a: [], args.b: []}
+    # Indexed by position, so that A and B may be the same binary (an A/A run measures the
+    # machine's noise).
+    runs = ([], [])
     for i in range(args.runs):
-        for binary in (args.a, args.b):
+        for side, binary in enumerate((args.a, args.b)):
             result = subprocess.run([binary], capture_output=True, text=True, check=True)
-            runs[binary].append(figures(result.stdout))
-            print(f"run {i + 1} {binary}: {runs[binary][-1]}", flush=True)
+            runs[side].append(figures(result.stdout))
+            print(f"run {i + 1} {'AB'[side]} {binary}: {runs[side][-1]}", flush=True)
     print(f"\nmedians of {args.runs} alternating runs")
     print(f"{'figure':40} {'A':>10} {'B':>10} {'B/A':>8}")
-    for key in runs[args.a][0]:
-        a = statistics.median(r[key] for r in runs[args.a])
-        b = statistics.median(r[key] for r in runs[args.b])
+    for key in runs[0][0]:
+        a = statistics.median(r[key] for r in runs[0])
+        b = statistics.median(r[key] for r in runs[1])
         print(f"{key:40} {a:10.1f} {b:10.1f} {b / a:8.3f}")
 
 
