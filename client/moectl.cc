@@ -30,6 +30,7 @@ struct GlobalOptions {
   std::string server = "127.0.0.1:50051";
   bool json = false;
   double timeout_seconds = 10;
+  double stream_timeout_seconds = 0;
   std::string api_key;
 };
 
@@ -55,7 +56,8 @@ std::unique_ptr<moed::client::Client> Connect(const GlobalOptions& options) {
   return moed::client::Client::Create(
       options.server,
       std::chrono::milliseconds(static_cast<int64_t>(options.timeout_seconds * 1000)),
-      options.api_key);
+      options.api_key,
+      std::chrono::milliseconds(static_cast<int64_t>(options.stream_timeout_seconds * 1000)));
 }
 
 int RunHealth(const GlobalOptions& options, const std::string& service) {
@@ -252,6 +254,7 @@ struct GenerateOptions {
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
   bool logprobs = false;
+  bool ignore_eos = false;
 };
 
 int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
@@ -267,6 +270,7 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
   }
   auto* sampling = request.mutable_sampling();
   sampling->set_max_tokens(g.max_tokens);
+  sampling->set_ignore_eos(g.ignore_eos);
   if (g.temperature) sampling->set_temperature(*g.temperature);
   if (g.top_p) sampling->set_top_p(*g.top_p);
   if (g.seed) sampling->set_seed(*g.seed);
@@ -396,9 +400,14 @@ int main(int argc, char** argv) try {
   app.add_flag("--json", options.json, "print one JSON object per line");
   app.add_option("--api-key", options.api_key,
                  "the daemon's --api-key, sent as 'authorization: Bearer KEY' (env MOED_API_KEY)");
-  app.add_option("--timeout", options.timeout_seconds, "seconds to wait for the daemon")
+  app.add_option("--timeout", options.timeout_seconds,
+                 "seconds to wait for the daemon: each unary call, and reaching it before a stream")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_option("--stream-timeout", options.stream_timeout_seconds,
+                 "seconds a generate stream may run (0: until it ends)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 
   std::string service;
   CLI::App* health =
@@ -464,6 +473,8 @@ int main(int argc, char** argv) try {
   generate->add_option("--top-p", generate_options.top_p, "nucleus sampling threshold");
   generate->add_option("--seed", generate_options.seed, "sampling seed (same seed, same tokens)");
   generate->add_option("--stop", generate_options.stop, "stop string (repeatable)");
+  generate->add_flag("--ignore-eos", generate_options.ignore_eos,
+                     "keep generating past end-of-sequence tokens, to --max-tokens");
   generate->add_flag("--logprobs", generate_options.logprobs,
                      "return each token's log probability (with --json)");
 

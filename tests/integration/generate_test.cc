@@ -198,7 +198,8 @@ TEST_CASE("a full queue answers RESOURCE_EXHAUSTED, a passed deadline DEADLINE_E
   CHECK(refused.message().find("queue is full") != std::string::npos);
   CHECK(busy.get().ok());
 
-  auto hurried = daemon.Connect(std::chrono::milliseconds(2));
+  auto hurried = client::Client::Create(daemon.address, std::chrono::seconds(30), "",
+                                        std::chrono::milliseconds(2));
   absl::Status late = Run(*hurried, Greedy({1, 2}, 250)).status;
   CHECK(late.code() == absl::StatusCode::kDeadlineExceeded);
 }
@@ -690,6 +691,27 @@ TEST_CASE("expert_precision: a request that refuses the daemon's expert copies i
     REQUIRE(info.ok());
     CHECK(info->requests_running() == 0);
   }
+}
+
+TEST_CASE("moectl --timeout bounds reaching the daemon, not how long a stream runs") {
+  std::string address;
+  auto process = StartLong({}, &address);
+  // Longer than the 1 s timeout (the demo-sized model decodes a few hundred tokens a second).
+  CommandResult slow = RunCommand({MOECTL_BINARY, "--server", address, "--timeout", "1", "generate",
+                                   "--ids", "1,2", "--max-tokens", "1500", "--ignore-eos"});
+  CHECK(slow.exit_code == 0);
+  CHECK(slow.err.find("[FINISH_REASON_LENGTH, ") != std::string::npos);
+  // A stream limit, when asked for, still applies.
+  CommandResult limited =
+      RunCommand({MOECTL_BINARY, "--server", address, "--stream-timeout", "0.2", "generate",
+                  "--ids", "1,2", "--max-tokens", "60000", "--ignore-eos"});
+  CHECK(limited.exit_code != 0);
+  CHECK(limited.err.find("DEADLINE_EXCEEDED") != std::string::npos);
+  // No daemon at all: refused within the timeout.
+  CommandResult nobody = RunCommand(
+      {MOECTL_BINARY, "--server", "127.0.0.1:1", "--timeout", "1", "generate", "--ids", "1,2"});
+  CHECK(nobody.exit_code != 0);
+  CHECK(nobody.err.find("UNAVAILABLE") != std::string::npos);
 }
 
 }  // namespace
