@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "cache/store_fault.h"
 
 namespace moed::cache {
 namespace {
@@ -158,15 +159,18 @@ class IoUringReader final : public BlockReader {
       Pending& pending = pending_[piece->id];
       if (result < 0) {
         if (pending.status.ok()) {
-          pending.status = absl::DataLossError(absl::StrCat("read error at offset ",
-                                                            pending.request.offset + piece->at,
-                                                            ": ", std::strerror(-result)));
+          const uint64_t at = pending.request.offset + piece->at;
+          pending.status =
+              ReadFailure(ReadFaultKind::kIoError, at,
+                          absl::StrCat("read error at offset ", at, ": ", std::strerror(-result)));
         }
       } else if (static_cast<uint64_t>(result) < piece->size) {
         if (result == 0) {
           if (pending.status.ok()) {
-            pending.status = absl::DataLossError(absl::StrCat(
-                "short read at offset ", pending.request.offset + piece->at, " (end of file)"));
+            const uint64_t at = pending.request.offset + piece->at;
+            pending.status =
+                ReadFailure(ReadFaultKind::kShortRead, at,
+                            absl::StrCat("short read at offset ", at, " (end of file)"));
           }
         } else {
           // A partial read: queue the rest at the front.
@@ -264,12 +268,14 @@ class PreadReader final : public BlockReader {
             ::pread(fd_, request.buffer + done, want, static_cast<off_t>(request.offset + done));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
-          status = absl::DataLossError(absl::StrCat("read error at offset ", request.offset + done,
-                                                    ": ", std::strerror(errno)));
+          status = ReadFailure(ReadFaultKind::kIoError, request.offset + done,
+                               absl::StrCat("read error at offset ", request.offset + done, ": ",
+                                            std::strerror(errno)));
           break;
         }
         if (n == 0) {
-          status = absl::DataLossError(
+          status = ReadFailure(
+              ReadFaultKind::kShortRead, request.offset + done,
               absl::StrCat("short read at offset ", request.offset + done, " (end of file)"));
           break;
         }

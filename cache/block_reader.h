@@ -23,7 +23,8 @@ struct ReadRequest {
 };
 
 // Called once per request, from the reader's completion thread: OK when all `size` bytes
-// arrived; otherwise an error (I/O error, short read at the end of the file).
+// arrived; otherwise an error carrying a StoreFault (store_fault.h) of kind kIoError or
+// kShortRead (the file ended first) and the offset.
 using ReadCallback = std::function<void(uint64_t tag, absl::Status status)>;
 
 struct ReaderStats {

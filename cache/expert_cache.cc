@@ -1,5 +1,6 @@
 #include "cache/expert_cache.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -92,12 +93,49 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     MOED_ASSIGN_OR_RETURN(cache->reader_,
                           OpenPreadReader(cache->store_->experts_path(), options.reader, callback));
   }
+  cache->retry_thread_ = std::thread([raw] { raw->RetryLoop(); });
   return cache;
 }
 
 ExpertCache::~ExpertCache() {
+  if (retry_thread_.joinable()) {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    retry_changed_.notify_all();
+    retry_thread_.join();
+  }
   // Reads still in flight write into our slots: stop the reader first.
   reader_.reset();
+}
+
+void ExpertCache::RetryLoop() {
+  std::unique_lock lock(mutex_);
+  while (!stopping_) {
+    if (retries_.empty()) {
+      retry_changed_.wait(lock);
+      continue;
+    }
+    auto due = retries_.begin()->first;
+    if (std::chrono::steady_clock::now() < due) {
+      retry_changed_.wait_until(lock, due);
+      continue;
+    }
+    const uint64_t tag = retries_.begin()->second;
+    retries_.erase(retries_.begin());
+    auto it = loads_.find(tag);
+    if (it == loads_.end()) continue;
+    const Load& load = it->second;
+    ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag};
+    absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
+    if (!submitted.ok()) {
+      Load failed = it->second;
+      loads_.erase(it);
+      FailLoadLocked(failed, BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
+                                       submitted.message(), failed.attempts));
+    }
+  }
 }
 
 void ExpertCache::Tier::Add(const ExpertKey& key, int slot) {
@@ -181,7 +219,8 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
     ++host_->counters.misses;
   }
   Load load{key, blob, false, -1, device_slot, std::chrono::steady_clock::now()};
-  uint8_t* target = device_.SlotData(device_slot);
+  uint8_t*& target = load.target;
+  target = device_.SlotData(device_slot);
   if (host_ != nullptr && !host_->index.contains(key)) {
     int host_slot = AllocateSlotLocked(*host_, key.layer);
     if (host_slot >= 0) {  // else every host slot is busy: read straight into the device tier
@@ -219,47 +258,134 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
   }
   // The target slots are pinned by this load: verify and copy without the lock.
   const uint64_t bytes = layout_->padded_size;
-  uint8_t* read_into =
-      load.into_host ? host_->SlotData(load.host_slot) : device_.SlotData(load.device_slot);
-  uint64_t* failure_kind = nullptr;
+  std::optional<ReadFaultKind> failed;
+  std::string what;
   if (!status.ok()) {
-    // The readers name a read past the end of the file so; anything else is an I/O error.
-    failure_kind =
-        absl::StartsWith(status.message(), "short read") ? &failed_short_reads_ : &failed_io_;
-    status = BlobError(*store_, *load.blob, status.message());
-  } else if (Checksum(read_into, bytes) != load.blob->xxh64) {
-    failure_kind = &failed_checksums_;
-    status = BlobError(*store_, *load.blob, "checksum mismatch");
+    std::optional<StoreFault> fault = StoreFaultOf(status);
+    failed = fault.has_value() ? fault->kind : ReadFaultKind::kIoError;
+    what = std::string(status.message());
+  } else if (Checksum(load.target, bytes) != load.blob->xxh64) {
+    failed = ReadFaultKind::kCorrupt;
+    what = "checksum mismatch";
   }
-  if (status.ok() && load.into_host)
-    std::memcpy(device_.SlotData(load.device_slot), read_into, bytes);
+  const bool retry = failed.has_value() && IsRetryable(*failed) &&
+                     load.attempts < std::max(1, options_.max_read_attempts);
+  if (failed.has_value() && options_.on_read_failure) {
+    StoreFault fault{*failed,           load.key.layer, load.key.expert, load.blob->precision,
+                     load.blob->offset, load.attempts};
+    options_.on_read_failure(fault, what, retry);
+  }
+  if (!failed.has_value() && load.into_host)
+    std::memcpy(device_.SlotData(load.device_slot), load.target, bytes);
 
   std::lock_guard lock(mutex_);
+  NoteReadOutcomeLocked(load.key, failed);
+  if (retry) {
+    // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
+    auto delay = options_.retry_backoff * (int64_t{1} << (2 * std::min(load.attempts - 1, 10)));
+    ++load.attempts;
+    loads_[tag] = load;
+    retries_.emplace(std::chrono::steady_clock::now() + delay, tag);
+    retry_changed_.notify_all();
+    return;
+  }
+  if (failed.has_value()) {
+    FailLoadLocked(load, BlobError(*store_, *load.blob, *failed, what, load.attempts));
+    return;
+  }
   Slot& device_slot = device_.slots[load.device_slot];
-  if (status.ok()) {
-    stage_from_ssd_.Observe(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count());
-    device_slot.state = SlotState::kReady;
-    device_.policy->Touch(load.key, tick_);
-    device_.counters.bytes_in += bytes;
-    if (load.into_host) {
-      host_->slots[load.host_slot].state = SlotState::kReady;
-      host_->policy->Touch(load.key, tick_);
-      host_->counters.bytes_in += bytes;
-      ReleaseSlotLocked(*host_, load.host_slot);
-    }
-  } else {
-    ++*failure_kind;
-    device_slot.state = SlotState::kFree;
-    device_.Drop(load.key);
-    if (load.into_host) {
-      host_->slots[load.host_slot].state = SlotState::kFree;
-      host_->Drop(load.key);
-      ReleaseSlotLocked(*host_, load.host_slot);
-    }
-    failures_[load.key] = Failure{status.code(), std::string(status.message())};
+  stage_from_ssd_.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count());
+  device_slot.state = SlotState::kReady;
+  device_.policy->Touch(load.key, tick_);
+  device_.counters.bytes_in += bytes;
+  if (load.into_host) {
+    host_->slots[load.host_slot].state = SlotState::kReady;
+    host_->policy->Touch(load.key, tick_);
+    host_->counters.bytes_in += bytes;
+    ReleaseSlotLocked(*host_, load.host_slot);
   }
   changed_.notify_all();
+}
+
+void ExpertCache::NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed) {
+  if (!failed.has_value()) {
+    failing_blobs_.clear();
+    return;
+  }
+  switch (*failed) {
+    case ReadFaultKind::kIoError:
+      ++failed_io_;
+      break;
+    case ReadFaultKind::kShortRead:
+      ++failed_short_reads_;
+      break;
+    case ReadFaultKind::kCorrupt:
+      ++failed_checksums_;
+      return;  // one bad blob says nothing of the rest of the store
+  }
+  failing_blobs_.insert(key);
+  if (health_.readable && static_cast<int>(failing_blobs_.size()) >=
+                              std::max(1, options_.unreadable_after_failed_blobs)) {
+    health_.readable = false;
+    health_.reason = absl::StrCat("reads of ", failing_blobs_.size(), " different expert blobs in ",
+                                  store_->experts_path(), " failed in a row");
+  }
+}
+
+void ExpertCache::FailLoadLocked(const Load& load, const absl::Status& status) {
+  device_.slots[load.device_slot].state = SlotState::kFree;
+  device_.Drop(load.key);
+  if (load.into_host) {
+    host_->slots[load.host_slot].state = SlotState::kFree;
+    host_->Drop(load.key);
+    ReleaseSlotLocked(*host_, load.host_slot);
+  }
+  std::optional<StoreFault> fault = StoreFaultOf(status);
+  failures_[load.key] =
+      Failure{status.code(), std::string(status.message()), fault.value_or(StoreFault{})};
+  changed_.notify_all();
+}
+
+StoreHealth ExpertCache::store_health() const {
+  std::lock_guard lock(mutex_);
+  return health_;
+}
+
+StoreHealth ExpertCache::CheckStore() {
+  absl::Status usable = store_->CheckExpertsFile();
+  bool was_readable = false;
+  ExpertKey probe_key{-1, -1};
+  {
+    std::lock_guard lock(mutex_);
+    if (!usable.ok()) {
+      health_ = StoreHealth{false, std::string(usable.message())};
+      return health_;
+    }
+    was_readable = health_.readable;
+    if (!failing_blobs_.empty()) probe_key = *failing_blobs_.begin();
+  }
+  if (was_readable) return store_health();
+  // Unreadable until now: read one blob back, one that failed if any did.
+  const BlobEntry* blob =
+      probe_key.layer >= 0
+          ? store_->manifest().FindBlob(probe_key.layer, probe_key.expert, options_.precision)
+          : nullptr;
+  if (blob == nullptr && !store_->manifest().blobs.empty()) blob = &store_->manifest().blobs[0];
+  absl::Status probed = absl::OkStatus();
+  if (blob != nullptr) {
+    auto buffer =
+        AlignedBuffer::Allocate(store_->manifest().layouts.at(blob->precision).padded_size);
+    probed = buffer.ok() ? store_->ReadBlob(*blob, buffer->data()) : buffer.status();
+  }
+  std::lock_guard lock(mutex_);
+  if (probed.ok()) {
+    failing_blobs_.clear();
+    health_ = StoreHealth{};
+  } else {
+    health_ = StoreHealth{false, std::string(probed.message())};
+  }
+  return health_;
 }
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
@@ -344,8 +470,10 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         auto failure = failures_.find(key);
         const Slot& slot = device_.slots[slot_of[w]];
         if (failure != failures_.end()) {
-          if (first_error.ok())
-            first_error = absl::Status(failure->second.code, failure->second.message);
+          if (first_error.ok()) {
+            first_error = WithStoreFault(
+                absl::Status(failure->second.code, failure->second.message), failure->second.fault);
+          }
           failures_.erase(failure);
           e = w;
           failed = true;

@@ -9,16 +9,22 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "cache/aligned_buffer.h"
 #include "cache/block_reader.h"
 #include "cache/eviction_policy.h"
+#include "cache/store_fault.h"
 #include "cache/store_reader.h"
 #include "model/expert_provider.h"
 #include "util/byte_size.h"
@@ -35,6 +41,24 @@ struct CacheOptions {
   EvictionScope eviction_scope = EvictionScope::kLayer;  // both tiers
   ReaderOptions reader;
   bool allow_io_uring = true;  // false: the pread pool
+  // A read that fails with an I/O error or comes back short is tried again, up to this many
+  // attempts in all, waiting retry_backoff, then 4× that, 16× ... between attempts. A checksum
+  // mismatch is never retried: the bytes on disk are wrong.
+  int max_read_attempts = 4;
+  std::chrono::microseconds retry_backoff{1000};
+  // The store counts as unreadable after failed reads (I/O errors or short reads, after their
+  // retries) of this many different blobs in a row, with no successful read between them.
+  int unreadable_after_failed_blobs = 3;
+  // Told of every failed read attempt, on the reader's thread, without the cache's lock.
+  std::function<void(const StoreFault& fault, absl::string_view message, bool will_retry)>
+      on_read_failure;
+};
+
+// Whether the store can be read, as readiness reports it. A checksum mismatch in one blob
+// never makes it unreadable: the rest of the store serves.
+struct StoreHealth {
+  bool readable = true;
+  std::string reason;  // why not, when not
 };
 
 struct TierCounters {
@@ -83,6 +107,13 @@ class ExpertCache final : public model::ExpertProvider {
       const ReaderFactory& reader_factory = {}, std::string* note = nullptr);
   ~ExpertCache() override;
 
+  // Re-examines the store: experts.bin must open and hold the bytes the manifest lists; while
+  // the store counts as unreadable, one blob is also read back (and verified) as a probe, and
+  // success makes it readable again. Cheap (an open and an fstat) while readable: the daemon
+  // calls it a few times a second.
+  StoreHealth CheckStore();
+  StoreHealth store_health() const;
+
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override;
 
@@ -123,6 +154,8 @@ class ExpertCache final : public model::ExpertProvider {
     int host_slot = -1;
     int device_slot = -1;
     std::chrono::steady_clock::time_point started;
+    uint8_t* target = nullptr;  // where the read goes
+    int attempts = 1;
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
@@ -133,6 +166,11 @@ class ExpertCache final : public model::ExpertProvider {
   // Starts making `key` resident in device slot `slot` (already allocated, pinned).
   absl::Status StartLoadLocked(const ExpertKey& key, int device_slot);
   void OnReadComplete(uint64_t tag, absl::Status status);
+  // Ends `load` (already out of loads_) as failed with `status`: frees its slots and records
+  // the failure for the compute thread.
+  void FailLoadLocked(const Load& load, const absl::Status& status);
+  void RetryLoop();
+  void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
 
   std::shared_ptr<const Store> store_;
   CacheOptions options_;
@@ -150,12 +188,21 @@ class ExpertCache final : public model::ExpertProvider {
   struct Failure {
     absl::StatusCode code;
     std::string message;
+    StoreFault fault;
   };
   absl::flat_hash_map<ExpertKey, Failure> failures_;
   uint64_t next_tag_ = 1;
   uint64_t tick_ = 0;
   uint64_t ssd_reads_ = 0, ssd_bytes_ = 0;
   uint64_t failed_io_ = 0, failed_short_reads_ = 0, failed_checksums_ = 0;
+  // Retries waiting for their time, by due time (tags of loads_ entries).
+  std::multimap<std::chrono::steady_clock::time_point, uint64_t> retries_;
+  std::condition_variable retry_changed_;
+  bool stopping_ = false;
+  std::thread retry_thread_;
+  // Blobs whose reads failed with I/O errors or short reads since the last successful read.
+  absl::flat_hash_set<ExpertKey> failing_blobs_;
+  StoreHealth health_;
   util::Histogram stage_from_ssd_{StageSecondsBuckets()};
   util::Histogram stage_from_host_{StageSecondsBuckets()};
   double wait_seconds_ = 0;

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 
 #include "cache/fault_injecting_reader.h"
 #include "kernels/test_backend.h"
@@ -188,7 +189,28 @@ TEST_CASE("quantized precisions run from the cache too") {
   }
 }
 
-TEST_CASE("read faults fail the step naming the expert, the cache stays consistent") {
+// A cache over `f`'s store whose reads go through a fault injector (set into `*injector`).
+std::unique_ptr<ExpertCache> FaultyCache(const Fixture& f, CacheOptions options,
+                                         FaultInjectingReader** injector) {
+  auto cache = ExpertCache::Create(
+      f.store, options, [&](ReadCallback callback) -> absl::StatusOr<std::unique_ptr<BlockReader>> {
+        auto reader = FaultInjectingReader::Open(f.store->experts_path(), std::move(callback));
+        if (!reader.ok()) return reader.status();
+        *injector = reader->get();
+        return std::unique_ptr<BlockReader>(*std::move(reader));
+      });
+  REQUIRE(cache.ok());
+  return *std::move(cache);
+}
+
+CacheOptions SmallBudget(const Fixture& f) {
+  CacheOptions options;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+  options.retry_backoff = std::chrono::microseconds(100);
+  return options;
+}
+
+TEST_CASE("read faults that persist fail the step naming the expert and the kind") {
   Fixture f(model::Architecture::kMixtral);
   // An expert the prompt's first token uses in layer 1.
   const int used = f.reference.routing[1][0][0];
@@ -197,37 +219,61 @@ TEST_CASE("read faults fail the step naming the expert, the cache stays consiste
   for (Fault fault : {Fault::kIoError, Fault::kShortRead, Fault::kCorrupt}) {
     INFO(static_cast<int>(fault));
     FaultInjectingReader* injector = nullptr;
-    CacheOptions options;
-    options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
-    auto cache = ExpertCache::Create(
-        f.store, options,
-        [&](ReadCallback callback) -> absl::StatusOr<std::unique_ptr<BlockReader>> {
-          auto reader = FaultInjectingReader::Open(f.store->experts_path(), std::move(callback));
-          if (!reader.ok()) return reader.status();
-          injector = reader->get();
-          return std::unique_ptr<BlockReader>(*std::move(reader));
-        });
-    REQUIRE(cache.ok());
-    ExpertCache* raw = cache->get();
-    injector->Inject(victim->offset, fault, 1000);
-    auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache),
+    CacheOptions options = SmallBudget(f);
+    std::mutex mutex;
+    std::vector<std::pair<StoreFault, bool>> told;
+    options.on_read_failure = [&](const StoreFault& fault, absl::string_view, bool will_retry) {
+      std::lock_guard lock(mutex);
+      told.emplace_back(fault, will_retry);
+    };
+    std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+    ExpertCache* raw = cache.get();
+    injector->Inject(victim->offset, fault, -1);
+    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
                                       kernels::TestCpuBackend(2));
     REQUIRE(model.ok());
     auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
     REQUIRE_FALSE(failed.ok());
-    CHECK(failed.status().code() == absl::StatusCode::kDataLoss);
+    // An I/O error may pass (UNAVAILABLE); a file that ends early or bytes that fail their
+    // checksum are lost data.
+    CHECK(failed.status().code() == (fault == Fault::kIoError ? absl::StatusCode::kUnavailable
+                                                              : absl::StatusCode::kDataLoss));
     CHECK(failed.status().message().rfind("layer 1 expert " + std::to_string(used) + " (source): ",
                                           0) == 0);
     CHECK(failed.status().message().find("experts.bin at offset " +
                                          std::to_string(victim->offset)) != std::string::npos);
-    if (fault == Fault::kCorrupt)
+    const int attempts = fault == Fault::kCorrupt ? 1 : options.max_read_attempts;
+    std::optional<StoreFault> carried = StoreFaultOf(failed.status());
+    REQUIRE(carried.has_value());
+    CHECK(static_cast<int>(carried->kind) == static_cast<int>(fault));
+    CHECK(carried->layer == 1);
+    CHECK(carried->expert == used);
+    CHECK(carried->precision == Precision::kSource);
+    CHECK(carried->offset == victim->offset);
+    CHECK(carried->attempts == attempts);
+    if (fault == Fault::kCorrupt) {
       CHECK(failed.status().message().find("checksum mismatch") != std::string::npos);
+    } else {
+      CHECK(failed.status().message().find("(4 attempts)") != std::string::npos);
+    }
+    // Every failed attempt is counted under its kind, and only there; corruption is never
+    // retried.
     const CacheCounters counters = raw->counters();
-    CHECK(counters.failed_reads >= 1);
-    // Each failure is counted under its kind, and only there.
+    CHECK(counters.failed_reads == injector->injected(fault));
+    CHECK(counters.failed_reads == static_cast<uint64_t>(attempts));
     CHECK(counters.failed_io == (fault == Fault::kIoError ? counters.failed_reads : 0));
     CHECK(counters.failed_short_reads == (fault == Fault::kShortRead ? counters.failed_reads : 0));
     CHECK(counters.failed_checksums == (fault == Fault::kCorrupt ? counters.failed_reads : 0));
+    {
+      std::lock_guard lock(mutex);
+      REQUIRE(told.size() == static_cast<size_t>(attempts));
+      for (size_t i = 0; i < told.size(); ++i) {
+        CHECK(told[i].first.attempts == static_cast<int>(i) + 1);
+        CHECK(told[i].second == (static_cast<int>(i) + 1 < attempts));  // retried but the last
+      }
+    }
+    // One blob's failures do not make the store unreadable.
+    CHECK(raw->store_health().readable);
     // Clear the fault: the same cache now serves the same prompt exactly.
     injector->Clear();
     auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
@@ -235,6 +281,96 @@ TEST_CASE("read faults fail the step naming the expert, the cache stays consiste
     CHECK(healed->prompt_logits == f.reference.prompt_logits);
     CHECK(healed->greedy == f.reference.greedy);
   }
+}
+
+TEST_CASE("I/O errors and short reads that pass are retried: the results stay exact") {
+  Fixture f(model::Architecture::kMixtral);
+  const int used = f.reference.routing[1][0][0];
+  const BlobEntry* victim = f.store->manifest().FindBlob(1, used, Precision::kSource);
+  for (Fault fault : {Fault::kIoError, Fault::kShortRead}) {
+    FaultInjectingReader* injector = nullptr;
+    std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
+    ExpertCache* raw = cache.get();
+    injector->Inject(victim->offset, fault, 3);  // the fourth attempt succeeds
+    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                      kernels::TestCpuBackend(2));
+    REQUIRE(model.ok());
+    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE(run.ok());
+    CHECK(run->prompt_logits == f.reference.prompt_logits);
+    CHECK(run->greedy == f.reference.greedy);
+    CHECK(raw->counters().failed_reads == 3);
+    CHECK(injector->injected(fault) == 3);
+  }
+  // At random, 5 % of reads each way, over a whole generation at the smallest budget.
+  FaultInjectingReader* injector = nullptr;
+  std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
+  ExpertCache* raw = cache.get();
+  injector->InjectAtRandom(0.05, 0.05, 7);
+  auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                    kernels::TestCpuBackend(2));
+  REQUIRE(model.ok());
+  auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+  REQUIRE(run.ok());
+  CHECK(run->prompt_logits == f.reference.prompt_logits);
+  CHECK(run->greedy == f.reference.greedy);
+  const CacheCounters counters = raw->counters();
+  CHECK(counters.failed_io == injector->injected(Fault::kIoError));
+  CHECK(counters.failed_short_reads == injector->injected(Fault::kShortRead));
+  CHECK(counters.failed_reads > 0);
+}
+
+TEST_CASE("failed reads of several blobs in a row make the store unreadable until a probe reads") {
+  Fixture f(model::Architecture::kMixtral);
+  FaultInjectingReader* injector = nullptr;
+  CacheOptions options = SmallBudget(f);
+  options.max_read_attempts = 1;
+  std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+  ExpertCache* raw = cache.get();
+  auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                    kernels::TestCpuBackend(2));
+  REQUIRE(model.ok());
+  CHECK(raw->CheckStore().readable);
+  // Every read fails: the disk is gone.
+  injector->InjectAtRandom(1.0, 0, 1);
+  CHECK_FALSE(model::ScoreAndGreedy(**model, Fixture::kPrompt, 1).ok());
+  CHECK_FALSE(model::ScoreAndGreedy(**model, {5}, 1).ok());
+  CHECK_FALSE(model::ScoreAndGreedy(**model, {9}, 1).ok());
+  StoreHealth health = raw->store_health();
+  CHECK_FALSE(health.readable);
+  CHECK(health.reason.find("different expert blobs") != std::string::npos);
+  // The probe reads through the store's own file, which is intact: readable again.
+  injector->Clear();
+  CHECK(raw->CheckStore().readable);
+  auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+  REQUIRE(healed.ok());
+  CHECK(healed->greedy == f.reference.greedy);
+}
+
+TEST_CASE(
+    "experts.bin truncated or removed makes the store unreadable, restored makes it readable") {
+  Fixture f(model::Architecture::kMixtral);
+  auto cache = ExpertCache::Create(f.store, SmallBudget(f));
+  REQUIRE(cache.ok());
+  CHECK((*cache)->CheckStore().readable);
+  const fs::path path = f.store->experts_path();
+  const uintmax_t size = fs::file_size(path);
+  fs::copy_file(path, f.root / "saved.bin");
+  fs::resize_file(path, size / 2);
+  StoreHealth health = (*cache)->CheckStore();
+  CHECK_FALSE(health.readable);
+  CHECK(health.reason.find("(truncated)") != std::string::npos);
+  CHECK_FALSE((*cache)->store_health().readable);
+  // Put back in place (same file): readable again.
+  fs::copy_file(f.root / "saved.bin", path, fs::copy_options::overwrite_existing);
+  CHECK((*cache)->CheckStore().readable);
+  // Removed: cannot be opened.
+  fs::rename(path, f.root / "moved.bin");
+  health = (*cache)->CheckStore();
+  CHECK_FALSE(health.readable);
+  CHECK(health.reason.find("cannot open") != std::string::npos);
+  fs::rename(f.root / "moved.bin", path);
+  CHECK((*cache)->CheckStore().readable);
 }
 
 TEST_CASE("a corrupted store file fails only the steps that need the damaged expert") {

@@ -1,6 +1,7 @@
 #include "cache/store_reader.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -14,10 +15,16 @@
 
 namespace moed::cache {
 
-absl::Status BlobError(const Store& store, const BlobEntry& blob, absl::string_view what) {
-  return absl::DataLossError(absl::StrCat("layer ", blob.layer, " expert ", blob.expert, " (",
-                                          PrecisionName(blob.precision), "): ", what, " in ",
-                                          store.experts_path(), " at offset ", blob.offset));
+absl::Status BlobError(const Store& store, const BlobEntry& blob, ReadFaultKind kind,
+                       absl::string_view what, int attempts) {
+  std::string message = absl::StrCat(
+      "layer ", blob.layer, " expert ", blob.expert, " (", PrecisionName(blob.precision),
+      "): ", what, " in ", store.experts_path(), " at offset ", blob.offset,
+      attempts > 1 ? absl::StrCat(" (", attempts, " attempts)") : std::string());
+  StoreFault fault{kind, blob.layer, blob.expert, blob.precision, blob.offset, attempts};
+  return WithStoreFault(kind == ReadFaultKind::kIoError ? absl::UnavailableError(message)
+                                                        : absl::DataLossError(message),
+                        fault);
 }
 
 absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
@@ -111,6 +118,34 @@ absl::StatusOr<const BlobEntry*> Store::Blob(int layer, int expert, Precision pr
   return blob;
 }
 
+absl::Status Store::CheckExpertsFile() const {
+  const uint64_t listed = manifest_.experts_file_size;
+  auto too_short = [&](uint64_t size) {
+    return absl::DataLossError(absl::StrCat(
+        experts_path_, ": holds ", size, " bytes but the manifest lists ", listed, " (truncated)"));
+  };
+  struct stat opened {};
+  if (::fstat(experts_fd_, &opened) != 0) {
+    return absl::UnavailableError(
+        absl::StrCat(experts_path_, ": cannot stat: ", std::strerror(errno)));
+  }
+  if (static_cast<uint64_t>(opened.st_size) < listed) return too_short(opened.st_size);
+  int fd = ::open(experts_path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::UnavailableError(
+        absl::StrCat(experts_path_, ": cannot open: ", std::strerror(errno)));
+  }
+  struct stat now {};
+  const int rc = ::fstat(fd, &now);
+  ::close(fd);
+  if (rc != 0) {
+    return absl::UnavailableError(
+        absl::StrCat(experts_path_, ": cannot stat: ", std::strerror(errno)));
+  }
+  if (static_cast<uint64_t>(now.st_size) < listed) return too_short(now.st_size);
+  return absl::OkStatus();
+}
+
 absl::Status Store::ReadBlob(const BlobEntry& blob, uint8_t* buffer) const {
   const uint64_t size = manifest_.layouts.at(blob.precision).padded_size;
   uint64_t done = 0;
@@ -119,12 +154,15 @@ absl::Status Store::ReadBlob(const BlobEntry& blob, uint8_t* buffer) const {
         ::pread(experts_fd_, buffer + done, size - done, static_cast<off_t>(blob.offset + done));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0)
-      return BlobError(*this, blob, absl::StrCat("read error (", std::strerror(errno), ")"));
+      return BlobError(*this, blob, ReadFaultKind::kIoError,
+                       absl::StrCat("read error (", std::strerror(errno), ")"));
     if (n == 0)
-      return BlobError(*this, blob, absl::StrCat("short read (", done, " of ", size, " bytes)"));
+      return BlobError(*this, blob, ReadFaultKind::kShortRead,
+                       absl::StrCat("short read (", done, " of ", size, " bytes)"));
     done += static_cast<uint64_t>(n);
   }
-  if (Checksum(buffer, size) != blob.xxh64) return BlobError(*this, blob, "checksum mismatch");
+  if (Checksum(buffer, size) != blob.xxh64)
+    return BlobError(*this, blob, ReadFaultKind::kCorrupt, "checksum mismatch");
   return absl::OkStatus();
 }
 

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "cache/store.h"
+#include "cache/store_fault.h"
 #include "model/expert_provider.h"
 #include "model/model_config.h"
 #include "model/safetensors.h"
@@ -31,6 +32,9 @@ class Store final : public model::TensorSource {
   // verifies its checksum. Errors name the layer, the expert and where in experts.bin.
   absl::Status ReadBlob(const BlobEntry& blob, uint8_t* buffer) const;
   absl::StatusOr<const BlobEntry*> Blob(int layer, int expert, Precision precision) const;
+  // OK when experts.bin can be opened and both it and the file opened at start hold at least
+  // the bytes the manifest lists (the file may have been truncated or removed since).
+  absl::Status CheckExpertsFile() const;
 
  private:
   Store() = default;
@@ -45,8 +49,10 @@ class Store final : public model::TensorSource {
   int experts_fd_ = -1;
 };
 
-// Verification error for a blob, shared by every reader: "layer L expert E (precision):
-// checksum mismatch in experts.bin at offset O".
-absl::Status BlobError(const Store& store, const BlobEntry& blob, absl::string_view what);
+// A failed read of a blob, shared by every reader: "layer L expert E (precision): checksum
+// mismatch in experts.bin at offset O". DATA_LOSS, or UNAVAILABLE for an I/O error (which may
+// pass), with the StoreFault naming the blob attached.
+absl::Status BlobError(const Store& store, const BlobEntry& blob, ReadFaultKind kind,
+                       absl::string_view what, int attempts = 1);
 
 }  // namespace moed::cache
