@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -29,6 +30,13 @@ absl::StatusOr<int> OpenForReading(const std::string& path, bool direct) {
   return fd;
 }
 
+// A piece of a request in flight.
+struct Piece {
+  uint64_t id;
+  uint64_t at;    // offset within the request
+  uint64_t size;  // bytes still to read
+};
+
 // A request cut into pieces no larger than max_request_bytes; the whole completes when every
 // piece has.
 struct Pending {
@@ -37,16 +45,24 @@ struct Pending {
   absl::Status status;
 };
 
+// Marks a submission entry that was neutralised after a failed submit (see FailUnsubmitted).
+Piece* const kAbandoned = reinterpret_cast<Piece*>(uintptr_t{1});
+
 class IoUringReader final : public BlockReader {
  public:
-  IoUringReader(int fd, const ReaderOptions& options, ReadCallback callback)
-      : fd_(fd), options_(options), callback_(std::move(callback)) {}
+  IoUringReader(int fd, const ReaderOptions& options, ReadCallback callback, SubmitHook hook)
+      : fd_(fd), options_(options), callback_(std::move(callback)), hook_(std::move(hook)) {}
 
   absl::Status Init() {
     int rc = io_uring_queue_init(static_cast<unsigned>(std::max(1, options_.queue_depth)) * 2,
                                  &ring_, 0);
     if (rc < 0)
       return absl::UnavailableError(absl::StrCat("io_uring_queue_init: ", std::strerror(-rc)));
+    if ((ring_.features & IORING_FEAT_EXT_ARG) == 0) {
+      // Waiting with a timeout would then submit from the completion thread.
+      io_uring_queue_exit(&ring_);
+      return absl::UnavailableError("io_uring without IORING_FEAT_EXT_ARG (Linux 5.11)");
+    }
     ring_ready_ = true;
     completer_ = std::thread([this] { CompletionLoop(); });
     return absl::OkStatus();
@@ -56,13 +72,18 @@ class IoUringReader final : public BlockReader {
     if (ring_ready_) {
       {
         std::unique_lock lock(mutex_);
-        idle_.wait(lock, [&] { return in_flight_ == 0 && queue_.empty(); });
+        idle_.wait(lock, [&] { return in_flight_ == 0 && queue_.empty() && finished_.empty(); });
         stopping_ = true;
-        // Wake the completion thread with a no-op.
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-        io_uring_prep_nop(sqe);
-        io_uring_sqe_set_data(sqe, nullptr);  // the stop marker
-        io_uring_submit(&ring_);
+        // Wake the completion thread with a no-op; should the ring refuse it, the thread sees
+        // stopping_ at its next timeout.
+        if (broken_.ok()) {
+          io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+          if (sqe != nullptr) {
+            io_uring_prep_nop(sqe);
+            io_uring_sqe_set_data(sqe, nullptr);  // the stop marker
+            (void)CallSubmit();
+          }
+        }
       }
       completer_.join();
       io_uring_queue_exit(&ring_);
@@ -74,6 +95,7 @@ class IoUringReader final : public BlockReader {
 
   absl::Status Submit(absl::Span<const ReadRequest> requests) override {
     std::lock_guard lock(mutex_);
+    if (!broken_.ok()) return broken_;
     for (const ReadRequest& request : requests) {
       if (request.size == 0) return absl::InvalidArgumentError("empty read request");
     }
@@ -88,7 +110,9 @@ class IoUringReader final : public BlockReader {
       stats_.requests++;
       stats_.bytes += request.size;
     }
-    return SubmitQueuedLocked();
+    // Accepted: should the ring refuse them now, each still gets its callback (an error).
+    SubmitQueuedLocked();
+    return absl::OkStatus();
   }
 
   ReaderStats stats() const override {
@@ -97,13 +121,8 @@ class IoUringReader final : public BlockReader {
   }
 
  private:
-  struct Piece {
-    uint64_t id;
-    uint64_t at;    // offset within the request
-    uint64_t size;  // bytes still to read
-  };
-
-  absl::Status SubmitQueuedLocked() {
+  void SubmitQueuedLocked() {
+    if (!broken_.ok()) return;
     int added = 0;
     while (!queue_.empty() && in_flight_ < options_.queue_depth) {
       io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
@@ -120,11 +139,61 @@ class IoUringReader final : public BlockReader {
     }
     stats_.max_in_flight =
         std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(in_flight_));
-    if (added > 0) {
-      int rc = io_uring_submit(&ring_);
-      if (rc < 0) return absl::InternalError(absl::StrCat("io_uring_submit: ", std::strerror(-rc)));
+    if (io_uring_sq_ready(&ring_) == 0) return;
+    // A full completion queue (EBUSY) or a momentary shortage (EAGAIN) passes once completions
+    // are reaped (the completion thread reaps without this lock): try again a few times.
+    int rc = 0;
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      rc = CallSubmit();
+      if (rc >= 0 || (rc != -EAGAIN && rc != -EBUSY && rc != -EINTR)) break;
+      std::this_thread::sleep_for(std::chrono::microseconds(100 << (2 * attempt)));
     }
-    return absl::OkStatus();
+    if (rc >= 0) return;
+    FailUnsubmittedLocked(
+        ReadFailure(ReadFaultKind::kIoError, 0,
+                    absl::StrCat("io_uring_submit: ", std::strerror(-rc), " (the reader stops)")));
+  }
+
+  int CallSubmit() {
+    if (!hook_) return io_uring_submit(&ring_);
+    return hook_([this] { return io_uring_submit(&ring_); });
+  }
+
+  // The ring refused entries it will never read: each is turned into a no-op (so that nothing
+  // reads into a buffer whose request has been failed, should the ring take it later), its
+  // request fails with `error`, and so does every request still queued. The reader then
+  // refuses new requests, and its destructor does not wait for reads that will never come.
+  void FailUnsubmittedLocked(const absl::Status& error) {
+    broken_ = error;
+    std::vector<Piece*> abandoned;
+    for (unsigned head = *ring_.sq.khead; head != ring_.sq.sqe_tail; ++head) {
+      io_uring_sqe* sqe = &ring_.sq.sqes[head & *ring_.sq.kring_mask];
+      auto* piece = reinterpret_cast<Piece*>(static_cast<uintptr_t>(sqe->user_data));
+      if (piece != nullptr && piece != kAbandoned) abandoned.push_back(piece);
+      io_uring_prep_nop(sqe);
+      io_uring_sqe_set_data(sqe, kAbandoned);
+    }
+    auto fail = [&](uint64_t id) {
+      auto it = pending_.find(id);
+      if (it == pending_.end()) return;
+      if (it->second.status.ok()) it->second.status = error;
+      if (--it->second.pieces_left == 0) {
+        finished_.push_back({it->second.request.tag, it->second.status});
+        pending_.erase(it);
+      }
+    };
+    for (Piece* piece : abandoned) {
+      --in_flight_;
+      fail(piece->id);
+      delete piece;
+    }
+    while (!queue_.empty()) {
+      Piece piece = queue_.front();
+      queue_.pop_front();
+      fail(piece.id);
+    }
+    // Delivered by the completion thread (never inside Submit), which this wakes.
+    wake_ = true;
   }
 
   // Callbacks run on the completion thread without the lock (they may submit more reads), so
@@ -146,14 +215,26 @@ class IoUringReader final : public BlockReader {
   void CompletionLoop() {
     while (true) {
       io_uring_cqe* cqe = nullptr;
-      int rc = io_uring_wait_cqe(&ring_, &cqe);
-      if (rc == -EINTR) continue;
-      if (rc < 0) continue;
+      // A timeout, so that failures made without a completion (FailUnsubmittedLocked) are
+      // delivered, and a stop the ring refused to carry is seen.
+      __kernel_timespec timeout{0, 50'000'000};
+      int rc = io_uring_wait_cqe_timeout(&ring_, &cqe, &timeout);
+      if (rc < 0) {
+        std::unique_lock lock(mutex_);
+        if (wake_) {
+          wake_ = false;
+          DeliverFinishedLocked();
+          if (in_flight_ == 0 && queue_.empty() && finished_.empty()) idle_.notify_all();
+        }
+        if (stopping_ && !broken_.ok()) return;
+        continue;
+      }
       void* data = io_uring_cqe_get_data(cqe);
       int result = cqe->res;
       io_uring_cqe_seen(&ring_, cqe);
       std::unique_lock lock(mutex_);
       if (data == nullptr) return;
+      if (data == kAbandoned) continue;
       std::unique_ptr<Piece> piece(static_cast<Piece*>(data));
       --in_flight_;
       Pending& pending = pending_[piece->id];
@@ -183,7 +264,7 @@ class IoUringReader final : public BlockReader {
         finished_.push_back({pending.request.tag, pending.status});
         pending_.erase(piece->id);
       }
-      (void)SubmitQueuedLocked();
+      SubmitQueuedLocked();
       DeliverFinishedLocked();
       if (in_flight_ == 0 && queue_.empty() && finished_.empty()) idle_.notify_all();
     }
@@ -192,6 +273,9 @@ class IoUringReader final : public BlockReader {
   int fd_;
   ReaderOptions options_;
   ReadCallback callback_;
+  SubmitHook hook_;
+  absl::Status broken_;  // why the reader stopped, if it has
+  bool wake_ = false;    // failures wait for delivery by the completion thread
   io_uring ring_{};
   bool ring_ready_ = false;
   std::thread completer_;
@@ -303,14 +387,22 @@ class PreadReader final : public BlockReader {
 
 }  // namespace
 
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReaderForTest(const std::string& path,
+                                                                      const ReaderOptions& options,
+                                                                      ReadCallback callback,
+                                                                      SubmitHook submit) {
+  absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
+  if (!fd.ok()) return fd.status();
+  auto reader =
+      std::make_unique<IoUringReader>(*fd, options, std::move(callback), std::move(submit));
+  if (absl::Status s = reader->Init(); !s.ok()) return s;
+  return std::unique_ptr<BlockReader>(std::move(reader));
+}
+
 absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReader(const std::string& path,
                                                                const ReaderOptions& options,
                                                                ReadCallback callback) {
-  absl::StatusOr<int> fd = OpenForReading(path, options.direct_io);
-  if (!fd.ok()) return fd.status();
-  auto reader = std::make_unique<IoUringReader>(*fd, options, std::move(callback));
-  if (absl::Status s = reader->Init(); !s.ok()) return s;
-  return std::unique_ptr<BlockReader>(std::move(reader));
+  return OpenIoUringReaderForTest(path, options, std::move(callback), SubmitHook());
 }
 
 absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& path,

@@ -58,6 +58,14 @@ absl::StatusOr<std::unique_ptr<BlockReader>> OpenPreadReader(const std::string& 
                                                              const ReaderOptions& options,
                                                              ReadCallback callback);
 
+// For tests: io_uring whose every io_uring_submit goes through `submit`, which is handed the
+// real call and returns what it returns, or a negative errno instead.
+using SubmitHook = std::function<int(const std::function<int()>& real_submit)>;
+absl::StatusOr<std::unique_ptr<BlockReader>> OpenIoUringReaderForTest(const std::string& path,
+                                                                      const ReaderOptions& options,
+                                                                      ReadCallback callback,
+                                                                      SubmitHook submit);
+
 // io_uring when it works, else the pread pool; `note` says why when it fell back.
 absl::StatusOr<std::unique_ptr<BlockReader>> OpenBestReader(const std::string& path,
                                                             const ReaderOptions& options,
