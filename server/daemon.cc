@@ -15,6 +15,7 @@
 #include "grpcpp/server_builder.h"
 #include "server/engine.h"
 #include "util/fmt_absl.h"
+#include "util/rate_limiter.h"
 #include "util/status_macros.h"
 
 namespace moed::server {
@@ -308,7 +309,22 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   daemon->logger_ = std::move(logger);
   spdlog::logger& log = *daemon->logger_;
 
-  MOED_ASSIGN_OR_RETURN(Engine engine, BuildEngine(config));
+  EngineHooks hooks;
+  // A failing disk fails reads by the thousand: a few lines a second, then a count.
+  hooks.on_read_failure =
+      [logger = daemon->logger_,
+       limiter = std::make_shared<util::RateLimiter>(5, std::chrono::seconds(1))](
+          const cache::StoreFault& fault, absl::string_view message, bool will_retry) {
+        uint64_t dropped = 0;
+        if (!limiter->Allow(util::RateLimiter::Clock::now(), &dropped)) return;
+        logger->warn("expert read failed (layer {} expert {} {}, {}, attempt {}{}): {}{}",
+                     fault.layer, fault.expert, cache::PrecisionName(fault.precision),
+                     cache::ReadFaultKindName(fault.kind), fault.attempts,
+                     will_retry ? ", will retry" : "", message,
+                     dropped > 0 ? absl::StrCat(" (", dropped, " more failed reads not logged)")
+                                 : std::string());
+      };
+  MOED_ASSIGN_OR_RETURN(Engine engine, BuildEngine(config, hooks));
   const model::ModelConfig& model_config = engine.model_config;
   daemon->store_ = engine.store;
   daemon->cache_ = engine.cache;
@@ -432,7 +448,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   openai.api_key = config.api_key;
   openai.system_fingerprint = absl::StrCat("moed-", MOED_VERSION, "-", info.backend());
   Daemon* self = daemon.get();
-  openai.ready = [self] { return !self->draining_.load(); };
+  openai.ready = [self] { return !self->draining_.load() && self->store_readable_.load(); };
   if (std::shared_ptr<ServingMetrics> metrics = daemon->core_->parts().metrics) {
     // The HTTP threads hold what a scrape reads, not the daemon.
     openai.metrics = [metrics, scheduler = daemon->scheduler_, cache = daemon->cache_] {
@@ -448,6 +464,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
 }
 
 Daemon::~Daemon() {
+  StopWatchingStore();
   if (server_) Shutdown(std::chrono::milliseconds(0));
 }
 
@@ -517,12 +534,45 @@ absl::StatusOr<Daemon::Addresses> Daemon::Start() {
   // The model is loaded before Start(), so the daemon is ready as soon as it listens.
   health_service_->SetStatus("", grpc::health::v1::HealthCheckResponse::SERVING);
   health_service_->SetStatus("moed.v1.Moed", grpc::health::v1::HealthCheckResponse::SERVING);
+  if (cache_ != nullptr) store_watcher_ = std::thread([this] { WatchStore(); });
   logger_->info("serving gRPC on {}", addresses.grpc);
   return addresses;
 }
 
+void Daemon::WatchStore() {
+  std::unique_lock lock(watcher_mutex_);
+  while (!watcher_wake_.wait_for(lock, kStoreCheckInterval, [&] { return stop_watching_; })) {
+    lock.unlock();
+    const cache::StoreHealth health = cache_->CheckStore();
+    lock.lock();
+    if (stop_watching_) return;
+    if (health.readable == store_readable_.load()) continue;
+    store_readable_ = health.readable;
+    const auto status = health.readable ? grpc::health::v1::HealthCheckResponse::SERVING
+                                        : grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+    health_service_->SetStatus("", status);
+    health_service_->SetStatus("moed.v1.Moed", status);
+    if (health.readable) {
+      logger_->info("the expert store reads again: serving");
+    } else {
+      logger_->error("the expert store cannot be read ({}): not serving until it can",
+                     health.reason);
+    }
+  }
+}
+
+void Daemon::StopWatchingStore() {
+  {
+    std::lock_guard lock(watcher_mutex_);
+    stop_watching_ = true;
+  }
+  watcher_wake_.notify_all();
+  if (store_watcher_.joinable()) store_watcher_.join();
+}
+
 void Daemon::Drain(std::chrono::seconds limit, const std::function<bool()>& stop_now) {
   draining_ = true;
+  StopWatchingStore();  // it must not turn health back to SERVING
   scheduler_->StopAccepting();
   health_service_->Shutdown();
   // Polls until the scheduler is idle (true), the time is up or `stop` says so (false).
@@ -551,6 +601,7 @@ void Daemon::Drain(std::chrono::seconds limit, const std::function<bool()>& stop
 }
 
 void Daemon::Shutdown(std::chrono::milliseconds grace) {
+  StopWatchingStore();
   if (http_server_) http_server_->Stop(std::max(grace, std::chrono::milliseconds(5000)));
   if (!server_) return;
   health_service_->Shutdown();

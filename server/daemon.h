@@ -4,9 +4,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "cache/expert_cache.h"
@@ -60,6 +63,15 @@ class Daemon {
   std::unique_ptr<HttpServer> http_server_;
   std::unique_ptr<OpenAiService> openai_service_;
   std::atomic<bool> draining_{false};
+  // The store watcher: readiness follows whether the expert store can be read.
+  static constexpr std::chrono::milliseconds kStoreCheckInterval{250};
+  void WatchStore();
+  void StopWatchingStore();
+  std::atomic<bool> store_readable_{true};
+  std::mutex watcher_mutex_;
+  std::condition_variable watcher_wake_;
+  bool stop_watching_ = false;
+  std::thread store_watcher_;
   std::shared_ptr<scheduler::Scheduler> scheduler_;
   std::shared_ptr<ServingCore> core_;
   std::unique_ptr<MoedService> moed_service_;

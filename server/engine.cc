@@ -6,7 +6,7 @@
 
 namespace moed::server {
 
-absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config) {
+absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks& hooks) {
   Engine engine;
   MOED_ASSIGN_OR_RETURN(kernels::BackendKind kind, kernels::ParseBackendKind(config.backend));
   if (!config.store.empty()) {
@@ -33,6 +33,7 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config) {
     options.host_policy = options.device_policy;
     MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
     options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
+    options.on_read_failure = hooks.on_read_failure;
     MOED_ASSIGN_OR_RETURN(
         std::unique_ptr<cache::ExpertCache> expert_cache,
         cache::ExpertCache::Create(engine.store, options, {}, &engine.cache_note));

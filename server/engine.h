@@ -3,6 +3,7 @@
 // `moectl logits` and the benchmarks all build theirs here.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -31,8 +32,15 @@ struct Engine {
   uint64_t kv_cache_budget_bytes = 0;
 };
 
+// What the caller wants told about the engine at work.
+struct EngineHooks {
+  // Every failed expert read attempt (see cache::CacheOptions::on_read_failure).
+  std::function<void(const cache::StoreFault& fault, absl::string_view message, bool will_retry)>
+      on_read_failure;
+};
+
 // Reads config.backend, cuda_device, threads, model or store, the cache options and the KV
 // budget (kv_cache_bytes; its default needs max_batch and max_running).
-absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config);
+absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks& hooks = {});
 
 }  // namespace moed::server

@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstdio>
 
 #include "nlohmann/json.hpp"
+#include "util/rate_limiter.h"
 
 namespace moed::server {
 namespace {
@@ -69,3 +71,26 @@ TEST_CASE("unknown levels and formats are refused") {
 
 }  // namespace
 }  // namespace moed::server
+
+namespace moed::util {
+namespace {
+
+TEST_CASE("the rate limiter lets N events through per interval and counts the rest") {
+  RateLimiter limiter(3, std::chrono::seconds(1));
+  const auto t0 = RateLimiter::Clock::time_point{} + std::chrono::hours(1);
+  uint64_t dropped = 99;
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(limiter.Allow(t0 + std::chrono::milliseconds(i), &dropped));
+    CHECK(dropped == 0);
+  }
+  for (int i = 0; i < 5; ++i)
+    CHECK_FALSE(limiter.Allow(t0 + std::chrono::milliseconds(500), &dropped));
+  // The next interval: the first event through reports the five dropped, the next none.
+  REQUIRE(limiter.Allow(t0 + std::chrono::milliseconds(1000), &dropped));
+  CHECK(dropped == 5);
+  REQUIRE(limiter.Allow(t0 + std::chrono::milliseconds(1001), &dropped));
+  CHECK(dropped == 0);
+}
+
+}  // namespace
+}  // namespace moed::util

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "cache/routing_trace.h"
+#include "cache/store_reader.h"
 #include "client/client.h"
 #include "kernels/test_backend.h"
 #include "tests/integration/daemon_process.h"
@@ -714,6 +715,92 @@ TEST_CASE("moectl --timeout bounds reaching the daemon, not how long a stream ru
       {MOECTL_BINARY, "--server", "127.0.0.1:1", "--timeout", "1", "generate", "--ids", "1,2"});
   CHECK(nobody.exit_code != 0);
   CHECK(nobody.err.find("UNAVAILABLE") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+using Serving = grpc::health::v1::HealthCheckResponse;
+
+// Waits up to 10 s for the daemon's health to become `want`.
+bool HealthBecomes(client::Client& c, Serving::ServingStatus want) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (HealthOf(c) != want) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+// A private copy of Store(), for tests that damage it.
+fs::path CopyOfStore(const std::string& name) {
+  fs::path copy = Store().parent_path() / name;
+  fs::remove_all(copy);
+  fs::copy(Store(), copy, fs::copy_options::recursive);
+  return copy;
+}
+
+TEST_CASE("an unreadable store turns health NOT_SERVING until it reads again") {
+  const fs::path store = CopyOfStore("store-truncated");
+  const fs::path experts = store / "experts.bin";
+  const uintmax_t size = fs::file_size(experts);
+  fs::copy_file(experts, store / "saved.bin");
+  Daemon daemon({"--store", store.string()});
+  auto c = daemon.Connect();
+  REQUIRE(HealthOf(*c) == Serving::SERVING);
+  fs::resize_file(experts, size / 2);
+  CHECK(HealthBecomes(*c, Serving::NOT_SERVING));
+  // Put back in place: serving again, with the tokens of the intact model.
+  fs::copy_file(store / "saved.bin", experts, fs::copy_options::overwrite_existing);
+  CHECK(HealthBecomes(*c, Serving::SERVING));
+  Collected got = Run(*c, Greedy({5, 300, 17}, 4));
+  REQUIRE(got.status.ok());
+  auto local = model::Model::Load(Model().string(), kernels::TestCpuBackend(1));
+  REQUIRE(local.ok());
+  auto expected = model::ScoreAndGreedy(**local, {5, 300, 17}, 4);
+  REQUIRE(expected.ok());
+  CHECK(got.ids == std::vector<uint32_t>(expected->greedy.begin(), expected->greedy.end()));
+  REQUIRE(daemon.process->Stop() == 0);
+  const std::string& log = daemon.process->stderr_text();
+  CHECK(log.find("the expert store cannot be read") != std::string::npos);
+  CHECK(log.find("(truncated)") != std::string::npos);
+  CHECK(log.find("the expert store reads again: serving") != std::string::npos);
+  fs::remove_all(store);
+}
+
+TEST_CASE("checksum mismatches fail the requests that need the blobs, never readiness") {
+  const fs::path store = CopyOfStore("store-corrupt");
+  {
+    // Damage every source blob of layer 0: every request needs one.
+    auto opened = cache::Store::Open(store.string());
+    REQUIRE(opened.ok());
+    std::fstream file(store / "experts.bin", std::ios::in | std::ios::out | std::ios::binary);
+    for (const cache::BlobEntry& blob : (*opened)->manifest().blobs) {
+      if (blob.layer != 0 || blob.precision != cache::Precision::kSource) continue;
+      file.seekp(static_cast<std::streamoff>(blob.offset + 100));
+      file.put('\x5A');
+    }
+  }
+  Daemon daemon({"--store", store.string()});
+  auto c = daemon.Connect();
+  for (int i = 0; i < 3; ++i) {
+    Collected got = Run(*c, Greedy({static_cast<uint32_t>(5 + i)}, 2));
+    CHECK(got.status.code() == absl::StatusCode::kDataLoss);
+    CHECK(got.status.message().find("checksum mismatch") != std::string::npos);
+  }
+  // Several store checks later, still serving: the rest of the store is sound.
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  CHECK(HealthOf(*c) == Serving::SERVING);
+  auto info = c->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->expert_cache().failed_reads() >= 3);
+  REQUIRE(daemon.process->Stop() == 0);
+  CHECK(daemon.process->stderr_text().find(" source, checksum, attempt 1): checksum mismatch") !=
+        std::string::npos);
+  fs::remove_all(store);
 }
 
 }  // namespace
