@@ -30,6 +30,13 @@ absl::string_view QuantizationName(kernels::Quantization q) {
 
 std::string Hex(uint64_t value) { return absl::StrFormat("%016x", value); }
 
+// xxh64 of the manifest as written, without its "checksum" field.
+uint64_t ManifestChecksum(ordered_json root) {
+  root.erase("checksum");
+  const std::string text = root.dump(1) + "\n";
+  return XXH64(text.data(), text.size(), 0);
+}
+
 ordered_json MatrixJson(const MatrixLayout& m) {
   return {{"dtype", std::string(kernels::DTypeName(m.dtype))},
           {"quantization", std::string(QuantizationName(m.quantization))},
@@ -129,9 +136,13 @@ absl::Status CheckMatrix(const MatrixLayout& m, uint64_t size, int64_t group, co
   }
   if (m.bytes != expected || m.scales_bytes != scales)
     return read.Error(where, "byte counts do not match the shape");
-  if (m.offset + m.bytes > size || m.scales_offset + m.scales_bytes > size) {
+  if (m.offset > size || m.bytes > size - m.offset || m.scales_offset > size ||
+      m.scales_bytes > size - m.scales_offset) {
     return read.Error(where, "lies outside the blob");
   }
+  // Values and scales are read as floats: scales must be 4-byte aligned.
+  if (m.scales_bytes > 0 && m.scales_offset % 4 != 0)
+    return read.Error(where, "scales are not 4-byte aligned");
   return absl::OkStatus();
 }
 
@@ -212,21 +223,32 @@ std::string ManifestJson(const Manifest& m) {
                      {"xxh64", Hex(b.xxh64)}});
   }
   root["experts"] = {{"file", "experts.bin"}, {"size", m.experts_file_size}, {"blobs", blobs}};
+  root["checksum"] = Hex(ManifestChecksum(root));
   return root.dump(1) + "\n";
 }
 
-absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string_view source) {
-  json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
+absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string_view source,
+                                       bool verify_checksum) {
+  ordered_json ordered = ordered_json::parse(json_text.begin(), json_text.end(), nullptr, false);
   Reader read(source);
-  if (root.is_discarded() || !root.is_object()) return read.Error("manifest", "not a JSON object");
-  if (root.value("format", "") != "moed-store")
+  if (ordered.is_discarded() || !ordered.is_object())
+    return read.Error("manifest", "not a JSON object");
+  json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
+  auto format = root.find("format");
+  if (format == root.end() || !format->is_string() || format->get<std::string>() != "moed-store")
     return read.Error("manifest", "\"format\" is not \"moed-store\"");
   Manifest m;
   MOED_ASSIGN_OR_RETURN(uint64_t version, read.Unsigned(root, "version", "manifest"));
   if (version != kStoreVersion) {
     return read.Error("manifest",
                       absl::StrCat("version ", version, " is not supported (this build reads ",
-                                   kStoreVersion, ")"));
+                                   kStoreVersion, "): pack the checkpoint again with moed-pack"));
+  }
+  MOED_ASSIGN_OR_RETURN(uint64_t checksum, read.HexValue(root, "checksum", "manifest"));
+  if (verify_checksum && checksum != ManifestChecksum(ordered)) {
+    return absl::DataLossError(absl::StrCat(
+        source, ": the manifest does not match its checksum (damaged or edited; pack the "
+                "checkpoint again with moed-pack)"));
   }
   MOED_ASSIGN_OR_RETURN(m.architecture, read.String(root, "architecture", "manifest"));
   MOED_ASSIGN_OR_RETURN(std::string source_dtype, read.String(root, "source_dtype", "manifest"));
@@ -350,6 +372,49 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
     if (extents[i].first < extents[i - 1].second) return read.Error("experts", "blobs overlap");
   }
   return m;
+}
+
+absl::Status CheckManifestAgainstConfig(const Manifest& m, const model::ModelConfig& config,
+                                        absl::string_view source) {
+  auto error = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": ", what, " (the store does not belong to this config.json)"));
+  };
+  if (std::string(model::ArchitectureName(config.architecture)) != m.architecture ||
+      config.num_layers != m.num_layers || config.num_experts != m.num_experts) {
+    return error(absl::StrCat("architecture ", m.architecture, " with ", m.num_layers,
+                              " layers and ", m.num_experts, " experts"));
+  }
+  const int64_t hidden = config.hidden_size, intermediate = config.expert_intermediate_size;
+  for (Precision p : m.precisions) {
+    const BlobLayout& layout = m.layouts.at(p);
+    const kernels::Quantization form = p == Precision::kSource ? kernels::Quantization::kNone
+                                       : p == Precision::kInt8 ? kernels::Quantization::kInt8PerRow
+                                                               : kernels::Quantization::kInt4Grouped;
+    for (auto [name, matrix, rows, cols] :
+         {std::tuple{"gate", &layout.gate, intermediate, hidden},
+          std::tuple{"up", &layout.up, intermediate, hidden},
+          std::tuple{"down", &layout.down, hidden, intermediate}}) {
+      const std::string where = absl::StrCat("layout ", PrecisionName(p), " ", name);
+      if (matrix->rows != rows || matrix->cols != cols) {
+        return error(absl::StrCat(where, " is [", matrix->rows, ", ", matrix->cols,
+                                  "] but the config implies [", rows, ", ", cols, "]"));
+      }
+      if (matrix->quantization != form ||
+          (p == Precision::kSource && matrix->dtype != m.source_dtype)) {
+        return error(absl::StrCat(where, " is not stored in the form of its precision"));
+      }
+    }
+  }
+  // Every MoE layer needs every expert in the source precision.
+  for (int layer = 0; layer < m.num_layers; ++layer) {
+    if (!config.IsMoeLayer(layer)) continue;
+    for (int e = 0; e < m.num_experts; ++e) {
+      if (m.FindBlob(layer, e, Precision::kSource) == nullptr)
+        return error(absl::StrCat("no source blob for layer ", layer, " expert ", e));
+    }
+  }
+  return absl::OkStatus();
 }
 
 model::ExpertWeights ExpertWeightsInBlob(const BlobLayout& layout, const uint8_t* blob) {

@@ -20,10 +20,12 @@
 #include "absl/strings/string_view.h"
 #include "kernels/weights.h"
 #include "model/expert_provider.h"
+#include "model/model_config.h"
 
 namespace moed::cache {
 
-inline constexpr int kStoreVersion = 1;
+// 2: the manifest carries its own checksum.
+inline constexpr int kStoreVersion = 2;
 inline constexpr uint64_t kBlobAlignment = 4096;
 
 enum class Precision { kSource, kInt8, kInt4 };
@@ -84,10 +86,20 @@ struct Manifest {
   bool HasPrecision(Precision precision) const;
 };
 
-// Parses and checks a manifest: every offset inside its file, blobs aligned and not
-// overlapping, layouts consistent. `source` names the file in errors.
-absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string_view source);
+// Parses and checks a manifest: its checksum, every field's type, every offset inside its file
+// (overflow-safe), blobs aligned and not overlapping, each layout's byte counts those of its
+// shapes. `source` names the file in errors. `verify_checksum` false is for fuzzing only.
+absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string_view source,
+                                       bool verify_checksum = true);
+// The manifest as JSON, its "checksum" field (xxh64 of the rest, as written) last.
 std::string ManifestJson(const Manifest& manifest);
+
+// Checks a parsed manifest against the model's config.json: the same architecture, layers and
+// experts; every MoE layer has every expert in the source precision; every layout's matrices
+// have the shapes the config implies (gate and up [intermediate, hidden], down [hidden,
+// intermediate]) and the form its precision implies.
+absl::Status CheckManifestAgainstConfig(const Manifest& manifest, const model::ModelConfig& config,
+                                        absl::string_view source);
 
 // The matrices of one expert as views into its blob's bytes.
 model::ExpertWeights ExpertWeightsInBlob(const BlobLayout& layout, const uint8_t* blob);

@@ -40,21 +40,7 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
   MOED_ASSIGN_OR_RETURN(store->manifest_, ParseManifest(text.str(), manifest_path));
   MOED_ASSIGN_OR_RETURN(store->config_, model::LoadModelConfig(dir));
   const Manifest& m = store->manifest_;
-  if (std::string(model::ArchitectureName(store->config_.architecture)) != m.architecture ||
-      store->config_.num_layers != m.num_layers || store->config_.num_experts != m.num_experts) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(manifest_path, ": does not match ", dir, "/config.json"));
-  }
-  // Every MoE layer needs every expert in the source precision.
-  for (int layer = 0; layer < m.num_layers; ++layer) {
-    if (!store->config_.IsMoeLayer(layer)) continue;
-    for (int e = 0; e < m.num_experts; ++e) {
-      if (m.FindBlob(layer, e, Precision::kSource) == nullptr) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(manifest_path, ": no source blob for layer ", layer, " expert ", e));
-      }
-    }
-  }
+  MOED_RETURN_IF_ERROR(CheckManifestAgainstConfig(m, store->config_, manifest_path));
 
   store->dense_path_ = dir + "/dense.bin";
   MOED_ASSIGN_OR_RETURN(store->dense_, model::MappedFile::Open(store->dense_path_));

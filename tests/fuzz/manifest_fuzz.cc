@@ -1,21 +1,63 @@
-// libFuzzer target: an expert store's manifest.json.
+// libFuzzer target: an expert store's manifest.json. The checksum is not verified (a fuzzer
+// cannot forge it), so every check behind it is reached. The oracle: a manifest that passes
+// ParseManifest and CheckManifestAgainstConfig for the tiny Mixtral config has every blob
+// inside experts.bin and every expert computable: each layout's matrices are run through the
+// CPU backend's expert FFN over a blob-sized buffer, under ASan, as the cache would run them.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
+#include "cache/aligned_buffer.h"
 #include "cache/store.h"
+#include "kernels/backend.h"
+
+namespace {
+
+// The config of the tiny Mixtral preset, whose packed manifest seeds the corpus.
+constexpr char kConfig[] = R"({
+  "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
+  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+  "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 256,
+  "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"})";
+
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static const moed::model::ModelConfig config = *moed::model::ParseModelConfig(kConfig, "fuzz");
+  static const std::shared_ptr<moed::kernels::Backend> backend = [] {
+    auto choice =
+        moed::kernels::CreateBackend(moed::kernels::BackendKind::kCpu, {.cpu_threads = 1});
+    if (!choice.ok()) __builtin_trap();
+    return std::shared_ptr<moed::kernels::Backend>(std::move(choice->backend));
+  }();
   absl::string_view text(reinterpret_cast<const char*>(data), size);
-  auto manifest = moed::cache::ParseManifest(text, "fuzz.json");
-  if (manifest.ok()) {
-    for (const auto& blob : manifest->blobs) {
-      const auto& layout = manifest->layouts.at(blob.precision);
-      if (blob.offset % moed::cache::kBlobAlignment != 0 ||
-          blob.offset + layout.padded_size > manifest->experts_file_size) {
-        __builtin_trap();
-      }
+  auto manifest = moed::cache::ParseManifest(text, "fuzz.json", /*verify_checksum=*/false);
+  if (!manifest.ok()) return 0;
+  (void)moed::cache::ManifestJson(*manifest);
+  for (const auto& blob : manifest->blobs) {
+    const auto& layout = manifest->layouts.at(blob.precision);
+    if (blob.offset % moed::cache::kBlobAlignment != 0 ||
+        blob.offset + layout.padded_size > manifest->experts_file_size) {
+      __builtin_trap();
     }
-    (void)moed::cache::ManifestJson(*manifest);
+  }
+  if (!moed::cache::CheckManifestAgainstConfig(*manifest, config, "fuzz.json").ok()) return 0;
+  const int64_t hidden = config.hidden_size, intermediate = config.expert_intermediate_size;
+  std::vector<float> x(static_cast<size_t>(hidden), 0.5f), out(static_cast<size_t>(hidden));
+  std::vector<float> scratch(
+      static_cast<size_t>(moed::kernels::ExpertFfnScratchFloats(1, hidden, intermediate)));
+  const int32_t row = 0;
+  for (const auto& [precision, layout] : manifest->layouts) {
+    // Exactly the blob's padded size, so that ASan sees any read past it.
+    auto buffer = moed::cache::AlignedBuffer::Allocate(layout.padded_size);
+    if (!buffer.ok()) __builtin_trap();
+    std::memset(buffer->data(), 0x11, layout.padded_size);
+    moed::model::ExpertWeights weights = moed::cache::ExpertWeightsInBlob(layout, buffer->data());
+    moed::kernels::SwiGluWeights w{weights.gate, weights.up, weights.down};
+    if (!backend->compute().ExpertFfn(w, x.data(), &row, 1, out.data(), &row, scratch.data()).ok())
+      __builtin_trap();
   }
   return 0;
 }

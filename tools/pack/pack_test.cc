@@ -7,12 +7,16 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
+#include <cstdio>
+#include <functional>
 #include <sstream>
 
 #include "cache/expert_cache.h"
 #include "cache/store_reader.h"
 #include "kernels/test_backend.h"
 #include "model/generate.h"
+#include "nlohmann/json.hpp"
+#include "xxhash.h"
 #include "tools/synth/synthesizer.h"
 
 namespace moed::tools {
@@ -189,13 +193,76 @@ TEST_CASE("corrupt and truncated stores fail with errors that say where") {
     manifest.replace(at, aligned.size(), "\"offset\": " + std::to_string(blob.offset + 8));
     std::ofstream(store / "manifest.json") << manifest;
     auto s = cache::Store::Open(store.string());
-    CHECK(s.status().code() == absl::StatusCode::kInvalidArgument);
-    CHECK(s.status().message().find("is not aligned or lies outside experts.bin") !=
-          std::string::npos);
+    CHECK(s.status().code() == absl::StatusCode::kDataLoss);
+    CHECK(s.status().message().find("does not match its checksum") != std::string::npos);
     std::ofstream(store / "manifest.json") << "{\"format\": \"moed-store\", \"version\": 9}";
     CHECK(
         cache::Store::Open(store.string()).status().message().find("version 9 is not supported") !=
         std::string::npos);
+  }
+}
+
+// Rewrites the store's manifest through `edit` and seals it with a fresh checksum (xxh64 of the
+// JSON as moed-pack writes it, one-space indent, without the checksum field), so that the
+// checks behind the checksum are reached.
+void EditManifest(const fs::path& store, const std::function<void(nlohmann::ordered_json&)>& edit) {
+  auto root = nlohmann::ordered_json::parse(ReadFile(store / "manifest.json"));
+  edit(root);
+  root.erase("checksum");
+  const std::string text = root.dump(1) + "\n";
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx",
+                static_cast<unsigned long long>(XXH64(text.data(), text.size(), 0)));
+  root["checksum"] = hex;
+  std::ofstream(store / "manifest.json") << root.dump(1) << "\n";
+}
+
+TEST_CASE("manifests whose fields lie are refused with a Status, never a crash or a wild read") {
+  TempDir tmp;
+  fs::path checkpoint = tmp.path / "m";
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
+              .ok());
+  fs::path store = tmp.path / "s";
+  REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{}).ok());
+  const std::string original = ReadFile(store / "manifest.json");
+  auto refused = [&](const std::function<void(nlohmann::ordered_json&)>& edit) {
+    std::ofstream(store / "manifest.json") << original;
+    EditManifest(store, edit);
+    return cache::Store::Open(store.string()).status();
+  };
+  // The edit with nothing changed is accepted: the seal is the one moed-pack writes.
+  CHECK(refused([](nlohmann::ordered_json&) {}).ok());
+  SECTION("a field of the wrong type") {
+    absl::Status s = refused([](nlohmann::ordered_json& m) { m["format"] = 5; });
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(s.message().find("\"format\" is not \"moed-store\"") != std::string::npos);
+    s = refused([](nlohmann::ordered_json& m) { m["layouts"]["source"]["gate"]["rows"] = "32"; });
+    CHECK(s.message().find("\"rows\" must be a non-negative integer") != std::string::npos);
+  }
+  SECTION("a matrix offset that wraps around 2^64") {
+    absl::Status s = refused([](nlohmann::ordered_json& m) {
+      auto& gate = m["layouts"]["int8"]["gate"];
+      gate["offset"] = ~uint64_t{0} - gate["bytes"].get<uint64_t>() + 2;
+    });
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(s.message().find("layout int8 gate: lies outside the blob") != std::string::npos);
+  }
+  SECTION("matrices whose shapes are not the config's") {
+    // Half the rows, with byte counts to match: consistent in itself, wrong for the model.
+    absl::Status s = refused([](nlohmann::ordered_json& m) {
+      auto& down = m["layouts"]["source"]["down"];
+      down["rows"] = down["rows"].get<uint64_t>() / 2;
+      down["bytes"] = down["bytes"].get<uint64_t>() / 2;
+    });
+    CHECK(s.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(s.message().find("layout source down is [") != std::string::npos);
+    CHECK(s.message().find("but the config implies") != std::string::npos);
+  }
+  SECTION("a blob listed for an expert the model does not have") {
+    absl::Status s = refused([](nlohmann::ordered_json& m) {
+      m["experts"]["blobs"][0]["expert"] = 1000;
+    });
+    CHECK(s.message().find("is outside the model") != std::string::npos);
   }
 }
 
