@@ -246,6 +246,7 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
 
 void Scheduler::Loop() {
   std::vector<std::shared_ptr<Sequence>> running;
+  std::vector<std::shared_ptr<Sequence>> left_queue;
   while (true) {
     {
       std::unique_lock lock(mutex_);
@@ -263,6 +264,19 @@ void Scheduler::Loop() {
         running.clear();
         if (stop) return;
         continue;
+      }
+      // A waiting request whose client went away or whose deadline passed leaves the queue
+      // now, not when its turn comes: it would hold a queue place meanwhile.
+      const auto swept_at = std::chrono::steady_clock::now();
+      for (auto it = waiting_.begin(); it != waiting_.end();) {
+        const Sequence& seq = **it;
+        if (seq.handle->cancelled() ||
+            (seq.request.deadline.has_value() && swept_at > *seq.request.deadline)) {
+          left_queue.push_back(std::move(*it));
+          it = waiting_.erase(it);
+        } else {
+          ++it;
+        }
       }
       const size_t max_running =
           static_cast<size_t>(std::max(options_.max_batch, options_.max_running));
@@ -290,6 +304,15 @@ void Scheduler::Loop() {
       stats_.waiting = waiting_.size();
       stats_.running = running.size();
     }
+    for (auto& seq : left_queue) {
+      if (seq->handle->cancelled()) {
+        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
+      } else {
+        Finish(*seq, FinishReason::kNone,
+               absl::DeadlineExceededError("the request's deadline passed while it waited"));
+      }
+    }
+    left_queue.clear();
     // Every admitted sequence, stepped this time or not, gives back its slot and KV cache as
     // soon as its client goes away or its deadline passes.
     const auto now = std::chrono::steady_clock::now();

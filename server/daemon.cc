@@ -95,6 +95,7 @@ class MoedService final : public v1::Moed::Service {
       return ToGrpc(converted.status());
     }
     std::string request_id = converted->request_id;
+    const std::optional<std::chrono::steady_clock::time_point> deadline = converted->deadline;
     absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
         parts_.core->Submit(*std::move(converted));
     if (!handle.ok()) return ToGrpc(handle.status());
@@ -102,7 +103,11 @@ class MoedService final : public v1::Moed::Service {
     while (true) {
       std::optional<scheduler::StreamEvent> event = (*handle)->Next(std::chrono::milliseconds(50));
       if (!event.has_value()) {
-        if (context->IsCancelled()) {
+        // A call whose deadline passed is cancelled too: that one the scheduler ends itself, at
+        // its next step, as DEADLINE_EXCEEDED (and counts it so); only a client that went away
+        // is cancelled here.
+        const bool expired = deadline.has_value() && std::chrono::steady_clock::now() >= *deadline;
+        if (context->IsCancelled() && !expired) {
           (*handle)->Cancel();  // the scheduler frees the slot, KV cache and pins at the next step
           return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
         }

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <sstream>
 #include <thread>
 
 #include "cache/routing_trace.h"
@@ -46,11 +47,17 @@ const fs::path& Store() {
 
 struct Daemon {
   // Serves Model(), unless `extra` names a --store or a --model.
+  // No HTTP API unless `extra` names --http-listen (then `http_address` is where it listens).
   explicit Daemon(std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0", "--http-listen", ""};
+    std::vector<std::string> argv = {MOED_BINARY, "--listen", "127.0.0.1:0"};
     auto names = [&](const char* flag) {
       return std::find(extra.begin(), extra.end(), flag) != extra.end();
     };
+    const bool http = names("--http-listen");
+    if (!http) {
+      argv.push_back("--http-listen");
+      argv.push_back("");
+    }
     if (!names("--store") && !names("--model")) {
       argv.push_back("--model");
       argv.push_back(Model().string());
@@ -60,6 +67,11 @@ struct Daemon {
     auto line = process->ReadStdoutLine(std::chrono::seconds(30));
     REQUIRE(line.has_value());
     address = line->substr(std::string("listening on ").size());
+    if (http) {
+      line = process->ReadStdoutLine(std::chrono::seconds(30));
+      REQUIRE(line.has_value());
+      http_address = line->substr(std::string("http listening on ").size());
+    }
   }
   std::unique_ptr<client::Client> Connect(
       std::chrono::milliseconds timeout = std::chrono::seconds(30)) const {
@@ -67,6 +79,7 @@ struct Daemon {
   }
   std::unique_ptr<ChildProcess> process;
   std::string address;
+  std::string http_address;
 };
 
 v1::GenerateRequest Greedy(const std::vector<uint32_t>& prompt, uint32_t max_tokens) {
@@ -235,18 +248,30 @@ TEST_CASE("the same seed gives the same tokens alone and beside 15 other request
   sampled.mutable_sampling()->set_ignore_eos(true);
   Collected alone = Run(*c, sampled);
   REQUIRE(alone.status.ok());
-  std::vector<std::future<Collected>> crowd;
+  // 15 long streams, all running before the sampled one starts and still running when it ends,
+  // so that every one of its steps is a batch of 16 (a step decodes one token of each).
+  using Clock = std::chrono::steady_clock;
+  std::vector<std::future<std::pair<Collected, Clock::time_point>>> crowd;
   crowd.reserve(15);
   for (int i = 0; i < 15; ++i) {
     crowd.push_back(std::async(std::launch::async, [&, i] {
       auto other = daemon.Connect();
-      v1::GenerateRequest r =
-          Greedy({static_cast<uint32_t>(10 + i), 4}, static_cast<uint32_t>(10 + i));
-      return Run(*other, r);
+      Collected got = Run(*other, Greedy({static_cast<uint32_t>(10 + i), 4}, 200));
+      return std::pair{got, Clock::now()};
     }));
   }
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (c->ModelInfo()->requests_running() != 15) {
+    REQUIRE(Clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   Collected together = Run(*c, sampled);
-  for (auto& f : crowd) CHECK(f.get().status.ok());
+  const Clock::time_point together_ended = Clock::now();
+  for (auto& f : crowd) {
+    auto [got, ended] = f.get();
+    CHECK(got.status.ok());
+    CHECK(ended > together_ended);
+  }
   REQUIRE(together.status.ok());
   CHECK(together.ids == alone.ids);
 }
@@ -801,6 +826,62 @@ TEST_CASE("checksum mismatches fail the requests that need the blobs, never read
   CHECK(daemon.process->stderr_text().find(" source, checksum, attempt 1): checksum mismatch") !=
         std::string::npos);
   fs::remove_all(store);
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+// The value of the first sample of `name` whose labels include `label`, -1 when none.
+double Sample(const std::string& metrics, const std::string& name, const std::string& label) {
+  std::istringstream lines(metrics);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind(name + "{", 0) == 0 && line.find(label) != std::string::npos)
+      return std::stod(line.substr(line.rfind(' ') + 1));
+  }
+  return -1;
+}
+
+TEST_CASE("the daemon ends a queued request whose deadline passed, freeing its queue place") {
+  Daemon daemon({"--model", LongModel().string(), "--http-listen", "127.0.0.1:0", "--max-batch",
+                 "1", "--max-queue", "1", "--drain-seconds", "1"});
+  auto c = daemon.Connect();
+  LongStream busy(*c);  // holds the only batch place
+  auto hurried = client::Client::Create(daemon.address, std::chrono::seconds(30), "",
+                                        std::chrono::milliseconds(300));
+  absl::Status late = Run(*hurried, Greedy({1, 2}, 4)).status;
+  CHECK(late.code() == absl::StatusCode::kDeadlineExceeded);
+  // The daemon itself drops it from the queue (while the long stream still runs) and counts a
+  // deadline, not a client that went away.
+  const std::string metrics_path = "/metrics";
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  std::string metrics;
+  while (true) {
+    metrics = HttpGet(daemon.http_address, metrics_path).value_or("");
+    if (Sample(metrics, "moed_request_errors_total", "code=\"deadline_exceeded\"") >= 1) break;
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  auto info = c->ModelInfo();
+  REQUIRE(info.ok());
+  CHECK(info->requests_waiting() == 0);
+  CHECK(info->requests_running() == 1);
+  // Its queue place is free again: one more request may wait.
+  auto queued =
+      std::async(std::launch::async, [&] { return Run(*daemon.Connect(), Greedy({3}, 2)); });
+  const auto wait_until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (c->ModelInfo()->requests_waiting() != 1) {
+    REQUIRE(std::chrono::steady_clock::now() < wait_until);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  kill(daemon.process->pid(), SIGTERM);  // a drain of 1 s: both end cancelled
+  Collected waited = queued.get();
+  CHECK(waited.status.ok());
+  CHECK(waited.last.finish_reason() == v1::FINISH_REASON_CANCELLED);
+  CheckCancelledWithUsage(busy.result.get());
+  CHECK(daemon.process->Wait() == 0);
 }
 
 }  // namespace
