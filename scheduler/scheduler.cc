@@ -246,7 +246,7 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
 
 void Scheduler::Loop() {
   std::vector<std::shared_ptr<Sequence>> running;
-  std::vector<std::shared_ptr<Sequence>> left_queue;
+  std::vector<std::pair<std::shared_ptr<Sequence>, bool>> left_queue;  // bool: expired
   while (true) {
     {
       std::unique_lock lock(mutex_);
@@ -270,9 +270,10 @@ void Scheduler::Loop() {
       const auto swept_at = std::chrono::steady_clock::now();
       for (auto it = waiting_.begin(); it != waiting_.end();) {
         const Sequence& seq = **it;
-        if (seq.handle->cancelled() ||
-            (seq.request.deadline.has_value() && swept_at > *seq.request.deadline)) {
-          left_queue.push_back(std::move(*it));
+        // A call cancelled because its deadline passed counts as a deadline.
+        const bool expired = seq.request.deadline.has_value() && swept_at > *seq.request.deadline;
+        if (expired || seq.handle->cancelled()) {
+          left_queue.emplace_back(std::move(*it), expired);
           it = waiting_.erase(it);
         } else {
           ++it;
@@ -304,12 +305,12 @@ void Scheduler::Loop() {
       stats_.waiting = waiting_.size();
       stats_.running = running.size();
     }
-    for (auto& seq : left_queue) {
-      if (seq->handle->cancelled()) {
-        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
-      } else {
+    for (auto& [seq, expired] : left_queue) {
+      if (expired) {
         Finish(*seq, FinishReason::kNone,
                absl::DeadlineExceededError("the request's deadline passed while it waited"));
+      } else {
+        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
       }
     }
     left_queue.clear();
@@ -318,11 +319,12 @@ void Scheduler::Loop() {
     const auto now = std::chrono::steady_clock::now();
     std::vector<std::shared_ptr<Sequence>> live;
     for (auto& seq : running) {
-      if (seq->handle->cancelled()) {
-        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
-      } else if (seq->request.deadline.has_value() && now > *seq->request.deadline) {
+      // A call cancelled because its deadline passed counts as a deadline.
+      if (seq->request.deadline.has_value() && now > *seq->request.deadline) {
         Finish(*seq, FinishReason::kNone,
                absl::DeadlineExceededError("the request's deadline passed"));
+      } else if (seq->handle->cancelled()) {
+        Finish(*seq, FinishReason::kCancelled, absl::OkStatus());
       } else {
         if (seq->cache == nullptr) {
           seq->cache =

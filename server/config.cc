@@ -322,6 +322,13 @@ const std::vector<OptionSpec>& DaemonOptions() {
          .help = "most requests waiting beyond the running batch; more get RESOURCE_EXHAUSTED",
          .min_value = 0,
          .max_value = 1000000});
+    o.push_back({.name = "max-concurrent-streams",
+                 .field = F(&DaemonConfig::max_concurrent_streams),
+                 .metavar = "N",
+                 .help = "open gRPC streams (Generate and health Watch) at most; more get "
+                         "RESOURCE_EXHAUSTED. An open stream holds no thread",
+                 .min_value = 1,
+                 .max_value = 1000000});
     o.push_back(
         {.name = "max-tokens-per-step",
          .field = F(&DaemonConfig::max_tokens_per_step),

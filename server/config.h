@@ -42,6 +42,7 @@ struct DaemonConfig {
   int64_t threads = 0;
   int64_t max_batch = 16;
   int64_t max_queue = 256;
+  int64_t max_concurrent_streams = 4096;  // gRPC Generate and health Watch streams together
   int64_t max_tokens_per_step = 256;
   int64_t max_running = 0;
   int64_t kv_cache_bytes = 0;

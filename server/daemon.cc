@@ -13,7 +13,9 @@
 #include "cache/routing_trace.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "grpcpp/support/proto_buffer_writer.h"
 #include "server/engine.h"
+#include "server/grpc_request.h"
 #include "util/fmt_absl.h"
 #include "util/rate_limiter.h"
 #include "util/status_macros.h"
@@ -63,13 +65,83 @@ v1::FinishReason ToProto(scheduler::FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
-class MoedService final : public v1::Moed::Service {
- public:
-  explicit MoedService(ServiceParts parts) : parts_(std::move(parts)) {}
+// Generate and Tokenize take their requests as bytes (a raw method) so that a string field
+// holding invalid UTF-8 is answered INVALID_ARGUMENT naming the field (gRPC's own parsing
+// would answer INTERNAL with no message).
+using MoedServiceBase =
+    v1::Moed::WithRawCallbackMethod_Generate<v1::Moed::WithRawCallbackMethod_Tokenize<
+        v1::Moed::WithCallbackMethod_ModelInfo<v1::Moed::Service>>>;
 
-  grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* /*request*/,
-                         v1::ModelInfoResponse* response) override {
-    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
+grpc::ByteBuffer Serialize(const google::protobuf::Message& message) {
+  grpc::ByteBuffer buffer;
+  bool own = false;
+  (void)grpc::GenericSerialize<grpc::ProtoBufferWriter, google::protobuf::Message>(message, &buffer,
+                                                                                   &own);
+  return buffer;
+}
+
+class MoedService;
+
+// One Generate stream on the callback API: events come from the scheduler (its listener runs
+// on the engine thread) and are written one at a time; the stream holds no thread while it
+// waits. Decisions are taken under the lock, gRPC is called outside it.
+class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GenerateStream(MoedService* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context), shared_(std::make_shared<Shared>()) {
+    shared_->stream = this;
+  }
+  void Start(const grpc::ByteBuffer& request);
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  // What the scheduler's listener reaches: the stream while it lives.
+  struct Shared {
+    std::mutex mutex;
+    GenerateStream* stream = nullptr;
+  };
+  struct Action {
+    bool write = false;
+    std::optional<grpc::Status> finish;
+  };
+  // With shared_->mutex held and no write in flight: the next event as a write, or the end.
+  Action NextLocked();
+  void Perform(const Action& action);
+  // With shared_->mutex held: how the stream ends now that the client is gone or its deadline
+  // passed (the scheduler ends an expired request itself and counts it as such).
+  grpc::Status GoneLocked();
+
+  MoedService* service_;
+  grpc::CallbackServerContext* context_;
+  std::shared_ptr<Shared> shared_;
+  bool counted_ = false;
+  std::shared_ptr<scheduler::RequestHandle> handle_;
+  std::string request_id_;
+  bool want_logprobs_ = false;
+  std::optional<std::chrono::steady_clock::time_point> deadline_;
+  // Guarded by shared_->mutex.
+  bool writing_ = false;
+  bool finished_ = false;
+  bool wrote_last_ = false;
+  bool cancelled_ = false;
+  grpc::ByteBuffer response_;
+};
+
+class MoedService final : public MoedServiceBase {
+ public:
+  MoedService(ServiceParts parts, StreamLimit* streams)
+      : parts_(std::move(parts)), streams_(streams) {}
+
+  grpc::ServerUnaryReactor* ModelInfo(grpc::CallbackServerContext* context,
+                                      const v1::ModelInfoRequest* /*request*/,
+                                      v1::ModelInfoResponse* response) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    if (grpc::Status denied = Authorize(*context); !denied.ok()) {
+      reactor->Finish(denied);
+      return reactor;
+    }
     *response = parts_.info;
     // Free memory changes as the daemon runs: read it now.
     if (absl::StatusOr<kernels::DeviceInfo> device = parts_.backend->device().info(); device.ok()) {
@@ -83,96 +155,46 @@ class MoedService final : public v1::Moed::Service {
     response->set_kv_cache_bytes(stats.kv_cache_bytes);
     response->set_kv_cache_budget_bytes(stats.kv_cache_budget_bytes);
     response->set_preemptions(stats.preemptions);
-    return grpc::Status::OK;
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
   }
 
-  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
-    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
-    absl::StatusOr<GenerateInput> converted = Convert(*request, *context);
-    if (!converted.ok()) {
-      parts_.core->RecordRefusal(converted.status().code());
-      return ToGrpc(converted.status());
-    }
-    std::string request_id = converted->request_id;
-    const std::optional<std::chrono::steady_clock::time_point> deadline = converted->deadline;
-    absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
-        parts_.core->Submit(*std::move(converted));
-    if (!handle.ok()) return ToGrpc(handle.status());
-    const bool want_logprobs = request->sampling().logprobs();
-    while (true) {
-      std::optional<scheduler::StreamEvent> event = (*handle)->Next(std::chrono::milliseconds(50));
-      if (!event.has_value()) {
-        // A call whose deadline passed is cancelled too: that one the scheduler ends itself, at
-        // its next step, as DEADLINE_EXCEEDED (and counts it so); only a client that went away
-        // is cancelled here.
-        const bool expired = deadline.has_value() && std::chrono::steady_clock::now() >= *deadline;
-        if (context->IsCancelled() && !expired) {
-          (*handle)->Cancel();  // the scheduler frees the slot, KV cache and pins at the next step
-          return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-        }
-        continue;
-      }
-      if (!event->error.ok()) return ToGrpc(event->error);
-      v1::GenerateResponse response;
-      response.set_request_id(request_id);
-      response.set_text(event->text);
-      for (int32_t id : event->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
-      if (want_logprobs) {
-        for (const model::TokenChoice& choice : event->choices) {
-          v1::TokenLogprob* lp = response.add_logprobs();
-          lp->set_token_id(static_cast<uint32_t>(choice.token));
-          lp->set_logprob(choice.logprob);
-          if (tokenizer() != nullptr)
-            lp->set_token(tokenizer()->TokenText(choice.token).value_or(""));
-          for (const auto& [id, logprob] : choice.top_logprobs) {
-            v1::TopLogprob* top = lp->add_top_logprobs();
-            top->set_token_id(static_cast<uint32_t>(id));
-            top->set_logprob(logprob);
-            if (tokenizer() != nullptr) top->set_token(tokenizer()->TokenText(id).value_or(""));
-          }
-        }
-      }
-      if (event->last()) {
-        response.set_finish_reason(ToProto(event->finish));
-        response.set_matched_stop(event->matched_stop);
-        response.mutable_usage()->set_prompt_tokens(event->prompt_tokens);
-        response.mutable_usage()->set_completion_tokens(event->completion_tokens);
-        response.mutable_usage()->set_total_tokens(event->prompt_tokens + event->completion_tokens);
-        const scheduler::RequestExpertStats& es = event->expert_stats;
-        v1::ExpertStats* stats = response.mutable_expert_stats();
-        stats->set_device_hits(es.device_hits);
-        stats->set_host_hits(es.host_hits);
-        stats->set_ssd_reads(es.ssd_reads);
-        stats->set_low_precision_fallbacks(es.low_precision_fallbacks);
-        stats->set_bytes_staged(es.bytes_staged);
-        stats->set_stall_seconds(es.stall_seconds);
-      }
-      if (!writer->Write(response)) {
-        (*handle)->Cancel();
-        return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-      }
-      if (event->last()) return grpc::Status::OK;
-    }
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override {
+    auto* stream = new GenerateStream(this, context);
+    stream->Start(*request);
+    return stream;
   }
 
-  grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* request,
-                        v1::TokenizeResponse* response) override {
-    if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
-    auto ids = parts_.core->Tokenize(
-        request->text(), request->has_add_special_tokens() && request->add_special_tokens());
-    if (!ids.ok()) return ToGrpc(ids.status());
-    for (int32_t id : *ids) {
-      response->add_token_ids(static_cast<uint32_t>(id));
-      response->add_tokens(tokenizer()->TokenText(id).value_or(""));
-    }
-    return grpc::Status::OK;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request_bytes,
+                                     grpc::ByteBuffer* response_bytes) override {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish([&]() -> grpc::Status {
+      if (grpc::Status denied = Authorize(*context); !denied.ok()) return denied;
+      v1::TokenizeRequest request;
+      if (absl::Status parsed = ParseRequest(*request_bytes, &request); !parsed.ok())
+        return ToGrpc(parsed);
+      auto ids = parts_.core->Tokenize(
+          request.text(), request.has_add_special_tokens() && request.add_special_tokens());
+      if (!ids.ok()) return ToGrpc(ids.status());
+      v1::TokenizeResponse response;
+      for (int32_t id : *ids) {
+        response.add_token_ids(static_cast<uint32_t>(id));
+        response.add_tokens(tokenizer()->TokenText(id).value_or(""));
+      }
+      *response_bytes = Serialize(response);
+      return grpc::Status::OK;
+    }());
+    return reactor;
   }
 
- private:
+  // For GenerateStream.
+  const ServiceParts& parts() const { return parts_; }
+  StreamLimit& streams() { return *streams_; }
   const model::Tokenizer* tokenizer() const { return parts_.core->parts().tokenizer.get(); }
 
-  grpc::Status Authorize(const grpc::ServerContext& context) const {
+  grpc::Status Authorize(const grpc::ServerContextBase& context) const {
     if (parts_.api_key.empty()) return grpc::Status::OK;
     auto it = context.client_metadata().find("authorization");
     absl::string_view given = it == context.client_metadata().end()
@@ -184,7 +206,7 @@ class MoedService final : public v1::Moed::Service {
   }
 
   absl::StatusOr<GenerateInput> Convert(const v1::GenerateRequest& request,
-                                        const grpc::ServerContext& context) {
+                                        const grpc::ServerContextBase& context) {
     GenerateInput out;
     if (!request.prompt().empty()) out.prompt_text = request.prompt();
     for (uint32_t id : request.prompt_token_ids()) {
@@ -236,8 +258,159 @@ class MoedService final : public v1::Moed::Service {
     return out;
   }
 
+ private:
   ServiceParts parts_;
+  StreamLimit* streams_;
 };
+
+void GenerateStream::Start(const grpc::ByteBuffer& request_bytes) {
+  auto refuse = [&](const grpc::Status& status) {
+    {
+      std::lock_guard lock(shared_->mutex);
+      finished_ = true;
+    }
+    Finish(status);
+  };
+  if (!service_->streams().TryAcquire()) return refuse(service_->streams().Refusal());
+  counted_ = true;
+  if (grpc::Status denied = service_->Authorize(*context_); !denied.ok()) return refuse(denied);
+  v1::GenerateRequest request;
+  absl::Status parsed = ParseRequest(request_bytes, &request);
+  absl::StatusOr<GenerateInput> converted =
+      parsed.ok() ? service_->Convert(request, *context_) : absl::StatusOr<GenerateInput>(parsed);
+  if (!converted.ok()) {
+    service_->parts().core->RecordRefusal(converted.status().code());
+    return refuse(ToGrpc(converted.status()));
+  }
+  request_id_ = converted->request_id;
+  deadline_ = converted->deadline;
+  want_logprobs_ = request.sampling().logprobs();
+  absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> handle =
+      service_->parts().core->Submit(*std::move(converted));
+  if (!handle.ok()) return refuse(ToGrpc(handle.status()));
+  handle_ = *std::move(handle);
+  // The engine thread calls this after each event: write it if no write is in flight. The
+  // stream outlives the action taken: it cannot end before the write or finish chosen here.
+  handle_->SetListener([shared = shared_] {
+    GenerateStream* stream = nullptr;
+    Action action;
+    {
+      std::lock_guard lock(shared->mutex);
+      stream = shared->stream;
+      if (stream == nullptr) return;
+      action = stream->NextLocked();
+    }
+    stream->Perform(action);
+  });
+}
+
+grpc::Status GenerateStream::GoneLocked() {
+  finished_ = true;
+  handle_->Cancel();  // frees the slot, KV cache and pins at the next step
+  if (deadline_.has_value() && std::chrono::steady_clock::now() >= *deadline_)
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed");
+  return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+}
+
+GenerateStream::Action GenerateStream::NextLocked() {
+  Action action;
+  if (writing_ || finished_) return action;
+  std::optional<scheduler::StreamEvent> event = handle_->Next(std::chrono::milliseconds(0));
+  if (!event.has_value()) return action;
+  if (!event->error.ok()) {
+    finished_ = true;
+    action.finish = ToGrpc(event->error);
+    return action;
+  }
+  v1::GenerateResponse response;
+  response.set_request_id(request_id_);
+  response.set_text(event->text);
+  for (int32_t id : event->token_ids) response.add_token_ids(static_cast<uint32_t>(id));
+  const model::Tokenizer* tokenizer = service_->tokenizer();
+  if (want_logprobs_) {
+    for (const model::TokenChoice& choice : event->choices) {
+      v1::TokenLogprob* lp = response.add_logprobs();
+      lp->set_token_id(static_cast<uint32_t>(choice.token));
+      lp->set_logprob(choice.logprob);
+      if (tokenizer != nullptr) lp->set_token(tokenizer->TokenText(choice.token).value_or(""));
+      for (const auto& [id, logprob] : choice.top_logprobs) {
+        v1::TopLogprob* top = lp->add_top_logprobs();
+        top->set_token_id(static_cast<uint32_t>(id));
+        top->set_logprob(logprob);
+        if (tokenizer != nullptr) top->set_token(tokenizer->TokenText(id).value_or(""));
+      }
+    }
+  }
+  if (event->last()) {
+    response.set_finish_reason(ToProto(event->finish));
+    response.set_matched_stop(event->matched_stop);
+    response.mutable_usage()->set_prompt_tokens(event->prompt_tokens);
+    response.mutable_usage()->set_completion_tokens(event->completion_tokens);
+    response.mutable_usage()->set_total_tokens(event->prompt_tokens + event->completion_tokens);
+    const scheduler::RequestExpertStats& es = event->expert_stats;
+    v1::ExpertStats* stats = response.mutable_expert_stats();
+    stats->set_device_hits(es.device_hits);
+    stats->set_host_hits(es.host_hits);
+    stats->set_ssd_reads(es.ssd_reads);
+    stats->set_low_precision_fallbacks(es.low_precision_fallbacks);
+    stats->set_bytes_staged(es.bytes_staged);
+    stats->set_stall_seconds(es.stall_seconds);
+    wrote_last_ = true;
+  }
+  response_ = Serialize(response);
+  writing_ = true;
+  action.write = true;
+  return action;
+}
+
+void GenerateStream::Perform(const Action& action) {
+  if (action.finish.has_value()) {
+    Finish(*action.finish);
+  } else if (action.write) {
+    StartWrite(&response_);
+  }
+}
+
+void GenerateStream::OnWriteDone(bool ok) {
+  Action action;
+  {
+    std::lock_guard lock(shared_->mutex);
+    writing_ = false;
+    if (!ok || (cancelled_ && !wrote_last_)) {
+      action.finish = GoneLocked();
+    } else if (wrote_last_) {
+      finished_ = true;
+      action.finish = grpc::Status::OK;
+    } else {
+      action = NextLocked();
+    }
+  }
+  Perform(action);
+}
+
+void GenerateStream::OnCancel() {
+  grpc::Status status;
+  {
+    std::lock_guard lock(shared_->mutex);
+    cancelled_ = true;
+    if (finished_ || writing_ || handle_ == nullptr) return;  // a write in flight ends it
+    status = GoneLocked();
+  }
+  Finish(status);
+}
+
+void GenerateStream::OnDone() {
+  {
+    std::lock_guard lock(shared_->mutex);
+    shared_->stream = nullptr;
+  }
+  if (handle_ != nullptr) {
+    handle_->SetListener(nullptr);
+    if (!wrote_last_) handle_->Cancel();
+  }
+  if (counted_) service_->streams().Release();
+  delete this;
+}
 
 void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
                    v1::ExpertCacheInfo* info) {
@@ -463,8 +636,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
   ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
                      daemon->store_,  daemon->core_,          config.api_key};
-  daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts));
-  daemon->health_service_ = std::make_unique<HealthService>();
+  daemon->streams_ = std::make_unique<StreamLimit>(config.max_concurrent_streams);
+  daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts), daemon->streams_.get());
+  daemon->health_service_ = std::make_unique<HealthService>(daemon->streams_.get());
   return daemon;
 }
 

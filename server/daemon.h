@@ -25,6 +25,7 @@
 #include "server/http_server.h"
 #include "server/openai_service.h"
 #include "server/serving_core.h"
+#include "server/stream_limit.h"
 #include "spdlog/logger.h"
 
 namespace moed::server {
@@ -74,6 +75,7 @@ class Daemon {
   std::thread store_watcher_;
   std::shared_ptr<scheduler::Scheduler> scheduler_;
   std::shared_ptr<ServingCore> core_;
+  std::unique_ptr<StreamLimit> streams_;
   std::unique_ptr<MoedService> moed_service_;
   std::unique_ptr<HealthService> health_service_;
   std::unique_ptr<grpc::Server> server_;

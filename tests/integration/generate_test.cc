@@ -13,6 +13,8 @@
 #include "cache/routing_trace.h"
 #include "cache/store_reader.h"
 #include "client/client.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/create_channel.h"
 #include "kernels/test_backend.h"
 #include "tests/integration/daemon_process.h"
 #include "tools/pack/pack.h"
@@ -882,6 +884,114 @@ TEST_CASE("the daemon ends a queued request whose deadline passed, freeing its q
   CHECK(waited.last.finish_reason() == v1::FINISH_REASON_CANCELLED);
   CheckCancelledWithUsage(busy.result.get());
   CHECK(daemon.process->Wait() == 0);
+}
+
+}  // namespace
+}  // namespace moed::testing
+
+namespace moed::testing {
+namespace {
+
+TEST_CASE("invalid UTF-8 in a string field is INVALID_ARGUMENT naming the field") {
+  Daemon daemon({"--log-format", "json"});
+  auto c = daemon.Connect();
+  v1::GenerateRequest request = Greedy({}, 2);
+  request.clear_prompt_token_ids();
+  request.set_prompt("caf\xC3 au lait");
+  absl::Status refused = Run(*c, request).status;
+  CHECK(refused.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(refused.message() == "field 'prompt' is not valid UTF-8 (string fields must be)");
+  request.set_prompt("fine");
+  request.mutable_sampling()->add_stop("\xFF");
+  refused = Run(*c, request).status;
+  CHECK(refused.message() == "field 'sampling.stop' is not valid UTF-8 (string fields must be)");
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("\xED\xA0\x80");  // a surrogate
+  auto tokenized = c->Tokenize(tokenize);
+  CHECK(tokenized.status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(tokenized.status().message() == "field 'text' is not valid UTF-8 (string fields must be)");
+  // The daemon serves on; whatever the libraries said went through its JSON logger.
+  request.mutable_sampling()->clear_stop();
+  CHECK(Run(*c, request).status.ok());
+  REQUIRE(daemon.process->Stop() == 0);
+  std::istringstream lines(daemon.process->stderr_text());
+  for (std::string line; std::getline(lines, line);) {
+    INFO(line);
+    CHECK((line.front() == '{' && line.back() == '}'));
+  }
+}
+
+// Threads of a process, from /proc.
+int ThreadsOf(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  }
+  return -1;
+}
+
+// Opens `count` health Watch streams on one channel and reads each one's first status.
+struct Watches {
+  Watches(const std::string& address, int count)
+      : channel(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+        stub(grpc::health::v1::Health::NewStub(channel)) {
+    for (int i = 0; i < count; ++i) {
+      contexts.push_back(std::make_unique<grpc::ClientContext>());
+      grpc::health::v1::HealthCheckRequest request;
+      readers.push_back(stub->Watch(contexts.back().get(), request));
+    }
+  }
+  ~Watches() {
+    for (auto& context : contexts) context->TryCancel();
+    for (auto& reader : readers) (void)reader->Finish();
+  }
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>>> readers;
+};
+
+TEST_CASE("idle streams hold no thread: 1000 health watches") {
+  Daemon daemon;
+  const int before = ThreadsOf(daemon.process->pid());
+  Watches watches(daemon.address, 1000);
+  for (auto& reader : watches.readers) {
+    grpc::health::v1::HealthCheckResponse first;
+    REQUIRE(reader->Read(&first));
+    CHECK(first.status() == grpc::health::v1::HealthCheckResponse::SERVING);
+  }
+  const int during = ThreadsOf(daemon.process->pid());
+  INFO("threads before " << before << ", with 1000 open watches " << during);
+  CHECK(during < before + 64);
+}
+
+TEST_CASE("streams past --max-concurrent-streams are refused with RESOURCE_EXHAUSTED") {
+  Daemon daemon({"--max-concurrent-streams", "3"});
+  Watches watches(daemon.address, 3);
+  for (auto& reader : watches.readers) {
+    grpc::health::v1::HealthCheckResponse first;
+    REQUIRE(reader->Read(&first));
+  }
+  auto c = daemon.Connect();
+  absl::Status refused = Run(*c, Greedy({1}, 2)).status;
+  CHECK(refused.code() == absl::StatusCode::kResourceExhausted);
+  CHECK(refused.message() == "too many open streams: 3 are open (--max-concurrent-streams)");
+  Watches one_more(daemon.address, 1);
+  grpc::health::v1::HealthCheckResponse nothing;
+  CHECK_FALSE(one_more.readers[0]->Read(&nothing));
+  CHECK(one_more.readers[0]->Finish().error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+  one_more.readers.clear();
+  // Unary calls are not streams; and once a watch closes, a stream may open again.
+  CHECK(c->ModelInfo().ok());
+  watches.contexts[0]->TryCancel();
+  (void)watches.readers[0]->Finish();
+  watches.readers.erase(watches.readers.begin());
+  watches.contexts.erase(watches.contexts.begin());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!Run(*c, Greedy({1}, 2)).status.ok()) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 }  // namespace
