@@ -126,7 +126,9 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   bool finished_ = false;
   bool wrote_last_ = false;
   bool cancelled_ = false;
+  bool left_to_deadline_ = false;
   grpc::ByteBuffer response_;
+  static constexpr std::chrono::milliseconds kDeadlineSkew{1000};
 };
 
 class MoedService final : public MoedServiceBase {
@@ -306,9 +308,15 @@ void GenerateStream::Start(const grpc::ByteBuffer& request_bytes) {
 
 grpc::Status GenerateStream::GoneLocked() {
   finished_ = true;
-  handle_->Cancel();  // frees the slot, KV cache and pins at the next step
-  if (deadline_.has_value() && std::chrono::steady_clock::now() >= *deadline_)
+  // The client's own deadline timer fires a little before the daemon's (the daemon's starts
+  // when the call arrives), so a call cancelled this close to its deadline is left for the
+  // scheduler to end at the deadline, as DEADLINE_EXCEEDED, rather than counted as a client
+  // that went away.
+  if (deadline_.has_value() && std::chrono::steady_clock::now() + kDeadlineSkew >= *deadline_) {
+    left_to_deadline_ = true;
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the request's deadline passed");
+  }
+  handle_->Cancel();  // frees the slot, KV cache and pins at the next step
   return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
 }
 
@@ -406,7 +414,7 @@ void GenerateStream::OnDone() {
   }
   if (handle_ != nullptr) {
     handle_->SetListener(nullptr);
-    if (!wrote_last_) handle_->Cancel();
+    if (!wrote_last_ && !left_to_deadline_) handle_->Cancel();
   }
   if (counted_) service_->streams().Release();
   delete this;

@@ -851,6 +851,11 @@ TEST_CASE("the daemon ends a queued request whose deadline passed, freeing its q
                  "1", "--max-queue", "1", "--drain-seconds", "1"});
   auto c = daemon.Connect();
   LongStream busy(*c);  // holds the only batch place
+  // Should a check fail, the daemon goes first, so that the long stream ends.
+  struct KillFirst {
+    ChildProcess* process;
+    ~KillFirst() { process->Stop(SIGKILL); }
+  } kill_first{daemon.process.get()};
   auto hurried = client::Client::Create(daemon.address, std::chrono::seconds(30), "",
                                         std::chrono::milliseconds(300));
   absl::Status late = Run(*hurried, Greedy({1, 2}, 4)).status;
