@@ -132,8 +132,9 @@ void ExpertCache::RetryLoop() {
     if (!submitted.ok()) {
       Load failed = it->second;
       loads_.erase(it);
-      FailLoadLocked(failed, BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
-                                       submitted.message(), failed.attempts));
+      EndFailedLoadLocked(tag, failed,
+                          BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
+                                    submitted.message(), failed.attempts));
     }
   }
 }
@@ -193,7 +194,7 @@ void ExpertCache::ReleaseSlotLocked(Tier& tier, int slot) {
   if (--s.pins == 0 && s.state == SlotState::kFree) tier.free.push_back(slot);
 }
 
-absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot) {
+absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot, bool prefetch) {
   Slot& slot = device_.slots[device_slot];
   slot.state = SlotState::kLoading;
   slot.key = key;
@@ -219,6 +220,7 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
     ++host_->counters.misses;
   }
   Load load{key, blob, false, -1, device_slot, std::chrono::steady_clock::now()};
+  load.prefetch = prefetch;
   uint8_t*& target = load.target;
   target = device_.SlotData(device_slot);
   if (host_ != nullptr && !host_->index.contains(key)) {
@@ -236,15 +238,32 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot)
   }
   uint64_t tag = next_tag_++;
   loads_[tag] = load;
+  if (prefetch) ++prefetch_reads_;
+  return SubmitLocked(tag, load);
+}
+
+absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
   ++ssd_reads_;
-  ssd_bytes_ += bytes;
-  ReadRequest request{blob->offset, bytes, target, tag};
+  ssd_bytes_ += layout_->padded_size;
+  ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag};
   absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
-  if (!submitted.ok()) {
-    loads_.erase(tag);
-    return submitted;
+  if (!submitted.ok()) loads_.erase(tag);
+  return submitted;
+}
+
+void ExpertCache::Prefetch(int layer, const std::vector<int>& experts) {
+  std::lock_guard lock(mutex_);
+  for (int e : experts) {
+    const ExpertKey key{layer, e};
+    if (device_.index.contains(key)) continue;  // resident or on its way
+    const int slot = AllocateSlotLocked(device_, layer);
+    if (slot < 0) return;  // every slot is in use: prefetch no further
+    if (!StartLoadLocked(key, slot, /*prefetch=*/true).ok()) {
+      device_.slots[slot].state = SlotState::kFree;
+      device_.Drop(key);
+      device_.free.push_back(slot);
+    }
   }
-  return absl::OkStatus();
 }
 
 void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
@@ -290,7 +309,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
     return;
   }
   if (failed.has_value()) {
-    FailLoadLocked(load, BlobError(*store_, *load.blob, *failed, what, load.attempts));
+    EndFailedLoadLocked(tag, load, BlobError(*store_, *load.blob, *failed, what, load.attempts));
     return;
   }
   Slot& device_slot = device_.slots[load.device_slot];
@@ -331,6 +350,36 @@ void ExpertCache::NoteReadOutcomeLocked(const ExpertKey& key, std::optional<Read
     health_.reason = absl::StrCat("reads of ", failing_blobs_.size(), " different expert blobs in ",
                                   store_->experts_path(), " failed in a row");
   }
+}
+
+void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl::Status& status) {
+  if (!load.prefetch) {
+    FailLoadLocked(load, status);
+    return;
+  }
+  ++prefetch_failures_;
+  if (device_.slots[load.device_slot].pins > 0) {
+    // A use waits for it: read it again as that use's own read, with attempts of its own.
+    Load demand = load;
+    demand.prefetch = false;
+    demand.attempts = 1;
+    loads_[tag] = demand;
+    if (absl::Status submitted = SubmitLocked(tag, demand); !submitted.ok()) {
+      FailLoadLocked(
+          demand, BlobError(*store_, *load.blob, ReadFaultKind::kIoError, submitted.message(), 1));
+    }
+    return;
+  }
+  // Nobody waits: free the slots and forget the expert; a use will read it again.
+  device_.slots[load.device_slot].state = SlotState::kFree;
+  device_.Drop(load.key);
+  device_.free.push_back(load.device_slot);
+  if (load.into_host) {
+    host_->slots[load.host_slot].state = SlotState::kFree;
+    host_->Drop(load.key);
+    ReleaseSlotLocked(*host_, load.host_slot);
+  }
+  changed_.notify_all();
 }
 
 void ExpertCache::FailLoadLocked(const Load& load, const absl::Status& status) {
@@ -549,6 +598,8 @@ CacheCounters ExpertCache::counters() const {
   c.ssd_bytes = ssd_bytes_;
   c.device.budget_bytes = c.device.slots * device_.slot_bytes;
   if (host_ != nullptr) c.host.budget_bytes = c.host.slots * host_->slot_bytes;
+  c.prefetch_reads = prefetch_reads_;
+  c.prefetch_failures = prefetch_failures_;
   c.failed_io = failed_io_;
   c.failed_short_reads = failed_short_reads_;
   c.failed_checksums = failed_checksums_;

@@ -76,7 +76,9 @@ struct CacheCounters {
   TierCounters host;
   uint64_t ssd_reads = 0;
   uint64_t ssd_bytes = 0;
-  uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches: the three below
+  uint64_t prefetch_reads = 0;     // reads started by Prefetch (counted in ssd_reads too)
+  uint64_t prefetch_failures = 0;  // prefetches that failed for good: they failed no request
+  uint64_t failed_reads = 0;       // I/O errors, short reads, checksum mismatches: the three below
   uint64_t failed_io = 0;
   uint64_t failed_short_reads = 0;
   uint64_t failed_checksums = 0;
@@ -117,6 +119,13 @@ class ExpertCache final : public model::ExpertProvider {
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override;
 
+  // Starts reading `experts` of `layer` into the device tier ahead of their use, each where a
+  // slot can be had at once (a free one, or an unpinned resident evicted by the policy); it
+  // never waits. A prefetch that fails for good fails no request: it is counted (by kind, as
+  // every failed read is), its slot is freed, and a later use reads the expert again; a use
+  // that arrives while it is in flight waits for it, and should it fail, reads anew.
+  void Prefetch(int layer, const std::vector<int>& experts);
+
   CacheCounters counters() const;
   // [layer][expert]: whether the expert is ready in the device tier.
   std::vector<std::vector<bool>> DeviceResidency() const;
@@ -156,6 +165,7 @@ class ExpertCache final : public model::ExpertProvider {
     std::chrono::steady_clock::time_point started;
     uint8_t* target = nullptr;  // where the read goes
     int attempts = 1;
+    bool prefetch = false;  // started by Prefetch, not by a use
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
@@ -163,12 +173,18 @@ class ExpertCache final : public model::ExpertProvider {
   // eviction scope when it has one) if needed; -1 when all are busy.
   int AllocateSlotLocked(Tier& tier, int layer);
   void ReleaseSlotLocked(Tier& tier, int slot);
-  // Starts making `key` resident in device slot `slot` (already allocated, pinned).
-  absl::Status StartLoadLocked(const ExpertKey& key, int device_slot);
+  // Starts making `key` resident in device slot `slot` (already allocated; pinned by a use,
+  // unpinned for a prefetch).
+  absl::Status StartLoadLocked(const ExpertKey& key, int device_slot, bool prefetch = false);
+  // Submits `load` (already in loads_ under `tag`) to the reader.
+  absl::Status SubmitLocked(uint64_t tag, const Load& load);
   void OnReadComplete(uint64_t tag, absl::Status status);
   // Ends `load` (already out of loads_) as failed with `status`: frees its slots and records
   // the failure for the compute thread.
   void FailLoadLocked(const Load& load, const absl::Status& status);
+  // A load that failed for good: a use's fails the use (FailLoadLocked); a prefetch's fails
+  // nothing (see Prefetch). `tag` is free to reuse for a read on behalf of a waiting use.
+  void EndFailedLoadLocked(uint64_t tag, const Load& load, const absl::Status& status);
   void RetryLoop();
   void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
 
@@ -195,6 +211,7 @@ class ExpertCache final : public model::ExpertProvider {
   uint64_t tick_ = 0;
   uint64_t ssd_reads_ = 0, ssd_bytes_ = 0;
   uint64_t failed_io_ = 0, failed_short_reads_ = 0, failed_checksums_ = 0;
+  uint64_t prefetch_reads_ = 0, prefetch_failures_ = 0;
   // Retries waiting for their time, by due time (tags of loads_ entries).
   std::multimap<std::chrono::steady_clock::time_point, uint64_t> retries_;
   std::condition_variable retry_changed_;

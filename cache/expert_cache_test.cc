@@ -7,7 +7,10 @@
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "cache/fault_injecting_reader.h"
 #include "kernels/test_backend.h"
@@ -371,6 +374,75 @@ TEST_CASE(
   CHECK(health.reason.find("cannot open") != std::string::npos);
   fs::rename(f.root / "moved.bin", path);
   CHECK((*cache)->CheckStore().readable);
+}
+
+TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the read") {
+  Fixture f(model::Architecture::kMixtral);
+  const int used = f.reference.routing[1][0][0];
+  const BlobEntry* blob = f.store->manifest().FindBlob(1, used, Precision::kSource);
+  auto wait_for = [](const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!done()) {
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  };
+  SECTION("corrupt: counted, the slot freed, the use reads it again") {
+    FaultInjectingReader* injector = nullptr;
+    std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
+    ExpertCache* raw = cache.get();
+    injector->Inject(blob->offset, Fault::kCorrupt, 1);
+    raw->Prefetch(1, {used});
+    wait_for([&] { return raw->counters().prefetch_failures == 1; });
+    CHECK(raw->counters().failed_checksums == 1);
+    CHECK_FALSE(raw->DeviceResidency()[1][used]);
+    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                      kernels::TestCpuBackend(2));
+    REQUIRE(model.ok());
+    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE(run.ok());
+    CHECK(run->prompt_logits == f.reference.prompt_logits);
+    CHECK(run->greedy == f.reference.greedy);
+  }
+  SECTION("I/O errors through every attempt while a use waits: the use reads it itself") {
+    FaultInjectingReader* injector = nullptr;
+    CacheOptions options = SmallBudget(f);
+    options.retry_backoff = std::chrono::milliseconds(20);  // the use arrives meanwhile
+    std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+    ExpertCache* raw = cache.get();
+    injector->Inject(blob->offset, Fault::kIoError, options.max_read_attempts);
+    raw->Prefetch(1, {used});
+    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                      kernels::TestCpuBackend(2));
+    REQUIRE(model.ok());
+    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE(run.ok());
+    CHECK(run->prompt_logits == f.reference.prompt_logits);
+    CHECK(raw->counters().prefetch_failures == 1);
+    CHECK(raw->counters().failed_io == static_cast<uint64_t>(options.max_read_attempts));
+  }
+  SECTION("success: resident before its use, read once") {
+    CacheOptions options;  // room for every expert: each is read at most once
+    auto made = ExpertCache::Create(f.store, options);
+    REQUIRE(made.ok());
+    ExpertCache* raw = made->get();
+    raw->Prefetch(1, {used});
+    wait_for([&] { return raw->DeviceResidency()[1][used]; });
+    CHECK(raw->counters().prefetch_reads == 1);
+    auto model = model::Model::Create(f.store->config(), f.store, *std::move(made),
+                                      kernels::TestCpuBackend(2));
+    REQUIRE(model.ok());
+    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    REQUIRE(run.ok());
+    CHECK(run->prompt_logits == f.reference.prompt_logits);
+    std::set<std::pair<int, int>> distinct;
+    for (size_t layer = 0; layer < run->routing.size(); ++layer) {
+      for (const auto& chosen : run->routing[layer]) {
+        for (int e : chosen) distinct.emplace(static_cast<int>(layer), e);
+      }
+    }
+    CHECK(raw->counters().ssd_reads == distinct.size());
+  }
 }
 
 TEST_CASE("a corrupted store file fails only the steps that need the damaged expert") {

@@ -246,9 +246,10 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
   }
   MOED_ASSIGN_OR_RETURN(uint64_t checksum, read.HexValue(root, "checksum", "manifest"));
   if (verify_checksum && checksum != ManifestChecksum(ordered)) {
-    return absl::DataLossError(absl::StrCat(
-        source, ": the manifest does not match its checksum (damaged or edited; pack the "
-                "checkpoint again with moed-pack)"));
+    return absl::DataLossError(
+        absl::StrCat(source,
+                     ": the manifest does not match its checksum (damaged or edited; pack the "
+                     "checkpoint again with moed-pack)"));
   }
   MOED_ASSIGN_OR_RETURN(m.architecture, read.String(root, "architecture", "manifest"));
   MOED_ASSIGN_OR_RETURN(std::string source_dtype, read.String(root, "source_dtype", "manifest"));
@@ -389,8 +390,9 @@ absl::Status CheckManifestAgainstConfig(const Manifest& m, const model::ModelCon
   for (Precision p : m.precisions) {
     const BlobLayout& layout = m.layouts.at(p);
     const kernels::Quantization form = p == Precision::kSource ? kernels::Quantization::kNone
-                                       : p == Precision::kInt8 ? kernels::Quantization::kInt8PerRow
-                                                               : kernels::Quantization::kInt4Grouped;
+                                       : p == Precision::kInt8
+                                           ? kernels::Quantization::kInt8PerRow
+                                           : kernels::Quantization::kInt4Grouped;
     for (auto [name, matrix, rows, cols] :
          {std::tuple{"gate", &layout.gate, intermediate, hidden},
           std::tuple{"up", &layout.up, intermediate, hidden},

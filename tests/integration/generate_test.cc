@@ -442,7 +442,9 @@ TEST_CASE(
   LongStream stream(*c);
   kill(process->pid(), SIGTERM);
   CheckCancelledWithUsage(stream.result.get());
-  CHECK(process->WaitOrKill(std::chrono::seconds(60)) == 0);
+  const int exit_code = process->WaitOrKill(std::chrono::seconds(60));
+  INFO(process->stderr_text());
+  CHECK(exit_code == 0);
 }
 
 TEST_CASE("a second SIGTERM ends the drain at once: streams end cancelled, exit 0") {
@@ -460,7 +462,9 @@ TEST_CASE("a second SIGTERM ends the drain at once: streams end cancelled, exit 
   }
   kill(process->pid(), SIGTERM);
   CheckCancelledWithUsage(stream.result.get());
-  CHECK(process->WaitOrKill(std::chrono::seconds(60)) == 0);
+  const int exit_code = process->WaitOrKill(std::chrono::seconds(60));
+  INFO(process->stderr_text());
+  CHECK(exit_code == 0);
 }
 
 TEST_CASE("SIGHUP does not stop the daemon") {
