@@ -97,10 +97,14 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   void OnDone() override;
 
  private:
-  // What the scheduler's listener reaches: the stream while it lives.
+  // What the scheduler's listener reaches: the stream while it lives. A listener call that is
+  // acting on the stream outside the lock counts as a user; the stream's memory is freed when
+  // it is done and no user is left, whichever comes last.
   struct Shared {
     std::mutex mutex;
     GenerateStream* stream = nullptr;
+    int users = 0;
+    GenerateStream* done = nullptr;  // OnDone has run: free once users reach 0
   };
   struct Action {
     bool write = false;
@@ -301,8 +305,15 @@ void GenerateStream::Start(const grpc::ByteBuffer& request_bytes) {
       stream = shared->stream;
       if (stream == nullptr) return;
       action = stream->NextLocked();
+      ++shared->users;
     }
     stream->Perform(action);
+    GenerateStream* free_now = nullptr;
+    {
+      std::lock_guard lock(shared->mutex);
+      if (--shared->users == 0) std::swap(free_now, shared->done);
+    }
+    delete free_now;
   });
 }
 
@@ -408,15 +419,21 @@ void GenerateStream::OnCancel() {
 }
 
 void GenerateStream::OnDone() {
-  {
-    std::lock_guard lock(shared_->mutex);
-    shared_->stream = nullptr;
-  }
   if (handle_ != nullptr) {
     handle_->SetListener(nullptr);
     if (!wrote_last_ && !left_to_deadline_) handle_->Cancel();
   }
   if (counted_) service_->streams().Release();
+  // Keep `shared_` alive past the delete: a listener call may still hold it.
+  std::shared_ptr<Shared> shared = shared_;
+  {
+    std::lock_guard lock(shared->mutex);
+    shared->stream = nullptr;
+    if (shared->users > 0) {
+      shared->done = this;  // the last listener call frees it
+      return;
+    }
+  }
   delete this;
 }
 

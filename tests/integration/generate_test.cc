@@ -353,7 +353,11 @@ TEST_CASE(
   running = false;
   sampler.join();
   info = c->ModelInfo();
-  REQUIRE(info.ok());
+  if (!info.ok()) {  // the daemon is gone: say why
+    daemon.process->WaitOrKill(std::chrono::seconds(5));
+    INFO(daemon.process->stderr_text());
+    REQUIRE(info.ok());
+  }
   CHECK(info->preemptions() > 0);
   CHECK(info->kv_cache_bytes() == 0);
   CHECK(most_held > 0);
@@ -368,6 +372,9 @@ TEST_CASE(
 #ifndef MOED_SANITIZED
   CHECK(peak <= rss_before + budget + (64ull << 20));
 #endif
+  const int exit_code = daemon.process->Stop();
+  INFO(daemon.process->stderr_text());
+  CHECK(exit_code == 0);
 }
 
 // The demo-sized model with a 64K context: a generation to the end of it runs for many seconds,
