@@ -427,7 +427,7 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     REQUIRE(made.ok());
     ExpertCache* raw = made->get();
     raw->Prefetch(1, {used});
-    wait_for([&] { return raw->DeviceResidency()[1][used]; });
+    wait_for([&]() -> bool { return raw->DeviceResidency()[1][used]; });
     CHECK(raw->counters().prefetch_reads == 1);
     auto model = model::Model::Create(f.store->config(), f.store, *std::move(made),
                                       kernels::TestCpuBackend(2));
