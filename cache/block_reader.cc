@@ -45,9 +45,6 @@ struct Pending {
   absl::Status status;
 };
 
-// Marks a submission entry that was neutralised after a failed submit (see FailUnsubmitted).
-Piece* const kAbandoned = reinterpret_cast<Piece*>(uintptr_t{1});
-
 class IoUringReader final : public BlockReader {
  public:
   IoUringReader(int fd, const ReaderOptions& options, ReadCallback callback, SubmitHook hook)
@@ -168,10 +165,11 @@ class IoUringReader final : public BlockReader {
     std::vector<Piece*> abandoned;
     for (unsigned head = *ring_.sq.khead; head != ring_.sq.sqe_tail; ++head) {
       io_uring_sqe* sqe = &ring_.sq.sqes[head & *ring_.sq.kring_mask];
-      auto* piece = reinterpret_cast<Piece*>(static_cast<uintptr_t>(sqe->user_data));
-      if (piece != nullptr && piece != kAbandoned) abandoned.push_back(piece);
+      void* data = nullptr;
+      std::memcpy(&data, &sqe->user_data, sizeof(data));
+      if (data != nullptr && data != this) abandoned.push_back(static_cast<Piece*>(data));
       io_uring_prep_nop(sqe);
-      io_uring_sqe_set_data(sqe, kAbandoned);
+      io_uring_sqe_set_data(sqe, this);  // the reader itself marks an abandoned entry
     }
     auto fail = [&](uint64_t id) {
       auto it = pending_.find(id);
@@ -234,7 +232,7 @@ class IoUringReader final : public BlockReader {
       io_uring_cqe_seen(&ring_, cqe);
       std::unique_lock lock(mutex_);
       if (data == nullptr) return;
-      if (data == kAbandoned) continue;
+      if (data == this) continue;  // an entry neutralised by FailUnsubmittedLocked
       std::unique_ptr<Piece> piece(static_cast<Piece*>(data));
       --in_flight_;
       Pending& pending = pending_[piece->id];

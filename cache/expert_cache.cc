@@ -81,8 +81,8 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
   }
 
   ExpertCache* raw = cache.get();
-  ReadCallback callback = [raw](uint64_t tag, absl::Status status) {
-    raw->OnReadComplete(tag, std::move(status));
+  ReadCallback callback = [raw](uint64_t tag, const absl::Status& status) {
+    raw->OnReadComplete(tag, status);
   };
   if (reader_factory) {
     MOED_ASSIGN_OR_RETURN(cache->reader_, reader_factory(callback));
@@ -266,7 +266,7 @@ void ExpertCache::Prefetch(int layer, const std::vector<int>& experts) {
   }
 }
 
-void ExpertCache::OnReadComplete(uint64_t tag, absl::Status status) {
+void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
   Load load;
   {
     std::lock_guard lock(mutex_);

@@ -178,7 +178,7 @@ class ExpertCache final : public model::ExpertProvider {
   absl::Status StartLoadLocked(const ExpertKey& key, int device_slot, bool prefetch = false);
   // Submits `load` (already in loads_ under `tag`) to the reader.
   absl::Status SubmitLocked(uint64_t tag, const Load& load);
-  void OnReadComplete(uint64_t tag, absl::Status status);
+  void OnReadComplete(uint64_t tag, const absl::Status& status);
   // Ends `load` (already out of loads_) as failed with `status`: frees its slots and records
   // the failure for the compute thread.
   void FailLoadLocked(const Load& load, const absl::Status& status);

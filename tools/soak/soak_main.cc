@@ -62,6 +62,7 @@ struct RunResult {
 
 std::vector<int32_t> PromptFor(int index, int vocab) {
   std::vector<int32_t> prompt;
+  prompt.reserve(static_cast<size_t>(3 + index % 5));
   for (int i = 0; i < 3 + index % 5; ++i) prompt.push_back((index * 131 + i * 17 + 7) % vocab);
   return prompt;
 }
@@ -167,9 +168,7 @@ bool UsesExpert(const std::vector<std::vector<std::vector<int>>>& routing, int l
   return false;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int Run(int argc, char** argv) {
   Options options;
   CLI::App app{
       "moed-soak: the engine's streams under injected store faults, checked against a "
@@ -315,4 +314,15 @@ int main(int argc, char** argv) {
   }
   std::printf("every check held\n");
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {  // CLI11's and the standard library's
+    std::fprintf(stderr, "moed-soak: %s\n", e.what());
+    return 1;
+  }
 }
