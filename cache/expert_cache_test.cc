@@ -213,6 +213,14 @@ CacheOptions SmallBudget(const Fixture& f) {
   return options;
 }
 
+// The fixture's model with its experts served by `cache`.
+std::shared_ptr<model::Model> ModelOver(const Fixture& f, std::unique_ptr<ExpertCache> cache) {
+  auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
+                                    kernels::TestCpuBackend(2));
+  REQUIRE(model.ok());
+  return *std::move(model);
+}
+
 TEST_CASE("read faults that persist fail the step naming the expert and the kind") {
   Fixture f(model::Architecture::kMixtral);
   // An expert the prompt's first token uses in layer 1.
@@ -232,10 +240,8 @@ TEST_CASE("read faults that persist fail the step naming the expert and the kind
     std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
     ExpertCache* raw = cache.get();
     injector->Inject(victim->offset, fault, -1);
-    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                      kernels::TestCpuBackend(2));
-    REQUIRE(model.ok());
-    auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto model = ModelOver(f, std::move(cache));
+    auto failed = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE_FALSE(failed.ok());
     // An I/O error may pass (UNAVAILABLE); a file that ends early or bytes that fail their
     // checksum are lost data.
@@ -279,7 +285,7 @@ TEST_CASE("read faults that persist fail the step naming the expert and the kind
     CHECK(raw->store_health().readable);
     // Clear the fault: the same cache now serves the same prompt exactly.
     injector->Clear();
-    auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto healed = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(healed.ok());
     CHECK(healed->prompt_logits == f.reference.prompt_logits);
     CHECK(healed->greedy == f.reference.greedy);
@@ -295,10 +301,8 @@ TEST_CASE("I/O errors and short reads that pass are retried: the results stay ex
     std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
     ExpertCache* raw = cache.get();
     injector->Inject(victim->offset, fault, 3);  // the fourth attempt succeeds
-    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                      kernels::TestCpuBackend(2));
-    REQUIRE(model.ok());
-    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto model = ModelOver(f, std::move(cache));
+    auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(run.ok());
     CHECK(run->prompt_logits == f.reference.prompt_logits);
     CHECK(run->greedy == f.reference.greedy);
@@ -310,10 +314,8 @@ TEST_CASE("I/O errors and short reads that pass are retried: the results stay ex
   std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
   ExpertCache* raw = cache.get();
   injector->InjectAtRandom(0.05, 0.05, 7);
-  auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                    kernels::TestCpuBackend(2));
-  REQUIRE(model.ok());
-  auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+  auto model = ModelOver(f, std::move(cache));
+  auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
   REQUIRE(run.ok());
   CHECK(run->prompt_logits == f.reference.prompt_logits);
   CHECK(run->greedy == f.reference.greedy);
@@ -330,22 +332,20 @@ TEST_CASE("failed reads of several blobs in a row make the store unreadable unti
   options.max_read_attempts = 1;
   std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
   ExpertCache* raw = cache.get();
-  auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                    kernels::TestCpuBackend(2));
-  REQUIRE(model.ok());
+  auto model = ModelOver(f, std::move(cache));
   CHECK(raw->CheckStore().readable);
   // Every read fails: the disk is gone.
   injector->InjectAtRandom(1.0, 0, 1);
-  CHECK_FALSE(model::ScoreAndGreedy(**model, Fixture::kPrompt, 1).ok());
-  CHECK_FALSE(model::ScoreAndGreedy(**model, {5}, 1).ok());
-  CHECK_FALSE(model::ScoreAndGreedy(**model, {9}, 1).ok());
+  CHECK_FALSE(model::ScoreAndGreedy(*model, Fixture::kPrompt, 1).ok());
+  CHECK_FALSE(model::ScoreAndGreedy(*model, {5}, 1).ok());
+  CHECK_FALSE(model::ScoreAndGreedy(*model, {9}, 1).ok());
   StoreHealth health = raw->store_health();
   CHECK_FALSE(health.readable);
   CHECK(health.reason.find("different expert blobs") != std::string::npos);
   // The probe reads through the store's own file, which is intact: readable again.
   injector->Clear();
   CHECK(raw->CheckStore().readable);
-  auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+  auto healed = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
   REQUIRE(healed.ok());
   CHECK(healed->greedy == f.reference.greedy);
 }
@@ -396,10 +396,8 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     wait_for([&] { return raw->counters().prefetch_failures == 1; });
     CHECK(raw->counters().failed_checksums == 1);
     CHECK_FALSE(raw->DeviceResidency()[1][used]);
-    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                      kernels::TestCpuBackend(2));
-    REQUIRE(model.ok());
-    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto model = ModelOver(f, std::move(cache));
+    auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(run.ok());
     CHECK(run->prompt_logits == f.reference.prompt_logits);
     CHECK(run->greedy == f.reference.greedy);
@@ -412,10 +410,8 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     ExpertCache* raw = cache.get();
     injector->Inject(blob->offset, Fault::kIoError, options.max_read_attempts);
     raw->Prefetch(1, {used});
-    auto model = model::Model::Create(f.store->config(), f.store, std::move(cache),
-                                      kernels::TestCpuBackend(2));
-    REQUIRE(model.ok());
-    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto model = ModelOver(f, std::move(cache));
+    auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(run.ok());
     CHECK(run->prompt_logits == f.reference.prompt_logits);
     CHECK(raw->counters().prefetch_failures == 1);
@@ -429,10 +425,8 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     raw->Prefetch(1, {used});
     wait_for([&]() -> bool { return raw->DeviceResidency()[1][used]; });
     CHECK(raw->counters().prefetch_reads == 1);
-    auto model = model::Model::Create(f.store->config(), f.store, *std::move(made),
-                                      kernels::TestCpuBackend(2));
-    REQUIRE(model.ok());
-    auto run = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+    auto model = ModelOver(f, *std::move(made));
+    auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(run.ok());
     CHECK(run->prompt_logits == f.reference.prompt_logits);
     std::set<std::pair<int, int>> distinct;
