@@ -13,8 +13,9 @@
 namespace moed::cache {
 namespace {
 
-using nlohmann::json;
 using nlohmann::ordered_json;
+// Key order kept as written, so that the manifest's checksum can be recomputed from the parse.
+using json = nlohmann::ordered_json;
 
 absl::string_view QuantizationName(kernels::Quantization q) {
   switch (q) {
@@ -229,11 +230,9 @@ std::string ManifestJson(const Manifest& m) {
 
 absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string_view source,
                                        bool verify_checksum) {
-  ordered_json ordered = ordered_json::parse(json_text.begin(), json_text.end(), nullptr, false);
-  Reader read(source);
-  if (ordered.is_discarded() || !ordered.is_object())
-    return read.Error("manifest", "not a JSON object");
   json root = json::parse(json_text.begin(), json_text.end(), nullptr, false);
+  Reader read(source);
+  if (root.is_discarded() || !root.is_object()) return read.Error("manifest", "not a JSON object");
   auto format = root.find("format");
   if (format == root.end() || !format->is_string() || format->get<std::string>() != "moed-store")
     return read.Error("manifest", "\"format\" is not \"moed-store\"");
@@ -245,7 +244,7 @@ absl::StatusOr<Manifest> ParseManifest(absl::string_view json_text, absl::string
                                    kStoreVersion, "): pack the checkpoint again with moed-pack"));
   }
   MOED_ASSIGN_OR_RETURN(uint64_t checksum, read.HexValue(root, "checksum", "manifest"));
-  if (verify_checksum && checksum != ManifestChecksum(ordered)) {
+  if (verify_checksum && checksum != ManifestChecksum(root)) {
     return absl::DataLossError(
         absl::StrCat(source,
                      ": the manifest does not match its checksum (damaged or edited; pack the "

@@ -71,12 +71,7 @@ absl::StatusOr<std::shared_ptr<Store>> Store::Open(const std::string& dir) {
     return absl::NotFoundError(
         absl::StrCat(store->experts_path_, ": cannot open: ", std::strerror(errno)));
   }
-  off_t size = lseek(store->experts_fd_, 0, SEEK_END);
-  if (size < 0 || static_cast<uint64_t>(size) < m.experts_file_size) {
-    return absl::DataLossError(absl::StrCat(store->experts_path_, ": holds ", size,
-                                            " bytes but the manifest lists ", m.experts_file_size,
-                                            " (truncated)"));
-  }
+  MOED_RETURN_IF_ERROR(store->CheckExpertsFile());
   return store;
 }
 
