@@ -132,6 +132,7 @@ void ExpertCache::RetryLoop() {
     if (!submitted.ok()) {
       Load failed = it->second;
       loads_.erase(it);
+      if (failed.prefetch) --prefetches_in_flight_;
       EndFailedLoadLocked(tag, failed,
                           BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
                                     submitted.message(), failed.attempts));
@@ -148,7 +149,8 @@ void ExpertCache::Tier::Drop(const ExpertKey& key) {
   if (index.erase(key) > 0) --per_layer[static_cast<size_t>(key.layer)];
 }
 
-int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
+int ExpertCache::AllocateSlotLocked(Tier& tier, int layer,
+                                    const absl::flat_hash_set<ExpertKey>* keep) {
   if (!tier.free.empty()) {
     int slot = tier.free.back();
     tier.free.pop_back();
@@ -157,7 +159,8 @@ int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
   std::vector<ExpertKey> candidates;
   auto collect = [&](auto in_scope) {
     for (const Slot& slot : tier.slots) {
-      if (slot.state == SlotState::kReady && slot.pins == 0 && in_scope(slot.key.layer))
+      if (slot.state == SlotState::kReady && slot.pins == 0 && in_scope(slot.key.layer) &&
+          (keep == nullptr || !keep->contains(slot.key)))
         candidates.push_back(slot.key);
     }
   };
@@ -184,7 +187,10 @@ int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
   int slot = tier.index.at(victim);
   tier.Drop(victim);
   tier.policy->Remove(victim);
-  tier.slots[slot].state = SlotState::kFree;
+  Slot& evicted = tier.slots[slot];
+  evicted.state = SlotState::kFree;
+  if (evicted.prefetched) ++prefetch_wasted_;
+  evicted.prefetched = evicted.claimed = false;
   ++tier.counters.evictions;
   return slot;
 }
@@ -198,6 +204,8 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
   Slot& slot = device_.slots[device_slot];
   slot.state = SlotState::kLoading;
   slot.key = key;
+  slot.prefetched = prefetch;
+  slot.claimed = slot.arrived_late = false;
   device_.Add(key, device_slot);
   MOED_ASSIGN_OR_RETURN(const BlobEntry* blob,
                         store_->Blob(key.layer, key.expert, options_.precision));
@@ -238,8 +246,13 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
   }
   uint64_t tag = next_tag_++;
   loads_[tag] = load;
-  if (prefetch) ++prefetch_reads_;
-  return SubmitLocked(tag, load);
+  if (prefetch) {
+    ++prefetch_reads_;
+    ++prefetches_in_flight_;
+  }
+  absl::Status submitted = SubmitLocked(tag, load);
+  if (!submitted.ok() && prefetch) --prefetches_in_flight_;
+  return submitted;
 }
 
 absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
@@ -251,15 +264,57 @@ absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
   return submitted;
 }
 
-void ExpertCache::Prefetch(int layer, const std::vector<int>& experts) {
+void ExpertCache::Prefetch(const std::vector<PrefetchHint>& hints) {
   std::lock_guard lock(mutex_);
-  for (int e : experts) {
-    const ExpertKey key{layer, e};
-    if (device_.index.contains(key)) continue;  // resident or on its way
-    const int slot = AllocateSlotLocked(device_, layer);
-    if (slot < 0) return;  // every slot is in use: prefetch no further
+  QueuePrefetchesLocked(hints);
+  IssuePrefetchesLocked();
+}
+
+void ExpertCache::CancelPrefetches() {
+  std::lock_guard lock(mutex_);
+  QueuePrefetchesLocked({});
+}
+
+void ExpertCache::QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints) {
+  prefetch_cancelled_ += prefetch_queue_.size();  // superseded before they started
+  prefetch_queue_.clear();
+  hinted_.clear();
+  const model::ModelConfig& config = store_->config();
+  for (const PrefetchHint& hint : hints) {
+    if (hint.layer < 0 || hint.layer >= config.num_layers || !config.IsMoeLayer(hint.layer) ||
+        hint.expert < 0 || hint.expert >= config.num_experts) {
+      continue;
+    }
+    const ExpertKey key{hint.layer, hint.expert};
+    if (!hinted_.insert(key).second) continue;
+    prefetch_queue_.push_back(hint);
+  }
+  std::stable_sort(
+      prefetch_queue_.begin(), prefetch_queue_.end(),
+      [](const PrefetchHint& a, const PrefetchHint& b) { return a.probability > b.probability; });
+}
+
+void ExpertCache::IssuePrefetchesLocked() {
+  const int max_in_flight = std::max(1, options_.reader.queue_depth);
+  while (!prefetch_queue_.empty() && uses_waiting_for_slots_ == 0 &&
+         prefetches_in_flight_ < max_in_flight) {
+    const PrefetchHint hint = prefetch_queue_.front();
+    const ExpertKey key{hint.layer, hint.expert};
+    if (device_.index.contains(key)) {  // resident or on its way already
+      prefetch_queue_.pop_front();
+      ++prefetch_cancelled_;
+      continue;
+    }
+    // Never evict what the computing layer holds or what a hint names.
+    const int slot = AllocateSlotLocked(device_, hint.layer, &hinted_);
+    if (slot < 0) return;  // no slot to be had now: wait for one to free up
+    prefetch_queue_.pop_front();
+    ++prefetch_issued_;
     if (!StartLoadLocked(key, slot, /*prefetch=*/true).ok()) {
+      // Not even submitted: counted as failed, and the slot is free again.
+      ++prefetch_failures_;
       device_.slots[slot].state = SlotState::kFree;
+      device_.slots[slot].prefetched = false;
       device_.Drop(key);
       device_.free.push_back(slot);
     }
@@ -299,6 +354,11 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
 
   std::lock_guard lock(mutex_);
   NoteReadOutcomeLocked(load.key, failed);
+  if (load.prefetch && !retry) {
+    --prefetches_in_flight_;
+    prefetch_read_seconds_ +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count();
+  }
   if (retry) {
     // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
     auto delay = options_.retry_backoff * (int64_t{1} << (2 * std::min(load.attempts - 1, 10)));
@@ -316,6 +376,11 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
   stage_from_ssd_.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count());
   device_slot.state = SlotState::kReady;
+  if (device_slot.prefetched && device_slot.claimed) {
+    ++prefetch_late_;
+    device_slot.prefetched = device_slot.claimed = false;
+    device_slot.arrived_late = true;
+  }
   device_.policy->Touch(load.key, tick_);
   device_.counters.bytes_in += bytes;
   if (load.into_host) {
@@ -324,6 +389,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     host_->counters.bytes_in += bytes;
     ReleaseSlotLocked(*host_, load.host_slot);
   }
+  if (load.prefetch) IssuePrefetchesLocked();
   changed_.notify_all();
 }
 
@@ -358,6 +424,8 @@ void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl
     return;
   }
   ++prefetch_failures_;
+  device_.slots[load.device_slot].prefetched = false;
+  device_.slots[load.device_slot].claimed = false;
   if (device_.slots[load.device_slot].pins > 0) {
     // A use waits for it: read it again as that use's own read, with attempts of its own.
     Load demand = load;
@@ -379,6 +447,7 @@ void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl
     host_->Drop(load.key);
     ReleaseSlotLocked(*host_, load.host_slot);
   }
+  IssuePrefetchesLocked();
   changed_.notify_all();
 }
 
@@ -439,6 +508,12 @@ StoreHealth ExpertCache::CheckStore() {
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute) {
+  return ForEachExpert(layer, experts, compute, {});
+}
+
+absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
+                                        const model::ExpertCompute& compute,
+                                        const std::vector<PrefetchHint>& hints) {
   std::unique_lock lock(mutex_);
   std::vector<int> ready, waiting, deferred;
   absl::flat_hash_map<int, int> slot_of;
@@ -454,9 +529,21 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       if (slot.state == SlotState::kReady) {
         ++device_.counters.hits;
         device_.policy->Touch(key, tick_);
+        if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
+          ++prefetch_useful_;
+          slot.prefetched = false;
+          served[e].prefetch = model::PrefetchOutcome::kUseful;
+          served[e].bytes_staged = layout_->padded_size;
+        }
         ready.push_back(e);
       } else {
+        ++device_.counters.misses;                      // the use waits for it
         served[e].source = model::ExpertSource::kDisk;  // a read already in flight
+        served[e].bytes_staged = layout_->padded_size;
+        if (slot.prefetched) {
+          slot.claimed = true;  // late, should it arrive; failed, should it not
+          served[e].prefetch = model::PrefetchOutcome::kLate;
+        }
         waiting.push_back(e);
       }
     } else {
@@ -494,8 +581,12 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         waiting.push_back(e);
       }
     }
+    uses_waiting_for_slots_ = deferred.size();
   };
   start_deferred();
+  // This layer's experts are pinned or on their way: now the later layers may have slots.
+  QueuePrefetchesLocked(hints);
+  IssuePrefetchesLocked();
 
   while (remaining > 0) {
     if (!first_error.ok() && !deferred.empty()) {
@@ -517,7 +608,7 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         int w = waiting[i];
         ExpertKey key{layer, w};
         auto failure = failures_.find(key);
-        const Slot& slot = device_.slots[slot_of[w]];
+        Slot& slot = device_.slots[slot_of[w]];
         if (failure != failures_.end()) {
           if (first_error.ok()) {
             first_error = WithStoreFault(
@@ -528,6 +619,10 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
           failed = true;
         } else if (slot.state == SlotState::kReady && slot.key == key) {
           e = w;
+          // A late prefetch that failed was read again for this use: it served nothing.
+          if (served[w].prefetch == model::PrefetchOutcome::kLate && !slot.arrived_late)
+            served[w].prefetch = model::PrefetchOutcome::kNone;
+          slot.arrived_late = false;
         } else {
           continue;
         }
@@ -545,6 +640,8 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       waited_seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
       wait_seconds_ += waited_seconds;
+      if (!failed && served[e].prefetch == model::PrefetchOutcome::kLate)
+        prefetch_wait_seconds_ += waited_seconds;
     }
     const int slot = slot_of[e];
     --remaining;
@@ -559,7 +656,10 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
     }
     ReleaseSlotLocked(device_, slot);
     start_deferred();
+    IssuePrefetchesLocked();
   }
+  uses_waiting_for_slots_ = 0;
+  IssuePrefetchesLocked();
   return first_error;
 }
 
@@ -600,6 +700,14 @@ CacheCounters ExpertCache::counters() const {
   if (host_ != nullptr) c.host.budget_bytes = c.host.slots * host_->slot_bytes;
   c.prefetch_reads = prefetch_reads_;
   c.prefetch_failures = prefetch_failures_;
+  c.prefetch_issued = prefetch_issued_;
+  c.prefetch_useful = prefetch_useful_;
+  c.prefetch_late = prefetch_late_;
+  c.prefetch_wasted = prefetch_wasted_;
+  c.prefetch_cancelled = prefetch_cancelled_;
+  c.prefetch_read_seconds = prefetch_read_seconds_;
+  c.prefetch_wait_seconds = prefetch_wait_seconds_;
+  for (const Slot& slot : device_.slots) c.prefetch_pending += slot.prefetched ? 1 : 0;
   c.failed_io = failed_io_;
   c.failed_short_reads = failed_short_reads_;
   c.failed_checksums = failed_checksums_;
@@ -614,20 +722,43 @@ namespace {
 
 class SharedCacheProvider final : public model::ExpertProvider {
  public:
-  explicit SharedCacheProvider(std::shared_ptr<ExpertCache> cache) : cache_(std::move(cache)) {}
+  SharedCacheProvider(std::shared_ptr<ExpertCache> cache, std::shared_ptr<Prefetcher> prefetcher)
+      : cache_(std::move(cache)), prefetcher_(std::move(prefetcher)) {}
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override {
-    return cache_->ForEachExpert(layer, experts, compute);
+    absl::Status status = cache_->ForEachExpert(layer, experts, compute, hints_);
+    hints_.clear();
+    return status;
+  }
+  void Routed(const model::LayerRouting& routing) override {
+    if (prefetcher_ != nullptr) hints_ = prefetcher_->Plan(routing);
+  }
+  int lookahead_layers() const override {
+    return prefetcher_ == nullptr ? 0 : prefetcher_->lookahead_layers();
+  }
+  StepPrefetches TakeStepPrefetches() override {
+    // The step is over: what is still queued was for its layers. Dropping it also means no
+    // prefetch starts, and none evicts, between steps, so every one is charged to a step.
+    cache_->CancelPrefetches();
+    const CacheCounters now = cache_->counters();
+    StepPrefetches step{now.prefetch_issued - issued_, now.prefetch_wasted - wasted_};
+    issued_ = now.prefetch_issued;
+    wasted_ = now.prefetch_wasted;
+    return step;
   }
 
  private:
   std::shared_ptr<ExpertCache> cache_;
+  std::shared_ptr<Prefetcher> prefetcher_;
+  std::vector<PrefetchHint> hints_;   // from the last Routed, for the ForEachExpert after it
+  uint64_t issued_ = 0, wasted_ = 0;  // the cache's counts at the last TakeStepPrefetches
 };
 
 }  // namespace
 
-std::unique_ptr<model::ExpertProvider> SharedProvider(std::shared_ptr<ExpertCache> cache) {
-  return std::make_unique<SharedCacheProvider>(std::move(cache));
+std::unique_ptr<model::ExpertProvider> SharedProvider(std::shared_ptr<ExpertCache> cache,
+                                                      std::shared_ptr<Prefetcher> prefetcher) {
+  return std::make_unique<SharedCacheProvider>(std::move(cache), std::move(prefetcher));
 }
 
 }  // namespace moed::cache

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -24,6 +25,7 @@
 #include "cache/aligned_buffer.h"
 #include "cache/block_reader.h"
 #include "cache/eviction_policy.h"
+#include "cache/prefetcher.h"
 #include "cache/store_fault.h"
 #include "cache/store_reader.h"
 #include "model/expert_provider.h"
@@ -76,9 +78,21 @@ struct CacheCounters {
   TierCounters host;
   uint64_t ssd_reads = 0;
   uint64_t ssd_bytes = 0;
-  uint64_t prefetch_reads = 0;     // reads started by Prefetch (counted in ssd_reads too)
-  uint64_t prefetch_failures = 0;  // prefetches that failed for good: they failed no request
-  uint64_t failed_reads = 0;       // I/O errors, short reads, checksum mismatches: the three below
+  // Every prefetch issued ends as exactly one of: useful (used after it arrived), late (a use
+  // waited for it), wasted (evicted unused), failed (the read failed for good; it failed no
+  // request), or is still pending (on its way, or resident and not used yet):
+  // issued = useful + late + wasted + failed + pending.
+  uint64_t prefetch_issued = 0;
+  uint64_t prefetch_useful = 0;
+  uint64_t prefetch_late = 0;
+  uint64_t prefetch_wasted = 0;
+  uint64_t prefetch_failures = 0;
+  uint64_t prefetch_pending = 0;
+  uint64_t prefetch_cancelled = 0;   // hints dropped before any read: stale, or already resident
+  uint64_t prefetch_reads = 0;       // prefetches read from the store (counted in ssd_reads too)
+  double prefetch_read_seconds = 0;  // summed durations of prefetch reads from the store
+  double prefetch_wait_seconds = 0;  // of wait_seconds, the part spent waiting for late prefetches
+  uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches: the three below
   uint64_t failed_io = 0;
   uint64_t failed_short_reads = 0;
   uint64_t failed_checksums = 0;
@@ -119,12 +133,24 @@ class ExpertCache final : public model::ExpertProvider {
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override;
 
-  // Starts reading `experts` of `layer` into the device tier ahead of their use, each where a
-  // slot can be had at once (a free one, or an unpinned resident evicted by the policy); it
-  // never waits. A prefetch that fails for good fails no request: it is counted (by kind, as
-  // every failed read is), its slot is freed, and a later use reads the expert again; a use
-  // that arrives while it is in flight waits for it, and should it fail, reads anew.
-  void Prefetch(int layer, const std::vector<int>& experts);
+  // As above, and once this layer's experts are pinned and its misses have their slots,
+  // `hints` replace the prefetch queue (see Prefetch).
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const model::ExpertCompute& compute,
+                             const std::vector<PrefetchHint>& hints);
+
+  // Replaces the queue of prefetches not yet started with `hints` (highest probability first)
+  // and starts reading as many as the reader's queue depth allows, each into a slot that can be
+  // had at once: a free one, or an unpinned resident that no hint names, chosen by the policy
+  // (what a use holds is pinned and never a candidate). It never waits. Queued hints start as
+  // reads complete and slots free up, never while a use waits for a slot; the next layer's
+  // hints replace them, so a hint for a layer the engine has reached is dropped as stale. A
+  // prefetch that fails for good fails no request: it is counted (by kind, as every failed read
+  // is), its slot is freed, and a later use reads the expert again; a use that arrives while it
+  // is in flight waits for it, and should it fail, reads anew.
+  void Prefetch(const std::vector<PrefetchHint>& hints);
+  // Drops the queued hints (the engine finished the step they were for).
+  void CancelPrefetches();
 
   CacheCounters counters() const;
   // [layer][expert]: whether the expert is ready in the device tier.
@@ -138,6 +164,9 @@ class ExpertCache final : public model::ExpertProvider {
     SlotState state = SlotState::kFree;
     ExpertKey key;
     int pins = 0;
+    bool prefetched = false;    // brought in by a prefetch and not used yet
+    bool claimed = false;       // ... and a use is waiting for it (late, should it arrive)
+    bool arrived_late = false;  // a claimed prefetch that arrived: its waiting use says late
   };
   struct Tier {
     std::string name;
@@ -171,7 +200,9 @@ class ExpertCache final : public model::ExpertProvider {
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
   // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
   // eviction scope when it has one) if needed; -1 when all are busy.
-  int AllocateSlotLocked(Tier& tier, int layer);
+  // `keep`, when given, are experts a prefetch must not evict.
+  int AllocateSlotLocked(Tier& tier, int layer,
+                         const absl::flat_hash_set<ExpertKey>* keep = nullptr);
   void ReleaseSlotLocked(Tier& tier, int slot);
   // Starts making `key` resident in device slot `slot` (already allocated; pinned by a use,
   // unpinned for a prefetch).
@@ -186,6 +217,9 @@ class ExpertCache final : public model::ExpertProvider {
   // nothing (see Prefetch). `tag` is free to reuse for a read on behalf of a waiting use.
   void EndFailedLoadLocked(uint64_t tag, const Load& load, const absl::Status& status);
   void RetryLoop();
+  // Starts queued prefetches while reads may be added and no use waits for a slot.
+  void IssuePrefetchesLocked();
+  void QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints);
   void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
 
   std::shared_ptr<const Store> store_;
@@ -212,6 +246,13 @@ class ExpertCache final : public model::ExpertProvider {
   uint64_t ssd_reads_ = 0, ssd_bytes_ = 0;
   uint64_t failed_io_ = 0, failed_short_reads_ = 0, failed_checksums_ = 0;
   uint64_t prefetch_reads_ = 0, prefetch_failures_ = 0;
+  uint64_t prefetch_issued_ = 0, prefetch_useful_ = 0, prefetch_late_ = 0, prefetch_wasted_ = 0;
+  uint64_t prefetch_cancelled_ = 0;
+  double prefetch_read_seconds_ = 0, prefetch_wait_seconds_ = 0;
+  int prefetches_in_flight_ = 0;             // prefetch reads submitted and not completed
+  std::deque<PrefetchHint> prefetch_queue_;  // highest probability first
+  absl::flat_hash_set<ExpertKey> hinted_;    // the keys of the latest hints: kept from eviction
+  size_t uses_waiting_for_slots_ = 0;        // misses of that layer not yet given a slot
   // Retries waiting for their time, by due time (tags of loads_ entries).
   std::multimap<std::chrono::steady_clock::time_point, uint64_t> retries_;
   std::condition_variable retry_changed_;
@@ -226,7 +267,9 @@ class ExpertCache final : public model::ExpertProvider {
 };
 
 // A provider for a Model that shares `cache` with others (the daemon's ModelInfo reads it too).
-std::unique_ptr<model::ExpertProvider> SharedProvider(std::shared_ptr<ExpertCache> cache);
+// With a prefetcher, each layer's routing is turned into hints for the later layers.
+std::unique_ptr<model::ExpertProvider> SharedProvider(
+    std::shared_ptr<ExpertCache> cache, std::shared_ptr<Prefetcher> prefetcher = nullptr);
 
 using util::ParseByteSize;
 

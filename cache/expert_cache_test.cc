@@ -376,6 +376,118 @@ TEST_CASE(
   CHECK((*cache)->CheckStore().readable);
 }
 
+// Each expert of `experts` of `layer` through the cache, computing nothing; what the prefetch
+// did for each use, in the order computed.
+std::vector<model::PrefetchOutcome> Use(ExpertCache& cache, int layer,
+                                        const std::vector<int>& experts) {
+  std::vector<model::PrefetchOutcome> outcomes;
+  absl::Status status = cache.ForEachExpert(
+      layer, experts, [&](int, const model::ExpertWeights&, const model::ExpertServed& served) {
+        outcomes.push_back(served.prefetch);
+        return absl::OkStatus();
+      });
+  REQUIRE(status.ok());
+  return outcomes;
+}
+
+void WaitFor(const std::function<bool()>& done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!done()) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+TEST_CASE("every prefetch ends useful, late, wasted or failed, or is still pending") {
+  Fixture f(model::Architecture::kMixtral);
+  FaultInjectingReader* injector = nullptr;
+  CacheOptions options = SmallBudget(f);  // two slots
+  options.eviction_scope = EvictionScope::kGlobal;
+  std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+  ExpertCache& c = *cache;
+  auto offset = [&](int layer, int expert) {
+    return f.store->manifest().FindBlob(layer, expert, Precision::kSource)->offset;
+  };
+  auto resident = [&](int layer, int expert) -> bool { return c.DeviceResidency()[layer][expert]; };
+  using model::PrefetchOutcome;
+
+  // Useful: resident before the use.
+  c.Prefetch({{1, 0, 0.9}});
+  WaitFor([&] { return resident(1, 0); });
+  CHECK(Use(c, 1, {0}) == std::vector{PrefetchOutcome::kUseful});
+
+  // Late: the use arrives while the read is held back, and waits for it.
+  injector->Hold(offset(1, 1));
+  c.Prefetch({{1, 1, 0.9}});
+  const uint64_t misses = c.counters().device.misses;
+  std::thread release([&] {
+    WaitFor([&] { return c.counters().device.misses > misses; });  // the use is waiting
+    injector->ReleaseHeld();
+  });
+  CHECK(Use(c, 1, {1}) == std::vector{PrefetchOutcome::kLate});
+  release.join();
+  CHECK(c.counters().prefetch_wait_seconds > 0);
+
+  // Wasted: evicted before any use (the two slots go to layer 1's experts 2 and 3).
+  c.Prefetch({{0, 5, 0.9}});
+  WaitFor([&] { return resident(0, 5); });
+  CHECK(Use(c, 1, {2, 3}) == std::vector{PrefetchOutcome::kNone, PrefetchOutcome::kNone});
+  CHECK_FALSE(resident(0, 5));
+
+  // Failed: the read comes back corrupt; nothing waits for it.
+  injector->Inject(offset(0, 6), Fault::kCorrupt, 1);
+  c.Prefetch({{0, 6, 0.9}});
+  WaitFor([&] { return c.counters().prefetch_failures == 1; });
+
+  // Pending: resident, not used yet.
+  c.Prefetch({{0, 7, 0.9}});
+  WaitFor([&] { return resident(0, 7); });
+
+  const CacheCounters counters = c.counters();
+  CHECK(counters.prefetch_issued == 5);
+  CHECK(counters.prefetch_useful == 1);
+  CHECK(counters.prefetch_late == 1);
+  CHECK(counters.prefetch_wasted == 1);
+  CHECK(counters.prefetch_failures == 1);
+  CHECK(counters.prefetch_pending == 1);
+  CHECK(counters.prefetch_issued == counters.prefetch_useful + counters.prefetch_late +
+                                        counters.prefetch_wasted + counters.prefetch_failures +
+                                        counters.prefetch_pending);
+  CHECK(counters.failed_checksums == 1);
+}
+
+TEST_CASE(
+    "prefetches wait for the reader's queue depth, newer hints replace queued ones, and a "
+    "prefetch evicts neither a hinted expert nor one a use holds") {
+  Fixture f(model::Architecture::kMixtral);
+  FaultInjectingReader* injector = nullptr;
+  CacheOptions options;
+  options.device_bytes = 3 * ExpertCache::SlotBytes(*f.store, Precision::kSource);
+  options.eviction_scope = EvictionScope::kGlobal;
+  options.reader.queue_depth = 1;
+  std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+  ExpertCache& c = *cache;
+  auto resident = [&](int layer, int expert) -> bool { return c.DeviceResidency()[layer][expert]; };
+
+  injector->Hold(f.store->manifest().FindBlob(1, 4, Precision::kSource)->offset);
+  c.Prefetch({{1, 4, 0.9}, {1, 5, 0.8}, {1, 6, 0.7}});
+  CHECK(c.counters().prefetch_issued == 1);  // one read in flight at queue depth 1
+  c.Prefetch({{0, 1, 0.5}});                 // the two queued hints are superseded
+  CHECK(c.counters().prefetch_cancelled == 2);
+  injector->ReleaseHeld();
+  WaitFor([&] { return resident(1, 4) && resident(0, 1); });
+  CHECK(c.counters().prefetch_issued == 2);
+
+  // Slots: (1,4), (0,1) and one free. Fill the free one with a use, then hint (1,4) again with
+  // a new expert: the new one may evict only the expert no hint names and no use holds.
+  Use(c, 0, {2});
+  c.Prefetch({{1, 4, 0.9}, {0, 3, 0.8}});
+  WaitFor([&] { return resident(0, 3); });
+  CHECK(resident(1, 4));
+  CHECK(c.counters().prefetch_cancelled == 3);  // (1,4) was resident already
+  CHECK((resident(0, 1) != resident(0, 2)));    // exactly one of the unhinted two was evicted
+}
+
 TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the read") {
   Fixture f(model::Architecture::kMixtral);
   const int used = f.reference.routing[1][0][0];
@@ -392,7 +504,7 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
     ExpertCache* raw = cache.get();
     injector->Inject(blob->offset, Fault::kCorrupt, 1);
-    raw->Prefetch(1, {used});
+    raw->Prefetch({{1, used, 1.0}});
     wait_for([&] { return raw->counters().prefetch_failures == 1; });
     CHECK(raw->counters().failed_checksums == 1);
     CHECK_FALSE(raw->DeviceResidency()[1][used]);
@@ -409,7 +521,7 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
     ExpertCache* raw = cache.get();
     injector->Inject(blob->offset, Fault::kIoError, options.max_read_attempts);
-    raw->Prefetch(1, {used});
+    raw->Prefetch({{1, used, 1.0}});
     auto model = ModelOver(f, std::move(cache));
     auto run = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
     REQUIRE(run.ok());
@@ -422,7 +534,7 @@ TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the r
     auto made = ExpertCache::Create(f.store, options);
     REQUIRE(made.ok());
     ExpertCache* raw = made->get();
-    raw->Prefetch(1, {used});
+    raw->Prefetch({{1, used, 1.0}});
     wait_for([&]() -> bool { return raw->DeviceResidency()[1][used]; });
     CHECK(raw->counters().prefetch_reads == 1);
     auto model = ModelOver(f, *std::move(made));

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -56,6 +57,22 @@ class FaultInjectingReader final : public BlockReader {
     random_short_read_ = short_read;
     random_.seed(seed);
   }
+  // Reads that start at `offset` complete, but are reported only at ReleaseHeld().
+  void Hold(uint64_t offset) {
+    std::lock_guard lock(mutex_);
+    held_offsets_.insert(offset);
+  }
+  // Reports every held read now (on the calling thread) and holds no more.
+  void ReleaseHeld() {
+    std::vector<std::pair<uint64_t, absl::Status>> held;
+    {
+      std::lock_guard lock(mutex_);
+      held_offsets_.clear();
+      held.swap(held_);
+      release_ = true;
+    }
+    for (auto& [tag, status] : held) callback_(tag, std::move(status));
+  }
   void Clear() {
     std::lock_guard lock(mutex_);
     faults_.clear();
@@ -85,6 +102,7 @@ class FaultInjectingReader final : public BlockReader {
           continue;
         }
         if (fault == Fault::kCorrupt) corrupt_[request.tag] = request.buffer;
+        if (held_offsets_.contains(request.offset)) held_tags_.insert(request.tag);
         pass.push_back(request);
       }
     }
@@ -133,6 +151,10 @@ class FaultInjectingReader final : public BlockReader {
         it->second[17] ^= 0x5A;
         corrupt_.erase(it);
       }
+      if (held_tags_.erase(tag) > 0 && !release_) {
+        held_.emplace_back(tag, std::move(status));
+        return;
+      }
     }
     callback_(tag, std::move(status));
   }
@@ -145,6 +167,9 @@ class FaultInjectingReader final : public BlockReader {
   double random_io_error_ = 0, random_short_read_ = 0;
   std::mt19937_64 random_;
   std::array<uint64_t, 3> injected_{};
+  std::set<uint64_t> held_offsets_, held_tags_;
+  std::vector<std::pair<uint64_t, absl::Status>> held_;
+  bool release_ = false;
   std::vector<std::thread> failure_threads_;
 };
 

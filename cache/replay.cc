@@ -96,4 +96,51 @@ ReplayResult Replay(const std::vector<RoutingTrace>& traces, const ReplayBudget&
   return total;
 }
 
+absl::StatusOr<std::vector<PrefetchEvalResult>> EvaluatePrefetch(
+    PredictorKind kind, const std::vector<RoutingTrace>& traces,
+    const std::vector<RoutingTrace>* calibration, const std::vector<int>& depths,
+    const std::vector<int>& candidates) {
+  if (traces.empty()) return absl::InvalidArgumentError("no traces to evaluate on");
+  const int max_depth = depths.empty() ? 1 : *std::max_element(depths.begin(), depths.end());
+  const bool needs_counts = kind == PredictorKind::kAffinity || kind == PredictorKind::kCombined;
+  auto evaluate = [&](const std::vector<RoutingTrace>& on, const std::vector<RoutingTrace>* from)
+      -> absl::StatusOr<std::vector<PrefetchEvalResult>> {
+    std::shared_ptr<const AffinityTable> table;
+    if (needs_counts && from != nullptr) {
+      absl::StatusOr<AffinityTable> counts = AffinityTable::FromTraces(*from, max_depth);
+      if (!counts.ok()) return counts.status();
+      table = std::make_shared<const AffinityTable>(*std::move(counts));
+    }
+    absl::StatusOr<std::unique_ptr<Predictor>> predictor =
+        MakePredictor(kind, on.front().num_layers, on.front().num_experts, std::move(table));
+    if (!predictor.ok()) return predictor.status();
+    return EvaluateOnTraces(**predictor, on, depths, candidates);
+  };
+  if (calibration != nullptr || !needs_counts) return evaluate(traces, calibration);
+  if (traces.size() < 2) {
+    return absl::InvalidArgumentError(
+        "leave-one-out calibration needs at least two sequences (or give a calibration file)");
+  }
+  std::vector<PrefetchEvalResult> pooled;
+  for (size_t held_out = 0; held_out < traces.size(); ++held_out) {
+    std::vector<RoutingTrace> others;
+    for (size_t i = 0; i < traces.size(); ++i) {
+      if (i != held_out) others.push_back(traces[i]);
+    }
+    absl::StatusOr<std::vector<PrefetchEvalResult>> one =
+        evaluate(std::vector<RoutingTrace>{traces[held_out]}, &others);
+    if (!one.ok()) return one.status();
+    if (pooled.empty()) {
+      pooled = *std::move(one);
+      continue;
+    }
+    for (size_t r = 0; r < pooled.size(); ++r) {
+      pooled[r].hits += (*one)[r].hits;
+      pooled[r].chosen += (*one)[r].chosen;
+      pooled[r].proposed += (*one)[r].proposed;
+    }
+  }
+  return pooled;
+}
+
 }  // namespace moed::cache

@@ -6,7 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "cache/eviction_policy.h"
+#include "cache/prefetcher.h"
 #include "cache/routing_trace.h"
 
 namespace moed::cache {
@@ -30,5 +32,14 @@ struct ReplayResult {
 // while it is served, as in the engine. `policy` nullopt means Belady's optimum.
 ReplayResult Replay(const std::vector<RoutingTrace>& traces, const ReplayBudget& budget,
                     std::optional<PolicyKind> policy);
+
+// Each predictor's recall and precision on `traces` (see EvaluateOnTraces). The affinity
+// counts (affinity, combined) come from `calibration` when it is given; otherwise each sequence
+// is evaluated with counts from all the others (leave-one-out), and the results are pooled.
+// Online state (history, combined's weights) starts afresh for each evaluation.
+absl::StatusOr<std::vector<PrefetchEvalResult>> EvaluatePrefetch(
+    PredictorKind kind, const std::vector<RoutingTrace>& traces,
+    const std::vector<RoutingTrace>* calibration, const std::vector<int>& depths,
+    const std::vector<int>& candidates);
 
 }  // namespace moed::cache

@@ -56,6 +56,30 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
       }
       t.tokens.push_back(std::move(layers));
     }
+    if (t.num_layers <= 0 || t.num_experts <= 0 || t.top_k <= 0 || t.top_k > t.num_experts)
+      return bad("num_layers, num_experts and top_k must be positive, top_k at most num_experts");
+    if (auto w = j.find("weights"); w != j.end() && !w->is_null()) {
+      if (!w->is_array() || w->size() != t.tokens.size())
+        return bad("weights must list one entry per token");
+      for (size_t i = 0; i < t.tokens.size(); ++i) {
+        const auto& token = (*w)[i];
+        if (!token.is_array() || static_cast<int>(token.size()) != t.num_layers)
+          return bad("a token's weights do not list every layer");
+        std::vector<std::vector<float>> layers(static_cast<size_t>(t.num_layers));
+        for (int l = 0; l < t.num_layers; ++l) {
+          const auto& entry = token[static_cast<size_t>(l)];
+          const auto& experts = t.tokens[i][static_cast<size_t>(l)];
+          if (entry.is_null()) continue;
+          if (!entry.is_array() || !experts.has_value() || entry.size() != experts->size())
+            return bad("a weights entry does not match its experts");
+          for (const auto& x : entry) {
+            if (!x.is_number()) return bad("a weight is not a number");
+            layers[static_cast<size_t>(l)].push_back(x.get<float>());
+          }
+        }
+        t.weights.push_back(std::move(layers));
+      }
+    }
     traces.push_back(std::move(t));
   }
   return traces;
@@ -107,6 +131,60 @@ RoutingTrace TraceFromRouting(const std::vector<std::vector<std::vector<int>>>& 
     }
   }
   return trace;
+}
+
+absl::StatusOr<std::shared_ptr<TraceRouting>> TraceRouting::Create(
+    std::vector<RoutingTrace> traces, const model::ModelConfig& config) {
+  if (traces.empty()) return absl::InvalidArgumentError("the routing trace holds no sequences");
+  for (const RoutingTrace& trace : traces) {
+    if (trace.num_layers != config.num_layers || trace.num_experts != config.num_experts ||
+        trace.top_k != config.experts_per_token) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the routing trace is for ", trace.num_layers, " layers x ", trace.num_experts,
+          " experts, top-", trace.top_k, "; the model has ", config.num_layers, " x ",
+          config.num_experts, ", top-", config.experts_per_token));
+    }
+    if (trace.tokens.empty()) return absl::InvalidArgumentError("a routing trace has no tokens");
+  }
+  int first_moe_layer = 0;
+  while (first_moe_layer < config.num_layers && !config.IsMoeLayer(first_moe_layer))
+    ++first_moe_layer;
+  return std::shared_ptr<TraceRouting>(new TraceRouting(std::move(traces), first_moe_layer));
+}
+
+absl::StatusOr<std::shared_ptr<TraceRouting>> TraceRouting::FromFile(
+    const std::string& path, const model::ModelConfig& config) {
+  absl::StatusOr<std::vector<RoutingTrace>> traces = ReadRoutingTraces(path);
+  if (!traces.ok()) return traces.status();
+  absl::StatusOr<std::shared_ptr<TraceRouting>> routing = Create(*std::move(traces), config);
+  if (!routing.ok()) {
+    return absl::Status(routing.status().code(),
+                        absl::StrCat(path, ": ", routing.status().message()));
+  }
+  return routing;
+}
+
+bool TraceRouting::Route(const model::TokenRef& token, int layer, absl::Span<int32_t> experts,
+                         absl::Span<float> weights) {
+  auto it = trace_of_.find(token.sequence);
+  if (it == trace_of_.end() || (token.position == 0 && layer == first_moe_layer_)) {
+    if (it == trace_of_.end() && trace_of_.size() >= 4096) trace_of_.clear();
+    it = trace_of_.insert_or_assign(token.sequence, next_++ % traces_.size()).first;
+  }
+  const RoutingTrace& trace = traces_[it->second];
+  const size_t t = static_cast<size_t>(token.position) % trace.tokens.size();
+  if (layer < 0 || layer >= trace.num_layers) return false;
+  const auto& chosen = trace.tokens[t][static_cast<size_t>(layer)];
+  if (!chosen.has_value() || chosen->size() != experts.size()) return false;
+  const std::vector<float>* recorded =
+      t < trace.weights.size() ? &trace.weights[t][static_cast<size_t>(layer)] : nullptr;
+  for (size_t r = 0; r < experts.size(); ++r) {
+    experts[r] = (*chosen)[r];
+    weights[r] = recorded != nullptr && recorded->size() == experts.size()
+                     ? (*recorded)[r]
+                     : 1.0f / static_cast<float>(experts.size());
+  }
+  return true;
 }
 
 }  // namespace moed::cache

@@ -138,7 +138,8 @@ struct LogitsOptions {
   std::string model_dir, store_dir, precision = "source", device_bytes = "0", host_bytes = "0",
                                     policy = "lru", scope = "layer", backend = "auto";
   std::string tokens, record_routing;
-  int greedy = 0, threads = 0, cuda_device = 0;
+  std::string prefetch = "combined", prefetch_calibration, routing_trace;
+  int greedy = 0, threads = 0, cuda_device = 0, prefetch_depth = 1;
 };
 
 // The same engine the daemon builds, from the same configuration fields.
@@ -156,6 +157,10 @@ absl::StatusOr<moed::server::Engine> OpenForLogits(const LogitsOptions& o) {
   config.host_cache_bytes = static_cast<int64_t>(host_bytes);
   config.eviction_policy = o.policy;
   config.eviction_scope = o.scope;
+  config.prefetch = o.prefetch;
+  config.prefetch_depth = o.prefetch_depth;
+  config.prefetch_calibration = o.prefetch_calibration;
+  config.routing_trace = o.routing_trace;
   return moed::server::BuildEngine(config);
 }
 
@@ -461,6 +466,21 @@ int main(int argc, char** argv) try {
   logits->add_option(
       "--record-routing", logits_options.record_routing,
       "append the routing of the run (every token, every layer) to this .jsonl trace");
+  logits
+      ->add_option("--prefetch", logits_options.prefetch,
+                   "with --store: off, gate, affinity, history or combined (exact results are "
+                   "the same for every value)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"off", "gate", "affinity", "history", "combined"}));
+  logits
+      ->add_option("--prefetch-depth", logits_options.prefetch_depth,
+                   "with --store: layers ahead the prefetcher predicts")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 8));
+  logits->add_option("--prefetch-calibration", logits_options.prefetch_calibration,
+                     "routing trace (.jsonl) to calibrate the affinity predictor on");
+  logits->add_option("--routing-trace", logits_options.routing_trace,
+                     "route as this recorded trace does (benchmarks; not the model's output)");
 
   GenerateOptions generate_options;
   CLI::App* generate = app.add_subcommand("generate", "stream a completion from the daemon");

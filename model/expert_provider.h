@@ -17,10 +17,37 @@ using ExpertWeights = kernels::SwiGluWeights;
 
 // Where the weights of one expert came from for one ForEachExpert call.
 enum class ExpertSource { kDevice, kHost, kDisk };
+// What a prefetch did for this use: none was made, it arrived before the use (useful), or the
+// use found it still on its way (late).
+enum class PrefetchOutcome { kNone, kUseful, kLate };
 struct ExpertServed {
   ExpertSource source = ExpertSource::kDevice;
   uint64_t bytes_staged = 0;  // moved into the device tier for this use
   double wait_seconds = 0;    // the caller waited for this expert before computing it
+  PrefetchOutcome prefetch = PrefetchOutcome::kNone;
+};
+
+// One token of a step, as prediction sees it: which sequence (an opaque key, stable while the
+// sequence runs; position 0 starts a new one) and where in it.
+struct TokenRef {
+  uint64_t sequence = 0;
+  int64_t position = 0;
+};
+
+// What the engine knows once a layer has routed its tokens, before its experts compute.
+struct LayerRouting {
+  int layer = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  // Per token of the step: the experts chosen, in rank order, and their gate weights.
+  const std::vector<std::vector<int>>* chosen = nullptr;
+  const float* gate_weights = nullptr;  // [tokens, top_k]
+  const TokenRef* tokens = nullptr;     // [tokens]
+  // lookahead[j]: the router of layer `layer + 1 + j` applied to this layer's normed hidden
+  // state after attention, as probabilities [tokens, num_experts]; empty where that layer is
+  // dense or past the last. Only as many layers as lookahead_layers() asks for.
+  std::vector<std::vector<float>> lookahead;
+  size_t num_tokens() const { return chosen == nullptr ? 0 : chosen->size(); }
 };
 
 using ExpertCompute = std::function<absl::Status(int expert, const ExpertWeights& weights,
@@ -35,6 +62,20 @@ class ExpertProvider {
   // (from the provider or from `compute`) and returns it.
   virtual absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                                      const ExpertCompute& compute) = 0;
+
+  // Told each MoE layer's routing just before that layer's ForEachExpert: a provider that
+  // prefetches predicts later layers' experts from it.
+  virtual void Routed(const LayerRouting& /*routing*/) {}
+  // Prefetches started and prefetched experts evicted unused since the last call: the engine
+  // asks once per step, to charge them to the step's requests.
+  struct StepPrefetches {
+    uint64_t issued = 0;
+    uint64_t wasted = 0;
+  };
+  virtual StepPrefetches TakeStepPrefetches() { return {}; }
+  // How many later layers' routers the engine should apply to each layer's hidden state and
+  // hand over in LayerRouting::lookahead (0: none; computing them costs a router matmul each).
+  virtual int lookahead_layers() const { return 0; }
 
   // True when the weights handed to `compute` are in the compute backend's device memory;
   // otherwise they are in host memory, which a GPU backend first copies to the device.

@@ -328,23 +328,25 @@ void Model::SetKvBudget(uint64_t bytes) {
 struct Model::StepBuffers {
   int64_t n = 0;
   const DeviceBuffer* arena = nullptr;
-  float* hidden = nullptr;         // [n, h] residual stream
-  float* x = nullptr;              // [n, h] normed
-  float* q = nullptr;              // [n, q_width]
-  float* k = nullptr;              // [n, kv_width]
-  float* v = nullptr;              // [n, kv_width]
-  float* attn = nullptr;           // [n, q_width]
-  float* projected = nullptr;      // [n, h]
-  float* router_logits = nullptr;  // [n, experts]
-  int32_t* chosen = nullptr;       // [n, k]
-  float* gate_weights = nullptr;   // [n, k]
-  float* expert_out = nullptr;     // [n * k, h]
-  float* ffn_scratch = nullptr;    // ExpertFfnScratchFloats(n, h, intermediate)
-  float* mlp_gate = nullptr;       // [n, max intermediate]
-  float* mlp_up = nullptr;         // [n, max intermediate]
-  float* shared = nullptr;         // [n, h]
-  float* shared_gate = nullptr;    // [n]
-  size_t expert_rows_offset = 0;   // int32 [n * k]: tokens, grouped by expert
+  float* hidden = nullptr;            // [n, h] residual stream
+  float* x = nullptr;                 // [n, h] normed
+  float* q = nullptr;                 // [n, q_width]
+  float* k = nullptr;                 // [n, kv_width]
+  float* v = nullptr;                 // [n, kv_width]
+  float* attn = nullptr;              // [n, q_width]
+  float* projected = nullptr;         // [n, h]
+  float* router_logits = nullptr;     // [n, experts]
+  float* lookahead_logits = nullptr;  // [n, experts]: a later layer's router, for prefetch
+  std::vector<TokenRef> tokens;       // host: each token's sequence and position
+  int32_t* chosen = nullptr;          // [n, k]
+  float* gate_weights = nullptr;      // [n, k]
+  float* expert_out = nullptr;        // [n * k, h]
+  float* ffn_scratch = nullptr;       // ExpertFfnScratchFloats(n, h, intermediate)
+  float* mlp_gate = nullptr;          // [n, max intermediate]
+  float* mlp_up = nullptr;            // [n, max intermediate]
+  float* shared = nullptr;            // [n, h]
+  float* shared_gate = nullptr;       // [n]
+  size_t expert_rows_offset = 0;      // int32 [n * k]: tokens, grouped by expert
   int32_t* expert_rows = nullptr;
   size_t expert_slots_offset = 0;  // int32 [n * k]: (token, rank) slots, grouped by expert
   int32_t* expert_slots = nullptr;
@@ -411,12 +413,35 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
                                                      : kernels::RouterScoring::kSoftmax,
                                     step.chosen, step.gate_weights));
   // The routing comes back to the host: it decides which experts to fetch.
+  const auto arena_offset = [&](const void* p) {
+    return static_cast<size_t>(static_cast<const char*>(p) -
+                               static_cast<const char*>(step.arena->data()));
+  };
   std::vector<int32_t> chosen(static_cast<size_t>(n * k));
-  MOED_RETURN_IF_ERROR(
-      s.CopyToHost(chosen.data(), *step.arena,
-                   reinterpret_cast<char*>(step.chosen) - static_cast<char*>(step.arena->data()),
-                   chosen.size() * sizeof(int32_t)));
+  std::vector<float> gate_weights(static_cast<size_t>(n * k));
+  MOED_RETURN_IF_ERROR(s.CopyToHost(chosen.data(), *step.arena, arena_offset(step.chosen),
+                                    chosen.size() * sizeof(int32_t)));
+  MOED_RETURN_IF_ERROR(s.CopyToHost(gate_weights.data(), *step.arena,
+                                    arena_offset(step.gate_weights),
+                                    gate_weights.size() * sizeof(float)));
+  if (routing_override_ != nullptr) {
+    bool changed = false;
+    for (int64_t t = 0; t < n; ++t) {
+      changed |= routing_override_->Route(
+          step.tokens[static_cast<size_t>(t)], layer,
+          absl::MakeSpan(chosen).subspan(static_cast<size_t>(t * k), static_cast<size_t>(k)),
+          absl::MakeSpan(gate_weights).subspan(static_cast<size_t>(t * k), static_cast<size_t>(k)));
+    }
+    if (changed) {
+      MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, arena_offset(step.chosen), chosen.data(),
+                                          chosen.size() * sizeof(int32_t)));
+      MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, arena_offset(step.gate_weights),
+                                          gate_weights.data(),
+                                          gate_weights.size() * sizeof(float)));
+    }
+  }
   std::vector<std::vector<std::pair<int32_t, int32_t>>> tokens_of(static_cast<size_t>(num_experts));
+  const size_t first_token = output->routing[layer].size();
   for (int64_t t = 0; t < n; ++t) {
     std::vector<int> ranked(static_cast<size_t>(k));
     for (int64_t r = 0; r < k; ++r) {
@@ -430,6 +455,37 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
     }
     output->routing[layer].push_back(std::move(ranked));
   }
+
+  // Tell the provider, with the later routers' view of this hidden state when it asks for it.
+  LayerRouting routing;
+  routing.layer = layer;
+  routing.num_experts = static_cast<int>(num_experts);
+  routing.top_k = static_cast<int>(k);
+  const std::vector<std::vector<int>> step_chosen(
+      output->routing[layer].begin() + static_cast<int64_t>(first_token),
+      output->routing[layer].end());
+  routing.chosen = &step_chosen;
+  routing.gate_weights = gate_weights.data();
+  routing.tokens = step.tokens.data();
+  const int lookahead = experts_->lookahead_layers();
+  for (int j = 1; j <= lookahead && layer + j < c.num_layers; ++j) {
+    std::vector<float>& probabilities = routing.lookahead.emplace_back();
+    const LayerWeights& later = layers_[static_cast<size_t>(layer + j)];
+    if (!later.moe) continue;
+    MOED_RETURN_IF_ERROR(s.MatMul(later.router, step.x, n, step.lookahead_logits));
+    probabilities.resize(static_cast<size_t>(n * num_experts));
+    MOED_RETURN_IF_ERROR(s.CopyToHost(probabilities.data(), *step.arena,
+                                      arena_offset(step.lookahead_logits),
+                                      probabilities.size() * sizeof(float)));
+    for (int64_t t = 0; t < n; ++t) {  // softmax per token, on the host: it only ranks
+      float* row = probabilities.data() + t * num_experts;
+      const float top = *std::max_element(row, row + num_experts);
+      double sum = 0;
+      for (int64_t e = 0; e < num_experts; ++e) sum += row[e] = std::exp(row[e] - top);
+      for (int64_t e = 0; e < num_experts; ++e) row[e] = static_cast<float>(row[e] / sum);
+    }
+  }
+  experts_->Routed(routing);
 
   // Each expert runs once over all its tokens; outputs land in per-(token, rank) slots so the
   // final sum is in rank order whatever order the experts ran in.
@@ -504,6 +560,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   // What the step reads from the host: tokens, positions, each token's block table.
   std::vector<int32_t> tokens, table_start;
   std::vector<int64_t> positions;
+  std::vector<TokenRef> token_refs;
   std::vector<float*> block_table;
   std::vector<int32_t> logit_rows;  // which tokens' logits are returned, in order
   for (SequenceInput& input : inputs) {
@@ -514,6 +571,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
       if (input.all_logits || i == m - 1) logit_rows.push_back(static_cast<int32_t>(tokens.size()));
       tokens.push_back(input.tokens[i]);
       positions.push_back(input.cache->length() + i);
+      token_refs.push_back({reinterpret_cast<uintptr_t>(input.cache), input.cache->length() + i});
       table_start.push_back(start);
     }
   }
@@ -532,6 +590,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
                v_at = layout.Add(f(n * kv_width)), attn_at = layout.Add(f(n * q_width)),
                projected_at = layout.Add(f(n * h)),
                router_at = layout.Add(f(n * std::max<int64_t>(c.num_experts, 1))),
+               lookahead_at = layout.Add(f(n * std::max<int64_t>(c.num_experts, 1))),
                chosen_at = layout.Add(i32(n * k_experts)),
                gate_weights_at = layout.Add(f(n * k_experts)),
                expert_out_at = layout.Add(f(n * k_experts * h)),
@@ -571,6 +630,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   step.attn = at_f(attn_at);
   step.projected = at_f(projected_at);
   step.router_logits = at_f(router_at);
+  step.lookahead_logits = at_f(lookahead_at);
+  step.tokens = std::move(token_refs);
   step.chosen = at_i(chosen_at);
   step.gate_weights = at_f(gate_weights_at);
   step.expert_out = at_f(expert_out_at);
@@ -647,6 +708,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   MOED_RETURN_IF_ERROR(s.RmsNorm(selected, final_norm_.as<float>(), rows_out, h, eps, selected));
   MOED_RETURN_IF_ERROR(s.MatMul(lm_head_, selected, rows_out, at_f(logits_at)));
   output.rows = rows_out;
+  output.prefetches = experts_->TakeStepPrefetches();
   output.logits.resize(static_cast<size_t>(rows_out * c.vocab_size));
   MOED_RETURN_IF_ERROR(s.CopyToHost(output.logits.data(), *step.arena, logits_at,
                                     output.logits.size() * sizeof(float)));

@@ -99,6 +99,9 @@ struct ForwardOutput {
   Routing routing;
   // Every (layer, expert) the step computed, once each, in the order computed.
   std::vector<ExpertUse> expert_uses;
+  // Prefetches the provider started, and prefetched experts it evicted unused, during the step
+  // (or since the step before it).
+  ExpertProvider::StepPrefetches prefetches;
 };
 
 struct LayerWeights {
@@ -112,6 +115,17 @@ struct LayerWeights {
   kernels::SwiGluWeights shared_expert;      // Qwen2-MoE
   kernels::WeightMatrix shared_expert_gate;  // [1, hidden]
   kernels::SwiGluWeights dense_mlp;          // non-MoE layers
+};
+
+// Replaces the router's choice for some tokens (trace-driven benchmarks: the experts and gate
+// weights a recorded trace chose, so the cache sees real routing while the compute is real).
+class RoutingOverride {
+ public:
+  virtual ~RoutingOverride() = default;
+  // For `token` at `layer`: fills `experts` and `weights` (top_k each) and returns true, or
+  // returns false to keep the router's own choice.
+  virtual bool Route(const TokenRef& token, int layer, absl::Span<int32_t> experts,
+                     absl::Span<float> weights) = 0;
 };
 
 class Model {
@@ -152,6 +166,11 @@ class Model {
   void SetExpertProvider(std::unique_ptr<ExpertProvider> provider) {
     experts_ = std::move(provider);
   }
+  // Routes through `routing` from now on (null: the routers decide). Not exact: logits follow
+  // the imposed routing.
+  void SetRoutingOverride(std::shared_ptr<RoutingOverride> routing) {
+    routing_override_ = std::move(routing);
+  }
 
  private:
   struct StepBuffers;
@@ -173,6 +192,7 @@ class Model {
   kernels::WeightMatrix embed_, lm_head_;
   std::vector<LayerWeights> layers_;
   std::unique_ptr<ExpertProvider> experts_;
+  std::shared_ptr<RoutingOverride> routing_override_;
   kernels::DeviceBuffer expert_staging_;
   kernels::DeviceBuffer step_arena_;
   std::shared_ptr<KvBlockPool> kv_pool_;

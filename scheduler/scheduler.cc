@@ -423,9 +423,20 @@ void Scheduler::AttributeExpertUses(const std::vector<model::SequenceInput>& inp
           break;
       }
       stats.bytes_staged += share + (n == 0 ? rest : 0);
+      stats.prefetch_useful += use.served.prefetch == model::PrefetchOutcome::kUseful ? 1 : 0;
+      stats.prefetch_late += use.served.prefetch == model::PrefetchOutcome::kLate ? 1 : 0;
     }
   }
   for (Sequence* seq : owners) seq->expert_stats.stall_seconds += waited;
+  // The step's prefetch events are split among its requests, the remainder to the first.
+  if (!owners.empty()) {
+    const uint64_t n = owners.size();
+    for (size_t i = 0; i < owners.size(); ++i) {
+      RequestExpertStats& stats = owners[i]->expert_stats;
+      stats.prefetch_issued += out.prefetches.issued / n + (i == 0 ? out.prefetches.issued % n : 0);
+      stats.prefetch_wasted += out.prefetches.wasted / n + (i == 0 ? out.prefetches.wasted % n : 0);
+    }
+  }
 }
 
 std::vector<Scheduler::StepInput> Scheduler::PlanStep(

@@ -72,6 +72,12 @@ struct RequestExpertStats {
   uint64_t low_precision_fallbacks = 0;
   uint64_t bytes_staged = 0;
   double stall_seconds = 0;  // the steps it ran in waited this long for experts
+  // Prefetches the steps it ran in started and wasted (split among the step's requests), and
+  // its expert uses a prefetch served before (useful) or while (late) it was needed.
+  uint64_t prefetch_issued = 0;
+  uint64_t prefetch_useful = 0;
+  uint64_t prefetch_late = 0;
+  uint64_t prefetch_wasted = 0;
 };
 
 // One message of a stream: new text and ids, and on the last one the finish reason or error.

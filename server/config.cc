@@ -223,6 +223,32 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "with --store: expert reads in flight",
                  .min_value = 1,
                  .max_value = 1024});
+    o.push_back({.name = "prefetch",
+                 .field = F(&DaemonConfig::prefetch),
+                 .metavar = "PREDICTOR",
+                 .help = "with --store: how the experts of the next layers are predicted and read "
+                         "ahead (gate: their routers on the current hidden state; affinity: "
+                         "counts from --prefetch-calibration; history: recent choices; "
+                         "combined: all of them, weighted by their measured recall). Exact "
+                         "results are the same for every value",
+                 .choices = {"off", "gate", "affinity", "history", "combined"}});
+    o.push_back({.name = "prefetch-depth",
+                 .field = F(&DaemonConfig::prefetch_depth),
+                 .metavar = "N",
+                 .help = "with --store: how many layers ahead the prefetcher predicts",
+                 .min_value = 1,
+                 .max_value = 8});
+    o.push_back({.name = "prefetch-calibration",
+                 .field = F(&DaemonConfig::prefetch_calibration),
+                 .metavar = "FILE",
+                 .help = "a routing trace (.jsonl, as --record-routing writes) to calibrate the "
+                         "affinity predictor on; combined uses it too when given"});
+    o.push_back({.name = "routing-trace",
+                 .field = F(&DaemonConfig::routing_trace),
+                 .metavar = "FILE",
+                 .help = "for benchmarks: every layer routes each sequence's tokens to the "
+                         "experts (and gate weights) a recorded trace chose, sequences taking the "
+                         "trace's sequences in turn; the output is then not the model's"});
     o.push_back({.name = "listen",
                  .field = F(&DaemonConfig::listen),
                  .metavar = "HOST:PORT",

@@ -25,6 +25,10 @@ struct DaemonConfig {
   std::string eviction_policy = "lru";
   std::string eviction_scope = "layer";
   int64_t io_queue_depth = 16;
+  std::string prefetch = "combined";
+  int64_t prefetch_depth = 1;
+  std::string prefetch_calibration;
+  std::string routing_trace;
   std::string listen = "127.0.0.1:50051";
   std::string http_listen = "127.0.0.1:8000";
   std::string api_key;

@@ -41,6 +41,7 @@ struct ServiceParts {
   v1::ModelInfoResponse info;
   kernels::Backend* backend = nullptr;
   std::shared_ptr<cache::ExpertCache> cache;
+  std::shared_ptr<cache::Prefetcher> prefetcher;
   std::shared_ptr<cache::Store> store;
   std::shared_ptr<ServingCore> core;  // the scheduler and tokenizer are the core's
   std::string api_key;
@@ -154,7 +155,8 @@ class MoedService final : public MoedServiceBase {
       FillDevice(*device, response->mutable_device());
     }
     if (parts_.cache != nullptr)
-      FillCacheInfo(*parts_.cache, *parts_.store, response->mutable_expert_cache());
+      FillCacheInfo(*parts_.cache, *parts_.store, parts_.prefetcher.get(),
+                    response->mutable_expert_cache());
     scheduler::SchedulerStats stats = parts_.core->parts().scheduler->stats();
     response->set_requests_waiting(stats.waiting);
     response->set_requests_running(stats.running);
@@ -374,6 +376,10 @@ GenerateStream::Action GenerateStream::NextLocked() {
     stats->set_low_precision_fallbacks(es.low_precision_fallbacks);
     stats->set_bytes_staged(es.bytes_staged);
     stats->set_stall_seconds(es.stall_seconds);
+    stats->set_prefetch_issued(es.prefetch_issued);
+    stats->set_prefetch_useful(es.prefetch_useful);
+    stats->set_prefetch_late(es.prefetch_late);
+    stats->set_prefetch_wasted(es.prefetch_wasted);
     wrote_last_ = true;
   }
   response_ = Serialize(response);
@@ -438,7 +444,7 @@ void GenerateStream::OnDone() {
 }
 
 void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
-                   v1::ExpertCacheInfo* info) {
+                   const cache::Prefetcher* prefetcher, v1::ExpertCacheInfo* info) {
   const cache::CacheOptions& options = cache.options();
   cache::CacheCounters counters = cache.counters();
   const uint64_t slot = cache::ExpertCache::SlotBytes(store, options.precision);
@@ -464,6 +470,28 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_evictions(counters.device.evictions + counters.host.evictions);
   info->set_failed_reads(counters.failed_reads);
   info->set_wait_seconds(counters.wait_seconds);
+  info->set_prefetch_predictor(prefetcher == nullptr
+                                   ? "off"
+                                   : std::string(cache::PredictorName(prefetcher->options().kind)));
+  info->set_prefetch_depth(
+      prefetcher == nullptr ? 0 : static_cast<uint32_t>(prefetcher->options().depth));
+  info->set_prefetch_issued(counters.prefetch_issued);
+  info->set_prefetch_useful(counters.prefetch_useful);
+  info->set_prefetch_late(counters.prefetch_late);
+  info->set_prefetch_wasted(counters.prefetch_wasted);
+  info->set_prefetch_failed(counters.prefetch_failures);
+  info->set_prefetch_pending(counters.prefetch_pending);
+  info->set_prefetch_cancelled(counters.prefetch_cancelled);
+  info->set_prefetch_wait_seconds(counters.prefetch_wait_seconds);
+  if (prefetcher != nullptr) {
+    for (const cache::LayerPrefetchStats& layer : prefetcher->layer_stats()) {
+      if (layer.needed == 0) continue;  // never predicted
+      v1::LayerPrefetchStats* out = info->add_per_layer();
+      out->set_layer(static_cast<uint32_t>(layer.layer));
+      out->set_recall(layer.recall());
+      out->set_precision(layer.precision());
+    }
+  }
 }
 
 void FillDevice(const kernels::DeviceInfo& info, v1::Device* device) {
@@ -531,6 +559,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   const model::ModelConfig& model_config = engine.model_config;
   daemon->store_ = engine.store;
   daemon->cache_ = engine.cache;
+  daemon->prefetcher_ = engine.prefetcher;
   daemon->backend_ = engine.backend;
   if (!engine.cache_note.empty()) log.warn("{}", engine.cache_note);
   if (daemon->cache_ != nullptr) {
@@ -540,6 +569,18 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
              cache::ExpertCache::SlotBytes(*daemon->store_, daemon->cache_->options().precision) /
                  double(1 << 20),
              daemon->cache_->reader_name());
+    log.info(
+        "prefetch: {}{}", config.prefetch,
+        daemon->prefetcher_ == nullptr
+            ? std::string()
+            : absl::StrCat(", ", config.prefetch_depth, " layer(s) ahead",
+                           config.prefetch_calibration.empty()
+                               ? std::string()
+                               : absl::StrCat(", calibrated on ", config.prefetch_calibration)));
+  }
+  if (!config.routing_trace.empty()) {
+    log.warn("routing follows the trace {}: outputs are not the model's (benchmarks only)",
+             config.routing_trace);
   }
   log.info("model {}: {} with {} layers, {} experts (top-{}), hidden {}, vocab {}",
            config.store.empty() ? config.model : config.store,
@@ -654,12 +695,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   openai.ready = [self] { return !self->draining_.load() && self->store_readable_.load(); };
   if (std::shared_ptr<ServingMetrics> metrics = daemon->core_->parts().metrics) {
     // The HTTP threads hold what a scrape reads, not the daemon.
-    openai.metrics = [metrics, scheduler = daemon->scheduler_, cache = daemon->cache_] {
-      return metrics->Render(scheduler->stats(), cache.get(), ReadProcessStats());
+    openai.metrics = [metrics, scheduler = daemon->scheduler_, cache = daemon->cache_,
+                      prefetcher = daemon->prefetcher_] {
+      return metrics->Render(scheduler->stats(), cache.get(), ReadProcessStats(), prefetcher.get());
     };
   }
   daemon->openai_service_ = std::make_unique<OpenAiService>(daemon->core_, std::move(openai));
-  ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_,
+  ServiceParts parts{std::move(info), daemon->backend_.get(), daemon->cache_, daemon->prefetcher_,
                      daemon->store_,  daemon->core_,          config.api_key};
   daemon->streams_ = std::make_unique<StreamLimit>(config.max_concurrent_streams);
   daemon->moed_service_ = std::make_unique<MoedService>(std::move(parts), daemon->streams_.get());

@@ -60,6 +60,7 @@ class Daemon {
   std::shared_ptr<kernels::Backend> backend_;
   std::shared_ptr<cache::Store> store_;
   std::shared_ptr<cache::ExpertCache> cache_;
+  std::shared_ptr<cache::Prefetcher> prefetcher_;
   // Declared before the scheduler, so destroyed after it: no event reaches a dead connection.
   std::unique_ptr<HttpServer> http_server_;
   std::unique_ptr<OpenAiService> openai_service_;
@@ -84,7 +85,8 @@ class Daemon {
 // ModelInfo's static part, from the model's config and the checkpoint or store directory.
 v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const DaemonConfig& daemon);
 void FillDevice(const kernels::DeviceInfo& info, v1::Device* device);
+// `prefetcher` is null when prefetch is off.
 void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
-                   v1::ExpertCacheInfo* info);
+                   const cache::Prefetcher* prefetcher, v1::ExpertCacheInfo* info);
 
 }  // namespace moed::server

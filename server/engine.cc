@@ -38,11 +38,37 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
         std::unique_ptr<cache::ExpertCache> expert_cache,
         cache::ExpertCache::Create(engine.store, options, {}, &engine.cache_note));
     engine.cache = std::move(expert_cache);
+    MOED_ASSIGN_OR_RETURN(cache::PredictorKind predictor,
+                          cache::ParsePredictorKind(config.prefetch));
+    std::shared_ptr<const cache::AffinityTable> calibration;
+    if (!config.prefetch_calibration.empty()) {
+      MOED_ASSIGN_OR_RETURN(
+          cache::AffinityTable table,
+          cache::AffinityTable::FromFile(config.prefetch_calibration,
+                                         static_cast<int>(config.prefetch_depth)));
+      calibration = std::make_shared<const cache::AffinityTable>(std::move(table));
+    }
+    if (predictor != cache::PredictorKind::kOff) {
+      cache::PrefetcherOptions prefetch;
+      prefetch.kind = predictor;
+      prefetch.depth = static_cast<int>(config.prefetch_depth);
+      MOED_ASSIGN_OR_RETURN(
+          engine.prefetcher,
+          cache::Prefetcher::Create(prefetch, static_cast<int>(engine.model_config.num_layers),
+                                    static_cast<int>(engine.model_config.num_experts),
+                                    std::move(calibration)));
+    }
     MOED_ASSIGN_OR_RETURN(
         engine.model, model::Model::Create(engine.model_config, engine.store,
-                                           cache::SharedProvider(engine.cache), engine.backend));
+                                           cache::SharedProvider(engine.cache, engine.prefetcher),
+                                           engine.backend));
   } else {
     MOED_ASSIGN_OR_RETURN(engine.model, model::Model::Load(config.model, engine.backend));
+  }
+  if (!config.routing_trace.empty()) {
+    MOED_ASSIGN_OR_RETURN(std::shared_ptr<cache::TraceRouting> routing,
+                          cache::TraceRouting::FromFile(config.routing_trace, engine.model_config));
+    engine.model->SetRoutingOverride(std::move(routing));
   }
   engine.kv_cache_budget_bytes = static_cast<uint64_t>(config.kv_cache_bytes);
   if (engine.kv_cache_budget_bytes == 0) {

@@ -9,6 +9,8 @@
 
 #include "absl/status/statusor.h"
 #include "cache/expert_cache.h"
+#include "cache/prefetcher.h"
+#include "cache/routing_trace.h"
 #include "cache/store.h"
 #include "kernels/backend.h"
 #include "model/model.h"
@@ -25,6 +27,8 @@ struct Engine {
   // A store (--store): the expert cache serves its experts. Both null for a checkpoint.
   std::shared_ptr<cache::Store> store;
   std::shared_ptr<cache::ExpertCache> cache;
+  // The prefetcher feeding the cache (--prefetch); null when off or without a store.
+  std::shared_ptr<cache::Prefetcher> prefetcher;
   // A warning from the cache's set-up (its reader fell back), empty when none.
   std::string cache_note;
   std::shared_ptr<model::Model> model;
@@ -39,8 +43,9 @@ struct EngineHooks {
       on_read_failure;
 };
 
-// Reads config.backend, cuda_device, threads, model or store, the cache options and the KV
-// budget (kv_cache_bytes; its default needs max_batch and max_running).
+// Reads config.backend, cuda_device, threads, model or store, the cache and prefetch options,
+// routing_trace and the KV budget (kv_cache_bytes; its default needs max_batch and
+// max_running).
 absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks& hooks = {});
 
 }  // namespace moed::server

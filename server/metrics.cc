@@ -211,8 +211,8 @@ void ServingMetrics::RecordRefusal(absl::StatusCode code) {
 }
 
 std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
-                                   const cache::ExpertCache* cache,
-                                   const ProcessStats& process) const {
+                                   const cache::ExpertCache* cache, const ProcessStats& process,
+                                   const cache::Prefetcher* prefetcher) const {
   PrometheusText out(PrometheusText::Labels{{"model_name", info_.model_name}});
   auto load = [](const std::atomic<uint64_t>& a) {
     return static_cast<double>(a.load(std::memory_order_relaxed));
@@ -315,6 +315,44 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
     out.Family("moed_expert_cache_budget_bytes", "gauge",
                "Memory the tier holds for experts (its slots).");
     per_tier("moed_expert_cache_budget_bytes", [](const Tier& t) { return t.budget_bytes; });
+    out.Family("moed_expert_cache_prefetches_issued_total", "counter",
+               "Prefetches started (reads ahead of use, or copies from the host tier).");
+    out.Sample("moed_expert_cache_prefetches_issued_total", {},
+               static_cast<double>(c.prefetch_issued));
+    out.Family("moed_expert_cache_prefetches_total", "counter",
+               "Prefetches by how they ended: useful (used after arriving), late (a use waited "
+               "for it), wasted (evicted unused), failed (the read failed; no request failed).");
+    out.Sample("moed_expert_cache_prefetches_total", {{"outcome", "useful"}},
+               static_cast<double>(c.prefetch_useful));
+    out.Sample("moed_expert_cache_prefetches_total", {{"outcome", "late"}},
+               static_cast<double>(c.prefetch_late));
+    out.Sample("moed_expert_cache_prefetches_total", {{"outcome", "wasted"}},
+               static_cast<double>(c.prefetch_wasted));
+    out.Sample("moed_expert_cache_prefetches_total", {{"outcome", "failed"}},
+               static_cast<double>(c.prefetch_failures));
+    out.Family("moed_expert_cache_prefetches_pending", "gauge",
+               "Prefetches on their way or resident and not used yet.");
+    out.Sample("moed_expert_cache_prefetches_pending", {}, static_cast<double>(c.prefetch_pending));
+    out.Family("moed_expert_cache_prefetches_cancelled_total", "counter",
+               "Prefetch hints dropped before any read: superseded, or resident already.");
+    out.Sample("moed_expert_cache_prefetches_cancelled_total", {},
+               static_cast<double>(c.prefetch_cancelled));
+    if (prefetcher != nullptr) {
+      uint64_t hinted = 0, needed = 0, correct = 0;
+      for (const cache::LayerPrefetchStats& layer : prefetcher->layer_stats()) {
+        hinted += layer.hinted;
+        needed += layer.needed;
+        correct += layer.correct;
+      }
+      out.Family("moed_expert_cache_prefetch_recall", "gauge",
+                 "Of the experts predicted layers chose, the fraction the prefetcher had hinted.");
+      out.Sample("moed_expert_cache_prefetch_recall", {},
+                 needed == 0 ? 0 : static_cast<double>(correct) / static_cast<double>(needed));
+      out.Family("moed_expert_cache_prefetch_precision", "gauge",
+                 "Of the experts the prefetcher hinted, the fraction their layers chose.");
+      out.Sample("moed_expert_cache_prefetch_precision", {},
+                 hinted == 0 ? 0 : static_cast<double>(correct) / static_cast<double>(hinted));
+    }
   }
 
   out.Family("moed_build_info", "gauge", "The daemon's version and compute backend (always 1).");

@@ -83,8 +83,10 @@ class ServingMetrics final : public scheduler::RequestObserver {
   void RecordRefusal(absl::StatusCode code);
 
   // The exposition. `cache` is null when the daemon serves a checkpoint without a store.
+  // `prefetcher` is null when prefetch is off.
   std::string Render(const scheduler::SchedulerStats& scheduler, const cache::ExpertCache* cache,
-                     const ProcessStats& process) const;
+                     const ProcessStats& process,
+                     const cache::Prefetcher* prefetcher = nullptr) const;
 
   const MetricsInfo& info() const { return info_; }
 

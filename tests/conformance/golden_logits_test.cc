@@ -8,6 +8,8 @@
 #include <fstream>
 
 #include "cache/expert_cache.h"
+#include "cache/prefetcher.h"
+#include "cache/routing_trace.h"
 #include "cache/store_reader.h"
 #include "kernels/cuda/host_grid_backend.h"
 #include "kernels/test_backend.h"
@@ -59,7 +61,8 @@ void CheckGolden(const std::string& name,
 }
 
 // The golden checkpoints packed into stores and run through the expert cache: the source
-// precision gives bitwise the all-resident checkpoint's logits at every budget.
+// precision gives bitwise the all-resident checkpoint's logits at every budget, whatever the
+// prefetcher does.
 void CheckGoldenStore(const std::string& name) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
@@ -70,37 +73,74 @@ void CheckGoldenStore(const std::string& name) {
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
   REQUIRE(store.ok());
+  const ModelConfig& config = (*store)->config();
   auto from_checkpoint = Model::Load(dir, kernels::TestCpuBackend(2));
   REQUIRE(from_checkpoint.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
+  std::vector<GreedyResult> expected;
+  std::vector<cache::RoutingTrace> routing;  // the affinity predictor's calibration
+  for (const auto& c : cases["cases"]) {
+    auto b = ScoreAndGreedy(**from_checkpoint, c["prompt"].get<std::vector<int32_t>>(),
+                            static_cast<int>(c["greedy"].size()));
+    REQUIRE(b.ok());
+    CHECK(b->greedy == c["greedy"].get<std::vector<int32_t>>());
+    routing.push_back(cache::TraceFromRouting(b->routing, static_cast<int>(config.num_experts),
+                                              static_cast<int>(config.experts_per_token), 0, name));
+    expected.push_back(*std::move(b));
+  }
+  auto calibration = cache::AffinityTable::FromTraces(routing, 2);
+  REQUIRE(calibration.ok());
+  auto counts = std::make_shared<const cache::AffinityTable>(*std::move(calibration));
+
   const uint64_t slot = cache::ExpertCache::SlotBytes(**store, cache::Precision::kSource);
-  const uint64_t all = slot * (*store)->config().NumMoeLayers() * (*store)->config().num_experts;
+  const uint64_t all = slot * config.NumMoeLayers() * config.num_experts;
   const uint64_t minimum =
       cache::ExpertCache::MinimumDeviceBytes(**store, cache::Precision::kSource);
   // The minimum, 25 %, 50 % and 100 % of the experts, in exact mode.
   for (uint64_t budget : {minimum, std::max(minimum, all / 4), std::max(minimum, all / 2), all}) {
-    INFO("device budget " << budget << " of " << all);
-    cache::CacheOptions options;
-    options.device_bytes = budget;
-    auto experts = cache::ExpertCache::Create(*store, options);
-    REQUIRE(experts.ok());
-    auto from_store =
-        Model::Create((*store)->config(), *store, *std::move(experts), kernels::TestCpuBackend(2));
-    REQUIRE(from_store.ok());
-    for (const auto& c : cases["cases"]) {
-      std::vector<int32_t> prompt = c["prompt"].get<std::vector<int32_t>>();
-      auto a = ScoreAndGreedy(**from_store, prompt, static_cast<int>(c["greedy"].size()));
-      auto b = ScoreAndGreedy(**from_checkpoint, prompt, static_cast<int>(c["greedy"].size()));
-      REQUIRE((a.ok() && b.ok()));
-      CHECK(a->prompt_logits == b->prompt_logits);
-      CHECK(a->greedy_logits == b->greedy_logits);
-      CHECK(a->greedy == c["greedy"].get<std::vector<int32_t>>());
+    for (cache::PredictorKind kind :
+         {cache::PredictorKind::kOff, cache::PredictorKind::kGate, cache::PredictorKind::kAffinity,
+          cache::PredictorKind::kHistory, cache::PredictorKind::kCombined}) {
+      INFO("device budget " << budget << " of " << all << ", prefetch "
+                            << cache::PredictorName(kind));
+      cache::CacheOptions options;
+      options.device_bytes = budget;
+      auto made = cache::ExpertCache::Create(*store, options);
+      REQUIRE(made.ok());
+      std::shared_ptr<cache::ExpertCache> experts = *std::move(made);
+      std::shared_ptr<cache::Prefetcher> prefetcher;
+      if (kind != cache::PredictorKind::kOff) {
+        cache::PrefetcherOptions prefetch;
+        prefetch.kind = kind;
+        prefetch.depth = 2;
+        auto created = cache::Prefetcher::Create(prefetch, static_cast<int>(config.num_layers),
+                                                 static_cast<int>(config.num_experts), counts);
+        REQUIRE(created.ok());
+        prefetcher = *std::move(created);
+      }
+      auto from_store = Model::Create(config, *store, cache::SharedProvider(experts, prefetcher),
+                                      kernels::TestCpuBackend(2));
+      REQUIRE(from_store.ok());
+      for (size_t i = 0; i < cases["cases"].size(); ++i) {
+        const auto& c = cases["cases"][i];
+        auto a = ScoreAndGreedy(**from_store, c["prompt"].get<std::vector<int32_t>>(),
+                                static_cast<int>(c["greedy"].size()));
+        REQUIRE(a.ok());
+        CHECK(a->prompt_logits == expected[i].prompt_logits);
+        CHECK(a->greedy_logits == expected[i].greedy_logits);
+        CHECK(a->greedy == expected[i].greedy);
+      }
+      if (kind != cache::PredictorKind::kOff && budget < all) {
+        // The prefetcher did run: it hinted, and the cache read ahead.
+        CHECK(experts->counters().prefetch_issued > 0);
+      }
     }
   }
   std::filesystem::remove_all(store_dir);
 }
 
-TEST_CASE("golden stores give the checkpoints' logits bitwise at every cache budget") {
+TEST_CASE(
+    "golden stores give the checkpoints' logits bitwise at every cache budget and prefetcher") {
   for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
     INFO(name);
     CheckGoldenStore(name);

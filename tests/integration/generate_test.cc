@@ -658,7 +658,7 @@ TEST_CASE("the last message reports what the expert cache did for the request") 
     CHECK(s.bytes_staged() == 0);
   }
   SECTION("from a store: the request's counts are the cache's, and a repeat reads nothing") {
-    Daemon daemon({"--store", Store().string()});
+    Daemon daemon({"--store", Store().string(), "--prefetch", "off"});
     auto c = daemon.Connect();
     Collected first = Run(*c, Greedy({5, 6, 7}, 6));
     REQUIRE(first.status.ok());
@@ -680,7 +680,8 @@ TEST_CASE("the last message reports what the expert cache did for the request") 
     CHECK(again.last.expert_stats().device_hits() == s.device_hits() + s.ssd_reads());
   }
   SECTION("requests sharing steps split the bytes of the experts they share") {
-    Daemon daemon({"--store", Store().string(), "--device-cache-bytes", "1M", "--max-batch", "4"});
+    Daemon daemon({"--store", Store().string(), "--device-cache-bytes", "1M", "--max-batch", "4",
+                   "--prefetch", "off"});
     std::vector<std::future<Collected>> runs;
     for (uint32_t i = 0; i < 3; ++i) {
       runs.push_back(std::async(std::launch::async, [&, i] {
@@ -698,6 +699,46 @@ TEST_CASE("the last message reports what the expert cache did for the request") 
     REQUIRE(info.ok());
     CHECK(bytes == info->expert_cache().ssd_bytes());
     CHECK(reads >= info->expert_cache().ssd_reads());
+  }
+  SECTION(
+      "with prefetch: the request is charged every prefetch, and every byte read is its or a "
+      "prefetch's that served nobody") {
+    // Few slots, and sampled tokens: experts come and go from step to step.
+    Daemon daemon({"--store", Store().string(), "--device-cache-bytes", "300K", "--prefetch",
+                   "gate", "--prefetch-depth", "2"});
+    auto c = daemon.Connect();
+    v1::GenerateRequest sampled = Greedy({5, 6, 7}, 24);
+    sampled.mutable_sampling()->set_temperature(1);
+    sampled.mutable_sampling()->set_seed(11);
+    Collected got = Run(*c, sampled);
+    REQUIRE(got.status.ok());
+    auto info = c->ModelInfo();
+    REQUIRE(info.ok());
+    const v1::ExpertCacheInfo& cache = info->expert_cache();
+    const v1::ExpertStats& s = got.last.expert_stats();
+    CHECK(cache.prefetch_predictor() == "gate");
+    CHECK(cache.prefetch_depth() == 2);
+    INFO("slots " << cache.device_slots() << ", cancelled " << cache.prefetch_cancelled()
+                  << ", misses " << cache.device_misses());
+    CHECK(cache.prefetch_issued() > 0);
+    CHECK(s.prefetch_issued() == cache.prefetch_issued());
+    CHECK(s.prefetch_wasted() == cache.prefetch_wasted());
+    CHECK(s.prefetch_useful() == cache.prefetch_useful());
+    CHECK(s.prefetch_late() == cache.prefetch_late());
+    CHECK(cache.prefetch_issued() == cache.prefetch_useful() + cache.prefetch_late() +
+                                         cache.prefetch_wasted() + cache.prefetch_failed() +
+                                         cache.prefetch_pending());
+    CHECK(cache.ssd_bytes() ==
+          s.bytes_staged() +
+              (cache.prefetch_wasted() + cache.prefetch_failed() + cache.prefetch_pending()) *
+                  cache.slot_bytes());
+    // Both layers of the tiny model are predicted (from the one before, or the step before).
+    REQUIRE(cache.per_layer_size() >= 1);
+    for (const v1::LayerPrefetchStats& layer : cache.per_layer()) {
+      CHECK(layer.recall() >= 0);
+      CHECK(layer.recall() <= 1);
+      CHECK(layer.precision() <= 1);
+    }
   }
 }
 

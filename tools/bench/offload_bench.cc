@@ -3,9 +3,14 @@
 //  1. Staging throughput: every source blob of a store's experts.bin, in a random order, read
 //     with O_DIRECT through moed's io_uring stager, next to fio reading the same file with the
 //     same block size and queue depth.
-//  2. Decode tokens/s of the store at device budgets of 100 %, 50 % and 25 % of the experts,
-//     each next to the all-resident figure and to its roofline: max(compute time, bytes missed
-//     / the fio bandwidth), from the cache's own counters.
+//  2. Decode tokens/s of the store at device budgets (default 100 %, 50 % and 25 % of the
+//     experts) with each prefetch predictor, next to the all-resident figure and to the
+//     roofline: max(compute time, bytes missed / the fio bandwidth), from the cache's own
+//     counters; and the seconds per token the engine stalled for experts, next to the time
+//     the bytes it missed take at fio's bandwidth. With --routing-trace, every layer routes
+//     as the recorded trace did (real Mixtral locality on the 32-layer bench model).
+//  3. With the model's own routing: each predictor's recall and precision per predicted
+//     layer, as the running prefetcher scores them.
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "cache/aligned_buffer.h"
 #include "cache/expert_cache.h"
+#include "cache/routing_trace.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "server/engine.h"
@@ -103,39 +109,138 @@ double FioGbps(const std::string& file, uint64_t block, int depth, int seconds) 
 
 }  // namespace
 
+namespace {
+
+struct DecodeRun {
+  double seconds_per_token = 0;
+  double stall_per_token = 0;
+  double missed_bytes_per_token = 0;
+  double hit_rate = 0;
+  moed::cache::CacheCounters delta;  // the measured steps only (prefetch fields)
+  std::vector<moed::cache::LayerPrefetchStats> layers;
+};
+
+// Builds the engine of `config`, prefills 4 tokens, decodes `warm` then `steps` tokens of a
+// fixed pseudo-random stream (the synthetic model's greedy output soon repeats one token,
+// which would make its own routing unrealistically repetitive), measuring the `steps`.
+absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int warm, int steps) {
+  auto engine = moed::server::BuildEngine(config);
+  if (!engine.ok()) return engine.status();
+  moed::cache::ExpertCache* raw = engine->cache.get();
+  std::shared_ptr<moed::model::Model> model = engine->model;
+  const auto& c = engine->model_config;
+  auto kv = model->NewKvCache(8 + warm + steps);
+  moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false};
+  if (auto out = model->Forward(absl::MakeSpan(&input, 1)); !out.ok()) return out.status();
+  std::mt19937 tokens(7);
+  auto next_token = [&] {
+    return static_cast<int32_t>(tokens() % static_cast<uint32_t>(c.vocab_size));
+  };
+  for (int w = 0; w < warm; ++w) {
+    input.tokens = {next_token()};
+    if (auto out = model->Forward(absl::MakeSpan(&input, 1)); !out.ok()) return out.status();
+  }
+  const auto before = raw->counters();
+  const auto start = Clock::now();
+  for (int s = 0; s < steps; ++s) {
+    input.tokens = {next_token()};
+    if (auto out = model->Forward(absl::MakeSpan(&input, 1)); !out.ok()) return out.status();
+  }
+  DecodeRun run;
+  run.seconds_per_token = Seconds(start, Clock::now()) / steps;
+  const auto after = raw->counters();
+  run.missed_bytes_per_token = static_cast<double>(after.ssd_bytes - before.ssd_bytes) / steps;
+  run.stall_per_token = (after.wait_seconds - before.wait_seconds) / steps;
+  const uint64_t hits = after.device.hits - before.device.hits,
+                 misses = after.device.misses - before.device.misses;
+  run.hit_rate = static_cast<double>(hits) / std::max<uint64_t>(1, hits + misses);
+  run.delta.prefetch_issued = after.prefetch_issued - before.prefetch_issued;
+  run.delta.prefetch_useful = after.prefetch_useful - before.prefetch_useful;
+  run.delta.prefetch_late = after.prefetch_late - before.prefetch_late;
+  run.delta.prefetch_wasted = after.prefetch_wasted - before.prefetch_wasted;
+  run.delta.prefetch_read_seconds = after.prefetch_read_seconds - before.prefetch_read_seconds;
+  run.delta.prefetch_wait_seconds = after.prefetch_wait_seconds - before.prefetch_wait_seconds;
+  if (engine->prefetcher != nullptr) run.layers = engine->prefetcher->layer_stats();
+  return run;
+}
+
+// Writes `path`'s sequences except the first to `out`: the affinity predictor's calibration
+// when the first sequence is the one replayed (trace-driven runs route as sequence 0).
+bool WriteHeldOutCalibration(const std::string& path, const std::string& out) {
+  auto traces = moed::cache::ReadRoutingTraces(path);
+  if (!traces.ok() || traces->size() < 2) return false;
+  fs::remove(out);
+  for (size_t i = 1; i < traces->size(); ++i) {
+    if (!moed::cache::AppendRoutingTrace(out, (*traces)[i]).ok()) return false;
+  }
+  return true;
+}
+
+bool EnsureStore(const std::string& preset, const std::string& store_dir) {
+  if (fs::exists(store_dir + "/manifest.json")) return true;
+  std::string checkpoint = "build/bench-models/" + preset;
+  if (!fs::exists(checkpoint + "/config.json")) {
+    std::printf("synthesizing %s ...\n", checkpoint.c_str());
+    fs::create_directories("build/bench-models");
+    auto spec = moed::tools::PresetSpec(preset, moed::model::Architecture::kMixtral);
+    if (auto s = moed::tools::WriteCheckpoint(*spec, checkpoint); !s.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+      return false;
+    }
+  }
+  std::printf("packing %s ...\n", store_dir.c_str());
+  if (auto s = moed::tools::Pack(checkpoint, store_dir, moed::tools::PackOptions{}); !s.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  std::string store_dir = "build/bench-models/bench-6g-store";
-  int depth = 4, steps = 16, fio_seconds = 10;
+  std::string store_dir, routing_trace, calibration;
+  int depth = 4, steps = 16, fio_seconds = 10, prefetch_depth = 1, predict_steps = 32;
   double stage_seconds = 10;
+  std::vector<double> budgets = {1.0, 0.5, 0.25};
+  std::vector<std::string> predictors = {"off", "history", "affinity", "combined"};
+  bool skip_staging = false;
   CLI::App app{
-      "moed-bench-offload: SSD staging against fio, decode at cache budgets against the roofline"};
+      "moed-bench-offload: SSD staging against fio, decode at cache budgets and prefetch "
+      "predictors against the roofline"};
   app.add_option("--store", store_dir,
-                 "expert store (default: synthesize and pack the bench-6g model)")
+                 "expert store (default: synthesize and pack bench-6g, or bench-32l with "
+                 "--routing-trace)");
+  app.add_option("--queue-depth", depth, "reads in flight for the stager, fio and the cache")
       ->capture_default_str();
-  app.add_option("--queue-depth", depth, "reads in flight for both the stager and fio")
+  app.add_option("--steps", steps, "decode steps measured per budget and predictor")
       ->capture_default_str();
-  app.add_option("--steps", steps, "decode steps per budget")->capture_default_str();
   app.add_option("--seconds", stage_seconds, "staging measurement time (fio gets the same)")
+      ->capture_default_str();
+  app.add_flag("--skip-staging", skip_staging, "skip the staging section (fio still runs, once)");
+  app.add_option("--budgets", budgets, "device budgets, as fractions of all experts")
+      ->capture_default_str()
+      ->delimiter(',');
+  app.add_option("--prefetch", predictors, "predictors to run at each budget below 100 %")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(CLI::IsMember({"off", "gate", "affinity", "history", "combined"}));
+  app.add_option("--prefetch-depth", prefetch_depth, "layers ahead")->capture_default_str();
+  app.add_option("--prefetch-calibration", calibration,
+                 "routing trace for the affinity predictor (default with --routing-trace: that "
+                 "trace's sequences but the first, the one the decode replays)");
+  app.add_option("--routing-trace", routing_trace,
+                 "route every layer as this recorded trace does (its first sequence)");
+  app.add_option("--predict-steps", predict_steps,
+                 "decode steps of the own-routing prediction section (0: skip it)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   fio_seconds = static_cast<int>(stage_seconds);
 
-  if (!fs::exists(store_dir + "/manifest.json")) {
-    std::string checkpoint = "build/bench-models/bench-6g";
-    if (!fs::exists(checkpoint + "/config.json")) {
-      std::printf("synthesizing %s ...\n", checkpoint.c_str());
-      fs::create_directories("build/bench-models");
-      auto spec = moed::tools::PresetSpec("bench-6g", moed::model::Architecture::kMixtral);
-      if (auto s = moed::tools::WriteCheckpoint(*spec, checkpoint); !s.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-        return 1;
-      }
-    }
-    std::printf("packing %s ...\n", store_dir.c_str());
-    if (auto s = moed::tools::Pack(checkpoint, store_dir, moed::tools::PackOptions{}); !s.ok()) {
-      std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
-      return 1;
-    }
+  const std::string preset = routing_trace.empty() ? "bench-6g" : "bench-32l";
+  if (store_dir.empty()) {
+    store_dir = "build/bench-models/" + preset + "-store";
+    if (!EnsureStore(preset, store_dir)) return 1;
   }
   auto store = moed::cache::Store::Open(store_dir);
   if (!store.ok()) {
@@ -150,66 +255,107 @@ int main(int argc, char** argv) {
   }
   std::shuffle(order.begin(), order.end(), std::mt19937(1));
 
-  std::printf(
-      "\n== staging: %zu source blobs of %.1f MiB, O_DIRECT random reads, queue depth %d ==\n",
-      order.size(), block / double(1 << 20), depth);
   double fio = FioGbps((*store)->experts_path(), block, depth, fio_seconds);
-  double stager = StagerGbps(**store, order, block, depth, stage_seconds);
-  std::printf("%-12s %10s\n%-12s %9.2f\n%-12s %9.2f   (%.0f%% of fio)\n", "reader", "GB/s", "fio",
-              fio, "moed stager", stager, fio > 0 ? 100 * stager / fio : 0);
+  if (!skip_staging) {
+    std::printf(
+        "\n== staging: %zu source blobs of %.1f MiB, O_DIRECT random reads, queue depth %d ==\n",
+        order.size(), block / double(1 << 20), depth);
+    double stager = StagerGbps(**store, order, block, depth, stage_seconds);
+    std::printf("%-12s %10s\n%-12s %9.2f\n%-12s %9.2f   (%.0f%% of fio)\n", "reader", "GB/s", "fio",
+                fio, "moed stager", stager, fio > 0 ? 100 * stager / fio : 0);
+  } else {
+    std::printf("\nfio: %.2f GB/s (random %.1f MiB reads, queue depth %d)\n", fio,
+                block / double(1 << 20), depth);
+  }
 
+  if (!routing_trace.empty() && calibration.empty()) {
+    calibration = "/tmp/moed-bench-offload-calibration.jsonl";
+    if (!WriteHeldOutCalibration(routing_trace, calibration)) {
+      std::fprintf(stderr, "%s: needs two or more sequences to calibrate on\n",
+                   routing_trace.c_str());
+      return 1;
+    }
+  }
   const auto& c = (*store)->config();
   const uint64_t slot =
       moed::cache::ExpertCache::SlotBytes(**store, moed::cache::Precision::kSource);
   const uint64_t all = slot * c.NumMoeLayers() * c.num_experts;
   std::printf(
-      "\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence ==\n",
+      "\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence, "
+      "%s routing ==\n",
       store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
-      c.experts_per_token);
-  std::printf("%-8s %10s %12s %14s %14s %12s %10s\n", "budget", "tokens/s", "vs resident",
-              "MB missed/tok", "roofline tok/s", "of roofline", "hit rate");
+      c.experts_per_token, routing_trace.empty() ? "the model's own" : routing_trace.c_str());
+  std::printf("%-7s %-9s %9s %8s %9s %9s %10s %9s %7s %17s %8s\n", "budget", "prefetch", "tokens/s",
+              "vs res.", "roofline", "of roof.", "MB read/t", "stall s/t", "roof s/t",
+              "useful/late/waste", "hit rate");
   double resident_seconds = 0;
-  for (double fraction : {1.0, 0.5, 0.25}) {
-    moed::server::DaemonConfig config;
-    config.store = store_dir;
-    config.backend = "cpu";
-    config.device_cache_bytes = static_cast<int64_t>(fraction * all);
-    config.io_queue_depth = depth;
-    auto engine = moed::server::BuildEngine(config);
-    if (!engine.ok()) return 1;
-    moed::cache::ExpertCache* raw = engine->cache.get();
-    std::shared_ptr<moed::model::Model> model = engine->model;
-    auto kv = model->NewKvCache(8 + steps + 32);
-    moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false};
-    if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
-    // The synthetic model's greedy output soon repeats one token, which would make routing
-    // unrealistically repetitive: feed a fixed pseudo-random token stream instead (the same
-    // for every budget), so consecutive tokens route like unrelated text.
-    std::mt19937 tokens(7);
-    auto next_token = [&] {
-      return static_cast<int32_t>(tokens() % static_cast<uint32_t>(c.vocab_size));
-    };
-    // Warm-up: the resident run loads every expert it will use at least once.
-    for (int warm = 0; warm < (fraction == 1.0 ? 24 : 2); ++warm) {
-      input.tokens = {next_token()};
-      if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
+  for (double fraction : budgets) {
+    for (const std::string& predictor : predictors) {
+      if (fraction >= 1.0 && predictor != "off") continue;
+      moed::server::DaemonConfig config;
+      config.store = store_dir;
+      config.backend = "cpu";
+      config.device_cache_bytes = static_cast<int64_t>(fraction * all);
+      config.io_queue_depth = depth;
+      config.prefetch = predictor;
+      config.prefetch_depth = prefetch_depth;
+      config.routing_trace = routing_trace;
+      if (predictor == "affinity" || predictor == "combined")
+        config.prefetch_calibration = calibration;
+      // The resident run warms every expert it will use; others start from what 2 steps load.
+      const int warm = fraction >= 1.0 ? 24 : 2;
+      auto run = Decode(config, warm, steps);
+      if (!run.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
+        return 1;
+      }
+      if (fraction >= 1.0) resident_seconds = run->seconds_per_token;
+      const double read_floor = fio > 0 ? run->missed_bytes_per_token / (fio * 1e9) : 0.0;
+      const double roofline = std::max(resident_seconds, read_floor);
+      const double per_token = 1.0 / steps;
+      std::printf(
+          "%6.0f%% %-9s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f %7.0f%%\n",
+          100 * fraction, predictor.c_str(), 1 / run->seconds_per_token,
+          100 * resident_seconds / run->seconds_per_token, 1 / roofline,
+          100 * roofline / run->seconds_per_token, run->missed_bytes_per_token / 1e6,
+          run->stall_per_token, read_floor, run->delta.prefetch_useful * per_token,
+          run->delta.prefetch_late * per_token, run->delta.prefetch_wasted * per_token,
+          100 * run->hit_rate);
     }
-    auto before = raw->counters();
-    auto start = Clock::now();
-    for (int s = 0; s < steps; ++s) {
-      input.tokens = {next_token()};
-      if (!model->Forward(absl::MakeSpan(&input, 1)).ok()) return 1;
+  }
+  std::printf(
+      "(roofline: max(all-resident time, bytes read / fio); roof s/t: the bytes read at fio's "
+      "bandwidth, the stall a serial reader could not avoid; useful/late/waste: prefetches per "
+      "token)\n");
+
+  if (predict_steps > 0) {
+    std::printf(
+        "\n== prediction with the model's own routing (random weights: its routing is not a "
+        "trained model's), %d decode steps, depth %d ==\n",
+        predict_steps, prefetch_depth);
+    std::printf("%-9s %8s %9s\n", "predictor", "recall", "precision");
+    for (const std::string predictor : {"gate", "history", "combined"}) {
+      moed::server::DaemonConfig config;
+      config.store = store_dir;
+      config.backend = "cpu";
+      config.device_cache_bytes = 0;  // prediction quality does not depend on the budget
+      config.prefetch = predictor;
+      config.prefetch_depth = prefetch_depth;
+      auto run = Decode(config, 0, predict_steps);
+      if (!run.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
+        return 1;
+      }
+      uint64_t hinted = 0, needed = 0, correct = 0;
+      for (const auto& layer : run->layers) {
+        hinted += layer.hinted;
+        needed += layer.needed;
+        correct += layer.correct;
+      }
+      std::printf("%-9s %8.3f %9.3f\n", predictor.c_str(),
+                  needed == 0 ? 0.0 : static_cast<double>(correct) / needed,
+                  hinted == 0 ? 0.0 : static_cast<double>(correct) / hinted);
     }
-    double seconds = Seconds(start, Clock::now()) / steps;
-    auto after = raw->counters();
-    double missed = static_cast<double>(after.ssd_bytes - before.ssd_bytes) / steps;
-    uint64_t hits = after.device.hits - before.device.hits,
-             misses = after.device.misses - before.device.misses;
-    if (fraction == 1.0) resident_seconds = seconds;
-    double roofline = std::max(resident_seconds, fio > 0 ? missed / (fio * 1e9) : 0.0);
-    std::printf("%6.0f%% %10.2f %11.0f%% %14.1f %14.2f %11.0f%% %9.0f%%\n", 100 * fraction,
-                1 / seconds, 100 * resident_seconds / seconds, missed / 1e6, 1 / roofline,
-                100 * roofline / seconds, 100.0 * hits / std::max<uint64_t>(1, hits + misses));
   }
   return 0;
 }

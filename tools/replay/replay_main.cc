@@ -5,7 +5,9 @@
 #include <iostream>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_join.h"
 #include "cache/replay.h"
+#include "nlohmann/json.hpp"
 #include "tools/replay/batching_replay.h"
 
 int main(int argc, char** argv) try {
@@ -41,6 +43,30 @@ int main(int argc, char** argv) try {
                  "with --batching: expert-aware formation runs a request at most this many "
                  "steps later than round-robin would")
       ->capture_default_str();
+  bool prefetch_eval = false, json = false;
+  std::string calibration_path;
+  std::vector<std::string> predictors = {"affinity", "history", "combined"};
+  std::vector<int> depths = {1, 2, 3}, candidates = {1, 2, 4};
+  app.add_flag("--prefetch-eval", prefetch_eval,
+               "evaluate the prefetch predictors instead: recall and precision of the experts "
+               "each proposes for layer l+d from token t at layer l");
+  app.add_option("--calibrate", calibration_path,
+                 "with --prefetch-eval: routing trace to count expert affinities on (default: "
+                 "each sequence of --trace with counts from the others, pooled)");
+  app.add_option("--prefetch", predictors, "with --prefetch-eval: predictors to evaluate")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(CLI::IsMember({"affinity", "history", "combined"}));
+  app.add_option("--depth", depths, "with --prefetch-eval: layers ahead")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(CLI::Range(1, 8));
+  app.add_option("--candidates", candidates,
+                 "with --prefetch-eval: experts proposed per token and layer")
+      ->capture_default_str()
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
+  app.add_flag("--json", json, "one JSON object per line instead of a table");
   CLI11_PARSE(app, argc, argv);
 
   auto traces = moed::cache::ReadRoutingTraces(path);
@@ -53,12 +79,51 @@ int main(int argc, char** argv) try {
     return 1;
   }
   const auto& first = traces->front();
+  if (prefetch_eval) {
+    std::vector<moed::cache::RoutingTrace> calibration;
+    if (!calibration_path.empty()) {
+      auto read = moed::cache::ReadRoutingTraces(calibration_path);
+      if (!read.ok()) {
+        std::cerr << "moed-replay: " << read.status().message() << "\n";
+        return 1;
+      }
+      calibration = *std::move(read);
+    }
+    if (!json) {
+      std::printf("%-10s %5s %10s %8s %9s\n", "predictor", "depth", "candidates", "recall",
+                  "precision");
+    }
+    for (const std::string& name : predictors) {
+      auto kind = moed::cache::ParsePredictorKind(name);
+      auto results = moed::cache::EvaluatePrefetch(
+          *kind, *traces, calibration_path.empty() ? nullptr : &calibration, depths, candidates);
+      if (!results.ok()) {
+        std::cerr << "moed-replay: " << name << ": " << results.status().message() << "\n";
+        return 1;
+      }
+      for (const auto& r : *results) {
+        if (json) {
+          nlohmann::ordered_json line = {{"predictor", r.predictor},   {"depth", r.depth},
+                                         {"candidates", r.candidates}, {"recall", r.recall()},
+                                         {"precision", r.precision()}, {"hits", r.hits},
+                                         {"chosen", r.chosen},         {"proposed", r.proposed}};
+          std::printf("%s\n", line.dump().c_str());
+        } else {
+          std::printf("%-10s %5d %10d %8.3f %9.3f\n", r.predictor.c_str(), r.depth, r.candidates,
+                      r.recall(), r.precision());
+        }
+      }
+    }
+    return 0;
+  }
   uint64_t tokens = 0;
   for (const auto& t : *traces) tokens += t.tokens.size();
   int total = first.num_layers * first.num_experts;
-  std::printf("trace: %s (%zu sequences, %lu tokens, %d layers x %d experts, top-%d)\n",
-              path.c_str(), traces->size(), static_cast<unsigned long>(tokens), first.num_layers,
-              first.num_experts, first.top_k);
+  if (!json) {
+    std::printf("trace: %s (%zu sequences, %lu tokens, %d layers x %d experts, top-%d)\n",
+                path.c_str(), traces->size(), static_cast<unsigned long>(tokens), first.num_layers,
+                first.num_experts, first.top_k);
+  }
   if (batching) {
     std::printf(
         "requests of %d tokens, %d admitted, %d per step, at most %d steps later than round-robin, "

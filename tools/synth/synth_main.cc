@@ -42,7 +42,8 @@ int main(int argc, char** argv) {
   app.add_option("--out", out, "directory to create (must not exist unless --force)")->required();
   app.add_option("--arch", arch_name, "mixtral, qwen2_moe, qwen3_moe or olmoe")
       ->capture_default_str();
-  app.add_option("--preset", preset, "tiny, demo, bench-1g or bench-6g")->capture_default_str();
+  app.add_option("--preset", preset, "tiny, demo, bench-1g, bench-6g or bench-32l")
+      ->capture_default_str();
   app.add_option("--seed", seed, "random seed")->capture_default_str();
   app.add_option("--dtype", dtype, "weight dtype: bf16 or f32")
       ->capture_default_str()

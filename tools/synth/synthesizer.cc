@@ -184,9 +184,22 @@ absl::StatusOr<SynthSpec> PresetSpec(const std::string& preset, Architecture arc
     spec.experts_per_token = 2;
     spec.expert_intermediate_size = large ? 4096 : 2816;
     spec.max_position_embeddings = 4096;
+  } else if (preset == "bench-32l") {
+    // Mixtral-8x7B's routing shape (32 layers, 8 experts, top-2) at a size that streams: it
+    // pairs with the real Mixtral routing traces (--routing-trace) in the offload benchmark.
+    spec.vocab_size = 32000;
+    spec.hidden_size = 1024;
+    spec.num_layers = 32;
+    spec.num_attention_heads = 16;
+    spec.num_key_value_heads = 4;
+    spec.head_dim = 64;
+    spec.num_experts = 8;
+    spec.experts_per_token = 2;
+    spec.expert_intermediate_size = 1024;
+    spec.max_position_embeddings = 4096;
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown preset '", preset, "' (expected tiny, demo, bench-1g or bench-6g)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown preset '", preset, "' (expected tiny, demo, bench-1g, bench-6g or bench-32l)"));
   }
   return spec;
 }

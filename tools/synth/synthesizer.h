@@ -35,7 +35,8 @@ struct SynthSpec {
 };
 
 // Named starting points: "tiny" (the golden checkpoints' shape), "demo" (the quick-start
-// model), "bench-1g" and "bench-6g" (the Mixtral-shaped benchmark models).
+// model), "bench-1g" and "bench-6g" (the Mixtral-shaped benchmark models), and "bench-32l"
+// (Mixtral-8x7B's 32 layers x 8 experts, top-2, for trace-driven benchmarks).
 absl::StatusOr<SynthSpec> PresetSpec(const std::string& preset, model::Architecture architecture);
 
 // Checks the spec for shapes the architectures cannot have.
