@@ -35,6 +35,7 @@ struct Piece {
   uint64_t id;
   uint64_t at;    // offset within the request
   uint64_t size;  // bytes still to read
+  bool background = false;
 };
 
 // A request cut into pieces no larger than max_request_bytes; the whole completes when every
@@ -44,6 +45,11 @@ struct Pending {
   int pieces_left = 0;
   absl::Status status;
 };
+
+absl::Status CancelledRead(const ReadRequest& request) {
+  return absl::CancelledError(
+      absl::StrCat("read of ", request.size, " bytes at offset ", request.offset, " cancelled"));
+}
 
 class IoUringReader final : public BlockReader {
  public:
@@ -69,7 +75,9 @@ class IoUringReader final : public BlockReader {
     if (ring_ready_) {
       {
         std::unique_lock lock(mutex_);
-        idle_.wait(lock, [&] { return in_flight_ == 0 && queue_.empty() && finished_.empty(); });
+        idle_.wait(lock, [&] {
+          return in_flight_ == 0 && queue_.empty() && background_.empty() && finished_.empty();
+        });
         stopping_ = true;
         // Wake the completion thread with a no-op; should the ring refuse it, the thread sees
         // stopping_ at its next timeout.
@@ -100,8 +108,14 @@ class IoUringReader final : public BlockReader {
       uint64_t id = next_id_++;
       Pending& pending = pending_[id];
       pending.request = request;
-      for (uint64_t at = 0; at < request.size; at += options_.max_request_bytes) {
-        queue_.push_back({id, at, std::min(options_.max_request_bytes, request.size - at)});
+      // Background requests in smaller pieces: a cancel or a foreground read then waits for
+      // at most one small piece.
+      const uint64_t piece_bytes = request.background
+                                       ? std::max<uint64_t>(4096, options_.max_request_bytes / 16)
+                                       : options_.max_request_bytes;
+      for (uint64_t at = 0; at < request.size; at += piece_bytes) {
+        (request.background ? background_ : queue_)
+            .push_back({id, at, std::min(piece_bytes, request.size - at), request.background});
         ++pending.pieces_left;
       }
       stats_.requests++;
@@ -112,26 +126,87 @@ class IoUringReader final : public BlockReader {
     return absl::OkStatus();
   }
 
+  bool Cancel(uint64_t tag) override {
+    std::lock_guard lock(mutex_);
+    auto it = std::find_if(pending_.begin(), pending_.end(),
+                           [&](const auto& entry) { return entry.second.request.tag == tag; });
+    if (it == pending_.end()) return false;
+    const uint64_t id = it->first;
+    Pending& pending = it->second;
+    if (pending.status.ok()) pending.status = CancelledRead(pending.request);
+    for (std::deque<Piece>* queue : {&queue_, &background_}) {
+      for (auto piece = queue->begin(); piece != queue->end();) {
+        if (piece->id == id) {
+          piece = queue->erase(piece);
+          --pending.pieces_left;
+        } else {
+          ++piece;
+        }
+      }
+    }
+    if (pending.pieces_left == 0) {
+      finished_.push_back({tag, pending.status});
+      pending_.erase(it);
+      WakeCompleterLocked();
+    }
+    return true;
+  }
+
+  void Promote(uint64_t tag) override {
+    std::lock_guard lock(mutex_);
+    for (auto piece = background_.begin(); piece != background_.end();) {
+      if (pending_[piece->id].request.tag == tag) {
+        Piece promoted = *piece;
+        promoted.background = false;
+        queue_.push_back(promoted);
+        piece = background_.erase(piece);
+      } else {
+        ++piece;
+      }
+    }
+    SubmitQueuedLocked();
+  }
+
   ReaderStats stats() const override {
     std::lock_guard lock(mutex_);
     return stats_;
   }
 
  private:
+  // Has the completion thread deliver what finished without a completion of its own.
+  void WakeCompleterLocked() {
+    wake_ = true;
+    io_uring_sqe* sqe = broken_.ok() ? io_uring_get_sqe(&ring_) : nullptr;
+    if (sqe == nullptr) return;  // it sees wake_ at its next timeout
+    io_uring_prep_nop(sqe);
+    io_uring_sqe_set_data(sqe, &wake_);
+    (void)CallSubmit();
+  }
+
   void SubmitQueuedLocked() {
     if (!broken_.ok()) return;
     int added = 0;
-    while (!queue_.empty() && in_flight_ < options_.queue_depth) {
+    // Background pieces only while no foreground piece waits or runs, one at a time, so that a
+    // foreground read arriving shares the disk with at most one small piece.
+    const int background_limit = 1;
+    while (in_flight_ < options_.queue_depth) {
+      const bool foreground = !queue_.empty();
+      if (!foreground && (background_.empty() || foreground_in_flight_ > 0 ||
+                          in_flight_ - foreground_in_flight_ >= background_limit)) {
+        break;
+      }
       io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
       if (sqe == nullptr) break;
-      Piece piece = queue_.front();
-      queue_.pop_front();
+      std::deque<Piece>& from = foreground ? queue_ : background_;
+      Piece piece = from.front();
+      from.pop_front();
       const ReadRequest& request = pending_[piece.id].request;
       io_uring_prep_read(sqe, fd_, request.buffer + piece.at, static_cast<unsigned>(piece.size),
                          request.offset + piece.at);
       auto* carried = new Piece(piece);
       io_uring_sqe_set_data(sqe, carried);
       ++in_flight_;
+      if (!piece.background) ++foreground_in_flight_;
       ++added;
     }
     stats_.max_in_flight =
@@ -182,13 +257,16 @@ class IoUringReader final : public BlockReader {
     };
     for (Piece* piece : abandoned) {
       --in_flight_;
+      if (!piece->background) --foreground_in_flight_;
       fail(piece->id);
       delete piece;
     }
-    while (!queue_.empty()) {
-      Piece piece = queue_.front();
-      queue_.pop_front();
-      fail(piece.id);
+    for (std::deque<Piece>* queue : {&queue_, &background_}) {
+      while (!queue->empty()) {
+        Piece piece = queue->front();
+        queue->pop_front();
+        fail(piece.id);
+      }
     }
     // Delivered by the completion thread (never inside Submit), which this wakes.
     wake_ = true;
@@ -207,7 +285,7 @@ class IoUringReader final : public BlockReader {
       mutex_.lock();
     }
     delivering_ = false;
-    if (in_flight_ == 0 && queue_.empty()) idle_.notify_all();
+    if (in_flight_ == 0 && queue_.empty() && background_.empty()) idle_.notify_all();
   }
 
   void CompletionLoop() {
@@ -222,7 +300,8 @@ class IoUringReader final : public BlockReader {
         if (wake_) {
           wake_ = false;
           DeliverFinishedLocked();
-          if (in_flight_ == 0 && queue_.empty() && finished_.empty()) idle_.notify_all();
+          if (in_flight_ == 0 && queue_.empty() && background_.empty() && finished_.empty())
+            idle_.notify_all();
         }
         if (stopping_ && !broken_.ok()) return;
         continue;
@@ -233,8 +312,16 @@ class IoUringReader final : public BlockReader {
       std::unique_lock lock(mutex_);
       if (data == nullptr) return;
       if (data == this) continue;  // an entry neutralised by FailUnsubmittedLocked
+      if (data == &wake_) {        // a Cancel's finished request waits for delivery
+        wake_ = false;
+        DeliverFinishedLocked();
+        if (in_flight_ == 0 && queue_.empty() && background_.empty() && finished_.empty())
+          idle_.notify_all();
+        continue;
+      }
       std::unique_ptr<Piece> piece(static_cast<Piece*>(data));
       --in_flight_;
+      if (!piece->background) --foreground_in_flight_;
       Pending& pending = pending_[piece->id];
       if (result < 0) {
         if (pending.status.ok()) {
@@ -251,10 +338,11 @@ class IoUringReader final : public BlockReader {
                 ReadFailure(ReadFaultKind::kShortRead, at,
                             absl::StrCat("short read at offset ", at, " (end of file)"));
           }
-        } else {
+        } else if (pending.status.ok()) {
           // A partial read: queue the rest at the front.
-          queue_.push_front({piece->id, piece->at + static_cast<uint64_t>(result),
-                             piece->size - static_cast<uint64_t>(result)});
+          (piece->background ? background_ : queue_)
+              .push_front({piece->id, piece->at + static_cast<uint64_t>(result),
+                           piece->size - static_cast<uint64_t>(result), piece->background});
           ++pending.pieces_left;
         }
       }
@@ -264,7 +352,8 @@ class IoUringReader final : public BlockReader {
       }
       SubmitQueuedLocked();
       DeliverFinishedLocked();
-      if (in_flight_ == 0 && queue_.empty() && finished_.empty()) idle_.notify_all();
+      if (in_flight_ == 0 && queue_.empty() && background_.empty() && finished_.empty())
+        idle_.notify_all();
     }
   }
 
@@ -280,6 +369,8 @@ class IoUringReader final : public BlockReader {
   mutable std::mutex mutex_;
   std::condition_variable idle_;
   std::deque<Piece> queue_;
+  std::deque<Piece> background_;
+  int foreground_in_flight_ = 0;
   std::map<uint64_t, Pending> pending_;
   std::deque<std::pair<uint64_t, absl::Status>> finished_;
   bool delivering_ = false;
@@ -315,13 +406,48 @@ class PreadReader final : public BlockReader {
         if (request.size == 0) return absl::InvalidArgumentError("empty read request");
       }
       for (const ReadRequest& request : requests) {
-        queue_.push_back(request);
+        (request.background ? background_ : queue_).push_back(request);
         stats_.requests++;
         stats_.bytes += request.size;
       }
     }
     ready_.notify_all();
     return absl::OkStatus();
+  }
+
+  bool Cancel(uint64_t tag) override {
+    {
+      std::lock_guard lock(mutex_);
+      bool found = false;
+      for (std::deque<ReadRequest>* queue : {&queue_, &background_}) {
+        for (auto it = queue->begin(); it != queue->end(); ++it) {
+          if (it->tag != tag) continue;
+          cancelled_.push_back(*it);
+          queue->erase(it);
+          found = true;
+          break;
+        }
+        if (found) break;
+      }
+      if (!found) return false;  // running or done: its result comes
+    }
+    ready_.notify_all();  // a worker delivers the cancellation
+    return true;
+  }
+
+  void Promote(uint64_t tag) override {
+    {
+      std::lock_guard lock(mutex_);
+      for (auto it = background_.begin(); it != background_.end(); ++it) {
+        if (it->tag != tag) continue;
+        ReadRequest promoted = *it;
+        promoted.background = false;
+        background_.erase(it);
+        queue_.push_back(promoted);
+        break;
+      }
+    }
+    ready_.notify_all();
   }
 
   ReaderStats stats() const override {
@@ -335,10 +461,32 @@ class PreadReader final : public BlockReader {
       ReadRequest request;
       {
         std::unique_lock lock(mutex_);
-        ready_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stopping, nothing left
-        request = queue_.front();
-        queue_.pop_front();
+        // Background reads only while no foreground read waits or runs.
+        auto background_ready = [&] {
+          return !background_.empty() && foreground_in_flight_ == 0 &&
+                 in_flight_ - foreground_in_flight_ < std::max(1, options_.queue_depth / 2);
+        };
+        ready_.wait(lock, [&] {
+          return stopping_ || !queue_.empty() || !cancelled_.empty() || background_ready();
+        });
+        if (!cancelled_.empty()) {
+          ReadRequest cancelled = cancelled_.front();
+          cancelled_.pop_front();
+          lock.unlock();
+          callback_(cancelled.tag, CancelledRead(cancelled));
+          continue;
+        }
+        if (!queue_.empty()) {
+          request = queue_.front();
+          queue_.pop_front();
+          ++foreground_in_flight_;
+        } else if (background_ready()) {
+          request = background_.front();
+          background_.pop_front();
+        } else {
+          if (stopping_ && background_.empty()) return;  // stopping, nothing left
+          continue;
+        }
         stats_.max_in_flight =
             std::max<uint64_t>(stats_.max_in_flight, static_cast<uint64_t>(++in_flight_));
       }
@@ -366,7 +514,9 @@ class PreadReader final : public BlockReader {
       {
         std::lock_guard lock(mutex_);
         --in_flight_;
+        if (!request.background) --foreground_in_flight_;
       }
+      ready_.notify_all();  // background reads may wait for this one
       callback_(request.tag, status);
     }
   }
@@ -378,8 +528,11 @@ class PreadReader final : public BlockReader {
   mutable std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<ReadRequest> queue_;
+  std::deque<ReadRequest> background_;
+  std::deque<ReadRequest> cancelled_;  // their callbacks wait for a worker
   bool stopping_ = false;
   int in_flight_ = 0;
+  int foreground_in_flight_ = 0;
   ReaderStats stats_;
 };
 

@@ -20,6 +20,9 @@ struct ReadRequest {
   uint64_t size = 0;          // multiple of 4096
   uint8_t* buffer = nullptr;  // 4096-aligned, `size` bytes
   uint64_t tag = 0;           // handed back with the completion
+  // Background (a prefetch): read only while no foreground read waits or runs, so that reads
+  // a computation waits for are never queued behind reads it may not need.
+  bool background = false;
 };
 
 // Called once per request, from the reader's completion thread: OK when all `size` bytes
@@ -40,6 +43,14 @@ class BlockReader {
   virtual absl::string_view name() const = 0;
   // Queues the reads; returns at once. Each request's callback comes later.
   virtual absl::Status Submit(absl::Span<const ReadRequest> requests) = 0;
+  // Gives up the request with `tag`: what has not started is never read, and its callback
+  // comes (later, never inside this call) with a CANCELLED status once nothing of it is in
+  // flight. False when the reader does not hold it any more (its callback came or is coming
+  // with the result).
+  virtual bool Cancel(uint64_t /*tag*/) { return false; }
+  // Makes what is left of the background request `tag` foreground (a computation now waits
+  // for it).
+  virtual void Promote(uint64_t /*tag*/) {}
   virtual ReaderStats stats() const = 0;
 };
 

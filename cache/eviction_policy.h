@@ -36,13 +36,19 @@ class EvictionPolicy {
   virtual void Remove(const ExpertKey& key) = 0;
   // Which of `candidates` (resident and not pinned; never empty) to evict.
   virtual ExpertKey Victim(const std::vector<ExpertKey>& candidates) = 0;
-  // The prefetcher's estimate that `key` is needed soon, in [0, 1] (scored policy only).
+  // The prefetcher's estimate that `key` is used at its layer's next turn, in [0, 1] (scored
+  // and sweep policies).
   virtual void Predict(const ExpertKey& /*key*/, double /*probability*/) {}
+  // The engine has reached `layer` (layers are swept in order every step; sweep policy).
+  virtual void AtLayer(int /*layer*/) {}
 };
 
-enum class PolicyKind { kLru, kLfu, kScored };
-absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name);  // "lru", "lfu", "scored"
-std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind);
+enum class PolicyKind { kLru, kLfu, kScored, kSweep };
+// "lru", "lfu", "scored", "sweep"
+absl::StatusOr<PolicyKind> ParsePolicyKind(absl::string_view name);
+absl::string_view PolicyName(PolicyKind kind);
+// `num_layers`: the model's layers (the sweep policy's period; 0: learned from AtLayer).
+std::unique_ptr<EvictionPolicy> MakePolicy(PolicyKind kind, int num_layers = 0);
 
 // Which resident experts a miss may evict. kLayer gives every layer an equal share of the
 // tier's slots and evicts from the missing expert's own layer once that layer holds its share

@@ -71,6 +71,33 @@ TEST_CASE("the scored policy weighs recency, frequency and predictions") {
   }
 }
 
+TEST_CASE("sweep evicts the expert whose next use is furthest in the layer order") {
+  auto sweep = MakePolicy(PolicyKind::kSweep, 4);
+  const ExpertKey l0{0, 1}, l1{1, 1}, l2{2, 1};
+  sweep->AtLayer(0);
+  sweep->Touch(l0, 1);
+  sweep->AtLayer(1);
+  sweep->Touch(l1, 2);
+  sweep->AtLayer(2);
+  sweep->Touch(l2, 3);
+  // At layer 2, each used at its layer's last turn (p = 1/2): expected waits d + 4 (1-p)/p are
+  // 2 + 4 (layer 0), 3 + 4 (layer 1) and 4 + 4 (layer 2, just computed): layer 2's goes.
+  CHECK(sweep->Victim({l0, l1, l2}) == l2);
+  // Predicted at 0.9 for its next turn: 4 + 4 (0.1/0.9) = 4.4 < 7, so layer 1's goes.
+  sweep->Predict(l2, 0.9);
+  CHECK(sweep->Victim({l0, l1, l2}) == l1);
+  // A turn of layer 1 passes without it: p = 1/4 for its next turn, a wait of 3 + 12 from
+  // layer 2; layer 0's, used in this sweep, waits 2 + 4. The unused one goes.
+  sweep->AtLayer(3);
+  sweep->AtLayer(0);  // a new sweep
+  sweep->Touch(l0, 4);
+  sweep->AtLayer(1);  // layer 1 computes without l1
+  sweep->AtLayer(2);
+  CHECK(sweep->Victim({l0, l1}) == l1);
+  CHECK(sweep->name() == "sweep");
+  CHECK(*ParsePolicyKind("sweep") == PolicyKind::kSweep);
+}
+
 TEST_CASE("policy and scope names parse, and unknown names are refused, naming them") {
   CHECK(*ParsePolicyKind("lru") == PolicyKind::kLru);
   CHECK(*ParsePolicyKind("lfu") == PolicyKind::kLfu);

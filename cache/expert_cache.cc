@@ -51,16 +51,24 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
   std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
   cache->layout_ = &cache->store_->manifest().layouts.at(options.precision);
 
-  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget,
-                       PolicyKind policy) -> absl::Status {
+  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget, PolicyKind policy,
+                       int reserve) -> absl::Status {
     uint64_t slots = std::min(budget / slot_bytes, experts);
     tier.name = name;
     tier.slot_bytes = slot_bytes;
     MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * slot_bytes));
     tier.slots.resize(slots);
     for (int i = static_cast<int>(slots) - 1; i >= 0; --i) tier.free.push_back(i);
-    tier.policy = MakePolicy(policy);
+    tier.policy = MakePolicy(policy, static_cast<int>(cache->store_->config().num_layers));
     tier.counters.slots = slots;
+    // Landing slots for prefetches, when the tier cannot hold every expert.
+    reserve = slots < experts ? std::clamp<int>(static_cast<int>(slots) - 2, 0, reserve) : 0;
+    for (int i = 0; i < reserve; ++i) {
+      cache->landing_.push_back(tier.free.back());
+      tier.free.pop_back();
+    }
+    if (reserve > 0) cache->landing_total_ = reserve;
+    slots -= static_cast<uint64_t>(reserve);
     // Equal shares among the MoE layers, the remainder to the first of them.
     const model::ModelConfig& config = cache->store_->config();
     const auto moe_layers = static_cast<uint64_t>(config.NumMoeLayers());
@@ -74,10 +82,12 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     }
     return absl::OkStatus();
   };
-  MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", device_bytes, options.device_policy));
+  MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", device_bytes, options.device_policy,
+                                 std::max(0, options.prefetch_slots)));
   if (options.host_bytes > 0) {
     cache->host_ = std::make_unique<Tier>();
-    MOED_RETURN_IF_ERROR(make_tier(*cache->host_, "host", options.host_bytes, options.host_policy));
+    MOED_RETURN_IF_ERROR(
+        make_tier(*cache->host_, "host", options.host_bytes, options.host_policy, 0));
   }
 
   ExpertCache* raw = cache.get();
@@ -127,7 +137,7 @@ void ExpertCache::RetryLoop() {
     auto it = loads_.find(tag);
     if (it == loads_.end()) continue;
     const Load& load = it->second;
-    ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag};
+    ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag, load.prefetch};
     absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
     if (!submitted.ok()) {
       Load failed = it->second;
@@ -140,17 +150,20 @@ void ExpertCache::RetryLoop() {
   }
 }
 
+// A landing slot's expert counts toward its layer's share only once it joins the layer.
 void ExpertCache::Tier::Add(const ExpertKey& key, int slot) {
   index[key] = slot;
-  ++per_layer[static_cast<size_t>(key.layer)];
+  if (!slots[slot].landing) ++per_layer[static_cast<size_t>(key.layer)];
 }
 
 void ExpertCache::Tier::Drop(const ExpertKey& key) {
-  if (index.erase(key) > 0) --per_layer[static_cast<size_t>(key.layer)];
+  auto it = index.find(key);
+  if (it == index.end()) return;
+  if (!slots[it->second].landing) --per_layer[static_cast<size_t>(key.layer)];
+  index.erase(it);
 }
 
-int ExpertCache::AllocateSlotLocked(Tier& tier, int layer,
-                                    const absl::flat_hash_set<ExpertKey>* keep) {
+int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
   if (!tier.free.empty()) {
     int slot = tier.free.back();
     tier.free.pop_back();
@@ -160,7 +173,7 @@ int ExpertCache::AllocateSlotLocked(Tier& tier, int layer,
   auto collect = [&](auto in_scope) {
     for (const Slot& slot : tier.slots) {
       if (slot.state == SlotState::kReady && slot.pins == 0 && in_scope(slot.key.layer) &&
-          (keep == nullptr || !keep->contains(slot.key)))
+          !slot.landing)
         candidates.push_back(slot.key);
     }
   };
@@ -258,7 +271,7 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
 absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
   ++ssd_reads_;
   ssd_bytes_ += layout_->padded_size;
-  ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag};
+  ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag, load.prefetch};
   absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
   if (!submitted.ok()) loads_.erase(tag);
   return submitted;
@@ -278,7 +291,7 @@ void ExpertCache::CancelPrefetches() {
 void ExpertCache::QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints) {
   prefetch_cancelled_ += prefetch_queue_.size();  // superseded before they started
   prefetch_queue_.clear();
-  hinted_.clear();
+  absl::flat_hash_set<ExpertKey> hinted;
   const model::ModelConfig& config = store_->config();
   for (const PrefetchHint& hint : hints) {
     if (hint.layer < 0 || hint.layer >= config.num_layers || !config.IsMoeLayer(hint.layer) ||
@@ -286,8 +299,9 @@ void ExpertCache::QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints) 
       continue;
     }
     const ExpertKey key{hint.layer, hint.expert};
-    if (!hinted_.insert(key).second) continue;
-    prefetch_queue_.push_back(hint);
+    if (!hinted.insert(key).second) continue;
+    device_.policy->Predict(key, hint.probability);
+    if (hint.fetch) prefetch_queue_.push_back(hint);
   }
   std::stable_sort(
       prefetch_queue_.begin(), prefetch_queue_.end(),
@@ -295,9 +309,13 @@ void ExpertCache::QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints) 
 }
 
 void ExpertCache::IssuePrefetchesLocked() {
-  const int max_in_flight = std::max(1, options_.reader.queue_depth);
-  while (!prefetch_queue_.empty() && uses_waiting_for_slots_ == 0 &&
-         prefetches_in_flight_ < max_in_flight) {
+  // One prefetch read at a time, and only while no use waits for a read or a slot: prefetches
+  // fill the time the disk would otherwise stand idle (while experts compute), and a wrong one
+  // costs little more than that time, since it is cancelled when its layer comes.
+  const bool demand_reading = std::any_of(loads_.begin(), loads_.end(),
+                                          [](const auto& entry) { return !entry.second.prefetch; });
+  while (!prefetch_queue_.empty() && uses_waiting_for_slots_ == 0 && !demand_reading &&
+         prefetches_in_flight_ < 1) {
     const PrefetchHint hint = prefetch_queue_.front();
     const ExpertKey key{hint.layer, hint.expert};
     if (device_.index.contains(key)) {  // resident or on its way already
@@ -305,19 +323,84 @@ void ExpertCache::IssuePrefetchesLocked() {
       ++prefetch_cancelled_;
       continue;
     }
-    // Never evict what the computing layer holds or what a hint names.
-    const int slot = AllocateSlotLocked(device_, hint.layer, &hinted_);
-    if (slot < 0) return;  // no slot to be had now: wait for one to free up
+    // A prefetch never evicts: it takes a free slot, or a landing slot.
+    int slot = -1;
+    bool landing = false;
+    if (!device_.free.empty()) {
+      slot = device_.free.back();
+      device_.free.pop_back();
+    } else if (!landing_.empty()) {
+      slot = landing_.back();
+      landing_.pop_back();
+      landing = true;
+    } else {
+      return;  // wait for one
+    }
     prefetch_queue_.pop_front();
     ++prefetch_issued_;
+    device_.slots[slot].landing = landing;
+    landing_in_use_ += landing ? 1 : 0;
     if (!StartLoadLocked(key, slot, /*prefetch=*/true).ok()) {
       // Not even submitted: counted as failed, and the slot is free again.
       ++prefetch_failures_;
       device_.slots[slot].state = SlotState::kFree;
       device_.slots[slot].prefetched = false;
       device_.Drop(key);
-      device_.free.push_back(slot);
+      FreeDeviceSlotLocked(slot);
     }
+  }
+}
+
+void ExpertCache::FreeDeviceSlotLocked(int slot) {
+  Slot& s = device_.slots[slot];
+  if (s.landing) {
+    s.landing = false;
+    --landing_in_use_;
+    landing_.push_back(slot);
+  } else {
+    device_.free.push_back(slot);
+  }
+}
+
+void ExpertCache::JoinLayerLocked(int slot) {
+  Slot& s = device_.slots[slot];
+  if (!s.landing) return;
+  s.landing = false;
+  --landing_in_use_;
+  ++device_.per_layer[static_cast<size_t>(s.key.layer)];
+}
+
+void ExpertCache::RestoreLandingSlotsLocked() {
+  while (static_cast<int>(landing_.size()) + landing_in_use_ < landing_total_) {
+    int slot = -1;
+    if (!device_.free.empty()) {
+      slot = device_.free.back();
+      device_.free.pop_back();
+    } else {
+      // From a layer over its share (the one a used prefetch joined), its policy's victim.
+      for (size_t l = 0; l < device_.per_layer.size() && slot < 0; ++l) {
+        if (device_.per_layer[l] > device_.quota[l]) {
+          int from = static_cast<int>(l);
+          std::vector<ExpertKey> candidates;
+          for (const Slot& s : device_.slots) {
+            if (s.state == SlotState::kReady && s.pins == 0 && !s.landing && s.key.layer == from)
+              candidates.push_back(s.key);
+          }
+          if (candidates.empty()) continue;
+          const ExpertKey victim = device_.policy->Victim(candidates);
+          slot = device_.index.at(victim);
+          device_.Drop(victim);
+          device_.policy->Remove(victim);
+          Slot& evicted = device_.slots[slot];
+          evicted.state = SlotState::kFree;
+          if (evicted.prefetched) ++prefetch_wasted_;
+          evicted.prefetched = evicted.claimed = false;
+          ++device_.counters.evictions;
+        }
+      }
+    }
+    if (slot < 0) return;  // everything is in use: try again when slots are released
+    landing_.push_back(slot);
   }
 }
 
@@ -329,6 +412,10 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     if (it == loads_.end()) return;
     load = it->second;
     loads_.erase(it);
+    if (load.cancelled && status.code() == absl::StatusCode::kCancelled) {
+      EndCancelledLoadLocked(tag, load);
+      return;
+    }
   }
   // The target slots are pinned by this load: verify and copy without the lock.
   const uint64_t bytes = layout_->padded_size;
@@ -389,7 +476,66 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     host_->counters.bytes_in += bytes;
     ReleaseSlotLocked(*host_, load.host_slot);
   }
-  if (load.prefetch) IssuePrefetchesLocked();
+  IssuePrefetchesLocked();  // the disk may be idle now
+  changed_.notify_all();
+}
+
+void ExpertCache::CancelUnneededLocked(int layer, const std::vector<int>& experts) {
+  // Arrived, not needed, holding a landing slot: give the slot back for the next prefetch.
+  for (size_t i = 0; i < device_.slots.size(); ++i) {
+    Slot& slot = device_.slots[i];
+    if (!slot.landing || slot.state != SlotState::kReady || slot.key.layer != layer ||
+        std::find(experts.begin(), experts.end(), slot.key.expert) != experts.end()) {
+      continue;
+    }
+    ++prefetch_wasted_;
+    device_.Drop(slot.key);
+    device_.policy->Remove(slot.key);
+    slot.state = SlotState::kFree;
+    slot.prefetched = slot.claimed = false;
+    FreeDeviceSlotLocked(static_cast<int>(i));
+  }
+  for (auto& [tag, load] : loads_) {
+    if (!load.prefetch || load.cancelled || load.key.layer != layer ||
+        std::find(experts.begin(), experts.end(), load.key.expert) != experts.end() ||
+        device_.slots[load.device_slot].pins > 0) {
+      continue;
+    }
+    load.cancelled = reader_->Cancel(tag);
+    if (!load.cancelled) continue;
+    // Wasted now, within the step that gave it up (its completion comes later).
+    ++prefetch_wasted_;
+    cancelled_read_bytes_ += layout_->padded_size;
+    Slot& slot = device_.slots[load.device_slot];
+    slot.prefetched = slot.claimed = false;
+  }
+}
+
+void ExpertCache::EndCancelledLoadLocked(uint64_t tag, const Load& load) {
+  --prefetches_in_flight_;  // counted wasted when it was cancelled
+  Slot& slot = device_.slots[load.device_slot];
+  if (slot.pins > 0) {
+    // A use came for it after all: read it again as that use's own read.
+    Load demand = load;
+    demand.prefetch = demand.cancelled = false;
+    demand.attempts = 1;
+    demand.started = std::chrono::steady_clock::now();
+    loads_[tag] = demand;
+    if (absl::Status submitted = SubmitLocked(tag, demand); !submitted.ok()) {
+      FailLoadLocked(
+          demand, BlobError(*store_, *load.blob, ReadFaultKind::kIoError, submitted.message(), 1));
+    }
+    return;
+  }
+  slot.state = SlotState::kFree;
+  device_.Drop(load.key);
+  FreeDeviceSlotLocked(load.device_slot);
+  if (load.into_host) {
+    host_->slots[load.host_slot].state = SlotState::kFree;
+    host_->Drop(load.key);
+    ReleaseSlotLocked(*host_, load.host_slot);
+  }
+  IssuePrefetchesLocked();
   changed_.notify_all();
 }
 
@@ -441,7 +587,7 @@ void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl
   // Nobody waits: free the slots and forget the expert; a use will read it again.
   device_.slots[load.device_slot].state = SlotState::kFree;
   device_.Drop(load.key);
-  device_.free.push_back(load.device_slot);
+  FreeDeviceSlotLocked(load.device_slot);
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kFree;
     host_->Drop(load.key);
@@ -515,6 +661,9 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints) {
   std::unique_lock lock(mutex_);
+  device_.policy->AtLayer(layer);
+  if (host_ != nullptr) host_->policy->AtLayer(layer);
+  CancelUnneededLocked(layer, experts);
   std::vector<int> ready, waiting, deferred;
   absl::flat_hash_map<int, int> slot_of;
   absl::flat_hash_map<int, model::ExpertServed> served;
@@ -529,6 +678,7 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       if (slot.state == SlotState::kReady) {
         ++device_.counters.hits;
         device_.policy->Touch(key, tick_);
+        JoinLayerLocked(it->second);
         if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
           ++prefetch_useful_;
           slot.prefetched = false;
@@ -537,12 +687,16 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         }
         ready.push_back(e);
       } else {
-        ++device_.counters.misses;                      // the use waits for it
+        ++device_.counters.misses;  // the use waits for it
+        JoinLayerLocked(it->second);
         served[e].source = model::ExpertSource::kDisk;  // a read already in flight
         served[e].bytes_staged = layout_->padded_size;
         if (slot.prefetched) {
           slot.claimed = true;  // late, should it arrive; failed, should it not
           served[e].prefetch = model::PrefetchOutcome::kLate;
+        }
+        for (const auto& [tag, load] : loads_) {
+          if (load.key == key && load.prefetch) reader_->Promote(tag);  // now awaited
         }
         waiting.push_back(e);
       }
@@ -659,6 +813,7 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
     IssuePrefetchesLocked();
   }
   uses_waiting_for_slots_ = 0;
+  RestoreLandingSlotsLocked();
   IssuePrefetchesLocked();
   return first_error;
 }
@@ -706,6 +861,7 @@ CacheCounters ExpertCache::counters() const {
   c.prefetch_wasted = prefetch_wasted_;
   c.prefetch_cancelled = prefetch_cancelled_;
   c.prefetch_read_seconds = prefetch_read_seconds_;
+  c.cancelled_read_bytes = cancelled_read_bytes_;
   c.prefetch_wait_seconds = prefetch_wait_seconds_;
   for (const Slot& slot : device_.slots) c.prefetch_pending += slot.prefetched ? 1 : 0;
   c.failed_io = failed_io_;

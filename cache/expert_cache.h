@@ -43,6 +43,10 @@ struct CacheOptions {
   EvictionScope eviction_scope = EvictionScope::kLayer;  // both tiers
   ReaderOptions reader;
   bool allow_io_uring = true;  // false: the pread pool
+  // Device slots set aside for prefetches to land in, so that a prefetch never evicts a
+  // resident expert: a used prefetch joins its layer (which gives a slot back), a wrong one is
+  // dropped. Only when the budget cannot hold every expert, and at least two slots remain.
+  int prefetch_slots = 0;
   // A read that fails with an I/O error or comes back short is tried again, up to this many
   // attempts in all, waiting retry_backoff, then 4× that, 16× ... between attempts. A checksum
   // mismatch is never retried: the bytes on disk are wrong.
@@ -76,11 +80,15 @@ struct TierCounters {
 struct CacheCounters {
   TierCounters device;
   TierCounters host;
+  // Reads requested from the store, and their bytes (a cancelled prefetch included; most of its
+  // bytes are never read: cancelled_read_bytes).
   uint64_t ssd_reads = 0;
   uint64_t ssd_bytes = 0;
+  uint64_t cancelled_read_bytes = 0;
   // Every prefetch issued ends as exactly one of: useful (used after it arrived), late (a use
-  // waited for it), wasted (evicted unused), failed (the read failed for good; it failed no
-  // request), or is still pending (on its way, or resident and not used yet):
+  // waited for it), wasted (evicted unused, or cancelled when its layer came without needing
+  // it), failed (the read failed for good; it failed no request), or is still pending (on its
+  // way, or resident and not used yet):
   // issued = useful + late + wasted + failed + pending.
   uint64_t prefetch_issued = 0;
   uint64_t prefetch_useful = 0;
@@ -167,6 +175,7 @@ class ExpertCache final : public model::ExpertProvider {
     bool prefetched = false;    // brought in by a prefetch and not used yet
     bool claimed = false;       // ... and a use is waiting for it (late, should it arrive)
     bool arrived_late = false;  // a claimed prefetch that arrived: its waiting use says late
+    bool landing = false;       // a landing slot (CacheOptions::prefetch_slots) holding a prefetch
   };
   struct Tier {
     std::string name;
@@ -194,15 +203,20 @@ class ExpertCache final : public model::ExpertProvider {
     std::chrono::steady_clock::time_point started;
     uint8_t* target = nullptr;  // where the read goes
     int attempts = 1;
-    bool prefetch = false;  // started by Prefetch, not by a use
+    bool prefetch = false;   // started by Prefetch, not by a use
+    bool cancelled = false;  // the reader was asked to give it up
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
   // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
   // eviction scope when it has one) if needed; -1 when all are busy.
-  // `keep`, when given, are experts a prefetch must not evict.
-  int AllocateSlotLocked(Tier& tier, int layer,
-                         const absl::flat_hash_set<ExpertKey>* keep = nullptr);
+  int AllocateSlotLocked(Tier& tier, int layer);
+  // A device slot no longer holds anything: back to the free list, or to the landing slots.
+  void FreeDeviceSlotLocked(int slot);
+  // A prefetch in a landing slot is being used: the slot joins its layer.
+  void JoinLayerLocked(int slot);
+  // Takes slots back from layers over their share until the landing slots are whole again.
+  void RestoreLandingSlotsLocked();
   void ReleaseSlotLocked(Tier& tier, int slot);
   // Starts making `key` resident in device slot `slot` (already allocated; pinned by a use,
   // unpinned for a prefetch).
@@ -219,6 +233,11 @@ class ExpertCache final : public model::ExpertProvider {
   void RetryLoop();
   // Starts queued prefetches while reads may be added and no use waits for a slot.
   void IssuePrefetchesLocked();
+  // Gives up prefetches still being read for `layer` that none of `experts` is.
+  void CancelUnneededLocked(int layer, const std::vector<int>& experts);
+  // A prefetch whose read the reader gave up: the slot is freed (or, should a use wait for it,
+  // read again for that use), and the prefetch counts as wasted.
+  void EndCancelledLoadLocked(uint64_t tag, const Load& load);
   void QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints);
   void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
 
@@ -248,10 +267,13 @@ class ExpertCache final : public model::ExpertProvider {
   uint64_t prefetch_reads_ = 0, prefetch_failures_ = 0;
   uint64_t prefetch_issued_ = 0, prefetch_useful_ = 0, prefetch_late_ = 0, prefetch_wasted_ = 0;
   uint64_t prefetch_cancelled_ = 0;
+  uint64_t cancelled_read_bytes_ = 0;
   double prefetch_read_seconds_ = 0, prefetch_wait_seconds_ = 0;
   int prefetches_in_flight_ = 0;             // prefetch reads submitted and not completed
   std::deque<PrefetchHint> prefetch_queue_;  // highest probability first
-  absl::flat_hash_set<ExpertKey> hinted_;    // the keys of the latest hints: kept from eviction
+  std::vector<int> landing_;                 // free landing slots
+  int landing_total_ = 0;                    // landing slots there should be
+  int landing_in_use_ = 0;                   // landing slots holding a prefetch
   size_t uses_waiting_for_slots_ = 0;        // misses of that layer not yet given a slot
   // Retries waiting for their time, by due time (tags of loads_ entries).
   std::multimap<std::chrono::steady_clock::time_point, uint64_t> retries_;

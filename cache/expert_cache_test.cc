@@ -82,7 +82,8 @@ TEST_CASE(
     const uint64_t minimum = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
     for (uint64_t budget : {minimum, all / 4, all / 2, all}) {
       for (uint64_t host : {uint64_t{0}, all / 2}) {
-        for (PolicyKind policy : {PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored}) {
+        for (PolicyKind policy :
+             {PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored, PolicyKind::kSweep}) {
           for (bool io_uring : {true, false}) {
             // Both scopes under LRU; the other policies with the default scope.
             for (EvictionScope scope : {EvictionScope::kLayer, EvictionScope::kGlobal}) {
@@ -401,7 +402,9 @@ void WaitFor(const std::function<bool()>& done) {
 TEST_CASE("every prefetch ends useful, late, wasted or failed, or is still pending") {
   Fixture f(model::Architecture::kMixtral);
   FaultInjectingReader* injector = nullptr;
-  CacheOptions options = SmallBudget(f);  // two slots
+  CacheOptions options = SmallBudget(f);
+  options.device_bytes = 3 * ExpertCache::SlotBytes(*f.store, Precision::kSource);
+  options.prefetch_slots = 1;  // two slots for uses, one for prefetches to land in
   options.eviction_scope = EvictionScope::kGlobal;
   std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
   ExpertCache& c = *cache;
@@ -428,10 +431,13 @@ TEST_CASE("every prefetch ends useful, late, wasted or failed, or is still pendi
   release.join();
   CHECK(c.counters().prefetch_wait_seconds > 0);
 
-  // Wasted: evicted before any use (the two slots go to layer 1's experts 2 and 3).
+  // Wasted: it lands (in the landing slot: the two others are taken), and its layer comes
+  // without needing it.
   c.Prefetch({{0, 5, 0.9}});
   WaitFor([&] { return resident(0, 5); });
-  CHECK(Use(c, 1, {2, 3}) == std::vector{PrefetchOutcome::kNone, PrefetchOutcome::kNone});
+  CHECK(resident(1, 0));  // a prefetch evicts nothing
+  CHECK(resident(1, 1));
+  CHECK(Use(c, 0, {2}) == std::vector{PrefetchOutcome::kNone});
   CHECK_FALSE(resident(0, 5));
 
   // Failed: the read comes back corrupt; nothing waits for it.
@@ -457,35 +463,39 @@ TEST_CASE("every prefetch ends useful, late, wasted or failed, or is still pendi
 }
 
 TEST_CASE(
-    "prefetches wait for the reader's queue depth, newer hints replace queued ones, and a "
-    "prefetch evicts neither a hinted expert nor one a use holds") {
+    "a prefetch never evicts: it waits for a free or landing slot, newer hints replace "
+    "queued ones, and a used prefetch joins its layer, which gives a slot back") {
   Fixture f(model::Architecture::kMixtral);
   FaultInjectingReader* injector = nullptr;
   CacheOptions options;
   options.device_bytes = 3 * ExpertCache::SlotBytes(*f.store, Precision::kSource);
+  options.prefetch_slots = 1;
   options.eviction_scope = EvictionScope::kGlobal;
-  options.reader.queue_depth = 1;
   std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
   ExpertCache& c = *cache;
   auto resident = [&](int layer, int expert) -> bool { return c.DeviceResidency()[layer][expert]; };
 
+  Use(c, 0, {1, 2});  // both slots for uses taken
   injector->Hold(f.store->manifest().FindBlob(1, 4, Precision::kSource)->offset);
-  c.Prefetch({{1, 4, 0.9}, {1, 5, 0.8}, {1, 6, 0.7}});
-  CHECK(c.counters().prefetch_issued == 1);  // one read in flight at queue depth 1
-  c.Prefetch({{0, 1, 0.5}});                 // the two queued hints are superseded
-  CHECK(c.counters().prefetch_cancelled == 2);
+  c.Prefetch({{1, 4, 0.9}, {1, 5, 0.8}});
+  CHECK(c.counters().prefetch_issued == 1);  // (1,4) in the landing slot; (1,5) waits
+  c.Prefetch({{0, 3, 0.5}});                 // (1,5) is superseded
+  CHECK(c.counters().prefetch_cancelled == 1);
   injector->ReleaseHeld();
-  WaitFor([&] { return resident(1, 4) && resident(0, 1); });
-  CHECK(c.counters().prefetch_issued == 2);
+  WaitFor([&] { return resident(1, 4); });
+  CHECK(c.counters().prefetch_issued == 1);  // (0,3) still waits: no slot to land in
+  CHECK(resident(0, 1));
+  CHECK(resident(0, 2));
+  CHECK(c.counters().device.evictions == 0);
 
-  // Slots: (1,4), (0,1) and one free. Fill the free one with a use, then hint (1,4) again with
-  // a new expert: the new one may evict only the expert no hint names and no use holds.
-  Use(c, 0, {2});
-  c.Prefetch({{1, 4, 0.9}, {0, 3, 0.8}});
-  WaitFor([&] { return resident(0, 3); });
+  // Used: (1,4) joins layer 1, and layer 0 (now over its share) gives up a slot for landing.
+  CHECK(Use(c, 1, {4}) == std::vector{model::PrefetchOutcome::kUseful});
   CHECK(resident(1, 4));
-  CHECK(c.counters().prefetch_cancelled == 3);  // (1,4) was resident already
-  CHECK((resident(0, 1) != resident(0, 2)));    // exactly one of the unhinted two was evicted
+  CHECK((resident(0, 1) != resident(0, 2)));
+  CHECK(c.counters().device.evictions == 1);
+  // The use's (empty) hints replaced the queue: (0,3) never started.
+  CHECK(c.counters().prefetch_cancelled == 2);
+  CHECK(c.counters().prefetch_issued == 1);
 }
 
 TEST_CASE("a prefetch that fails fails no request, one that succeeds saves the read") {

@@ -85,6 +85,8 @@ class FaultInjectingReader final : public BlockReader {
   }
 
   absl::string_view name() const override { return "fault-injecting"; }
+  bool Cancel(uint64_t tag) override { return inner_->Cancel(tag); }
+  void Promote(uint64_t tag) override { inner_->Promote(tag); }
   ReaderStats stats() const override { return inner_->stats(); }
 
   absl::Status Submit(absl::Span<const ReadRequest> requests) override {

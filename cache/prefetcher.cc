@@ -427,6 +427,7 @@ std::vector<PrefetchHint> Prefetcher::Plan(const model::LayerRouting& routing) {
 
   const int candidates = options_.candidates > 0 ? options_.candidates : routing.top_k;
   absl::flat_hash_map<std::pair<int, int>, double> best;  // (layer, expert) → probability
+  absl::flat_hash_set<std::pair<int, int>> fetch;         // some token's top candidates
   std::vector<double> scores(static_cast<size_t>(num_experts_));
   std::vector<TokenAtLayer> tokens(chosen.size());
   for (size_t t = 0; t < chosen.size(); ++t) {
@@ -447,11 +448,15 @@ std::vector<PrefetchHint> Prefetcher::Plan(const model::LayerRouting& routing) {
       // Sized even when nothing is hinted: the layer's need then counts against recall.
       auto& target = hinted_[static_cast<size_t>(layer + d)];
       if (target.empty()) target.assign(static_cast<size_t>(num_experts_), false);
-      for (int e : TopExperts(scores, candidates)) {
+      for (int e = 0; e < num_experts_; ++e) {
         const double p = scores[static_cast<size_t>(e)];
         if (p <= 0) continue;
         double& kept = best[{layer + d, e}];
         kept = std::max(kept, p);
+      }
+      for (int e : TopExperts(scores, candidates)) {
+        if (scores[static_cast<size_t>(e)] <= 0) continue;
+        fetch.insert({layer + d, e});
         target[static_cast<size_t>(e)] = true;
       }
     }
@@ -460,7 +465,8 @@ std::vector<PrefetchHint> Prefetcher::Plan(const model::LayerRouting& routing) {
 
   std::vector<PrefetchHint> hints;
   hints.reserve(best.size());
-  for (const auto& [key, p] : best) hints.push_back({key.first, key.second, p});
+  for (const auto& [key, p] : best)
+    hints.push_back({key.first, key.second, p, fetch.contains(key)});
   std::sort(hints.begin(), hints.end(), [](const PrefetchHint& a, const PrefetchHint& b) {
     return std::tie(b.probability, a.layer, a.expert) < std::tie(a.probability, b.layer, b.expert);
   });

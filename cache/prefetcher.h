@@ -118,6 +118,9 @@ struct PrefetchHint {
   int layer = 0;
   int expert = 0;
   double probability = 0;  // the predictor's normalised score; hints run highest first
+  // False: not worth a read, but the probability still protects the expert, when resident,
+  // from eviction by a less likely prefetch.
+  bool fetch = true;
 };
 
 // How well the prefetcher's hints for a layer matched what the layer then needed.
@@ -138,7 +141,9 @@ struct PrefetcherOptions {
 };
 
 // Engine side: fed each MoE layer's routing in order, it returns hints for the next `depth`
-// layers, ordered by probability (the highest score over the step's tokens).
+// layers, ordered by probability (the highest score over the step's tokens): to fetch, each
+// token's `candidates` likeliest experts; the rest of the predicted distribution as hints not
+// to fetch.
 class Prefetcher {
  public:
   static absl::StatusOr<std::unique_ptr<Prefetcher>> Create(

@@ -457,9 +457,11 @@ int main(int argc, char** argv) try {
       ->add_option("--host-cache-bytes", logits_options.host_bytes,
                    "with --store: host tier budget (0: none)")
       ->capture_default_str();
-  logits->add_option("--eviction-policy", logits_options.policy, "with --store: lru, lfu or scored")
+  logits
+      ->add_option("--eviction-policy", logits_options.policy,
+                   "with --store: lru, lfu, scored or sweep")
       ->capture_default_str()
-      ->check(CLI::IsMember({"lru", "lfu", "scored"}));
+      ->check(CLI::IsMember({"lru", "lfu", "scored", "sweep"}));
   logits->add_option("--eviction-scope", logits_options.scope, "with --store: layer or global")
       ->capture_default_str()
       ->check(CLI::IsMember({"layer", "global"}));

@@ -208,8 +208,10 @@ const std::vector<OptionSpec>& DaemonOptions() {
     o.push_back({.name = "eviction-policy",
                  .field = F(&DaemonConfig::eviction_policy),
                  .metavar = "POLICY",
-                 .help = "with --store: how the cache tiers choose what to evict",
-                 .choices = {"lru", "lfu", "scored"}});
+                 .help = "with --store: how the cache tiers choose what to evict (sweep: the "
+                         "expert whose next use is furthest, from the layer order and the "
+                         "prefetcher's predictions)",
+                 .choices = {"lru", "lfu", "scored", "sweep"}});
     o.push_back({.name = "eviction-scope",
                  .field = F(&DaemonConfig::eviction_scope),
                  .metavar = "SCOPE",
@@ -238,6 +240,14 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "with --store: how many layers ahead the prefetcher predicts",
                  .min_value = 1,
                  .max_value = 8});
+    o.push_back({.name = "prefetch-candidates",
+                 .field = F(&DaemonConfig::prefetch_candidates),
+                 .metavar = "N",
+                 .help = "with --store: experts read ahead per token and predicted layer, the "
+                         "likeliest first (the rest of the prediction only guards resident "
+                         "experts from less likely prefetches)",
+                 .min_value = 1,
+                 .max_value = 64});
     o.push_back({.name = "prefetch-calibration",
                  .field = F(&DaemonConfig::prefetch_calibration),
                  .metavar = "FILE",

@@ -27,6 +27,7 @@ struct DaemonConfig {
   int64_t io_queue_depth = 16;
   std::string prefetch = "combined";
   int64_t prefetch_depth = 1;
+  int64_t prefetch_candidates = 1;
   std::string prefetch_calibration;
   std::string routing_trace;
   std::string listen = "127.0.0.1:50051";

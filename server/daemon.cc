@@ -457,9 +457,7 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_device_resident(counters.device.resident);
   info->set_host_resident(counters.host.resident);
   info->set_reader(std::string(cache.reader_name()));
-  info->set_eviction_policy(options.device_policy == cache::PolicyKind::kLru   ? "lru"
-                            : options.device_policy == cache::PolicyKind::kLfu ? "lfu"
-                                                                               : "scored");
+  info->set_eviction_policy(std::string(cache::PolicyName(options.device_policy)));
   info->set_eviction_scope(options.eviction_scope == cache::EvictionScope::kLayer ? "layer"
                                                                                   : "global");
   info->set_device_hits(counters.device.hits);

@@ -34,12 +34,14 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
     MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
     options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
     options.on_read_failure = hooks.on_read_failure;
+    MOED_ASSIGN_OR_RETURN(cache::PredictorKind predictor,
+                          cache::ParsePredictorKind(config.prefetch));
+    // One slot of the budget for prefetches to land in: one is read at a time.
+    options.prefetch_slots = predictor == cache::PredictorKind::kOff ? 0 : 1;
     MOED_ASSIGN_OR_RETURN(
         std::unique_ptr<cache::ExpertCache> expert_cache,
         cache::ExpertCache::Create(engine.store, options, {}, &engine.cache_note));
     engine.cache = std::move(expert_cache);
-    MOED_ASSIGN_OR_RETURN(cache::PredictorKind predictor,
-                          cache::ParsePredictorKind(config.prefetch));
     std::shared_ptr<const cache::AffinityTable> calibration;
     if (!config.prefetch_calibration.empty()) {
       MOED_ASSIGN_OR_RETURN(
@@ -52,6 +54,7 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
       cache::PrefetcherOptions prefetch;
       prefetch.kind = predictor;
       prefetch.depth = static_cast<int>(config.prefetch_depth);
+      prefetch.candidates = static_cast<int>(config.prefetch_candidates);
       MOED_ASSIGN_OR_RETURN(
           engine.prefetcher,
           cache::Prefetcher::Create(prefetch, static_cast<int>(engine.model_config.num_layers),

@@ -149,7 +149,11 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
   DecodeRun run;
   run.seconds_per_token = Seconds(start, Clock::now()) / steps;
   const auto after = raw->counters();
-  run.missed_bytes_per_token = static_cast<double>(after.ssd_bytes - before.ssd_bytes) / steps;
+  // Bytes read: those requested, less the cancelled prefetches' (read at most a piece of each).
+  run.missed_bytes_per_token =
+      static_cast<double>((after.ssd_bytes - before.ssd_bytes) -
+                          (after.cancelled_read_bytes - before.cancelled_read_bytes)) /
+      steps;
   run.stall_per_token = (after.wait_seconds - before.wait_seconds) / steps;
   const uint64_t hits = after.device.hits - before.device.hits,
                  misses = after.device.misses - before.device.misses;
@@ -200,7 +204,8 @@ bool EnsureStore(const std::string& preset, const std::string& store_dir) {
 
 int main(int argc, char** argv) {
   std::string store_dir, routing_trace, calibration;
-  int depth = 4, steps = 16, fio_seconds = 10, prefetch_depth = 1, predict_steps = 32;
+  int depth = 4, steps = 16, fio_seconds = 10, prefetch_depth = 1, predict_steps = 32, runs = 1,
+      prefetch_candidates = 1;
   double stage_seconds = 10;
   std::vector<double> budgets = {1.0, 0.5, 0.25};
   std::vector<std::string> predictors = {"off", "history", "affinity", "combined"};
@@ -226,6 +231,13 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::IsMember({"off", "gate", "affinity", "history", "combined"}));
   app.add_option("--prefetch-depth", prefetch_depth, "layers ahead")->capture_default_str();
+  app.add_option("--prefetch-candidates", prefetch_candidates,
+                 "experts read ahead per token and layer")
+      ->capture_default_str();
+  app.add_option("--runs", runs,
+                 "runs of each budget and predictor, the predictors alternating; the run with "
+                 "the median stall is reported, and the spread of the stall beside it")
+      ->capture_default_str();
   app.add_option("--prefetch-calibration", calibration,
                  "routing trace for the affinity predictor (default with --routing-trace: that "
                  "trace's sequences but the first, the one the decode replays)");
@@ -290,37 +302,58 @@ int main(int argc, char** argv) {
               "useful/late/waste", "hit rate");
   double resident_seconds = 0;
   for (double fraction : budgets) {
+    std::vector<std::string> order;
     for (const std::string& predictor : predictors) {
-      if (fraction >= 1.0 && predictor != "off") continue;
-      moed::server::DaemonConfig config;
-      config.store = store_dir;
-      config.backend = "cpu";
-      config.device_cache_bytes = static_cast<int64_t>(fraction * all);
-      config.io_queue_depth = depth;
-      config.prefetch = predictor;
-      config.prefetch_depth = prefetch_depth;
-      config.routing_trace = routing_trace;
-      if (predictor == "affinity" || predictor == "combined")
-        config.prefetch_calibration = calibration;
-      // The resident run warms every expert it will use; others start from what 2 steps load.
-      const int warm = fraction >= 1.0 ? 24 : 2;
-      auto run = Decode(config, warm, steps);
-      if (!run.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
-        return 1;
+      // affinity needs a calibration: given, or taken from the routing trace.
+      if (predictor == "affinity" && calibration.empty()) continue;
+      if (fraction < 1.0 || predictor == "off") order.push_back(predictor);
+    }
+    std::vector<std::vector<DecodeRun>> results(order.size());
+    for (int r = 0; r < (fraction >= 1.0 ? 1 : runs); ++r) {
+      for (size_t i = 0; i < order.size(); ++i) {
+        moed::server::DaemonConfig config;
+        config.store = store_dir;
+        config.backend = "cpu";
+        config.device_cache_bytes = static_cast<int64_t>(fraction * all);
+        config.io_queue_depth = depth;
+        config.prefetch = order[i];
+        config.prefetch_depth = prefetch_depth;
+        config.prefetch_candidates = prefetch_candidates;
+        config.routing_trace = routing_trace;
+        if (order[i] == "affinity" || order[i] == "combined")
+          config.prefetch_calibration = calibration;
+        // The resident run warms every expert it uses; the others start from what 2 steps load.
+        const int warm = fraction >= 1.0 ? 24 : 2;
+        auto run = Decode(config, warm, steps);
+        if (!run.ok()) {
+          std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
+          return 1;
+        }
+        results[i].push_back(*std::move(run));
       }
-      if (fraction >= 1.0) resident_seconds = run->seconds_per_token;
-      const double read_floor = fio > 0 ? run->missed_bytes_per_token / (fio * 1e9) : 0.0;
+    }
+    for (size_t i = 0; i < order.size(); ++i) {
+      std::vector<DecodeRun>& of = results[i];
+      std::sort(of.begin(), of.end(), [](const DecodeRun& a, const DecodeRun& b) {
+        return a.stall_per_token < b.stall_per_token;
+      });
+      const DecodeRun& median = of[of.size() / 2];
+      if (fraction >= 1.0) resident_seconds = median.seconds_per_token;
+      const double read_floor = fio > 0 ? median.missed_bytes_per_token / (fio * 1e9) : 0.0;
       const double roofline = std::max(resident_seconds, read_floor);
       const double per_token = 1.0 / steps;
       std::printf(
-          "%6.0f%% %-9s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f %7.0f%%\n",
-          100 * fraction, predictor.c_str(), 1 / run->seconds_per_token,
-          100 * resident_seconds / run->seconds_per_token, 1 / roofline,
-          100 * roofline / run->seconds_per_token, run->missed_bytes_per_token / 1e6,
-          run->stall_per_token, read_floor, run->delta.prefetch_useful * per_token,
-          run->delta.prefetch_late * per_token, run->delta.prefetch_wasted * per_token,
-          100 * run->hit_rate);
+          "%6.0f%% %-9s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f %7.0f%%",
+          100 * fraction, order[i].c_str(), 1 / median.seconds_per_token,
+          100 * resident_seconds / median.seconds_per_token, 1 / roofline,
+          100 * roofline / median.seconds_per_token, median.missed_bytes_per_token / 1e6,
+          median.stall_per_token, read_floor, median.delta.prefetch_useful * per_token,
+          median.delta.prefetch_late * per_token, median.delta.prefetch_wasted * per_token,
+          100 * median.hit_rate);
+      if (of.size() > 1) {
+        std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
+      }
+      std::printf("\n");
     }
   }
   std::printf(
@@ -331,8 +364,8 @@ int main(int argc, char** argv) {
   if (predict_steps > 0) {
     std::printf(
         "\n== prediction with the model's own routing (random weights: its routing is not a "
-        "trained model's), %d decode steps, depth %d ==\n",
-        predict_steps, prefetch_depth);
+        "trained model's), %d decode steps, depth %d, %ld candidates ==\n",
+        predict_steps, prefetch_depth, c.experts_per_token);
     std::printf("%-9s %8s %9s\n", "predictor", "recall", "precision");
     for (const std::string predictor : {"gate", "history", "combined"}) {
       moed::server::DaemonConfig config;
@@ -341,6 +374,9 @@ int main(int argc, char** argv) {
       config.device_cache_bytes = 0;  // prediction quality does not depend on the budget
       config.prefetch = predictor;
       config.prefetch_depth = prefetch_depth;
+      // As many as the model's experts per token: recall and precision then compare with
+      // moed-replay --prefetch-eval's at that many candidates.
+      config.prefetch_candidates = c.experts_per_token;
       auto run = Decode(config, 0, predict_steps);
       if (!run.ok()) {
         std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());

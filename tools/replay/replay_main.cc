@@ -53,7 +53,9 @@ int main(int argc, char** argv) try {
   app.add_option("--calibrate", calibration_path,
                  "with --prefetch-eval: routing trace to count expert affinities on (default: "
                  "each sequence of --trace with counts from the others, pooled)");
-  app.add_option("--prefetch", predictors, "with --prefetch-eval: predictors to evaluate")
+  app.add_option("--prefetch", predictors,
+                 "predictors to evaluate (--prefetch-eval), or to prefetch with in the "
+                 "eviction replay (after a row without)")
       ->capture_default_str()
       ->delimiter(',')
       ->check(CLI::IsMember({"affinity", "history", "combined"}));
@@ -153,25 +155,77 @@ int main(int argc, char** argv) try {
     }
     return 0;
   }
-  std::printf("%-22s %8s %8s %8s %8s\n", "budget", "lru", "lfu", "scored", "belady");
+  // Eviction, with and without prefetch, next to Belady's optimum (without prefetch).
   using moed::cache::PolicyKind;
-  auto row = [&](const std::string& label, moed::cache::ReplayBudget budget) {
-    std::printf("%-22s", label.c_str());
-    for (auto policy :
-         {std::optional<PolicyKind>(PolicyKind::kLru), std::optional<PolicyKind>(PolicyKind::kLfu),
-          std::optional<PolicyKind>(PolicyKind::kScored), std::optional<PolicyKind>()}) {
-      std::printf(" %7.1f%%", 100 * moed::cache::Replay(*traces, budget, policy).hit_rate());
+  const std::vector<std::optional<PolicyKind>> policies = {
+      PolicyKind::kLru, PolicyKind::kLfu, PolicyKind::kScored, PolicyKind::kSweep, std::nullopt};
+  std::vector<std::string> prefetches = {"off"};
+  prefetches.insert(prefetches.end(), predictors.begin(), predictors.end());
+  if (!json) {
+    std::printf(
+        "hit rate and store reads per expert use; prefetch: the predictor's top-k experts "
+        "of the next %d layer(s) made resident after each token's layer\n",
+        depths.front());
+    std::printf("%-24s %-9s %12s %12s %12s %12s %12s\n", "budget", "prefetch", "lru", "lfu",
+                "scored", "sweep", "belady");
+  }
+  auto row = [&](const std::string& label, const char* scope, double fraction,
+                 moed::cache::ReplayBudget budget) -> bool {
+    for (const std::string& name : prefetches) {
+      moed::cache::ReplayPrefetch prefetch;
+      prefetch.kind = *moed::cache::ParsePredictorKind(name);
+      prefetch.depth = depths.front();
+      std::vector<moed::cache::RoutingTrace> calibration;
+      if (!calibration_path.empty()) {
+        auto read = moed::cache::ReadRoutingTraces(calibration_path);
+        if (!read.ok()) {
+          std::cerr << "moed-replay: " << read.status().message() << "\n";
+          return false;
+        }
+        calibration = *std::move(read);
+        prefetch.calibration = &calibration;
+      }
+      if (!json) std::printf("%-24s %-9s", label.c_str(), name.c_str());
+      for (const auto& policy : policies) {
+        if (!policy.has_value() && name != "off") {  // Belady is the no-prefetch optimum
+          if (!json) std::printf(" %12s", "");
+          continue;
+        }
+        auto result = moed::cache::Replay(*traces, budget, policy, &prefetch);
+        if (!result.ok()) {
+          std::cerr << "moed-replay: " << result.status().message() << "\n";
+          return false;
+        }
+        const std::string policy_name =
+            policy.has_value() ? std::string(moed::cache::PolicyName(*policy)) : "belady";
+        if (json) {
+          nlohmann::ordered_json line = {{"scope", scope},
+                                         {"budget_fraction", fraction},
+                                         {"policy", policy_name},
+                                         {"prefetch", name},
+                                         {"hit_rate", result->hit_rate()},
+                                         {"reads_per_request", result->reads_per_request()}};
+          std::printf("%s\n", line.dump().c_str());
+        } else {
+          std::printf("  %5.1f%% %4.2f", 100 * result->hit_rate(), result->reads_per_request());
+        }
+      }
+      if (!json) std::printf("\n");
     }
-    std::printf("\n");
+    return true;
   };
   for (int c : per_layer) {
-    if (c > 0 && c <= first.num_experts) row("per layer, C = " + std::to_string(c), {c, 0});
+    if (c > 0 && c <= first.num_experts &&
+        !row("per layer, C = " + std::to_string(c), "per_layer",
+             static_cast<double>(c) / first.num_experts, {c, 0})) {
+      return 1;
+    }
   }
   for (double f : shared_fractions) {
     int slots = std::max(first.top_k, static_cast<int>(f * total));
     char label[64];
     std::snprintf(label, sizeof(label), "shared, %d slots (%.0f%%)", slots, 100.0 * slots / total);
-    row(label, {0, slots});
+    if (!row(label, "shared", static_cast<double>(slots) / total, {0, slots})) return 1;
   }
   return 0;
 } catch (const std::exception& e) {
