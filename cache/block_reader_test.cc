@@ -5,10 +5,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -93,6 +95,58 @@ TEST_CASE("io_uring and pread readers deliver every block's bytes, past the end 
     }
     CHECK(done.got[1000].first == absl::StatusCode::kDataLoss);
     CHECK(done.got[1000].second.find("short read") != std::string::npos);
+  }
+}
+
+TEST_CASE(
+    "background reads all arrive, a cancelled one is never read, a promoted one overtakes "
+    "the background queue") {
+  File file;
+  for (bool uring : {true, false}) {
+    INFO(uring);
+    Completions done;
+    std::mutex order_mutex;
+    std::vector<uint64_t> order;
+    ReaderOptions options;
+    options.queue_depth = 2;
+    options.max_request_bytes = 4 * kBlock;
+    auto callback = [&](uint64_t tag, absl::Status status) {
+      {
+        std::lock_guard lock(order_mutex);
+        order.push_back(tag);
+      }
+      done.Add(tag, std::move(status));
+    };
+    auto reader = uring ? OpenIoUringReader(file.path.string(), options, callback)
+                        : OpenPreadReader(file.path.string(), options, callback);
+    REQUIRE(reader.ok());
+    constexpr uint64_t kRequests = 16;
+    auto buffer = AlignedBuffer::Allocate(kRequests * 4 * kBlock);
+    REQUIRE(buffer.ok());
+    std::memset(buffer->data(), 0xEE, kRequests * 4 * kBlock);
+    std::vector<ReadRequest> requests;
+    for (uint64_t r = 0; r < kRequests; ++r) {
+      requests.push_back(
+          {r * 4 * kBlock, 4 * kBlock, buffer->data() + r * 4 * kBlock, r, /*background=*/true});
+    }
+    REQUIRE((*reader)->Submit(requests).ok());
+    // Background reads go one at a time: the last ones are still queued.
+    CHECK((*reader)->Cancel(kRequests - 1));
+    CHECK_FALSE((*reader)->Cancel(999));
+    (*reader)->Promote(kRequests - 2);
+    REQUIRE(done.Wait(kRequests));
+    for (uint64_t r = 0; r + 1 < kRequests; ++r) {
+      CHECK(done.got[r].first == absl::StatusCode::kOk);
+      for (uint64_t b = 4 * r; b < 4 * r + 4; ++b)
+        CHECK(BlockMatches(buffer->data() + b * kBlock, b));
+    }
+    CHECK(done.got[kRequests - 1].first == absl::StatusCode::kCancelled);
+    const uint8_t* cancelled = buffer->data() + (kRequests - 1) * 4 * kBlock;
+    CHECK(std::all_of(cancelled, cancelled + 4 * kBlock, [](uint8_t v) { return v == 0xEE; }));
+    const auto position = [&](uint64_t tag) {
+      return std::find(order.begin(), order.end(), tag) - order.begin();
+    };
+    CHECK(position(kRequests - 2) < position(kRequests - 3));
   }
 }
 
