@@ -257,7 +257,7 @@ absl::StatusOr<AffinityTable> AffinityTable::FromTraces(const std::vector<Routin
       for (int l = 0; l < trace.num_layers; ++l) {
         if (!token[static_cast<size_t>(l)].has_value()) continue;
         for (int d = 1; d <= max_depth && l + d < trace.num_layers; ++d) {
-          const auto& later = token[static_cast<size_t>(l + d)];
+          const auto& later = token[static_cast<size_t>(l) + static_cast<size_t>(d)];
           if (!later.has_value()) continue;
           for (int from : *token[static_cast<size_t>(l)]) {
             for (int to : *later) table.Add(d, l, from, to);
@@ -345,12 +345,13 @@ std::vector<PrefetchEvalResult> EvaluateOnTraces(Predictor& predictor,
         TokenAtLayer at{{sequence, static_cast<int64_t>(t)}, l, absl::MakeConstSpan(*here), {}};
         size_t r = 0;
         for (int d : depths) {
-          const bool known = l + d < trace.num_layers && token[static_cast<size_t>(l + d)];
+          const bool known =
+              l + d < trace.num_layers && token[static_cast<size_t>(l) + static_cast<size_t>(d)];
           if (known) predictor.Score(at, d, absl::MakeSpan(scores));
           for (int c : candidates) {
             PrefetchEvalResult& result = results[r++];
             if (!known) continue;
-            const auto& later = *token[static_cast<size_t>(l + d)];
+            const auto& later = *token[static_cast<size_t>(l) + static_cast<size_t>(d)];
             std::vector<int> proposed = TopExperts(scores, c);
             for (int e : later)
               result.hits += std::count(proposed.begin(), proposed.end(), e) > 0 ? 1 : 0;
@@ -446,7 +447,7 @@ std::vector<PrefetchHint> Prefetcher::Plan(const model::LayerRouting& routing) {
       predictor_->Score(at, d, absl::MakeSpan(scores));
       Normalise(absl::MakeSpan(scores));
       // Sized even when nothing is hinted: the layer's need then counts against recall.
-      auto& target = hinted_[static_cast<size_t>(layer + d)];
+      auto& target = hinted_[static_cast<size_t>(layer) + static_cast<size_t>(d)];
       if (target.empty()) target.assign(static_cast<size_t>(num_experts_), false);
       for (int e = 0; e < num_experts_; ++e) {
         const double p = scores[static_cast<size_t>(e)];

@@ -124,7 +124,22 @@ int RunInfo(const GlobalOptions& options) {
               << Mib(c.host_budget_bytes()) << ")\n"
               << "  hits " << c.device_hits() << ", misses " << c.device_misses() << ", host hits "
               << c.host_hits() << ", disk reads " << c.ssd_reads() << " (" << Mib(c.ssd_bytes())
-              << "), failed " << c.failed_reads() << "\n";
+              << "), failed " << c.failed_reads() << "\n"
+              << "  prefetch: " << c.prefetch_predictor();
+    if (c.prefetch_predictor() != "off") {
+      uint64_t layers = 0;
+      double recall = 0;
+      for (const auto& layer : c.per_layer()) {
+        recall += layer.recall();
+        ++layers;
+      }
+      std::cout << ", " << c.prefetch_depth() << " layer(s) ahead; issued " << c.prefetch_issued()
+                << ": useful " << c.prefetch_useful() << ", late " << c.prefetch_late()
+                << ", wasted " << c.prefetch_wasted() << ", failed " << c.prefetch_failed()
+                << ", pending " << c.prefetch_pending();
+      if (layers > 0) std::cout << "; mean recall " << recall / static_cast<double>(layers);
+    }
+    std::cout << "\n";
   }
   std::cout << "requests:     " << info->requests_running() << " running, "
             << info->requests_waiting() << " waiting, KV cache " << Mib(info->kv_cache_bytes())

@@ -470,7 +470,7 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   const int lookahead = experts_->lookahead_layers();
   for (int j = 1; j <= lookahead && layer + j < c.num_layers; ++j) {
     std::vector<float>& probabilities = routing.lookahead.emplace_back();
-    const LayerWeights& later = layers_[static_cast<size_t>(layer + j)];
+    const LayerWeights& later = layers_[static_cast<size_t>(layer) + static_cast<size_t>(j)];
     if (!later.moe) continue;
     MOED_RETURN_IF_ERROR(s.MatMul(later.router, step.x, n, step.lookahead_logits));
     probabilities.resize(static_cast<size_t>(n * num_experts));

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "scheduler/sampling_params.h"
 #include "scheduler/step_selection.h"
+#include "util/unshared_status.h"
 
 namespace moed::scheduler {
 
@@ -211,7 +212,8 @@ void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
   }
   event.finish = error.ok() ? reason : FinishReason::kNone;
   event.matched_stop = matched_stop;
-  event.error = std::move(error);
+  // The stream's reader is another thread: it gets a status of its own (util/unshared_status.h).
+  event.error = util::Unshared(error);
   event.prompt_tokens = static_cast<uint32_t>(seq.request.prompt.size());
   event.completion_tokens = static_cast<uint32_t>(seq.generated.size());
   event.expert_stats = seq.expert_stats;

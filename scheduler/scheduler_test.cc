@@ -19,6 +19,7 @@
 #include "kernels/test_backend.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
+#include "util/unshared_status.h"
 
 namespace moed::scheduler {
 namespace {
@@ -481,6 +482,15 @@ TEST_CASE("a prompt that cannot fit the KV budget is refused, naming the budget"
   // next decode would need position 16, a second block.
   CHECK(outcome.tokens.size() == 7);
   f.model->SetKvBudget(0);
+}
+
+TEST_CASE("a status handed to a stream equals the original and shares none of its memory") {
+  absl::Status original = absl::DataLossError("expert 3 of layer 1: checksum mismatch");
+  original.SetPayload("moed/test", absl::Cord(std::string(100, 'x')));
+  const absl::Status copy = util::Unshared(original);
+  CHECK(copy == original);
+  CHECK(copy.message().data() != original.message().data());
+  CHECK(util::Unshared(absl::OkStatus()).ok());
 }
 
 }  // namespace

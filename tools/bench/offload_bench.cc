@@ -202,7 +202,7 @@ bool EnsureStore(const std::string& preset, const std::string& store_dir) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string store_dir, routing_trace, calibration;
   int depth = 4, steps = 16, fio_seconds = 10, prefetch_depth = 1, predict_steps = 32, runs = 1,
       prefetch_candidates = 1;
@@ -394,4 +394,7 @@ int main(int argc, char** argv) {
     }
   }
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "moed-bench-offload: %s\n", e.what());
+  return 1;
 }
