@@ -513,9 +513,14 @@ void ExpertCache::CancelUnneededLocked(int layer, const std::vector<int>& expert
 
 void ExpertCache::EndCancelledLoadLocked(uint64_t tag, const Load& load) {
   --prefetches_in_flight_;  // counted wasted when it was cancelled
+  AbandonPrefetchLocked(tag, load);
+}
+
+void ExpertCache::AbandonPrefetchLocked(uint64_t tag, const Load& load) {
   Slot& slot = device_.slots[load.device_slot];
+  slot.prefetched = slot.claimed = false;
   if (slot.pins > 0) {
-    // A use came for it after all: read it again as that use's own read.
+    // A use waits for it: read it again as that use's own read, with attempts of its own.
     Load demand = load;
     demand.prefetch = demand.cancelled = false;
     demand.attempts = 1;
@@ -527,6 +532,7 @@ void ExpertCache::EndCancelledLoadLocked(uint64_t tag, const Load& load) {
     }
     return;
   }
+  // Nobody waits: free the slots and forget the expert; a use will read it again.
   slot.state = SlotState::kFree;
   device_.Drop(load.key);
   FreeDeviceSlotLocked(load.device_slot);
@@ -570,31 +576,7 @@ void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl
     return;
   }
   ++prefetch_failures_;
-  device_.slots[load.device_slot].prefetched = false;
-  device_.slots[load.device_slot].claimed = false;
-  if (device_.slots[load.device_slot].pins > 0) {
-    // A use waits for it: read it again as that use's own read, with attempts of its own.
-    Load demand = load;
-    demand.prefetch = false;
-    demand.attempts = 1;
-    loads_[tag] = demand;
-    if (absl::Status submitted = SubmitLocked(tag, demand); !submitted.ok()) {
-      FailLoadLocked(
-          demand, BlobError(*store_, *load.blob, ReadFaultKind::kIoError, submitted.message(), 1));
-    }
-    return;
-  }
-  // Nobody waits: free the slots and forget the expert; a use will read it again.
-  device_.slots[load.device_slot].state = SlotState::kFree;
-  device_.Drop(load.key);
-  FreeDeviceSlotLocked(load.device_slot);
-  if (load.into_host) {
-    host_->slots[load.host_slot].state = SlotState::kFree;
-    host_->Drop(load.key);
-    ReleaseSlotLocked(*host_, load.host_slot);
-  }
-  IssuePrefetchesLocked();
-  changed_.notify_all();
+  AbandonPrefetchLocked(tag, load);
 }
 
 void ExpertCache::FailLoadLocked(const Load& load, const absl::Status& status) {

@@ -235,9 +235,11 @@ class ExpertCache final : public model::ExpertProvider {
   void IssuePrefetchesLocked();
   // Gives up prefetches still being read for `layer` that none of `experts` is.
   void CancelUnneededLocked(int layer, const std::vector<int>& experts);
-  // A prefetch whose read the reader gave up: the slot is freed (or, should a use wait for it,
-  // read again for that use), and the prefetch counts as wasted.
+  // A prefetch whose read the reader gave up (counted wasted when it was cancelled).
   void EndCancelledLoadLocked(uint64_t tag, const Load& load);
+  // A prefetch that will not arrive (failed, or cancelled): should a use wait for it, it is read
+  // again as that use's own read (reusing `tag`); otherwise its slots are freed.
+  void AbandonPrefetchLocked(uint64_t tag, const Load& load);
   void QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints);
   void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
 
