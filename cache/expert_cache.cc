@@ -196,8 +196,12 @@ int ExpertCache::AllocateSlotLocked(Tier& tier, int layer) {
     if (candidates.empty()) collect([](int) { return true; });
   }
   if (candidates.empty()) return -1;
-  ExpertKey victim = tier.policy->Victim(candidates);
-  int slot = tier.index.at(victim);
+  return EvictLocked(tier, candidates);
+}
+
+int ExpertCache::EvictLocked(Tier& tier, const std::vector<ExpertKey>& candidates) {
+  const ExpertKey victim = tier.policy->Victim(candidates);
+  const int slot = tier.index.at(victim);
   tier.Drop(victim);
   tier.policy->Remove(victim);
   Slot& evicted = tier.slots[slot];
@@ -379,24 +383,14 @@ void ExpertCache::RestoreLandingSlotsLocked() {
     } else {
       // From a layer over its share (the one a used prefetch joined), its policy's victim.
       for (size_t l = 0; l < device_.per_layer.size() && slot < 0; ++l) {
-        if (device_.per_layer[l] > device_.quota[l]) {
-          int from = static_cast<int>(l);
-          std::vector<ExpertKey> candidates;
-          for (const Slot& s : device_.slots) {
-            if (s.state == SlotState::kReady && s.pins == 0 && !s.landing && s.key.layer == from)
-              candidates.push_back(s.key);
-          }
-          if (candidates.empty()) continue;
-          const ExpertKey victim = device_.policy->Victim(candidates);
-          slot = device_.index.at(victim);
-          device_.Drop(victim);
-          device_.policy->Remove(victim);
-          Slot& evicted = device_.slots[slot];
-          evicted.state = SlotState::kFree;
-          if (evicted.prefetched) ++prefetch_wasted_;
-          evicted.prefetched = evicted.claimed = false;
-          ++device_.counters.evictions;
+        if (device_.per_layer[l] <= device_.quota[l]) continue;
+        std::vector<ExpertKey> candidates;
+        for (const Slot& s : device_.slots) {
+          if (s.state == SlotState::kReady && s.pins == 0 && !s.landing &&
+              s.key.layer == static_cast<int>(l))
+            candidates.push_back(s.key);
         }
+        if (!candidates.empty()) slot = EvictLocked(device_, candidates);
       }
     }
     if (slot < 0) return;  // everything is in use: try again when slots are released
@@ -441,11 +435,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
 
   std::lock_guard lock(mutex_);
   NoteReadOutcomeLocked(load.key, failed);
-  if (load.prefetch && !retry) {
-    --prefetches_in_flight_;
-    prefetch_read_seconds_ +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count();
-  }
+  if (load.prefetch && !retry) --prefetches_in_flight_;
   if (retry) {
     // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
     auto delay = options_.retry_backoff * (int64_t{1} << (2 * std::min(load.attempts - 1, 10)));
@@ -842,7 +832,6 @@ CacheCounters ExpertCache::counters() const {
   c.prefetch_late = prefetch_late_;
   c.prefetch_wasted = prefetch_wasted_;
   c.prefetch_cancelled = prefetch_cancelled_;
-  c.prefetch_read_seconds = prefetch_read_seconds_;
   c.cancelled_read_bytes = cancelled_read_bytes_;
   c.prefetch_wait_seconds = prefetch_wait_seconds_;
   for (const Slot& slot : device_.slots) c.prefetch_pending += slot.prefetched ? 1 : 0;

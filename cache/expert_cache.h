@@ -98,7 +98,6 @@ struct CacheCounters {
   uint64_t prefetch_pending = 0;
   uint64_t prefetch_cancelled = 0;   // hints dropped before any read: stale, or already resident
   uint64_t prefetch_reads = 0;       // prefetches read from the store (counted in ssd_reads too)
-  double prefetch_read_seconds = 0;  // summed durations of prefetch reads from the store
   double prefetch_wait_seconds = 0;  // of wait_seconds, the part spent waiting for late prefetches
   uint64_t failed_reads = 0;  // I/O errors, short reads, checksum mismatches: the three below
   uint64_t failed_io = 0;
@@ -147,12 +146,12 @@ class ExpertCache final : public model::ExpertProvider {
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints);
 
-  // Replaces the queue of prefetches not yet started with `hints` (highest probability first)
-  // and starts reading as many as the reader's queue depth allows, each into a slot that can be
-  // had at once: a free one, or an unpinned resident that no hint names, chosen by the policy
-  // (what a use holds is pinned and never a candidate). It never waits. Queued hints start as
-  // reads complete and slots free up, never while a use waits for a slot; the next layer's
-  // hints replace them, so a hint for a layer the engine has reached is dropped as stale. A
+  // Replaces the queue of prefetches not yet started with `hints` (highest probability first;
+  // those with fetch false only reach the eviction policy as predictions) and starts the first
+  // if it can: one prefetch reads at a time, only while no use waits for a read or a slot, into
+  // a free slot or the landing slot (CacheOptions::prefetch_slots); it never evicts and never
+  // waits. Queued hints start as reads complete; the next layer's hints replace them, so a hint
+  // for a layer the engine has reached is dropped as stale. A
   // prefetch that fails for good fails no request: it is counted (by kind, as every failed read
   // is), its slot is freed, and a later use reads the expert again; a use that arrives while it
   // is in flight waits for it, and should it fail, reads anew.
@@ -211,6 +210,8 @@ class ExpertCache final : public model::ExpertProvider {
   // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
   // eviction scope when it has one) if needed; -1 when all are busy.
   int AllocateSlotLocked(Tier& tier, int layer);
+  // Evicts the policy's victim among `candidates` (never empty) and returns its slot, now free.
+  int EvictLocked(Tier& tier, const std::vector<ExpertKey>& candidates);
   // A device slot no longer holds anything: back to the free list, or to the landing slots.
   void FreeDeviceSlotLocked(int slot);
   // A prefetch in a landing slot is being used: the slot joins its layer.
@@ -270,7 +271,7 @@ class ExpertCache final : public model::ExpertProvider {
   uint64_t prefetch_issued_ = 0, prefetch_useful_ = 0, prefetch_late_ = 0, prefetch_wasted_ = 0;
   uint64_t prefetch_cancelled_ = 0;
   uint64_t cancelled_read_bytes_ = 0;
-  double prefetch_read_seconds_ = 0, prefetch_wait_seconds_ = 0;
+  double prefetch_wait_seconds_ = 0;
   int prefetches_in_flight_ = 0;             // prefetch reads submitted and not completed
   std::deque<PrefetchHint> prefetch_queue_;  // highest probability first
   std::vector<int> landing_;                 // free landing slots

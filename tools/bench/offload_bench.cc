@@ -162,8 +162,6 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
   run.delta.prefetch_useful = after.prefetch_useful - before.prefetch_useful;
   run.delta.prefetch_late = after.prefetch_late - before.prefetch_late;
   run.delta.prefetch_wasted = after.prefetch_wasted - before.prefetch_wasted;
-  run.delta.prefetch_read_seconds = after.prefetch_read_seconds - before.prefetch_read_seconds;
-  run.delta.prefetch_wait_seconds = after.prefetch_wait_seconds - before.prefetch_wait_seconds;
   if (engine->prefetcher != nullptr) run.layers = engine->prefetcher->layer_stats();
   return run;
 }
