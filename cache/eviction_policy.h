@@ -11,18 +11,21 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "model/expert_provider.h"
 
 namespace moed::cache {
 
+// One copy of one expert: an int4 and a full copy of the same expert are different keys.
 struct ExpertKey {
   int layer = 0;
   int expert = 0;
+  model::Precision precision = model::Precision::kSource;
   bool operator==(const ExpertKey& other) const {
-    return layer == other.layer && expert == other.expert;
+    return layer == other.layer && expert == other.expert && precision == other.precision;
   }
   template <typename H>
   friend H AbslHashValue(H h, const ExpertKey& key) {
-    return H::combine(std::move(h), key.layer, key.expert);
+    return H::combine(std::move(h), key.layer, key.expert, key.precision);
   }
 };
 

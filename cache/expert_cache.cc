@@ -22,7 +22,36 @@ uint64_t ExpertCache::MinimumDeviceBytes(const Store& store, Precision precision
 }
 
 ExpertCache::ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options)
-    : store_(std::move(store)), options_(options) {}
+    : store_(std::move(store)), options_(options), precision_policy_(options.precision_policy) {}
+
+absl::StatusOr<DeviceBudgetSplit> SplitDeviceBudget(uint64_t device_bytes, uint64_t full_slot_bytes,
+                                                    uint64_t fallback_slot_bytes, uint64_t experts,
+                                                    const PrecisionPolicyOptions& policy) {
+  DeviceBudgetSplit split;
+  const uint64_t full_fit = device_bytes / full_slot_bytes;
+  if (policy.kind == PrecisionPolicyKind::kExact || full_fit >= experts) {
+    split.full_slots = std::min(full_fit, experts);
+    return split;
+  }
+  const uint64_t minimum = 2 * (full_slot_bytes + fallback_slot_bytes);
+  if (device_bytes < minimum) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device cache budget of ", device_bytes, " bytes is below the minimum of ",
+                     minimum, " bytes for precision policy ", PrecisionPolicyName(policy.kind),
+                     " (two full slots of ", full_slot_bytes, " bytes and two ",
+                     PrecisionName(policy.fallback), " slots of ", fallback_slot_bytes, " bytes)"));
+  }
+  if (policy.low_bit_floor) {
+    split.fallback_slots =
+        std::min(experts, (device_bytes - 2 * full_slot_bytes) / fallback_slot_bytes);
+  } else {
+    split.fallback_slots =
+        std::min(experts, device_bytes / (full_slot_bytes + fallback_slot_bytes));
+  }
+  split.full_slots = std::min(
+      experts, (device_bytes - split.fallback_slots * fallback_slot_bytes) / full_slot_bytes);
+  return split;
+}
 
 absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     std::shared_ptr<const Store> store, const CacheOptions& options,
@@ -33,7 +62,24 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
                                                    PrecisionName(options.precision),
                                                    " blobs (pack with --precisions including it)"));
   }
+  const PrecisionPolicyOptions& policy = options.precision_policy;
+  MOED_RETURN_IF_ERROR(ValidatePrecisionPolicy(policy));
+  const bool falls_back = policy.kind != PrecisionPolicyKind::kExact;
+  if (falls_back) {
+    if (PrecisionLooseness(policy.fallback) <= PrecisionLooseness(options.precision)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the fallback precision ", PrecisionName(policy.fallback),
+                       " is not coarser than the precision the cache serves (",
+                       PrecisionName(options.precision), ")"));
+    }
+    if (!m.HasPrecision(policy.fallback)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(store->dir(), ": the store has no ", PrecisionName(policy.fallback),
+                       " blobs for the fallback (pack with --precisions including it)"));
+    }
+  }
   const uint64_t slot_bytes = SlotBytes(*store, options.precision);
+  const uint64_t fallback_slot_bytes = falls_back ? SlotBytes(*store, policy.fallback) : 0;
   const uint64_t experts =
       static_cast<uint64_t>(store->config().NumMoeLayers()) * static_cast<uint64_t>(m.num_experts);
   uint64_t device_bytes = options.device_bytes == 0 ? experts * slot_bytes : options.device_bytes;
@@ -48,18 +94,23 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
                                                    " bytes is below one expert slot (", slot_bytes,
                                                    " bytes); use 0 for no host tier"));
   }
+  MOED_ASSIGN_OR_RETURN(
+      DeviceBudgetSplit split,
+      SplitDeviceBudget(device_bytes, slot_bytes, fallback_slot_bytes, experts, policy));
   std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
   cache->layout_ = &cache->store_->manifest().layouts.at(options.precision);
 
-  auto make_tier = [&](Tier& tier, const char* name, uint64_t budget, PolicyKind policy,
-                       int reserve) -> absl::Status {
-    uint64_t slots = std::min(budget / slot_bytes, experts);
+  auto make_tier = [&](Tier& tier, const char* name, Precision precision, uint64_t slots,
+                       PolicyKind policy_kind, int reserve) -> absl::Status {
+    const BlobLayout& layout = cache->store_->manifest().layouts.at(precision);
     tier.name = name;
-    tier.slot_bytes = slot_bytes;
-    MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * slot_bytes));
+    tier.precision = precision;
+    tier.layout = &layout;
+    tier.slot_bytes = layout.padded_size;
+    MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * tier.slot_bytes));
     tier.slots.resize(slots);
     for (int i = static_cast<int>(slots) - 1; i >= 0; --i) tier.free.push_back(i);
-    tier.policy = MakePolicy(policy, static_cast<int>(cache->store_->config().num_layers));
+    tier.policy = MakePolicy(policy_kind, static_cast<int>(cache->store_->config().num_layers));
     tier.counters.slots = slots;
     // Landing slots for prefetches, when the tier cannot hold every expert.
     reserve = slots < experts ? std::clamp<int>(static_cast<int>(slots) - 2, 0, reserve) : 0;
@@ -82,12 +133,20 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     }
     return absl::OkStatus();
   };
-  MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", device_bytes, options.device_policy,
-                                 std::max(0, options.prefetch_slots)));
+  MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", options.precision, split.full_slots,
+                                 options.device_policy, std::max(0, options.prefetch_slots)));
+  if (split.fallback_slots > 0) {
+    cache->fallback_ = std::make_unique<Tier>();
+    MOED_RETURN_IF_ERROR(make_tier(*cache->fallback_, "fallback", policy.fallback,
+                                   split.fallback_slots, options.device_policy, 0));
+  }
+  // With every fallback copy resident, nothing is left for the floor to read.
+  cache->floor_complete_ = !policy.low_bit_floor || cache->fallback_ == nullptr;
   if (options.host_bytes > 0) {
     cache->host_ = std::make_unique<Tier>();
-    MOED_RETURN_IF_ERROR(
-        make_tier(*cache->host_, "host", options.host_bytes, options.host_policy, 0));
+    MOED_RETURN_IF_ERROR(make_tier(*cache->host_, "host", options.precision,
+                                   std::min(options.host_bytes / slot_bytes, experts),
+                                   options.host_policy, 0));
   }
 
   ExpertCache* raw = cache.get();
@@ -137,12 +196,14 @@ void ExpertCache::RetryLoop() {
     auto it = loads_.find(tag);
     if (it == loads_.end()) continue;
     const Load& load = it->second;
-    ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag, load.prefetch};
+    ReadRequest request{load.blob->offset, DevicePool(load.key.precision).slot_bytes, load.target,
+                        tag, load.prefetch || load.fill};
     absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
     if (!submitted.ok()) {
       Load failed = it->second;
       loads_.erase(it);
       if (failed.prefetch) --prefetches_in_flight_;
+      if (failed.fill) --fills_in_flight_;
       EndFailedLoadLocked(tag, failed,
                           BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
                                     submitted.message(), failed.attempts));
@@ -218,47 +279,49 @@ void ExpertCache::ReleaseSlotLocked(Tier& tier, int slot) {
 }
 
 absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot, bool prefetch) {
-  Slot& slot = device_.slots[device_slot];
+  Tier& pool = DevicePool(key.precision);
+  Slot& slot = pool.slots[device_slot];
   slot.state = SlotState::kLoading;
   slot.key = key;
   slot.prefetched = prefetch;
   slot.claimed = slot.arrived_late = false;
-  device_.Add(key, device_slot);
-  MOED_ASSIGN_OR_RETURN(const BlobEntry* blob,
-                        store_->Blob(key.layer, key.expert, options_.precision));
-  const uint64_t bytes = layout_->padded_size;
-  if (host_ != nullptr) {
-    auto it = host_->index.find(key);
-    if (it != host_->index.end() && host_->slots[it->second].state == SlotState::kReady) {
+  pool.Add(key, device_slot);
+  MOED_ASSIGN_OR_RETURN(const BlobEntry* blob, store_->Blob(key.layer, key.expert, key.precision));
+  const uint64_t bytes = pool.slot_bytes;
+  // The host tier keeps full copies only: a fallback copy is read from the store.
+  Tier* host = &pool == &device_ ? host_.get() : nullptr;
+  if (host != nullptr) {
+    auto it = host->index.find(key);
+    if (it != host->index.end() && host->slots[it->second].state == SlotState::kReady) {
       // Host hit: copy to the device tier now. (With a GPU backend this is an async H2D copy.)
-      ++host_->counters.hits;
-      host_->policy->Touch(key, tick_);
+      ++host->counters.hits;
+      host->policy->Touch(key, tick_);
       const auto copy_started = std::chrono::steady_clock::now();
-      std::memcpy(device_.SlotData(device_slot), host_->SlotData(it->second), bytes);
+      std::memcpy(pool.SlotData(device_slot), host->SlotData(it->second), bytes);
       stage_from_host_.Observe(
           std::chrono::duration<double>(std::chrono::steady_clock::now() - copy_started).count());
-      device_.counters.bytes_in += bytes;
+      pool.counters.bytes_in += bytes;
       slot.state = SlotState::kReady;
-      device_.policy->Touch(key, tick_);
+      pool.policy->Touch(key, tick_);
       return absl::OkStatus();
     }
-    ++host_->counters.misses;
+    ++host->counters.misses;
   }
   Load load{key, blob, false, -1, device_slot, std::chrono::steady_clock::now()};
   load.prefetch = prefetch;
   uint8_t*& target = load.target;
-  target = device_.SlotData(device_slot);
-  if (host_ != nullptr && !host_->index.contains(key)) {
-    int host_slot = AllocateSlotLocked(*host_, key.layer);
+  target = pool.SlotData(device_slot);
+  if (host != nullptr && !host->index.contains(key)) {
+    int host_slot = AllocateSlotLocked(*host, key.layer);
     if (host_slot >= 0) {  // else every host slot is busy: read straight into the device tier
-      Slot& hs = host_->slots[host_slot];
+      Slot& hs = host->slots[host_slot];
       hs.state = SlotState::kLoading;
       hs.key = key;
       hs.pins = 1;
-      host_->Add(key, host_slot);
+      host->Add(key, host_slot);
       load.into_host = true;
       load.host_slot = host_slot;
-      target = host_->SlotData(host_slot);
+      target = host->SlotData(host_slot);
     }
   }
   uint64_t tag = next_tag_++;
@@ -273,9 +336,10 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
 }
 
 absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
+  const uint64_t bytes = DevicePool(load.key.precision).slot_bytes;
   ++ssd_reads_;
-  ssd_bytes_ += layout_->padded_size;
-  ReadRequest request{load.blob->offset, layout_->padded_size, load.target, tag, load.prefetch};
+  ssd_bytes_ += bytes;
+  ReadRequest request{load.blob->offset, bytes, load.target, tag, load.prefetch || load.fill};
   absl::Status submitted = reader_->Submit(absl::MakeConstSpan(&request, 1));
   if (!submitted.ok()) loads_.erase(tag);
   return submitted;
@@ -302,9 +366,10 @@ void ExpertCache::QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints) 
         hint.expert < 0 || hint.expert >= config.num_experts) {
       continue;
     }
-    const ExpertKey key{hint.layer, hint.expert};
+    const ExpertKey key{hint.layer, hint.expert, hint.precision.value_or(device_.precision)};
+    if (DevicePool(key.precision).precision != key.precision) continue;  // no pool for it
     if (!hinted.insert(key).second) continue;
-    device_.policy->Predict(key, hint.probability);
+    DevicePool(key.precision).policy->Predict(key, hint.probability);
     if (hint.fetch) prefetch_queue_.push_back(hint);
   }
   std::stable_sort(
@@ -316,13 +381,15 @@ void ExpertCache::IssuePrefetchesLocked() {
   // One prefetch read at a time, and only while no use waits for a read or a slot: prefetches
   // fill the time the disk would otherwise stand idle (while experts compute), and a wrong one
   // costs little more than that time, since it is cancelled when its layer comes.
-  const bool demand_reading = std::any_of(loads_.begin(), loads_.end(),
-                                          [](const auto& entry) { return !entry.second.prefetch; });
+  const bool demand_reading = std::any_of(loads_.begin(), loads_.end(), [](const auto& entry) {
+    return !entry.second.prefetch && !entry.second.fill;
+  });
   while (!prefetch_queue_.empty() && uses_waiting_for_slots_ == 0 && !demand_reading &&
          prefetches_in_flight_ < 1) {
     const PrefetchHint hint = prefetch_queue_.front();
-    const ExpertKey key{hint.layer, hint.expert};
-    if (device_.index.contains(key)) {  // resident or on its way already
+    const ExpertKey key{hint.layer, hint.expert, hint.precision.value_or(device_.precision)};
+    Tier& pool = DevicePool(key.precision);
+    if (pool.index.contains(key)) {  // resident or on its way already
       prefetch_queue_.pop_front();
       ++prefetch_cancelled_;
       continue;
@@ -330,10 +397,10 @@ void ExpertCache::IssuePrefetchesLocked() {
     // A prefetch never evicts: it takes a free slot, or a landing slot.
     int slot = -1;
     bool landing = false;
-    if (!device_.free.empty()) {
-      slot = device_.free.back();
-      device_.free.pop_back();
-    } else if (!landing_.empty()) {
+    if (!pool.free.empty()) {
+      slot = pool.free.back();
+      pool.free.pop_back();
+    } else if (&pool == &device_ && !landing_.empty()) {
       slot = landing_.back();
       landing_.pop_back();
       landing = true;
@@ -342,16 +409,88 @@ void ExpertCache::IssuePrefetchesLocked() {
     }
     prefetch_queue_.pop_front();
     ++prefetch_issued_;
-    device_.slots[slot].landing = landing;
+    pool.slots[slot].landing = landing;
     landing_in_use_ += landing ? 1 : 0;
     if (!StartLoadLocked(key, slot, /*prefetch=*/true).ok()) {
       // Not even submitted: counted as failed, and the slot is free again.
       ++prefetch_failures_;
-      device_.slots[slot].state = SlotState::kFree;
-      device_.slots[slot].prefetched = false;
-      device_.Drop(key);
-      FreeDeviceSlotLocked(slot);
+      pool.slots[slot].state = SlotState::kFree;
+      pool.slots[slot].prefetched = false;
+      pool.Drop(key);
+      FreeSlotLocked(pool, slot);
     }
+  }
+  if (prefetch_queue_.empty() && loads_.empty() && uses_waiting_for_slots_ == 0)
+    IssueBackgroundLocked();
+}
+
+void ExpertCache::IssueBackgroundLocked() {
+  // Upgrades first (experts in use now), then the floor. Neither evicts anything pinned; an
+  // upgrade takes a slot as a miss would (its expert was just used), the floor only free ones.
+  while (!upgrades_.empty()) {
+    const ExpertKey key = upgrades_.front();
+    upgrades_.pop_front();
+    if (device_.index.contains(key)) continue;
+    const int slot = AllocateSlotLocked(device_, key.layer);
+    if (slot < 0) continue;
+    Load* started = StartFillLocked(key, slot);
+    if (started != nullptr) {
+      ++upgrade_reads_;
+      return;
+    }
+  }
+  if (floor_complete_ || fallback_ == nullptr) return;
+  const model::ModelConfig& config = store_->config();
+  const size_t total =
+      static_cast<size_t>(config.num_layers) * static_cast<size_t>(config.num_experts);
+  for (size_t checked = 0; checked < total;
+       ++checked, floor_cursor_ = (floor_cursor_ + 1) % total) {
+    const int layer = static_cast<int>(floor_cursor_ / static_cast<size_t>(config.num_experts));
+    const int expert = static_cast<int>(floor_cursor_ % static_cast<size_t>(config.num_experts));
+    if (!config.IsMoeLayer(layer)) continue;
+    const ExpertKey key{layer, expert, fallback_->precision};
+    if (fallback_->index.contains(key)) continue;
+    if (fallback_->free.empty()) return;  // full: the floor holds what the budget allows
+    const int slot = fallback_->free.back();
+    fallback_->free.pop_back();
+    if (StartFillLocked(key, slot) != nullptr) ++floor_reads_;
+    return;
+  }
+  floor_complete_ = true;  // every fallback copy was resident or on its way
+}
+
+ExpertCache::Load* ExpertCache::StartFillLocked(const ExpertKey& key, int slot) {
+  Tier& pool = DevicePool(key.precision);
+  auto blob = store_->Blob(key.layer, key.expert, key.precision);
+  if (!blob.ok()) {
+    FreeSlotLocked(pool, slot);
+    return nullptr;
+  }
+  Slot& s = pool.slots[slot];
+  s.state = SlotState::kLoading;
+  s.key = key;
+  s.prefetched = s.claimed = s.arrived_late = false;
+  pool.Add(key, slot);
+  Load load{key, *blob, false, -1, slot, std::chrono::steady_clock::now()};
+  load.fill = true;
+  load.target = pool.SlotData(slot);
+  const uint64_t tag = next_tag_++;
+  loads_[tag] = load;
+  if (!SubmitLocked(tag, load).ok()) {
+    s.state = SlotState::kFree;
+    pool.Drop(key);
+    FreeSlotLocked(pool, slot);
+    return nullptr;
+  }
+  ++fills_in_flight_;
+  return &loads_[tag];
+}
+
+void ExpertCache::FreeSlotLocked(Tier& pool, int slot) {
+  if (&pool == &device_) {
+    FreeDeviceSlotLocked(slot);
+  } else {
+    pool.free.push_back(slot);
   }
 }
 
@@ -400,6 +539,7 @@ void ExpertCache::RestoreLandingSlotsLocked() {
 
 void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
   Load load;
+  uint64_t bytes = 0;
   {
     std::lock_guard lock(mutex_);
     auto it = loads_.find(tag);
@@ -410,9 +550,9 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
       EndCancelledLoadLocked(tag, load);
       return;
     }
+    bytes = DevicePool(load.key.precision).slot_bytes;
   }
   // The target slots are pinned by this load: verify and copy without the lock.
-  const uint64_t bytes = layout_->padded_size;
   std::optional<ReadFaultKind> failed;
   std::string what;
   if (!status.ok()) {
@@ -434,8 +574,10 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     std::memcpy(device_.SlotData(load.device_slot), load.target, bytes);
 
   std::lock_guard lock(mutex_);
+  Tier& pool = DevicePool(load.key.precision);
   NoteReadOutcomeLocked(load.key, failed);
   if (load.prefetch && !retry) --prefetches_in_flight_;
+  if (load.fill && !retry) --fills_in_flight_;
   if (retry) {
     // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
     auto delay = options_.retry_backoff * (int64_t{1} << (2 * std::min(load.attempts - 1, 10)));
@@ -449,7 +591,7 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     EndFailedLoadLocked(tag, load, BlobError(*store_, *load.blob, *failed, what, load.attempts));
     return;
   }
-  Slot& device_slot = device_.slots[load.device_slot];
+  Slot& device_slot = pool.slots[load.device_slot];
   stage_from_ssd_.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load.started).count());
   device_slot.state = SlotState::kReady;
@@ -458,8 +600,8 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     device_slot.prefetched = device_slot.claimed = false;
     device_slot.arrived_late = true;
   }
-  device_.policy->Touch(load.key, tick_);
-  device_.counters.bytes_in += bytes;
+  pool.policy->Touch(load.key, tick_);
+  pool.counters.bytes_in += bytes;
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kReady;
     host_->policy->Touch(load.key, tick_);
@@ -486,17 +628,18 @@ void ExpertCache::CancelUnneededLocked(int layer, const std::vector<int>& expert
     FreeDeviceSlotLocked(static_cast<int>(i));
   }
   for (auto& [tag, load] : loads_) {
+    Tier& pool = DevicePool(load.key.precision);
     if (!load.prefetch || load.cancelled || load.key.layer != layer ||
         std::find(experts.begin(), experts.end(), load.key.expert) != experts.end() ||
-        device_.slots[load.device_slot].pins > 0) {
+        pool.slots[load.device_slot].pins > 0) {
       continue;
     }
     load.cancelled = reader_->Cancel(tag);
     if (!load.cancelled) continue;
     // Wasted now, within the step that gave it up (its completion comes later).
     ++prefetch_wasted_;
-    cancelled_read_bytes_ += layout_->padded_size;
-    Slot& slot = device_.slots[load.device_slot];
+    cancelled_read_bytes_ += pool.slot_bytes;
+    Slot& slot = pool.slots[load.device_slot];
     slot.prefetched = slot.claimed = false;
   }
 }
@@ -507,12 +650,13 @@ void ExpertCache::EndCancelledLoadLocked(uint64_t tag, const Load& load) {
 }
 
 void ExpertCache::AbandonPrefetchLocked(uint64_t tag, const Load& load) {
-  Slot& slot = device_.slots[load.device_slot];
+  Tier& pool = DevicePool(load.key.precision);
+  Slot& slot = pool.slots[load.device_slot];
   slot.prefetched = slot.claimed = false;
   if (slot.pins > 0) {
     // A use waits for it: read it again as that use's own read, with attempts of its own.
     Load demand = load;
-    demand.prefetch = demand.cancelled = false;
+    demand.prefetch = demand.cancelled = demand.fill = false;
     demand.attempts = 1;
     demand.started = std::chrono::steady_clock::now();
     loads_[tag] = demand;
@@ -524,8 +668,8 @@ void ExpertCache::AbandonPrefetchLocked(uint64_t tag, const Load& load) {
   }
   // Nobody waits: free the slots and forget the expert; a use will read it again.
   slot.state = SlotState::kFree;
-  device_.Drop(load.key);
-  FreeDeviceSlotLocked(load.device_slot);
+  pool.Drop(load.key);
+  FreeSlotLocked(pool, load.device_slot);
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kFree;
     host_->Drop(load.key);
@@ -561,17 +705,18 @@ void ExpertCache::NoteReadOutcomeLocked(const ExpertKey& key, std::optional<Read
 }
 
 void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl::Status& status) {
-  if (!load.prefetch) {
+  if (!load.prefetch && !load.fill) {
     FailLoadLocked(load, status);
     return;
   }
-  ++prefetch_failures_;
+  if (load.prefetch) ++prefetch_failures_;
   AbandonPrefetchLocked(tag, load);
 }
 
 void ExpertCache::FailLoadLocked(const Load& load, const absl::Status& status) {
-  device_.slots[load.device_slot].state = SlotState::kFree;
-  device_.Drop(load.key);
+  Tier& pool = DevicePool(load.key.precision);
+  pool.slots[load.device_slot].state = SlotState::kFree;
+  pool.Drop(load.key);
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kFree;
     host_->Drop(load.key);
@@ -605,7 +750,7 @@ StoreHealth ExpertCache::CheckStore() {
   // Unreadable until now: read one blob back, one that failed if any did.
   const BlobEntry* blob =
       probe_key.layer >= 0
-          ? store_->manifest().FindBlob(probe_key.layer, probe_key.expert, options_.precision)
+          ? store_->manifest().FindBlob(probe_key.layer, probe_key.expert, probe_key.precision)
           : nullptr;
   if (blob == nullptr && !store_->manifest().blobs.empty()) blob = &store_->manifest().blobs[0];
   absl::Status probed = absl::OkStatus();
@@ -626,54 +771,94 @@ StoreHealth ExpertCache::CheckStore() {
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute) {
-  return ForEachExpert(layer, experts, compute, {});
+  return ForEachExpert(layer, experts, compute, {}, {});
 }
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints) {
+  return ForEachExpert(layer, experts, compute, hints, {});
+}
+
+absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
+                                        const model::ExpertCompute& compute,
+                                        const std::vector<PrefetchHint>& hints,
+                                        const std::vector<bool>& may_fall_back) {
   std::unique_lock lock(mutex_);
   device_.policy->AtLayer(layer);
+  if (fallback_ != nullptr) fallback_->policy->AtLayer(layer);
   if (host_ != nullptr) host_->policy->AtLayer(layer);
   CancelUnneededLocked(layer, experts);
+  // Each expert is served from one pool: the full copies, or (a fallback) the fallback copies.
   std::vector<int> ready, waiting, deferred;
   absl::flat_hash_map<int, int> slot_of;
+  absl::flat_hash_map<int, Tier*> pool_of;
   absl::flat_hash_map<int, model::ExpertServed> served;
-  for (int e : experts) {
-    ExpertKey key{layer, e};
-    ++tick_;
-    auto it = device_.index.find(key);
-    if (it != device_.index.end()) {
-      Slot& slot = device_.slots[it->second];
-      ++slot.pins;
-      slot_of[e] = it->second;
-      if (slot.state == SlotState::kReady) {
-        ++device_.counters.hits;
-        device_.policy->Touch(key, tick_);
-        JoinLayerLocked(it->second);
-        if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
-          ++prefetch_useful_;
-          slot.prefetched = false;
-          served[e].prefetch = model::PrefetchOutcome::kUseful;
-          served[e].bytes_staged = layout_->padded_size;
-        }
-        ready.push_back(e);
-      } else {
-        ++device_.counters.misses;  // the use waits for it
-        JoinLayerLocked(it->second);
-        served[e].source = model::ExpertSource::kDisk;  // a read already in flight
-        served[e].bytes_staged = layout_->padded_size;
-        if (slot.prefetched) {
-          slot.claimed = true;  // late, should it arrive; failed, should it not
-          served[e].prefetch = model::PrefetchOutcome::kLate;
-        }
-        for (const auto& [tag, load] : loads_) {
-          if (load.key == key && load.prefetch) reader_->Promote(tag);  // now awaited
-        }
-        waiting.push_back(e);
+  // Pins the copy of `key` in `pool` (resident or on its way) for expert `e`.
+  auto pin = [&](Tier& pool, const ExpertKey& key, int e, int slot_index) {
+    Slot& slot = pool.slots[slot_index];
+    ++slot.pins;
+    slot_of[e] = slot_index;
+    pool_of[e] = &pool;
+    model::ExpertServed& how = served[e];
+    how.precision = pool.precision;
+    how.fallback = &pool != &device_;
+    if (slot.state == SlotState::kReady) {
+      ++pool.counters.hits;
+      pool.policy->Touch(key, tick_);
+      if (&pool == &device_) JoinLayerLocked(slot_index);
+      if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
+        ++prefetch_useful_;
+        slot.prefetched = false;
+        how.prefetch = model::PrefetchOutcome::kUseful;
+        how.bytes_staged = pool.slot_bytes;
       }
+      ready.push_back(e);
+      return;
+    }
+    ++pool.counters.misses;  // the use waits for it
+    if (&pool == &device_) JoinLayerLocked(slot_index);
+    how.source = model::ExpertSource::kDisk;  // a read already in flight
+    how.bytes_staged = pool.slot_bytes;
+    if (slot.prefetched) {
+      slot.claimed = true;  // late, should it arrive; failed, should it not
+      how.prefetch = model::PrefetchOutcome::kLate;
+    }
+    for (const auto& [tag, load] : loads_) {
+      if (load.key == key && (load.prefetch || load.fill)) reader_->Promote(tag);  // now awaited
+    }
+    waiting.push_back(e);
+  };
+  for (size_t i = 0; i < experts.size(); ++i) {
+    const int e = experts[i];
+    const ExpertKey full = FullKey(layer, e);
+    ++tick_;
+    auto it = device_.index.find(full);
+    const bool full_ready =
+        it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady;
+    const bool fall_back =
+        fallback_ != nullptr && !full_ready && i < may_fall_back.size() && may_fall_back[i];
+    if (fall_back) {
+      // A resident fallback copy serves at once; else a full copy already on its way; else
+      // the fallback copy is read (fewer bytes than the full one).
+      const ExpertKey low{layer, e, fallback_->precision};
+      auto low_it = fallback_->index.find(low);
+      if (low_it != fallback_->index.end() &&
+          (fallback_->slots[low_it->second].state == SlotState::kReady ||
+           it == device_.index.end())) {
+        pin(*fallback_, low, e, low_it->second);
+      } else if (it != device_.index.end()) {
+        pin(device_, full, e, it->second);
+      } else {
+        ++fallback_->counters.misses;
+        pool_of[e] = fallback_.get();
+        deferred.push_back(e);
+      }
+    } else if (it != device_.index.end()) {
+      pin(device_, full, e, it->second);
     } else {
       ++device_.counters.misses;
+      pool_of[e] = &device_;
       deferred.push_back(e);
     }
   }
@@ -682,24 +867,28 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
   // Starts loads for deferred experts while slots can be had.
   auto start_deferred = [&] {
     while (!deferred.empty() && first_error.ok()) {
-      int slot = AllocateSlotLocked(device_, layer);
+      const int e = deferred.front();
+      Tier& pool = *pool_of[e];
+      int slot = AllocateSlotLocked(pool, layer);
       if (slot < 0) return;
-      int e = deferred.front();
       deferred.erase(deferred.begin());
-      device_.slots[slot].pins = 1;
+      pool.slots[slot].pins = 1;
       slot_of[e] = slot;
-      absl::Status started = StartLoadLocked({layer, e}, slot);
+      const ExpertKey key{layer, e, pool.precision};
+      absl::Status started = StartLoadLocked(key, slot);
       if (!started.ok()) {
-        device_.slots[slot].state = SlotState::kFree;
-        device_.Drop(ExpertKey{layer, e});
-        ReleaseSlotLocked(device_, slot);
+        pool.slots[slot].state = SlotState::kFree;
+        pool.Drop(key);
+        ReleaseSlotLocked(pool, slot);
         first_error = started;
         --remaining;
         continue;
       }
       model::ExpertServed& how = served[e];
-      how.bytes_staged = layout_->padded_size;
-      if (device_.slots[slot].state == SlotState::kReady) {
+      how.bytes_staged = pool.slot_bytes;
+      how.precision = pool.precision;
+      how.fallback = &pool != &device_;
+      if (pool.slots[slot].state == SlotState::kReady) {
         how.source = model::ExpertSource::kHost;
         ready.push_back(e);  // host hit: copied already
       } else {
@@ -732,9 +921,10 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       }
       for (size_t i = 0; i < waiting.size(); ++i) {
         int w = waiting[i];
-        ExpertKey key{layer, w};
+        Tier& pool = *pool_of[w];
+        const ExpertKey key{layer, w, pool.precision};
         auto failure = failures_.find(key);
-        Slot& slot = device_.slots[slot_of[w]];
+        Slot& slot = pool.slots[slot_of[w]];
         if (failure != failures_.end()) {
           if (first_error.ok()) {
             first_error = WithStoreFault(
@@ -770,17 +960,28 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         prefetch_wait_seconds_ += waited_seconds;
     }
     const int slot = slot_of[e];
+    Tier& pool = *pool_of[e];
     --remaining;
     if (!failed && first_error.ok()) {
-      model::ExpertWeights weights = ExpertWeightsInBlob(*layout_, device_.SlotData(slot));
+      model::ExpertWeights weights = ExpertWeightsInBlob(*pool.layout, pool.SlotData(slot));
       model::ExpertServed how = served[e];
       how.wait_seconds = waited_seconds;
+      if (how.fallback) {
+        (pool.precision == Precision::kInt8 ? fallbacks_int8_ : fallbacks_int4_)++;
+        // The floor holds the fallback copy; the full one is read when the disk is idle.
+        if (options_.precision_policy.low_bit_floor &&
+            std::find(upgrades_.begin(), upgrades_.end(), FullKey(layer, e)) == upgrades_.end()) {
+          upgrades_.push_back(FullKey(layer, e));
+          // Bounded: the oldest wishes go first (the full pool could not take more anyway).
+          while (upgrades_.size() > device_.slots.size()) upgrades_.pop_front();
+        }
+      }
       lock.unlock();
       absl::Status computed = compute(e, weights, how);
       lock.lock();
       if (!computed.ok() && first_error.ok()) first_error = computed;
     }
-    ReleaseSlotLocked(device_, slot);
+    ReleaseSlotLocked(pool, slot);
     start_deferred();
     IssuePrefetchesLocked();
   }
@@ -821,6 +1022,17 @@ CacheCounters ExpertCache::counters() const {
     for (const Slot& slot : host_->slots)
       c.host.resident += slot.state == SlotState::kReady ? 1 : 0;
   }
+  if (fallback_ != nullptr) {
+    c.fallback = fallback_->counters;
+    c.fallback.resident = 0;
+    for (const Slot& slot : fallback_->slots)
+      c.fallback.resident += slot.state == SlotState::kReady ? 1 : 0;
+    c.fallback.budget_bytes = c.fallback.slots * fallback_->slot_bytes;
+  }
+  c.fallbacks_int8 = fallbacks_int8_;
+  c.fallbacks_int4 = fallbacks_int4_;
+  c.floor_reads = floor_reads_;
+  c.upgrade_reads = upgrade_reads_;
   c.ssd_reads = ssd_reads_;
   c.ssd_bytes = ssd_bytes_;
   c.device.budget_bytes = c.device.slots * device_.slot_bytes;
@@ -853,12 +1065,35 @@ class SharedCacheProvider final : public model::ExpertProvider {
       : cache_(std::move(cache)), prefetcher_(std::move(prefetcher)) {}
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override {
-    absl::Status status = cache_->ForEachExpert(layer, experts, compute, hints_);
+    std::vector<bool> may_fall_back;
+    if (routed_layer_ == layer && !uses_.empty()) {
+      may_fall_back.reserve(experts.size());
+      for (int e : experts) {
+        auto it = uses_.find(e);
+        may_fall_back.push_back(it != uses_.end() &&
+                                cache_->precision_policy().MayFallBack(it->second));
+      }
+    }
+    absl::Status status = cache_->ForEachExpert(layer, experts, compute, hints_, may_fall_back);
     hints_.clear();
+    uses_.clear();
+    routed_layer_ = -1;
     return status;
   }
   void Routed(const model::LayerRouting& routing) override {
     if (prefetcher_ != nullptr) hints_ = prefetcher_->Plan(routing);
+    uses_.clear();
+    routed_layer_ = routing.layer;
+    if (!cache_->precision_policy().falls_back() || routing.loosest == nullptr) return;
+    // Who claims each expert, with what weight and rank, and what their requests accept.
+    for (size_t t = 0; t < routing.num_tokens(); ++t) {
+      const std::vector<int>& chosen = (*routing.chosen)[t];
+      for (size_t r = 0; r < chosen.size(); ++r) {
+        uses_[chosen[r]].push_back(
+            TokenUse{routing.gate_weights[t * static_cast<size_t>(routing.top_k) + r],
+                     static_cast<int>(r), routing.loosest[t]});
+      }
+    }
   }
   int lookahead_layers() const override {
     return prefetcher_ == nullptr ? 0 : prefetcher_->lookahead_layers();
@@ -877,7 +1112,10 @@ class SharedCacheProvider final : public model::ExpertProvider {
  private:
   std::shared_ptr<ExpertCache> cache_;
   std::shared_ptr<Prefetcher> prefetcher_;
-  std::vector<PrefetchHint> hints_;   // from the last Routed, for the ForEachExpert after it
+  std::vector<PrefetchHint> hints_;  // from the last Routed, for the ForEachExpert after it
+  // From the last Routed: the tokens routed to each expert (only with a policy that falls back).
+  absl::flat_hash_map<int, std::vector<TokenUse>> uses_;
+  int routed_layer_ = -1;
   uint64_t issued_ = 0, wasted_ = 0;  // the cache's counts at the last TakeStepPrefetches
 };
 

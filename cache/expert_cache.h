@@ -25,6 +25,7 @@
 #include "cache/aligned_buffer.h"
 #include "cache/block_reader.h"
 #include "cache/eviction_policy.h"
+#include "cache/precision_policy.h"
 #include "cache/prefetcher.h"
 #include "cache/store_fault.h"
 #include "cache/store_reader.h"
@@ -35,6 +36,8 @@
 namespace moed::cache {
 
 struct CacheOptions {
+  // The full copy the cache serves (the checkpoint's own precision unless the daemon was told
+  // to serve a quantized copy throughout).
   Precision precision = Precision::kSource;
   uint64_t device_bytes = 0;  // 0: room for every expert
   uint64_t host_bytes = 0;    // 0: no host tier
@@ -55,6 +58,10 @@ struct CacheOptions {
   // The store counts as unreadable after failed reads (I/O errors or short reads, after their
   // retries) of this many different blobs in a row, with no successful read between them.
   int unreadable_after_failed_blobs = 3;
+  // When a missing expert may run from a low-precision copy. A policy that falls back splits
+  // the device budget into a pool of full copies and a pool of the fallback copies (see
+  // SplitDeviceBudget).
+  PrecisionPolicyOptions precision_policy;
   // Told of every failed read attempt, on the reader's thread, without the cache's lock.
   std::function<void(const StoreFault& fault, absl::string_view message, bool will_retry)>
       on_read_failure;
@@ -77,9 +84,33 @@ struct TierCounters {
   uint64_t budget_bytes = 0;  // slots × slot bytes
 };
 
+// How a device budget is divided between full copies and the fallback copies of a policy that
+// falls back. No fallback pool when the policy never falls back or the full pool holds every
+// expert. With the low-bit floor, the fallback pool takes what holds every expert's fallback
+// copy (leaving at least two full slots); without it, both pools get the same number of slots
+// and any bytes left over go to full slots.
+struct DeviceBudgetSplit {
+  uint64_t full_slots = 0;
+  uint64_t fallback_slots = 0;
+};
+// `experts`: the MoE experts of the model (layers × experts per layer).
+absl::StatusOr<DeviceBudgetSplit> SplitDeviceBudget(uint64_t device_bytes, uint64_t full_slot_bytes,
+                                                    uint64_t fallback_slot_bytes, uint64_t experts,
+                                                    const PrecisionPolicyOptions& policy);
+
 struct CacheCounters {
   TierCounters device;
   TierCounters host;
+  // The device pool of fallback copies (slots 0 without a policy that falls back). A use of a
+  // resident fallback copy is a hit there, one that read it a miss.
+  TierCounters fallback;
+  // Expert uses that ran from a low-precision copy instead of waiting for the full one.
+  uint64_t fallbacks_int8 = 0;
+  uint64_t fallbacks_int4 = 0;
+  // Background reads of the low-bit floor (fallback copies read while the disk is idle) and
+  // of upgrades (full copies of experts that ran from the floor).
+  uint64_t floor_reads = 0;
+  uint64_t upgrade_reads = 0;
   // Reads requested from the store, and their bytes (a cancelled prefetch included; most of its
   // bytes are never read: cancelled_read_bytes).
   uint64_t ssd_reads = 0;
@@ -145,6 +176,13 @@ class ExpertCache final : public model::ExpertProvider {
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints);
+  // As above, and `may_fall_back[i]` (empty: none may) says whether experts[i] may run from
+  // its fallback copy when its full copy is not resident (the precision policy's decision for
+  // the tokens routed to it). A full copy that is resident always serves.
+  absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
+                             const model::ExpertCompute& compute,
+                             const std::vector<PrefetchHint>& hints,
+                             const std::vector<bool>& may_fall_back);
 
   // Replaces the queue of prefetches not yet started with `hints` (highest probability first;
   // those with fetch false only reach the eviction policy as predictions) and starts the first
@@ -164,6 +202,7 @@ class ExpertCache final : public model::ExpertProvider {
   std::vector<std::vector<bool>> DeviceResidency() const;
   absl::string_view reader_name() const { return reader_->name(); }
   const CacheOptions& options() const { return options_; }
+  const PrecisionPolicy& precision_policy() const { return precision_policy_; }
 
  private:
   enum class SlotState { kFree, kLoading, kReady };
@@ -178,6 +217,8 @@ class ExpertCache final : public model::ExpertProvider {
   };
   struct Tier {
     std::string name;
+    Precision precision = Precision::kSource;  // of every copy it holds
+    const BlobLayout* layout = nullptr;
     AlignedBuffer memory;
     uint64_t slot_bytes = 0;
     std::vector<Slot> slots;
@@ -203,10 +244,23 @@ class ExpertCache final : public model::ExpertProvider {
     uint8_t* target = nullptr;  // where the read goes
     int attempts = 1;
     bool prefetch = false;   // started by Prefetch, not by a use
+    bool fill = false;       // a floor read or an upgrade: background, never cancelled
     bool cancelled = false;  // the reader was asked to give it up
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
+  // The device pool holding copies of `precision`.
+  Tier& DevicePool(Precision precision) {
+    return precision == device_.precision || fallback_ == nullptr ? device_ : *fallback_;
+  }
+  ExpertKey FullKey(int layer, int expert) const { return {layer, expert, device_.precision}; }
+  // Starts one floor read or upgrade when the disk is idle.
+  void IssueBackgroundLocked();
+  // Starts a floor read or upgrade of `key` into `slot` of its pool (taken already; given back
+  // when the read cannot start, and then null).
+  Load* StartFillLocked(const ExpertKey& key, int slot);
+  // A slot of `pool` no longer holds anything (device_: FreeDeviceSlotLocked).
+  void FreeSlotLocked(Tier& pool, int slot);
   // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
   // eviction scope when it has one) if needed; -1 when all are busy.
   int AllocateSlotLocked(Tier& tier, int layer);
@@ -252,7 +306,15 @@ class ExpertCache final : public model::ExpertProvider {
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   Tier device_;
-  std::unique_ptr<Tier> host_;                 // null without a host tier
+  std::unique_ptr<Tier> fallback_;  // null without a policy that falls back
+  std::unique_ptr<Tier> host_;      // null without a host tier; full copies only
+  PrecisionPolicy precision_policy_;
+  uint64_t fallbacks_int8_ = 0, fallbacks_int4_ = 0;
+  uint64_t floor_reads_ = 0, upgrade_reads_ = 0;
+  int fills_in_flight_ = 0;
+  size_t floor_cursor_ = 0;  // the next expert (layer-major over MoE layers) the floor checks
+  bool floor_complete_ = false;
+  std::deque<ExpertKey> upgrades_;             // full copies to read when the disk is idle
   absl::flat_hash_map<uint64_t, Load> loads_;  // by tag
   // Failed loads not yet reported, kept as code and text: an absl::Status made on the reader's
   // thread is not handed to the compute thread, whose copy would share its reference count

@@ -121,6 +121,8 @@ struct PrefetchHint {
   // False: not worth a read, but the probability still protects the expert, when resident,
   // from eviction by a less likely prefetch.
   bool fetch = true;
+  // The copy to fetch; empty: the cache's full copy.
+  std::optional<model::Precision> precision;
 };
 
 // How well the prefetcher's hints for a layer matched what the layer then needed.

@@ -28,7 +28,7 @@ namespace moed::cache {
 inline constexpr int kStoreVersion = 2;
 inline constexpr uint64_t kBlobAlignment = 4096;
 
-enum class Precision { kSource, kInt8, kInt4 };
+using model::Precision;
 absl::string_view PrecisionName(Precision precision);  // "source", "int8", "int4"
 absl::StatusOr<Precision> ParsePrecision(absl::string_view name);
 

@@ -7,10 +7,12 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "cache/expert_cache.h"
 #include "cache/routing_trace.h"
 #include "cache/store_reader.h"
@@ -18,6 +20,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "model/chat_template.h"
 #include "model/generate.h"
+#include "model/quality_eval.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/engine.h"
@@ -155,7 +158,22 @@ struct LogitsOptions {
   std::string tokens, record_routing;
   std::string prefetch = "combined", prefetch_calibration, routing_trace;
   int greedy = 0, threads = 0, cuda_device = 0, prefetch_depth = 1;
+  std::string precision_policy = "exact", fallback_precision = "int4";
+  double fallback_threshold = 0.2;
+  int fallback_min_rank = 64;
+  bool low_bit_floor = false;
+  // eval
+  std::string prompts;
+  int max_tokens = 16;
+  bool json = false;
 };
+
+// The loosest copy a local run accepts: the fallback copy when the policy falls back.
+moed::model::Precision LocalLoosest(const LogitsOptions& o) {
+  if (o.precision_policy == "exact") return moed::model::Precision::kSource;
+  return o.fallback_precision == "int8" ? moed::model::Precision::kInt8
+                                        : moed::model::Precision::kInt4;
+}
 
 // The same engine the daemon builds, from the same configuration fields.
 absl::StatusOr<moed::server::Engine> OpenForLogits(const LogitsOptions& o) {
@@ -176,6 +194,11 @@ absl::StatusOr<moed::server::Engine> OpenForLogits(const LogitsOptions& o) {
   config.prefetch_depth = o.prefetch_depth;
   config.prefetch_calibration = o.prefetch_calibration;
   config.routing_trace = o.routing_trace;
+  config.precision_policy = o.precision_policy;
+  config.fallback_precision = o.fallback_precision;
+  config.fallback_threshold = o.fallback_threshold;
+  config.fallback_min_rank = o.fallback_min_rank;
+  config.low_bit_floor = o.low_bit_floor;
   return moed::server::BuildEngine(config);
 }
 
@@ -196,7 +219,7 @@ int RunLogits(const LogitsOptions& o) {
     std::cerr << "moectl logits: " << engine.status().message() << "\n";
     return 1;
   }
-  auto result = moed::model::ScoreAndGreedy(*engine->model, tokens, o.greedy);
+  auto result = moed::model::ScoreAndGreedy(*engine->model, tokens, o.greedy, LocalLoosest(o));
   if (!result.ok()) {
     std::cerr << "moectl logits: " << result.status().message() << "\n";
     return 1;
@@ -215,6 +238,102 @@ int RunLogits(const LogitsOptions& o) {
                         {"greedy", result->greedy},
                         {"greedy_logits", result->greedy_logits}};
   std::cout << out.dump() << "\n";
+  return 0;
+}
+
+// Reads the prompts file: JSON Lines, each {"prompt": "..."} or {"prompt_token_ids": [...]}.
+absl::StatusOr<std::vector<std::vector<int32_t>>> ReadEvalPrompts(
+    const std::string& path, const std::string& tokenizer_dir) {
+  MOED_ASSIGN_OR_RETURN(std::string text, moed::util::ReadFile(path));
+  std::unique_ptr<moed::model::Tokenizer> tokenizer;
+  std::vector<std::vector<int32_t>> prompts;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_number;
+    if (absl::StripAsciiWhitespace(line).empty()) continue;
+    const std::string where = absl::StrCat(path, ":", line_number);
+    nlohmann::json entry = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!entry.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": not a JSON object"));
+    }
+    const bool has_text = entry.contains("prompt"), has_ids = entry.contains("prompt_token_ids");
+    if (has_text == has_ids) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": give exactly one of \"prompt\" and \"prompt_token_ids\""));
+    }
+    std::vector<int32_t> ids;
+    if (has_ids) {
+      const nlohmann::json& list = entry["prompt_token_ids"];
+      if (!list.is_array()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": prompt_token_ids is not an array"));
+      }
+      for (const nlohmann::json& id : list) {
+        if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, ": prompt_token_ids holds something other than a token id"));
+        }
+        ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
+      }
+    } else {
+      if (!entry["prompt"].is_string()) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": prompt is not a string"));
+      }
+      if (tokenizer == nullptr) {
+        MOED_ASSIGN_OR_RETURN(tokenizer,
+                              moed::model::Tokenizer::FromFile(tokenizer_dir + "/tokenizer.json"));
+      }
+      MOED_ASSIGN_OR_RETURN(ids, tokenizer->Encode(entry["prompt"].get<std::string>(), true));
+    }
+    if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": empty prompt"));
+    prompts.push_back(std::move(ids));
+  }
+  if (prompts.empty()) return absl::InvalidArgumentError(absl::StrCat(path, ": no prompts"));
+  return prompts;
+}
+
+// Local: exact mode against the configured precision policy on the same model.
+int RunEval(const LogitsOptions& o) {
+  auto prompts = ReadEvalPrompts(o.prompts, o.store_dir.empty() ? o.model_dir : o.store_dir);
+  if (!prompts.ok()) {
+    std::cerr << "moectl eval: " << prompts.status().message() << "\n";
+    return 1;
+  }
+  auto engine = OpenForLogits(o);
+  if (!engine.ok()) {
+    std::cerr << "moectl eval: " << engine.status().message() << "\n";
+    return 1;
+  }
+  auto result =
+      moed::model::EvaluateQuality(*engine->model, *prompts, o.max_tokens, LocalLoosest(o));
+  if (!result.ok()) {
+    std::cerr << "moectl eval: " << result.status().message() << "\n";
+    return 1;
+  }
+  nlohmann::json out = {
+      {"precision_policy", o.precision_policy},
+      {"fallback_precision", o.precision_policy == "exact" ? nlohmann::json(nullptr)
+                                                           : nlohmann::json(o.fallback_precision)},
+      {"prompts", result->prompts},
+      {"positions", result->positions},
+      {"kl_mean", result->kl_mean},
+      {"top1_agreement", result->top1_agreement},
+      {"greedy_agreement_tokens", result->greedy_agreement_tokens},
+      {"fallbacks", result->fallbacks}};
+  if (o.precision_policy == "threshold") {
+    out["fallback_threshold"] = o.fallback_threshold;
+    out["fallback_min_rank"] = o.fallback_min_rank;
+  }
+  out["low_bit_floor"] = o.low_bit_floor;
+  if (o.json) {
+    std::cout << out.dump() << "\n";
+  } else {
+    std::cout << absl::StrFormat(
+        "%d prompts, %d positions: KL %.6g nats, top-1 agreement %.4f, greedy agreement %.2f "
+        "tokens, %d fallbacks\n",
+        result->prompts, result->positions, result->kl_mean, result->top1_agreement,
+        result->greedy_agreement_tokens, result->fallbacks);
+  }
   return 0;
 }
 
@@ -436,68 +555,98 @@ int main(int argc, char** argv) try {
   CLI::App* info = app.add_subcommand("info", "describe the served model and the compute backend");
 
   LogitsOptions logits_options;
+  // The engine's options, shared by the local subcommands (the daemon's names).
+  auto add_engine_options = [](CLI::App* cmd, LogitsOptions& o) {
+    auto* model_option =
+        cmd->add_option("--model", o.model_dir, "Hugging Face checkpoint directory");
+    auto* store_option =
+        cmd->add_option("--store", o.store_dir, "expert store directory (from moed-pack)");
+    model_option->excludes(store_option);
+    cmd->add_option("--threads", o.threads, "compute threads (0: every core)")
+        ->capture_default_str();
+    cmd->add_option("--backend", o.backend,
+                    "what computes: cpu, cuda, or auto (a GPU when there is one)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+    cmd->add_option("--cuda-device", o.cuda_device, "with --backend cuda: the GPU")
+        ->capture_default_str();
+    cmd->add_option("--expert-precision", o.precision, "with --store: source (exact), int8 or int4")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"source", "int8", "int4"}));
+    cmd->add_option("--device-cache-bytes", o.device_bytes,
+                    "with --store: device tier budget (K/M/G suffixes; 0: every expert)")
+        ->capture_default_str();
+    cmd->add_option("--host-cache-bytes", o.host_bytes, "with --store: host tier budget (0: none)")
+        ->capture_default_str();
+    cmd->add_option("--eviction-policy", o.policy, "with --store: lru, lfu, scored or sweep")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"lru", "lfu", "scored", "sweep"}));
+    cmd->add_option("--eviction-scope", o.scope, "with --store: layer or global")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"layer", "global"}));
+    cmd->add_option("--prefetch", o.prefetch,
+                    "with --store: off, gate, affinity, history or combined (exact results are "
+                    "the same for every value)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"off", "gate", "affinity", "history", "combined"}));
+    cmd->add_option("--prefetch-depth", o.prefetch_depth,
+                    "with --store: layers ahead the prefetcher predicts")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 8));
+    cmd->add_option("--prefetch-calibration", o.prefetch_calibration,
+                    "routing trace (.jsonl) to calibrate the affinity predictor on");
+    cmd->add_option("--routing-trace", o.routing_trace,
+                    "route as this recorded trace does (benchmarks; not the model's output)");
+
+    cmd->add_option("--precision-policy", o.precision_policy,
+                    "with --store: when a missing expert runs from its fallback copy: exact "
+                    "(never), threshold or always")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"exact", "threshold", "always"}));
+    cmd->add_option("--fallback-precision", o.fallback_precision, "the fallback copy: int8 or int4")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"int8", "int4"}));
+    cmd->add_option("--fallback-threshold", o.fallback_threshold,
+                    "threshold policy: a gate weight below this may fall back")
+        ->capture_default_str()
+        ->check(CLI::Range(0.0, 1.0));
+    cmd->add_option("--fallback-min-rank", o.fallback_min_rank,
+                    "threshold policy: a rank (0: first) of at least this may fall back")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 64));
+    cmd->add_option("--low-bit-floor", o.low_bit_floor,
+                    "keep every expert's fallback copy resident as the budget allows")
+        ->capture_default_str();
+  };
+
   CLI::App* logits = app.add_subcommand(
       "logits",
       "run a checkpoint or store locally: logits of every prompt position and a greedy "
       "continuation, as one JSON object");
-  auto* model_option =
-      logits->add_option("--model", logits_options.model_dir, "Hugging Face checkpoint directory");
-  auto* store_option = logits->add_option("--store", logits_options.store_dir,
-                                          "expert store directory (from moed-pack)");
-  model_option->excludes(store_option);
+  add_engine_options(logits, logits_options);
   logits->add_option("--tokens", logits_options.tokens, "prompt token ids, comma-separated")
       ->required();
   logits->add_option("--greedy", logits_options.greedy, "greedy steps after the prompt")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  logits->add_option("--threads", logits_options.threads, "compute threads (0: every core)")
-      ->capture_default_str();
-  logits
-      ->add_option("--backend", logits_options.backend,
-                   "what computes: cpu, cuda, or auto (a GPU when there is one)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  logits->add_option("--cuda-device", logits_options.cuda_device, "with --backend cuda: the GPU")
-      ->capture_default_str();
-  logits
-      ->add_option("--expert-precision", logits_options.precision,
-                   "with --store: source (exact), int8 or int4")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"source", "int8", "int4"}));
-  logits
-      ->add_option("--device-cache-bytes", logits_options.device_bytes,
-                   "with --store: device tier budget (K/M/G suffixes; 0: every expert)")
-      ->capture_default_str();
-  logits
-      ->add_option("--host-cache-bytes", logits_options.host_bytes,
-                   "with --store: host tier budget (0: none)")
-      ->capture_default_str();
-  logits
-      ->add_option("--eviction-policy", logits_options.policy,
-                   "with --store: lru, lfu, scored or sweep")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"lru", "lfu", "scored", "sweep"}));
-  logits->add_option("--eviction-scope", logits_options.scope, "with --store: layer or global")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"layer", "global"}));
   logits->add_option(
       "--record-routing", logits_options.record_routing,
       "append the routing of the run (every token, every layer) to this .jsonl trace");
-  logits
-      ->add_option("--prefetch", logits_options.prefetch,
-                   "with --store: off, gate, affinity, history or combined (exact results are "
-                   "the same for every value)")
+
+  LogitsOptions eval_options;
+  CLI::App* eval = app.add_subcommand(
+      "eval",
+      "run a checkpoint or store locally: what the precision policy costs against exact mode "
+      "(KL, top-1 and greedy agreement), over a JSON Lines prompts file");
+  add_engine_options(eval, eval_options);
+  eval->add_option("--prompts", eval_options.prompts,
+                   "JSON Lines: {\"prompt\": \"...\"} or {\"prompt_token_ids\": [...]} per line")
+      ->required();
+  eval->add_option("--max-tokens", eval_options.max_tokens,
+                   "greedy tokens after each prompt, scored too")
       ->capture_default_str()
-      ->check(CLI::IsMember({"off", "gate", "affinity", "history", "combined"}));
-  logits
-      ->add_option("--prefetch-depth", logits_options.prefetch_depth,
-                   "with --store: layers ahead the prefetcher predicts")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 8));
-  logits->add_option("--prefetch-calibration", logits_options.prefetch_calibration,
-                     "routing trace (.jsonl) to calibrate the affinity predictor on");
-  logits->add_option("--routing-trace", logits_options.routing_trace,
-                     "route as this recorded trace does (benchmarks; not the model's output)");
+      ->check(CLI::NonNegativeNumber);
+  eval->add_flag("--json", eval_options.json, "one JSON object on the last line");
 
   GenerateOptions generate_options;
   CLI::App* generate = app.add_subcommand("generate", "stream a completion from the daemon");
@@ -564,6 +713,13 @@ int main(int argc, char** argv) try {
       return 2;
     }
     return RunLogits(logits_options);
+  }
+  if (eval->parsed()) {
+    if (eval_options.model_dir.empty() == eval_options.store_dir.empty()) {
+      std::cerr << "moectl eval: give exactly one of --model DIR and --store DIR\n";
+      return 2;
+    }
+    return RunEval(eval_options);
   }
   if (generate->parsed()) return RunGenerate(options, generate_options);
   if (tokenize->parsed()) {

@@ -15,6 +15,12 @@ namespace moed::model {
 // One routed expert's SwiGLU weights: down(silu(gate x) * up x).
 using ExpertWeights = kernels::SwiGluWeights;
 
+// Which copy of an expert's weights: the full one in the checkpoint's own precision, or a
+// quantized one the store also holds.
+enum class Precision { kSource, kInt8, kInt4 };
+// How far `precision` is from the checkpoint's own weights: 0 (source), 1 (int8), 2 (int4).
+inline int PrecisionLooseness(Precision precision) { return static_cast<int>(precision); }
+
 // Where the weights of one expert came from for one ForEachExpert call.
 enum class ExpertSource { kDevice, kHost, kDisk };
 // What a prefetch did for this use: none was made, it arrived before the use (useful), or the
@@ -25,6 +31,10 @@ struct ExpertServed {
   uint64_t bytes_staged = 0;  // moved into the device tier for this use
   double wait_seconds = 0;    // the caller waited for this expert before computing it
   PrefetchOutcome prefetch = PrefetchOutcome::kNone;
+  // The copy the expert ran from, and whether that was a low-precision copy standing in for
+  // the full one the provider serves (a fallback).
+  Precision precision = Precision::kSource;
+  bool fallback = false;
 };
 
 // One token of a step, as prediction sees it: which sequence (an opaque key, stable while the
@@ -43,6 +53,9 @@ struct LayerRouting {
   const std::vector<std::vector<int>>* chosen = nullptr;
   const float* gate_weights = nullptr;  // [tokens, top_k]
   const TokenRef* tokens = nullptr;     // [tokens]
+  // [tokens]: the loosest copy each token's request lets its experts run from (kSource: only
+  // the full copy, exact results); null: every token exact.
+  const Precision* loosest = nullptr;
   // lookahead[j]: the router of layer `layer + 1 + j` applied to this layer's normed hidden
   // state after attention, as probabilities [tokens, num_experts]; empty where that layer is
   // dense or past the last. Only as many layers as lookahead_layers() asks for.

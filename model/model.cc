@@ -338,6 +338,8 @@ struct Model::StepBuffers {
   float* router_logits = nullptr;     // [n, experts]
   float* lookahead_logits = nullptr;  // [n, experts]: a later layer's router, for prefetch
   std::vector<TokenRef> tokens;       // host: each token's sequence and position
+  std::vector<Precision> loosest;     // host: the loosest expert copy each token accepts
+  bool any_loose = false;             // some token accepts a low-precision copy
   int32_t* chosen = nullptr;          // [n, k]
   float* gate_weights = nullptr;      // [n, k]
   float* expert_out = nullptr;        // [n * k, h]
@@ -467,6 +469,7 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   routing.chosen = &step_chosen;
   routing.gate_weights = gate_weights.data();
   routing.tokens = step.tokens.data();
+  routing.loosest = step.any_loose ? step.loosest.data() : nullptr;
   const int lookahead = experts_->lookahead_layers();
   for (int j = 1; j <= lookahead && layer + j < c.num_layers; ++j) {
     std::vector<float>& probabilities = routing.lookahead.emplace_back();
@@ -561,6 +564,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   std::vector<int32_t> tokens, table_start;
   std::vector<int64_t> positions;
   std::vector<TokenRef> token_refs;
+  std::vector<Precision> loosest;
   std::vector<float*> block_table;
   std::vector<int32_t> logit_rows;  // which tokens' logits are returned, in order
   for (SequenceInput& input : inputs) {
@@ -572,6 +576,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
       tokens.push_back(input.tokens[i]);
       positions.push_back(input.cache->length() + i);
       token_refs.push_back({reinterpret_cast<uintptr_t>(input.cache), input.cache->length() + i});
+      loosest.push_back(input.loosest_precision);
       table_start.push_back(start);
     }
   }
@@ -632,6 +637,9 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   step.router_logits = at_f(router_at);
   step.lookahead_logits = at_f(lookahead_at);
   step.tokens = std::move(token_refs);
+  step.any_loose = std::any_of(loosest.begin(), loosest.end(),
+                               [](Precision p) { return p != Precision::kSource; });
+  step.loosest = std::move(loosest);
   step.chosen = at_i(chosen_at);
   step.gate_weights = at_f(gate_weights_at);
   step.expert_out = at_f(expert_out_at);

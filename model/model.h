@@ -79,6 +79,9 @@ struct SequenceInput {
   std::vector<int32_t> tokens;
   // Logits for every token of this input (prefill scoring) or only for the last.
   bool all_logits = false;
+  // The loosest expert copy this input's experts may run from when the provider's precision
+  // policy falls back (kSource: exact, whatever the policy).
+  Precision loosest_precision = Precision::kSource;
 };
 
 // Which experts each token of a step chose, per layer: routing[layer][token] = expert ids in

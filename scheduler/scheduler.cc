@@ -425,6 +425,11 @@ void Scheduler::AttributeExpertUses(const std::vector<model::SequenceInput>& inp
           break;
       }
       stats.bytes_staged += share + (n == 0 ? rest : 0);
+      if (use.served.fallback) {
+        ++stats.low_precision_fallbacks;
+        ++(use.served.precision == model::Precision::kInt8 ? stats.fallbacks_int8
+                                                           : stats.fallbacks_int4);
+      }
       stats.prefetch_useful += use.served.prefetch == model::PrefetchOutcome::kUseful ? 1 : 0;
       stats.prefetch_late += use.served.prefetch == model::PrefetchOutcome::kLate ? 1 : 0;
     }
@@ -525,13 +530,14 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
   for (const StepInput& input : PlanStep(running)) {
     Sequence& seq = *input.seq;
     if (!input.prefix) {
-      inputs.push_back({seq.cache.get(), {seq.generated.back()}, false});
+      inputs.push_back(
+          {seq.cache.get(), {seq.generated.back()}, false, seq.request.loosest_precision});
       chunk.push_back(0);
     } else {
       std::vector<int32_t> tokens(
           seq.context.begin() + static_cast<int64_t>(seq.prefilled),
           seq.context.begin() + static_cast<int64_t>(seq.prefilled + input.tokens));
-      inputs.push_back({seq.cache.get(), std::move(tokens), false});
+      inputs.push_back({seq.cache.get(), std::move(tokens), false, seq.request.loosest_precision});
       chunk.push_back(input.tokens);
     }
     owners.push_back(&seq);

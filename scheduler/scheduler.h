@@ -61,6 +61,9 @@ struct GenerationRequest {
   std::optional<std::chrono::steady_clock::time_point> deadline;
   // Higher leaves the queue first; equal priorities in arrival order.
   int32_t priority = 0;
+  // The loosest expert copy this request's experts may run from under the cache's precision
+  // policy (kSource: exact).
+  model::Precision loosest_precision = model::Precision::kSource;
 };
 
 // What the expert cache did for one request, summed over the steps it ran in. An expert a
@@ -69,7 +72,9 @@ struct RequestExpertStats {
   uint64_t device_hits = 0;
   uint64_t host_hits = 0;
   uint64_t ssd_reads = 0;
-  uint64_t low_precision_fallbacks = 0;
+  uint64_t low_precision_fallbacks = 0;  // fallbacks_int8 + fallbacks_int4
+  uint64_t fallbacks_int8 = 0;
+  uint64_t fallbacks_int4 = 0;
   uint64_t bytes_staged = 0;
   double stall_seconds = 0;  // the steps it ran in waited this long for experts
   // Prefetches the steps it ran in started and wasted (split among the step's requests), and

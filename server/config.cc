@@ -259,6 +259,42 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .help = "for benchmarks: every layer routes each sequence's tokens to the "
                          "experts (and gate weights) a recorded trace chose, sequences taking the "
                          "trace's sequences in turn; the output is then not the model's"});
+    o.push_back({.name = "precision-policy",
+                 .field = F(&DaemonConfig::precision_policy),
+                 .metavar = "POLICY",
+                 .help = "with --store: when an expert whose full copy is not resident runs from "
+                         "its --fallback-precision copy instead of waiting (exact: never, results "
+                         "bitwise equal to all-resident; threshold: when every token routed to it "
+                         "has a gate weight below --fallback-threshold or a rank of at least "
+                         "--fallback-min-rank; always: every miss). Requests that ask for "
+                         "EXPERT_PRECISION_SOURCE stay exact",
+                 .choices = {"exact", "threshold", "always"}});
+    o.push_back({.name = "fallback-precision",
+                 .field = F(&DaemonConfig::fallback_precision),
+                 .metavar = "P",
+                 .help = "with --store and a precision policy that falls back: the copy a "
+                         "fallback runs from (the store must hold it)",
+                 .choices = {"int8", "int4"}});
+    o.push_back({.name = "fallback-threshold",
+                 .field = F(&DaemonConfig::fallback_threshold),
+                 .metavar = "TAU",
+                 .help = "with --precision-policy threshold: a token whose gate weight for the "
+                         "expert is below this (0 to 1) may run it from the fallback copy"});
+    o.push_back({.name = "fallback-min-rank",
+                 .field = F(&DaemonConfig::fallback_min_rank),
+                 .metavar = "R",
+                 .help = "with --precision-policy threshold: a token whose rank for the expert "
+                         "among its experts (0: the first) is at least this may run it from the "
+                         "fallback copy; 64: rank never decides",
+                 .min_value = 1,
+                 .max_value = 64});
+    o.push_back({.name = "low-bit-floor",
+                 .field = F(&DaemonConfig::low_bit_floor),
+                 .metavar = "BOOL",
+                 .help = "with a precision policy that falls back: keep every expert's fallback "
+                         "copy resident as far as the budget allows (read while the disk is "
+                         "idle), the rest of the budget for full copies, and read the full copy "
+                         "of each expert that ran from the floor when the disk is idle"});
     o.push_back({.name = "listen",
                  .field = F(&DaemonConfig::listen),
                  .metavar = "HOST:PORT",

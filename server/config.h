@@ -30,6 +30,11 @@ struct DaemonConfig {
   int64_t prefetch_candidates = 1;
   std::string prefetch_calibration;
   std::string routing_trace;
+  std::string precision_policy = "exact";
+  std::string fallback_precision = "int4";
+  double fallback_threshold = 0.2;
+  int64_t fallback_min_rank = 64;
+  bool low_bit_floor = false;
   std::string listen = "127.0.0.1:50051";
   std::string http_listen = "127.0.0.1:8000";
   std::string api_key;

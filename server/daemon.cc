@@ -374,6 +374,8 @@ GenerateStream::Action GenerateStream::NextLocked() {
     stats->set_host_hits(es.host_hits);
     stats->set_ssd_reads(es.ssd_reads);
     stats->set_low_precision_fallbacks(es.low_precision_fallbacks);
+    stats->set_fallbacks_int8(es.fallbacks_int8);
+    stats->set_fallbacks_int4(es.fallbacks_int4);
     stats->set_bytes_staged(es.bytes_staged);
     stats->set_stall_seconds(es.stall_seconds);
     stats->set_prefetch_issued(es.prefetch_issued);
@@ -452,7 +454,7 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_slot_bytes(slot);
   info->set_device_slots(counters.device.slots);
   info->set_host_slots(counters.host.slots);
-  info->set_device_budget_bytes(counters.device.slots * slot);
+  info->set_device_budget_bytes(counters.device.slots * slot + counters.fallback.budget_bytes);
   info->set_host_budget_bytes(counters.host.slots * slot);
   info->set_device_resident(counters.device.resident);
   info->set_host_resident(counters.host.resident);
@@ -481,6 +483,19 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_prefetch_pending(counters.prefetch_pending);
   info->set_prefetch_cancelled(counters.prefetch_cancelled);
   info->set_prefetch_wait_seconds(counters.prefetch_wait_seconds);
+  const cache::PrecisionPolicyOptions& policy = cache.precision_policy().options();
+  info->set_precision_policy(std::string(cache::PrecisionPolicyName(policy.kind)));
+  if (cache.precision_policy().falls_back()) {
+    info->set_fallback_precision(std::string(cache::PrecisionName(policy.fallback)));
+    info->set_fallback_slot_bytes(cache::ExpertCache::SlotBytes(store, policy.fallback));
+  }
+  info->set_low_bit_floor(policy.low_bit_floor);
+  info->set_fallback_slots(counters.fallback.slots);
+  info->set_fallback_resident(counters.fallback.resident);
+  info->set_fallbacks_int8(counters.fallbacks_int8);
+  info->set_fallbacks_int4(counters.fallbacks_int4);
+  info->set_floor_reads(counters.floor_reads);
+  info->set_upgrade_reads(counters.upgrade_reads);
   if (prefetcher != nullptr) {
     for (const cache::LayerPrefetchStats& layer : prefetcher->layer_stats()) {
       if (layer.needed == 0) continue;  // never predicted
@@ -651,7 +666,11 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
     std::shared_ptr<cache::ExpertCache> expert_cache = daemon->cache_;
     scheduler_options.resident_experts = [expert_cache] { return expert_cache->DeviceResidency(); };
   }
-  if (daemon->cache_ != nullptr) serving.served_precision = daemon->cache_->options().precision;
+  if (daemon->cache_ != nullptr) {
+    serving.served_precision = daemon->cache_->options().precision;
+    if (daemon->cache_->precision_policy().falls_back())
+      serving.fallback_precision = daemon->cache_->precision_policy().options().fallback;
+  }
   if (config.metrics) {
     MetricsInfo metrics_info;
     metrics_info.model_name = info.model_name();

@@ -34,6 +34,13 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
     MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
     options.reader.queue_depth = static_cast<int>(config.io_queue_depth);
     options.on_read_failure = hooks.on_read_failure;
+    MOED_ASSIGN_OR_RETURN(options.precision_policy.kind,
+                          cache::ParsePrecisionPolicyKind(config.precision_policy));
+    MOED_ASSIGN_OR_RETURN(options.precision_policy.fallback,
+                          cache::ParsePrecision(config.fallback_precision));
+    options.precision_policy.threshold = config.fallback_threshold;
+    options.precision_policy.min_rank = static_cast<int>(config.fallback_min_rank);
+    options.precision_policy.low_bit_floor = config.low_bit_floor;
     MOED_ASSIGN_OR_RETURN(cache::PredictorKind predictor,
                           cache::ParsePredictorKind(config.prefetch));
     // One slot of the budget for prefetches to land in: one is read at a time.
@@ -66,6 +73,11 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
                                            cache::SharedProvider(engine.cache, engine.prefetcher),
                                            engine.backend));
   } else {
+    if (config.precision_policy != "exact") {
+      return absl::InvalidArgumentError(
+          "--precision-policy other than exact needs --store (the fallback copies are in the "
+          "store)");
+    }
     MOED_ASSIGN_OR_RETURN(engine.model, model::Model::Load(config.model, engine.backend));
   }
   if (!config.routing_trace.empty()) {

@@ -277,6 +277,9 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
     auto per_tier = [&](const char* name, auto field) {
       out.Sample(name, {{"tier", "device"}}, static_cast<double>(field(c.device)));
       out.Sample(name, {{"tier", "host"}}, static_cast<double>(field(c.host)));
+      // The device pool of fallback copies, with a precision policy that falls back.
+      if (c.fallback.slots > 0)
+        out.Sample(name, {{"tier", "device_fallback"}}, static_cast<double>(field(c.fallback)));
     };
     using Tier = cache::TierCounters;
     out.Family("moed_expert_cache_lookups_total", "counter",
@@ -315,6 +318,20 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
     out.Family("moed_expert_cache_budget_bytes", "gauge",
                "Memory the tier holds for experts (its slots).");
     per_tier("moed_expert_cache_budget_bytes", [](const Tier& t) { return t.budget_bytes; });
+    out.Family("moed_expert_cache_fallbacks_total", "counter",
+               "Expert uses that ran from a low-precision copy instead of waiting for the full "
+               "one (--precision-policy), by the copy's precision.");
+    out.Sample("moed_expert_cache_fallbacks_total", {{"precision", "int8"}},
+               static_cast<double>(c.fallbacks_int8));
+    out.Sample("moed_expert_cache_fallbacks_total", {{"precision", "int4"}},
+               static_cast<double>(c.fallbacks_int4));
+    out.Family("moed_expert_cache_background_reads_total", "counter",
+               "Reads while the disk was idle: floor (the low-bit floor's copies) and upgrade "
+               "(full copies of experts that ran from the floor).");
+    out.Sample("moed_expert_cache_background_reads_total", {{"kind", "floor"}},
+               static_cast<double>(c.floor_reads));
+    out.Sample("moed_expert_cache_background_reads_total", {{"kind", "upgrade"}},
+               static_cast<double>(c.upgrade_reads));
     out.Family("moed_expert_cache_prefetches_issued_total", "counter",
                "Prefetches started (reads ahead of use, or copies from the host tier).");
     out.Sample("moed_expert_cache_prefetches_issued_total", {},

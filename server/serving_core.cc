@@ -7,10 +7,6 @@
 
 namespace moed::server {
 
-int PrecisionLooseness(cache::Precision precision) {
-  return precision == cache::Precision::kSource ? 0 : precision == cache::Precision::kInt8 ? 1 : 2;
-}
-
 ServingCore::ServingCore(ServingParts parts) : parts_(std::move(parts)) {
   if (parts_.tokenizer == nullptr || parts_.max_context_tokens == 0) return;
   // A token's vocabulary string is at least as long as the text it covers (byte-level and
@@ -90,12 +86,16 @@ absl::StatusOr<std::shared_ptr<scheduler::RequestHandle>> ServingCore::SubmitToS
     out.prompt = std::move(input.prompt_ids);
   }
   if (input.loosest_precision.has_value() &&
-      PrecisionLooseness(parts_.served_precision) > PrecisionLooseness(*input.loosest_precision)) {
+      model::PrecisionLooseness(parts_.served_precision) >
+          model::PrecisionLooseness(*input.loosest_precision)) {
     return absl::FailedPreconditionError(
         absl::StrCat("the request refuses the ", cache::PrecisionName(parts_.served_precision),
                      " expert copies this daemon runs (--expert-precision ",
                      cache::PrecisionName(parts_.served_precision), ")"));
   }
+  // What the request does not bound, the daemon's policy decides.
+  out.loosest_precision =
+      input.loosest_precision.value_or(parts_.fallback_precision.value_or(parts_.served_precision));
   out.sampling = std::move(input.sampling);
   out.skip_special_tokens = input.skip_special_tokens;
   out.priority = input.priority;

@@ -47,6 +47,8 @@ struct ServingParts {
   model::ToolCallFormat tool_calls = model::ToolCallFormat::kNone;
   model::ReasoningFormat reasoning = model::ReasoningFormat::kNone;
   cache::Precision served_precision = cache::Precision::kSource;
+  // The copy the cache's precision policy falls back to; empty when it never does.
+  std::optional<cache::Precision> fallback_precision;
   std::shared_ptr<ServingMetrics> metrics;  // null with --metrics false
 };
 
@@ -92,8 +94,5 @@ class ServingCore {
   size_t longest_token_bytes_ = 0;
   std::atomic<uint64_t> next_id_{1};
 };
-
-// How far a precision departs from the source copy: source 0, int8 1, int4 2.
-int PrecisionLooseness(cache::Precision precision);
 
 }  // namespace moed::server
