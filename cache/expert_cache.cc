@@ -449,7 +449,7 @@ void ExpertCache::IssueBackgroundLocked() {
     const int expert = static_cast<int>(floor_cursor_ % static_cast<size_t>(config.num_experts));
     if (!config.IsMoeLayer(layer)) continue;
     const ExpertKey key{layer, expert, fallback_->precision};
-    if (fallback_->index.contains(key)) continue;
+    if (fallback_->index.contains(key) || floor_failed_.contains(key)) continue;
     if (fallback_->free.empty()) return;  // full: the floor holds what the budget allows
     const int slot = fallback_->free.back();
     fallback_->free.pop_back();
@@ -710,6 +710,9 @@ void ExpertCache::EndFailedLoadLocked(uint64_t tag, const Load& load, const absl
     return;
   }
   if (load.prefetch) ++prefetch_failures_;
+  // The floor does not read a failed copy again (a bad blob would be read forever); a use
+  // that needs it reads it.
+  if (load.fill && load.key.precision != device_.precision) floor_failed_.insert(load.key);
   AbandonPrefetchLocked(tag, load);
 }
 
@@ -771,13 +774,39 @@ StoreHealth ExpertCache::CheckStore() {
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute) {
-  return ForEachExpert(layer, experts, compute, {}, {});
+  return ForEachExpert(layer, experts, compute, std::vector<PrefetchHint>{});
 }
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints) {
-  return ForEachExpert(layer, experts, compute, hints, {});
+  std::vector<bool> may_fall_back;
+  if (routed_layer_ == layer && !routed_uses_.empty()) {
+    may_fall_back.reserve(experts.size());
+    for (int e : experts) {
+      auto it = routed_uses_.find(e);
+      may_fall_back.push_back(it != routed_uses_.end() &&
+                              precision_policy_.MayFallBack(it->second));
+    }
+  }
+  routed_uses_.clear();
+  routed_layer_ = -1;
+  return ForEachExpert(layer, experts, compute, hints, may_fall_back);
+}
+
+void ExpertCache::Routed(const model::LayerRouting& routing) {
+  routed_uses_.clear();
+  routed_layer_ = routing.layer;
+  if (!precision_policy_.falls_back() || routing.loosest == nullptr) return;
+  // Who claims each expert, with what weight and rank, and what their requests accept.
+  for (size_t t = 0; t < routing.num_tokens(); ++t) {
+    const std::vector<int>& chosen = (*routing.chosen)[t];
+    for (size_t r = 0; r < chosen.size(); ++r) {
+      routed_uses_[chosen[r]].push_back(
+          TokenUse{routing.gate_weights[t * static_cast<size_t>(routing.top_k) + r],
+                   static_cast<int>(r), routing.loosest[t]});
+    }
+  }
 }
 
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
@@ -1065,35 +1094,13 @@ class SharedCacheProvider final : public model::ExpertProvider {
       : cache_(std::move(cache)), prefetcher_(std::move(prefetcher)) {}
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override {
-    std::vector<bool> may_fall_back;
-    if (routed_layer_ == layer && !uses_.empty()) {
-      may_fall_back.reserve(experts.size());
-      for (int e : experts) {
-        auto it = uses_.find(e);
-        may_fall_back.push_back(it != uses_.end() &&
-                                cache_->precision_policy().MayFallBack(it->second));
-      }
-    }
-    absl::Status status = cache_->ForEachExpert(layer, experts, compute, hints_, may_fall_back);
+    absl::Status status = cache_->ForEachExpert(layer, experts, compute, hints_);
     hints_.clear();
-    uses_.clear();
-    routed_layer_ = -1;
     return status;
   }
   void Routed(const model::LayerRouting& routing) override {
     if (prefetcher_ != nullptr) hints_ = prefetcher_->Plan(routing);
-    uses_.clear();
-    routed_layer_ = routing.layer;
-    if (!cache_->precision_policy().falls_back() || routing.loosest == nullptr) return;
-    // Who claims each expert, with what weight and rank, and what their requests accept.
-    for (size_t t = 0; t < routing.num_tokens(); ++t) {
-      const std::vector<int>& chosen = (*routing.chosen)[t];
-      for (size_t r = 0; r < chosen.size(); ++r) {
-        uses_[chosen[r]].push_back(
-            TokenUse{routing.gate_weights[t * static_cast<size_t>(routing.top_k) + r],
-                     static_cast<int>(r), routing.loosest[t]});
-      }
-    }
+    cache_->Routed(routing);
   }
   int lookahead_layers() const override {
     return prefetcher_ == nullptr ? 0 : prefetcher_->lookahead_layers();
@@ -1112,10 +1119,7 @@ class SharedCacheProvider final : public model::ExpertProvider {
  private:
   std::shared_ptr<ExpertCache> cache_;
   std::shared_ptr<Prefetcher> prefetcher_;
-  std::vector<PrefetchHint> hints_;  // from the last Routed, for the ForEachExpert after it
-  // From the last Routed: the tokens routed to each expert (only with a policy that falls back).
-  absl::flat_hash_map<int, std::vector<TokenUse>> uses_;
-  int routed_layer_ = -1;
+  std::vector<PrefetchHint> hints_;   // from the last Routed, for the ForEachExpert after it
   uint64_t issued_ = 0, wasted_ = 0;  // the cache's counts at the last TakeStepPrefetches
 };
 

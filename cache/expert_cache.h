@@ -170,9 +170,13 @@ class ExpertCache final : public model::ExpertProvider {
 
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute) override;
+  // Remembers, with a precision policy that falls back, who claims each expert of the layer
+  // (gate weight, rank, what the request accepts): the ForEachExpert after it asks the policy.
+  // On the engine's thread, as ForEachExpert.
+  void Routed(const model::LayerRouting& routing) override;
 
   // As above, and once this layer's experts are pinned and its misses have their slots,
-  // `hints` replace the prefetch queue (see Prefetch).
+  // `hints` replace the prefetch queue (see Prefetch). Falls back as the last Routed decided.
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints);
@@ -314,7 +318,11 @@ class ExpertCache final : public model::ExpertProvider {
   int fills_in_flight_ = 0;
   size_t floor_cursor_ = 0;  // the next expert (layer-major over MoE layers) the floor checks
   bool floor_complete_ = false;
-  std::deque<ExpertKey> upgrades_;             // full copies to read when the disk is idle
+  absl::flat_hash_set<ExpertKey> floor_failed_;  // floor reads that failed for good
+  std::deque<ExpertKey> upgrades_;               // full copies to read when the disk is idle
+  // From the last Routed (engine thread only): the tokens routed to each expert of the layer.
+  absl::flat_hash_map<int, std::vector<TokenUse>> routed_uses_;
+  int routed_layer_ = -1;
   absl::flat_hash_map<uint64_t, Load> loads_;  // by tag
   // Failed loads not yet reported, kept as code and text: an absl::Status made on the reader's
   // thread is not handed to the compute thread, whose copy would share its reference count

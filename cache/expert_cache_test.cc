@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -598,6 +599,143 @@ TEST_CASE("a corrupted store file fails only the steps that need the damaged exp
   auto expected = model::ScoreAndGreedy(**reference, {avoids}, 0);
   REQUIRE(expected.ok());
   CHECK(good->prompt_logits == expected->prompt_logits);
+}
+
+// What one ForEachExpert call handed over, per expert.
+struct Served {
+  model::ExpertServed how;
+  kernels::Quantization quantization = kernels::Quantization::kNone;
+};
+
+std::map<int, Served> Serve(ExpertCache& cache, int layer, const std::vector<int>& experts,
+                            const std::vector<bool>& may_fall_back) {
+  std::map<int, Served> out;
+  absl::Status status = cache.ForEachExpert(
+      layer, experts,
+      [&](int e, const model::ExpertWeights& weights, const model::ExpertServed& how) {
+        out[e] = {how, weights.gate.quantization};
+        return absl::OkStatus();
+      },
+      {}, may_fall_back);
+  REQUIRE(status.ok());
+  return out;
+}
+
+CacheOptions AlwaysInt4(const Fixture& f, bool floor) {
+  CacheOptions options;
+  options.precision_policy.kind = PrecisionPolicyKind::kAlways;
+  options.precision_policy.fallback = Precision::kInt4;
+  options.precision_policy.low_bit_floor = floor;
+  // A quarter of the full copies' bytes.
+  options.device_bytes = f.AllExpertsBytes(Precision::kSource) / 4;
+  return options;
+}
+
+TEST_CASE(
+    "a missing expert runs from its fallback copy only when allowed and its full copy is "
+    "not resident") {
+  Fixture f(model::Architecture::kMixtral);
+  auto made = ExpertCache::Create(f.store, AlwaysInt4(f, false));
+  REQUIRE(made.ok());
+  ExpertCache& cache = **made;
+  REQUIRE(cache.counters().fallback.slots > 0);
+  // Expert 0 may fall back: its int4 copy is read. Expert 1 may not: its full copy is read.
+  auto first = Serve(cache, 0, {0, 1}, {true, false});
+  CHECK(first[0].how.fallback);
+  CHECK(first[0].how.precision == Precision::kInt4);
+  CHECK(first[0].quantization == kernels::Quantization::kInt4Grouped);
+  CHECK(first[0].how.source == model::ExpertSource::kDisk);
+  CHECK(first[0].how.bytes_staged == ExpertCache::SlotBytes(*f.store, Precision::kInt4));
+  CHECK_FALSE(first[1].how.fallback);
+  CHECK(first[1].how.precision == Precision::kSource);
+  CHECK(first[1].quantization == kernels::Quantization::kNone);
+  // Expert 1's full copy is resident: it serves even a use that may fall back. Expert 0's
+  // int4 copy is resident: a hit in the fallback pool.
+  auto second = Serve(cache, 0, {0, 1}, {true, true});
+  CHECK(second[0].how.fallback);
+  CHECK(second[0].how.source == model::ExpertSource::kDevice);
+  CHECK_FALSE(second[1].how.fallback);
+  CHECK(second[1].how.source == model::ExpertSource::kDevice);
+  // A use that may not fall back reads the full copy though the int4 one is resident.
+  auto third = Serve(cache, 0, {0}, {false});
+  CHECK_FALSE(third[0].how.fallback);
+  CHECK(third[0].how.source == model::ExpertSource::kDisk);
+  const CacheCounters c = cache.counters();
+  CHECK(c.fallbacks_int4 == 2);
+  CHECK(c.fallbacks_int8 == 0);
+  CHECK(c.fallback.misses == 1);
+  CHECK(c.fallback.hits == 1);
+  CHECK(c.ssd_reads == 3);
+  CHECK(c.ssd_bytes == ExpertCache::SlotBytes(*f.store, Precision::kInt4) +
+                           2 * ExpertCache::SlotBytes(*f.store, Precision::kSource));
+}
+
+TEST_CASE("exact requests stay bitwise exact under a policy that falls back") {
+  Fixture f(model::Architecture::kMixtral);
+  auto made = ExpertCache::Create(f.store, AlwaysInt4(f, false));
+  REQUIRE(made.ok());
+  ExpertCache* raw = made->get();
+  auto model = ModelOver(f, *std::move(made));
+  // Through the model: exact runs never fall back; a run that accepts int4 does.
+  auto exact = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
+  REQUIRE(exact.ok());
+  CHECK(exact->prompt_logits == f.reference.prompt_logits);
+  CHECK(exact->greedy == f.reference.greedy);
+  CHECK(exact->fallbacks == 0);
+  auto loose = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6, Precision::kInt4);
+  REQUIRE(loose.ok());
+  CHECK(loose->fallbacks > 0);
+  CHECK(raw->counters().fallbacks_int4 == loose->fallbacks);
+  CHECK(loose->prompt_logits != f.reference.prompt_logits);
+  auto exact_again = model::ScoreAndGreedy(*model, Fixture::kPrompt, 6);
+  REQUIRE(exact_again.ok());
+  CHECK(exact_again->prompt_logits == f.reference.prompt_logits);
+  CHECK(exact_again->greedy_logits == f.reference.greedy_logits);
+}
+
+TEST_CASE("the low-bit floor reads every fallback copy while the disk is idle, then upgrades") {
+  Fixture f(model::Architecture::kMixtral);
+  CacheOptions options = AlwaysInt4(f, true);
+  options.device_bytes = f.AllExpertsBytes(Precision::kSource) / 2;
+  auto made = ExpertCache::Create(f.store, options);
+  REQUIRE(made.ok());
+  ExpertCache& cache = **made;
+  const uint64_t experts =
+      static_cast<uint64_t>(f.store->config().NumMoeLayers() * f.store->config().num_experts);
+  REQUIRE(cache.counters().fallback.slots == experts);
+  cache.Prefetch({});  // the disk is idle: the floor starts filling
+  WaitFor([&] { return cache.counters().fallback.resident == experts; });
+  CHECK(cache.counters().floor_reads == experts);
+  // A miss now never waits for the disk: it runs from the floor ...
+  auto served = Serve(cache, 1, {3}, {true});
+  CHECK(served[3].how.fallback);
+  CHECK(served[3].how.source == model::ExpertSource::kDevice);
+  CHECK(served[3].how.wait_seconds == 0);
+  // ... and its full copy is read in the background.
+  WaitFor([&]() -> bool { return cache.DeviceResidency()[1][3]; });
+  CHECK(cache.counters().upgrade_reads == 1);
+  auto upgraded = Serve(cache, 1, {3}, {true});
+  CHECK_FALSE(upgraded[3].how.fallback);
+  CHECK(cache.counters().floor_reads == experts);  // nothing read twice
+}
+
+TEST_CASE("a floor read that fails fails nothing: the copy is read again when a use needs it") {
+  Fixture f(model::Architecture::kMixtral);
+  FaultInjectingReader* injector = nullptr;
+  CacheOptions options = AlwaysInt4(f, true);
+  options.device_bytes = f.AllExpertsBytes(Precision::kSource) / 2;
+  std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+  const BlobEntry* blob = f.store->manifest().FindBlob(0, 2, Precision::kInt4);
+  injector->Inject(blob->offset, Fault::kCorrupt, 1);
+  const uint64_t experts =
+      static_cast<uint64_t>(f.store->config().NumMoeLayers() * f.store->config().num_experts);
+  cache->Prefetch({});
+  WaitFor([&] { return cache->counters().floor_reads == experts; });
+  WaitFor([&] { return cache->counters().failed_checksums == 1; });
+  CHECK(cache->counters().fallback.resident == experts - 1);
+  auto served = Serve(*cache, 0, {2}, {true});
+  CHECK(served[2].how.fallback);
+  CHECK(served[2].how.source == model::ExpertSource::kDisk);
 }
 
 TEST_CASE("byte sizes parse with binary suffixes") {
