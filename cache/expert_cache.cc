@@ -167,11 +167,11 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
 }
 
 ExpertCache::~ExpertCache() {
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;  // from now on nothing submits a read
+  }
   if (retry_thread_.joinable()) {
-    {
-      std::lock_guard lock(mutex_);
-      stopping_ = true;
-    }
     retry_changed_.notify_all();
     retry_thread_.join();
   }
@@ -336,6 +336,11 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
 }
 
 absl::Status ExpertCache::SubmitLocked(uint64_t tag, const Load& load) {
+  if (stopping_) {
+    // The reader is going away (its completion thread calls in until it has).
+    loads_.erase(tag);
+    return absl::CancelledError("the expert cache is shutting down");
+  }
   const uint64_t bytes = DevicePool(load.key.precision).slot_bytes;
   ++ssd_reads_;
   ssd_bytes_ += bytes;
@@ -425,8 +430,10 @@ void ExpertCache::IssuePrefetchesLocked() {
 }
 
 void ExpertCache::IssueBackgroundLocked() {
-  // Upgrades first (experts in use now), then the floor. Neither evicts anything pinned; an
-  // upgrade takes a slot as a miss would (its expert was just used), the floor only free ones.
+  if (stopping_) return;
+  // Upgrades first (experts that just ran from a fallback copy), then the floor. Neither evicts
+  // anything pinned; an upgrade takes a slot as a miss would (its expert was just used), the
+  // floor only free ones.
   while (!upgrades_.empty()) {
     const ExpertKey key = upgrades_.front();
     upgrades_.pop_front();
@@ -997,9 +1004,9 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       how.wait_seconds = waited_seconds;
       if (how.fallback) {
         (pool.precision == Precision::kInt8 ? fallbacks_int8_ : fallbacks_int4_)++;
-        // The floor holds the fallback copy; the full one is read when the disk is idle.
-        if (options_.precision_policy.low_bit_floor &&
-            std::find(upgrades_.begin(), upgrades_.end(), FullKey(layer, e)) == upgrades_.end()) {
+        // The full copy is read when the disk is idle (an upgrade): the full pool fills with the
+        // experts in use rather than waiting for prefetches.
+        if (std::find(upgrades_.begin(), upgrades_.end(), FullKey(layer, e)) == upgrades_.end()) {
           upgrades_.push_back(FullKey(layer, e));
           // Bounded: the oldest wishes go first (the full pool could not take more anyway).
           while (upgrades_.size() > device_.slots.size()) upgrades_.pop_front();

@@ -108,7 +108,7 @@ struct CacheCounters {
   uint64_t fallbacks_int8 = 0;
   uint64_t fallbacks_int4 = 0;
   // Background reads of the low-bit floor (fallback copies read while the disk is idle) and
-  // of upgrades (full copies of experts that ran from the floor).
+  // of upgrades (full copies of experts that ran from a fallback copy).
   uint64_t floor_reads = 0;
   uint64_t upgrade_reads = 0;
   // Reads requested from the store, and their bytes (a cancelled prefetch included; most of its

@@ -33,8 +33,8 @@ struct PrecisionPolicyOptions {
   // ... or when the expert's rank among the token's experts (0: the first) is at least this.
   int min_rank = std::numeric_limits<int>::max();
   // Keep the low-precision copy of every expert resident when the budget allows, so that a
-  // miss that may fall back never waits for the disk; upgrade used experts to full precision
-  // in the background.
+  // miss that may fall back never waits for the disk. (With or without it, an expert that ran
+  // from its fallback copy has its full copy read when the disk is idle.)
   bool low_bit_floor = false;
 };
 

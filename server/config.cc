@@ -266,8 +266,9 @@ const std::vector<OptionSpec>& DaemonOptions() {
                          "its --fallback-precision copy instead of waiting (exact: never, results "
                          "bitwise equal to all-resident; threshold: when every token routed to it "
                          "has a gate weight below --fallback-threshold or a rank of at least "
-                         "--fallback-min-rank; always: every miss). Requests that ask for "
-                         "EXPERT_PRECISION_SOURCE stay exact",
+                         "--fallback-min-rank; always: every miss). An expert that ran from its "
+                         "fallback copy has its full copy read while the disk is idle. Requests "
+                         "that ask for EXPERT_PRECISION_SOURCE stay exact",
                  .choices = {"exact", "threshold", "always"}});
     o.push_back({.name = "fallback-precision",
                  .field = F(&DaemonConfig::fallback_precision),
@@ -293,8 +294,7 @@ const std::vector<OptionSpec>& DaemonOptions() {
                  .metavar = "BOOL",
                  .help = "with a precision policy that falls back: keep every expert's fallback "
                          "copy resident as far as the budget allows (read while the disk is "
-                         "idle), the rest of the budget for full copies, and read the full copy "
-                         "of each expert that ran from the floor when the disk is idle"});
+                         "idle), the rest of the budget for full copies"});
     o.push_back({.name = "listen",
                  .field = F(&DaemonConfig::listen),
                  .metavar = "HOST:PORT",

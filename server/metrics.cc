@@ -327,7 +327,7 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
                static_cast<double>(c.fallbacks_int4));
     out.Family("moed_expert_cache_background_reads_total", "counter",
                "Reads while the disk was idle: floor (the low-bit floor's copies) and upgrade "
-               "(full copies of experts that ran from the floor).");
+               "(full copies of experts that ran from a fallback copy).");
     out.Sample("moed_expert_cache_background_reads_total", {{"kind", "floor"}},
                static_cast<double>(c.floor_reads));
     out.Sample("moed_expert_cache_background_reads_total", {{"kind", "upgrade"}},

@@ -9,6 +9,8 @@
 //     counters; and the seconds per token the engine stalled for experts, next to the time
 //     the bytes it missed take at fio's bandwidth. With --routing-trace, every layer routes
 //     as the recorded trace did (real Mixtral locality on the 32-layer bench model).
+//     With --precision, each precision setting too (exact, always:int4, threshold:int4:0.3,
+//     floor:int4 ...): the missed bytes then include the fallback copies read.
 //  3. With the model's own routing: each predictor's recall and precision per predicted
 //     layer, as the running prefetcher scores them.
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -112,6 +115,7 @@ double FioGbps(const std::string& file, uint64_t block, int depth, int seconds) 
 namespace {
 
 struct DecodeRun {
+  double fallbacks_per_token = 0;
   double seconds_per_token = 0;
   double stall_per_token = 0;
   double missed_bytes_per_token = 0;
@@ -123,14 +127,15 @@ struct DecodeRun {
 // Builds the engine of `config`, prefills 4 tokens, decodes `warm` then `steps` tokens of a
 // fixed pseudo-random stream (the synthetic model's greedy output soon repeats one token,
 // which would make its own routing unrealistically repetitive), measuring the `steps`.
-absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int warm, int steps) {
+absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int warm, int steps,
+                                 moed::model::Precision loosest = moed::model::Precision::kSource) {
   auto engine = moed::server::BuildEngine(config);
   if (!engine.ok()) return engine.status();
   moed::cache::ExpertCache* raw = engine->cache.get();
   std::shared_ptr<moed::model::Model> model = engine->model;
   const auto& c = engine->model_config;
   auto kv = model->NewKvCache(8 + warm + steps);
-  moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false};
+  moed::model::SequenceInput input{kv.get(), {1, 2, 3, 4}, false, loosest};
   if (auto out = model->Forward(absl::MakeSpan(&input, 1)); !out.ok()) return out.status();
   std::mt19937 tokens(7);
   auto next_token = [&] {
@@ -139,6 +144,14 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
   for (int w = 0; w < warm; ++w) {
     input.tokens = {next_token()};
     if (auto out = model->Forward(absl::MakeSpan(&input, 1)); !out.ok()) return out.status();
+  }
+  if (config.low_bit_floor) {
+    // Measured once the floor is in, as a daemon serves after its start-up fill.
+    const auto deadline = Clock::now() + std::chrono::minutes(2);
+    while (raw->counters().fallback.resident < raw->counters().fallback.slots &&
+           Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
   }
   const auto before = raw->counters();
   const auto start = Clock::now();
@@ -155,8 +168,14 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
                           (after.cancelled_read_bytes - before.cancelled_read_bytes)) /
       steps;
   run.stall_per_token = (after.wait_seconds - before.wait_seconds) / steps;
-  const uint64_t hits = after.device.hits - before.device.hits,
-                 misses = after.device.misses - before.device.misses;
+  run.fallbacks_per_token = static_cast<double>((after.fallbacks_int8 + after.fallbacks_int4) -
+                                                (before.fallbacks_int8 + before.fallbacks_int4)) /
+                            steps;
+  // Served from a resident copy, full or fallback, against every use.
+  const uint64_t hits = (after.device.hits + after.fallback.hits) -
+                        (before.device.hits + before.fallback.hits),
+                 misses = (after.device.misses + after.fallback.misses) -
+                          (before.device.misses + before.fallback.misses);
   run.hit_rate = static_cast<double>(hits) / std::max<uint64_t>(1, hits + misses);
   run.delta.prefetch_issued = after.prefetch_issued - before.prefetch_issued;
   run.delta.prefetch_useful = after.prefetch_useful - before.prefetch_useful;
@@ -176,6 +195,45 @@ bool WriteHeldOutCalibration(const std::string& path, const std::string& out) {
     if (!moed::cache::AppendRoutingTrace(out, (*traces)[i]).ok()) return false;
   }
   return true;
+}
+
+// One --precision entry: exact, always:P, threshold:P:TAU or floor:P (always, low-bit floor).
+struct PrecisionSetting {
+  std::string label, policy = "exact", fallback = "int4";
+  double threshold = 0;
+  bool floor = false;
+};
+
+absl::StatusOr<PrecisionSetting> ParsePrecisionSetting(const std::string& text) {
+  PrecisionSetting setting;
+  setting.label = text;
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    size_t colon = text.find(':', start);
+    parts.push_back(text.substr(start, colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  const std::string& kind = parts[0];
+  if (kind == "exact" && parts.size() == 1) return setting;
+  if (parts.size() < 2 || (parts[1] != "int8" && parts[1] != "int4")) {
+    return absl::InvalidArgumentError("--precision " + text +
+                                      ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
+  }
+  setting.fallback = parts[1];
+  if (kind == "always" && parts.size() == 2) {
+    setting.policy = "always";
+  } else if (kind == "floor" && parts.size() == 2) {
+    setting.policy = "always";
+    setting.floor = true;
+  } else if (kind == "threshold" && parts.size() == 3) {
+    setting.policy = "threshold";
+    setting.threshold = std::atof(parts[2].c_str());
+  } else {
+    return absl::InvalidArgumentError("--precision " + text +
+                                      ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
+  }
+  return setting;
 }
 
 bool EnsureStore(const std::string& preset, const std::string& store_dir) {
@@ -207,6 +265,7 @@ int main(int argc, char** argv) try {
   double stage_seconds = 10;
   std::vector<double> budgets = {1.0, 0.5, 0.25};
   std::vector<std::string> predictors = {"off", "history", "affinity", "combined"};
+  std::vector<std::string> precision_texts = {"exact"};
   bool skip_staging = false;
   CLI::App app{
       "moed-bench-offload: SSD staging against fio, decode at cache budgets and prefetch "
@@ -241,11 +300,25 @@ int main(int argc, char** argv) try {
                  "trace's sequences but the first, the one the decode replays)");
   app.add_option("--routing-trace", routing_trace,
                  "route every layer as this recorded trace does (its first sequence)");
+  app.add_option("--precision", precision_texts,
+                 "precision settings to run at each budget below 100 %: exact, always:P, "
+                 "threshold:P:TAU, floor:P (always with the low-bit floor); P is int8 or int4")
+      ->capture_default_str()
+      ->delimiter(',');
   app.add_option("--predict-steps", predict_steps,
                  "decode steps of the own-routing prediction section (0: skip it)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   fio_seconds = static_cast<int>(stage_seconds);
+  std::vector<PrecisionSetting> precisions;
+  for (const std::string& text : precision_texts) {
+    auto setting = ParsePrecisionSetting(text);
+    if (!setting.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(setting.status().message()).c_str());
+      return 2;
+    }
+    precisions.push_back(*setting);
+  }
 
   const std::string preset = routing_trace.empty() ? "bench-6g" : "bench-32l";
   if (store_dir.empty()) {
@@ -295,16 +368,20 @@ int main(int argc, char** argv) try {
       "%s routing ==\n",
       store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
       c.experts_per_token, routing_trace.empty() ? "the model's own" : routing_trace.c_str());
-  std::printf("%-7s %-9s %9s %8s %9s %9s %10s %9s %7s %17s %8s\n", "budget", "prefetch", "tokens/s",
-              "vs res.", "roofline", "of roof.", "MB read/t", "stall s/t", "roof s/t",
-              "useful/late/waste", "hit rate");
+  std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s\n", "budget",
+              "prefetch", "precision", "tokens/s", "vs res.", "roofline", "of roof.", "MB read/t",
+              "stall s/t", "roof s/t", "useful/late/waste", "hit rate", "fb/t");
   double resident_seconds = 0;
   for (double fraction : budgets) {
-    std::vector<std::string> order;
-    for (const std::string& predictor : predictors) {
-      // affinity needs a calibration: given, or taken from the routing trace.
-      if (predictor == "affinity" && calibration.empty()) continue;
-      if (fraction < 1.0 || predictor == "off") order.push_back(predictor);
+    // (predictor, precision setting) pairs.
+    std::vector<std::pair<std::string, PrecisionSetting>> order;
+    for (const PrecisionSetting& precision : precisions) {
+      if (fraction >= 1.0 && precision.policy != "exact") continue;  // nothing to fall back from
+      for (const std::string& predictor : predictors) {
+        // affinity needs a calibration: given, or taken from the routing trace.
+        if (predictor == "affinity" && calibration.empty()) continue;
+        if (fraction < 1.0 || predictor == "off") order.push_back({predictor, precision});
+      }
     }
     std::vector<std::vector<DecodeRun>> results(order.size());
     for (int r = 0; r < (fraction >= 1.0 ? 1 : runs); ++r) {
@@ -314,15 +391,25 @@ int main(int argc, char** argv) try {
         config.backend = "cpu";
         config.device_cache_bytes = static_cast<int64_t>(fraction * all);
         config.io_queue_depth = depth;
-        config.prefetch = order[i];
+        const auto& [predictor, precision] = order[i];
+        config.prefetch = predictor;
         config.prefetch_depth = prefetch_depth;
         config.prefetch_candidates = prefetch_candidates;
         config.routing_trace = routing_trace;
-        if (order[i] == "affinity" || order[i] == "combined")
+        if (predictor == "affinity" || predictor == "combined")
           config.prefetch_calibration = calibration;
-        // The resident run warms every expert it uses; the others start from what 2 steps load.
-        const int warm = fraction >= 1.0 ? 24 : 2;
-        auto run = Decode(config, warm, steps);
+        config.precision_policy = precision.policy;
+        config.fallback_precision = precision.fallback;
+        config.fallback_threshold = precision.threshold;
+        config.low_bit_floor = precision.floor;
+        const moed::model::Precision loosest =
+            precision.policy == "exact"     ? moed::model::Precision::kSource
+            : precision.fallback == "int8" ? moed::model::Precision::kInt8
+                                            : moed::model::Precision::kInt4;
+        // The resident run warms every expert it uses; the others start from what 2 steps load
+        // (the floor's: until the floor is filled, as a daemon would before serving).
+        const int warm = fraction >= 1.0 ? 24 : precision.floor ? 24 : 2;
+        auto run = Decode(config, warm, steps, loosest);
         if (!run.ok()) {
           std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
           return 1;
@@ -341,13 +428,15 @@ int main(int argc, char** argv) try {
       const double roofline = std::max(resident_seconds, read_floor);
       const double per_token = 1.0 / steps;
       std::printf(
-          "%6.0f%% %-9s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f %7.0f%%",
-          100 * fraction, order[i].c_str(), 1 / median.seconds_per_token,
+          "%6.0f%% %-9s %-18s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f "
+          "%7.0f%% %6.1f",
+          100 * fraction, order[i].first.c_str(), order[i].second.label.c_str(),
+          1 / median.seconds_per_token,
           100 * resident_seconds / median.seconds_per_token, 1 / roofline,
           100 * roofline / median.seconds_per_token, median.missed_bytes_per_token / 1e6,
           median.stall_per_token, read_floor, median.delta.prefetch_useful * per_token,
           median.delta.prefetch_late * per_token, median.delta.prefetch_wasted * per_token,
-          100 * median.hit_rate);
+          100 * median.hit_rate, median.fallbacks_per_token);
       if (of.size() > 1) {
         std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
       }
@@ -357,7 +446,8 @@ int main(int argc, char** argv) try {
   std::printf(
       "(roofline: max(all-resident time, bytes read / fio); roof s/t: the bytes read at fio's "
       "bandwidth, the stall a serial reader could not avoid; useful/late/waste: prefetches per "
-      "token)\n");
+      "token; hit rate: uses served from a resident copy, full or fallback; fb/t: uses per token "
+      "run from a fallback copy)\n");
 
   if (predict_steps > 0) {
     std::printf(
