@@ -816,6 +816,190 @@ void ExpertCache::Routed(const model::LayerRouting& routing) {
   }
 }
 
+void ExpertCache::ClaimLocked(ExpertClaim& claim) {
+  Tier& pool = PoolOf(claim);
+  model::ExpertServed& how = claim.served;
+  how.precision = pool.precision;
+  how.fallback = &pool != &device_;
+  ++tick_;
+  auto it = pool.index.find(claim.key);
+  if (it == pool.index.end()) {
+    ++pool.counters.misses;
+    return;  // waits for a slot (StartClaimLocked)
+  }
+  claim.slot = it->second;
+  Slot& slot = pool.slots[claim.slot];
+  ++slot.pins;
+  if (&pool == &device_) JoinLayerLocked(claim.slot);
+  if (slot.state == SlotState::kReady) {
+    ++pool.counters.hits;
+    pool.policy->Touch(claim.key, tick_);
+    if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
+      ++prefetch_useful_;
+      slot.prefetched = false;
+      how.prefetch = model::PrefetchOutcome::kUseful;
+      how.bytes_staged = pool.slot_bytes;
+    }
+    return;
+  }
+  ++pool.counters.misses;                   // the use waits for it
+  how.source = model::ExpertSource::kDisk;  // a read already in flight
+  how.bytes_staged = pool.slot_bytes;
+  if (slot.prefetched) {
+    slot.claimed = true;  // late, should it arrive; failed, should it not
+    how.prefetch = model::PrefetchOutcome::kLate;
+  }
+  for (const auto& [tag, load] : loads_) {
+    if (load.key == claim.key && (load.prefetch || load.fill)) reader_->Promote(tag);  // awaited
+  }
+}
+
+absl::StatusOr<bool> ExpertCache::StartClaimLocked(ExpertClaim& claim, int layer) {
+  Tier& pool = PoolOf(claim);
+  const int slot = AllocateSlotLocked(pool, layer);
+  if (slot < 0) return false;
+  pool.slots[slot].pins = 1;
+  absl::Status started = StartLoadLocked(claim.key, slot);
+  if (!started.ok()) {
+    pool.slots[slot].state = SlotState::kFree;
+    pool.Drop(claim.key);
+    ReleaseSlotLocked(pool, slot);
+    claim.finished = true;
+    return started;
+  }
+  claim.slot = slot;
+  claim.served.bytes_staged = pool.slot_bytes;
+  claim.served.source = pool.slots[slot].state == SlotState::kReady
+                            ? model::ExpertSource::kHost  // copied from the host tier already
+                            : model::ExpertSource::kDisk;
+  return true;
+}
+
+ExpertCache::ClaimState ExpertCache::ClaimStateLocked(ExpertClaim& claim, absl::Status* error) {
+  if (claim.slot < 0) return ClaimState::kWaitingForSlot;
+  auto failure = failures_.find(claim.key);
+  if (failure != failures_.end()) {
+    *error = WithStoreFault(absl::Status(failure->second.code, failure->second.message),
+                            failure->second.fault);
+    failures_.erase(failure);
+    return ClaimState::kFailed;
+  }
+  Slot& slot = PoolOf(claim).slots[claim.slot];
+  if (slot.state != SlotState::kReady || !(slot.key == claim.key)) return ClaimState::kLoading;
+  // A late prefetch that failed was read again for this use: it served nothing.
+  if (claim.served.prefetch == model::PrefetchOutcome::kLate && !slot.arrived_late)
+    claim.served.prefetch = model::PrefetchOutcome::kNone;
+  slot.arrived_late = false;
+  return ClaimState::kReady;
+}
+
+void ExpertCache::ReleaseClaimLocked(ExpertClaim& claim) {
+  if (claim.slot >= 0) ReleaseSlotLocked(PoolOf(claim), claim.slot);
+  claim.slot = -1;
+  claim.finished = true;
+}
+
+absl::StatusOr<ExpertHandle> ExpertCache::Acquire(int layer, int expert, Precision precision) {
+  const model::ModelConfig& config = store_->config();
+  if (layer < 0 || layer >= config.num_layers || !config.IsMoeLayer(layer) || expert < 0 ||
+      expert >= config.num_experts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("no routed expert ", expert, " at layer ", layer, " in this model"));
+  }
+  std::lock_guard lock(mutex_);
+  if (DevicePool(precision).precision != precision) {
+    return absl::InvalidArgumentError(absl::StrCat("the cache keeps no ", PrecisionName(precision),
+                                                   " copies (it serves ",
+                                                   PrecisionName(device_.precision), ")"));
+  }
+  ExpertHandle handle;
+  handle.cache_ = this;
+  handle.claim_.key = ExpertKey{layer, expert, precision};
+  handle.claim_.fallback_pool = &DevicePool(precision) != &device_;
+  ClaimLocked(handle.claim_);
+  if (handle.claim_.slot < 0) {
+    absl::StatusOr<bool> started = StartClaimLocked(handle.claim_, layer);
+    if (!started.ok()) {
+      handle.cache_ = nullptr;
+      return started.status();
+    }
+  }
+  return handle;
+}
+
+ExpertHandle& ExpertHandle::operator=(ExpertHandle&& other) noexcept {
+  if (this != &other) {
+    Release();
+    cache_ = other.cache_;
+    claim_ = other.claim_;
+    other.cache_ = nullptr;
+  }
+  return *this;
+}
+
+bool ExpertHandle::ready() const {
+  if (cache_ == nullptr || claim_.slot < 0) return false;
+  std::lock_guard lock(cache_->mutex_);
+  const ExpertCache::Slot& slot = cache_->PoolOf(claim_).slots[claim_.slot];
+  return slot.state == ExpertCache::SlotState::kReady && slot.key == claim_.key;
+}
+
+absl::Status ExpertHandle::Wait() {
+  if (cache_ == nullptr) return absl::FailedPreconditionError("an empty or released handle");
+  if (claim_.finished) return absl::FailedPreconditionError("the read failed; release the handle");
+  std::unique_lock lock(cache_->mutex_);
+  const auto start = std::chrono::steady_clock::now();
+  bool waited = false, counted_waiting = false;
+  absl::Status result;
+  while (true) {
+    if (claim_.slot < 0) {
+      absl::StatusOr<bool> started = cache_->StartClaimLocked(claim_, claim_.key.layer);
+      if (!started.ok()) {
+        result = started.status();
+        break;
+      }
+      if (!*started && !counted_waiting) {
+        ++cache_->uses_waiting_for_slots_;  // no prefetch takes a slot before this use has one
+        counted_waiting = true;
+      }
+    }
+    absl::Status error;
+    const ExpertCache::ClaimState state = cache_->ClaimStateLocked(claim_, &error);
+    if (state == ExpertCache::ClaimState::kReady) break;
+    if (state == ExpertCache::ClaimState::kFailed) {
+      claim_.finished = true;  // its slot was freed with the failed read; the pin goes on Release
+      result = error;
+      break;
+    }
+    waited = true;
+    cache_->changed_.wait(lock);
+  }
+  if (counted_waiting) --cache_->uses_waiting_for_slots_;
+  if (waited) {
+    claim_.served.wait_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    cache_->wait_seconds_ += claim_.served.wait_seconds;
+  }
+  return result;
+}
+
+model::ExpertWeights ExpertHandle::weights() const {
+  if (cache_ == nullptr || claim_.slot < 0) return {};
+  ExpertCache::Tier& pool = cache_->PoolOf(claim_);
+  return ExpertWeightsInBlob(*pool.layout, pool.SlotData(claim_.slot));
+}
+
+void ExpertHandle::Release() {
+  if (cache_ == nullptr) return;
+  {
+    std::lock_guard lock(cache_->mutex_);
+    cache_->ReleaseClaimLocked(claim_);
+    cache_->IssuePrefetchesLocked();
+  }
+  cache_->changed_.notify_all();  // a claim waiting for a slot may take this one
+  cache_ = nullptr;
+}
+
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints,
@@ -825,165 +1009,91 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
   if (fallback_ != nullptr) fallback_->policy->AtLayer(layer);
   if (host_ != nullptr) host_->policy->AtLayer(layer);
   CancelUnneededLocked(layer, experts);
-  // Each expert is served from one pool: the full copies, or (a fallback) the fallback copies.
-  std::vector<int> ready, waiting, deferred;
-  absl::flat_hash_map<int, int> slot_of;
-  absl::flat_hash_map<int, Tier*> pool_of;
-  absl::flat_hash_map<int, model::ExpertServed> served;
-  // Pins the copy of `key` in `pool` (resident or on its way) for expert `e`.
-  auto pin = [&](Tier& pool, const ExpertKey& key, int e, int slot_index) {
-    Slot& slot = pool.slots[slot_index];
-    ++slot.pins;
-    slot_of[e] = slot_index;
-    pool_of[e] = &pool;
-    model::ExpertServed& how = served[e];
-    how.precision = pool.precision;
-    how.fallback = &pool != &device_;
-    if (slot.state == SlotState::kReady) {
-      ++pool.counters.hits;
-      pool.policy->Touch(key, tick_);
-      if (&pool == &device_) JoinLayerLocked(slot_index);
-      if (slot.prefetched) {  // its bytes were moved for this use, ahead of it
-        ++prefetch_useful_;
-        slot.prefetched = false;
-        how.prefetch = model::PrefetchOutcome::kUseful;
-        how.bytes_staged = pool.slot_bytes;
-      }
-      ready.push_back(e);
-      return;
-    }
-    ++pool.counters.misses;  // the use waits for it
-    if (&pool == &device_) JoinLayerLocked(slot_index);
-    how.source = model::ExpertSource::kDisk;  // a read already in flight
-    how.bytes_staged = pool.slot_bytes;
-    if (slot.prefetched) {
-      slot.claimed = true;  // late, should it arrive; failed, should it not
-      how.prefetch = model::PrefetchOutcome::kLate;
-    }
-    for (const auto& [tag, load] : loads_) {
-      if (load.key == key && (load.prefetch || load.fill)) reader_->Promote(tag);  // now awaited
-    }
-    waiting.push_back(e);
-  };
+  // One claim per expert, on its full copy or (a fallback) its fallback copy.
+  std::vector<ExpertClaim> claims(experts.size());
   for (size_t i = 0; i < experts.size(); ++i) {
     const int e = experts[i];
-    const ExpertKey full = FullKey(layer, e);
-    ++tick_;
-    auto it = device_.index.find(full);
+    ExpertClaim& claim = claims[i];
+    claim.key = FullKey(layer, e);
+    auto it = device_.index.find(claim.key);
     const bool full_ready =
         it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady;
-    const bool fall_back =
-        fallback_ != nullptr && !full_ready && i < may_fall_back.size() && may_fall_back[i];
-    if (fall_back) {
+    if (fallback_ != nullptr && !full_ready && i < may_fall_back.size() && may_fall_back[i]) {
       // A resident fallback copy serves at once; else a full copy already on its way; else
       // the fallback copy is read (fewer bytes than the full one).
       const ExpertKey low{layer, e, fallback_->precision};
       auto low_it = fallback_->index.find(low);
-      if (low_it != fallback_->index.end() &&
-          (fallback_->slots[low_it->second].state == SlotState::kReady ||
-           it == device_.index.end())) {
-        pin(*fallback_, low, e, low_it->second);
-      } else if (it != device_.index.end()) {
-        pin(device_, full, e, it->second);
-      } else {
-        ++fallback_->counters.misses;
-        pool_of[e] = fallback_.get();
-        deferred.push_back(e);
+      const bool low_ready = low_it != fallback_->index.end() &&
+                             fallback_->slots[low_it->second].state == SlotState::kReady;
+      if (low_ready || it == device_.index.end()) {
+        claim.key = low;
+        claim.fallback_pool = true;
       }
-    } else if (it != device_.index.end()) {
-      pin(device_, full, e, it->second);
-    } else {
-      ++device_.counters.misses;
-      pool_of[e] = &device_;
-      deferred.push_back(e);
     }
+    ClaimLocked(claim);
   }
   absl::Status first_error;
   size_t remaining = experts.size();
-  // Starts loads for deferred experts while slots can be had.
-  auto start_deferred = [&] {
-    while (!deferred.empty() && first_error.ok()) {
-      const int e = deferred.front();
-      Tier& pool = *pool_of[e];
-      int slot = AllocateSlotLocked(pool, layer);
-      if (slot < 0) return;
-      deferred.erase(deferred.begin());
-      pool.slots[slot].pins = 1;
-      slot_of[e] = slot;
-      const ExpertKey key{layer, e, pool.precision};
-      absl::Status started = StartLoadLocked(key, slot);
-      if (!started.ok()) {
-        pool.slots[slot].state = SlotState::kFree;
-        pool.Drop(key);
-        ReleaseSlotLocked(pool, slot);
-        first_error = started;
-        --remaining;
-        continue;
+  // Starts reads for claims still waiting for slots, in order, while slots can be had.
+  auto start_waiting = [&] {
+    size_t still_waiting = 0;
+    for (ExpertClaim& claim : claims) {
+      if (claim.finished || claim.slot >= 0) continue;
+      if (still_waiting == 0 && first_error.ok()) {
+        absl::StatusOr<bool> started = StartClaimLocked(claim, layer);
+        if (!started.ok()) {
+          first_error = started.status();
+          --remaining;
+          continue;
+        }
+        if (*started) continue;
       }
-      model::ExpertServed& how = served[e];
-      how.bytes_staged = pool.slot_bytes;
-      how.precision = pool.precision;
-      how.fallback = &pool != &device_;
-      if (pool.slots[slot].state == SlotState::kReady) {
-        how.source = model::ExpertSource::kHost;
-        ready.push_back(e);  // host hit: copied already
-      } else {
-        how.source = model::ExpertSource::kDisk;
-        waiting.push_back(e);
-      }
+      ++still_waiting;
     }
-    uses_waiting_for_slots_ = deferred.size();
+    uses_waiting_for_slots_ = still_waiting;
   };
-  start_deferred();
+  start_waiting();
   // This layer's experts are pinned or on their way: now the later layers may have slots.
   QueuePrefetchesLocked(hints);
   IssuePrefetchesLocked();
 
   while (remaining > 0) {
-    if (!first_error.ok() && !deferred.empty()) {
-      remaining -= deferred.size();  // never started: nothing to drain
-      deferred.clear();
+    if (!first_error.ok()) {
+      // Claims that never had a slot have nothing to drain.
+      for (ExpertClaim& claim : claims) {
+        if (!claim.finished && claim.slot < 0) {
+          claim.finished = true;
+          --remaining;
+        }
+      }
       if (remaining == 0) break;
     }
-    int e = -1;
+    ExpertClaim* next = nullptr;
     bool failed = false;
     auto wait_start = std::chrono::steady_clock::now();
     bool waited = false;
-    while (e < 0) {
-      if (!ready.empty()) {
-        e = ready.back();
-        ready.pop_back();
-        break;
-      }
-      for (size_t i = 0; i < waiting.size(); ++i) {
-        int w = waiting[i];
-        Tier& pool = *pool_of[w];
-        const ExpertKey key{layer, w, pool.precision};
-        auto failure = failures_.find(key);
-        Slot& slot = pool.slots[slot_of[w]];
-        if (failure != failures_.end()) {
-          if (first_error.ok()) {
-            first_error = WithStoreFault(
-                absl::Status(failure->second.code, failure->second.message), failure->second.fault);
+    while (next == nullptr) {
+      for (ExpertClaim& claim : claims) {
+        if (claim.finished) continue;
+        absl::Status error;
+        const ClaimState state = ClaimStateLocked(claim, &error);
+        if (state == ClaimState::kReady || state == ClaimState::kFailed) {
+          next = &claim;
+          if (state == ClaimState::kFailed) {
+            failed = true;
+            if (first_error.ok()) first_error = error;
           }
-          failures_.erase(failure);
-          e = w;
-          failed = true;
-        } else if (slot.state == SlotState::kReady && slot.key == key) {
-          e = w;
-          // A late prefetch that failed was read again for this use: it served nothing.
-          if (served[w].prefetch == model::PrefetchOutcome::kLate && !slot.arrived_late)
-            served[w].prefetch = model::PrefetchOutcome::kNone;
-          slot.arrived_late = false;
-        } else {
-          continue;
+          break;
         }
-        waiting.erase(waiting.begin() + static_cast<int64_t>(i));
-        break;
       }
-      if (e >= 0) break;
-      start_deferred();
-      if (!ready.empty()) continue;
+      if (next != nullptr) break;
+      start_waiting();
+      bool any_ready = false;
+      for (ExpertClaim& claim : claims) {
+        any_ready |= !claim.finished && claim.slot >= 0 &&
+                     PoolOf(claim).slots[claim.slot].state == SlotState::kReady;
+      }
+      if (any_ready) continue;
       waited = true;
       changed_.wait(lock);
     }
@@ -992,33 +1102,33 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       waited_seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
       wait_seconds_ += waited_seconds;
-      if (!failed && served[e].prefetch == model::PrefetchOutcome::kLate)
+      if (!failed && next->served.prefetch == model::PrefetchOutcome::kLate)
         prefetch_wait_seconds_ += waited_seconds;
     }
-    const int slot = slot_of[e];
-    Tier& pool = *pool_of[e];
     --remaining;
     if (!failed && first_error.ok()) {
-      model::ExpertWeights weights = ExpertWeightsInBlob(*pool.layout, pool.SlotData(slot));
-      model::ExpertServed how = served[e];
+      Tier& pool = PoolOf(*next);
+      model::ExpertWeights weights = ExpertWeightsInBlob(*pool.layout, pool.SlotData(next->slot));
+      model::ExpertServed how = next->served;
       how.wait_seconds = waited_seconds;
       if (how.fallback) {
         (pool.precision == Precision::kInt8 ? fallbacks_int8_ : fallbacks_int4_)++;
         // The full copy is read when the disk is idle (an upgrade): the full pool fills with the
         // experts in use rather than waiting for prefetches.
-        if (std::find(upgrades_.begin(), upgrades_.end(), FullKey(layer, e)) == upgrades_.end()) {
-          upgrades_.push_back(FullKey(layer, e));
+        const ExpertKey full = FullKey(layer, next->key.expert);
+        if (std::find(upgrades_.begin(), upgrades_.end(), full) == upgrades_.end()) {
+          upgrades_.push_back(full);
           // Bounded: the oldest wishes go first (the full pool could not take more anyway).
           while (upgrades_.size() > device_.slots.size()) upgrades_.pop_front();
         }
       }
       lock.unlock();
-      absl::Status computed = compute(e, weights, how);
+      absl::Status computed = compute(next->key.expert, weights, how);
       lock.lock();
       if (!computed.ok() && first_error.ok()) first_error = computed;
     }
-    ReleaseSlotLocked(pool, slot);
-    start_deferred();
+    ReleaseClaimLocked(*next);
+    start_waiting();
     IssuePrefetchesLocked();
   }
   uses_waiting_for_slots_ = 0;

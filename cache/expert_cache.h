@@ -147,6 +147,50 @@ std::vector<double> StageSecondsBuckets();
 using ReaderFactory =
     std::function<absl::StatusOr<std::unique_ptr<BlockReader>>(ReadCallback callback)>;
 
+class ExpertCache;
+
+// One use's claim on one copy of one expert, as the cache tracks it.
+struct ExpertClaim {
+  ExpertKey key;
+  bool fallback_pool = false;  // in the pool of fallback copies (else the full copies')
+  int slot = -1;               // pinned slot; -1 while waiting for one
+  bool finished = false;       // computed, failed, or released
+  model::ExpertServed served;
+};
+
+// A pinned, future-like claim on one copy of one expert (ExpertCache::Acquire). Pinned once it
+// has a slot, so the copy is never evicted while held; ready once the copy is resident. Released
+// by Release() or when destroyed. Like ForEachExpert, used from one thread at a time.
+class ExpertHandle {
+ public:
+  ExpertHandle() = default;
+  ExpertHandle(ExpertHandle&& other) noexcept { *this = std::move(other); }
+  ExpertHandle& operator=(ExpertHandle&& other) noexcept;
+  ExpertHandle(const ExpertHandle&) = delete;
+  ExpertHandle& operator=(const ExpertHandle&) = delete;
+  ~ExpertHandle() { Release(); }
+
+  bool valid() const { return cache_ != nullptr; }
+  const ExpertKey& key() const { return claim_.key; }
+  // Resident now: weights() may be read without waiting.
+  bool ready() const;
+  // Blocks until the copy is resident (OK), or its read failed for good (that read's error,
+  // naming the expert; the cache goes on serving).
+  absl::Status Wait();
+  // The copy's matrices where the cache holds them (read in place, no copy); valid while the
+  // handle is held, once ready.
+  model::ExpertWeights weights() const;
+  // Where the copy came from, the bytes moved for this use, the prefetch that served it, and
+  // (after Wait) the time waited.
+  const model::ExpertServed& served() const { return claim_.served; }
+  void Release();
+
+ private:
+  friend class ExpertCache;
+  ExpertCache* cache_ = nullptr;
+  ExpertClaim claim_;
+};
+
 class ExpertCache final : public model::ExpertProvider {
  public:
   // The smallest device budget that works (two slots: one computing, one streaming in).
@@ -187,6 +231,12 @@ class ExpertCache final : public model::ExpertProvider {
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints,
                              const std::vector<bool>& may_fall_back);
+
+  // Claims `precision`'s copy of (layer, expert): pinned at once if resident or on its way (a
+  // prefetch still being read is promoted), else a slot is taken (evicting the policy's victim
+  // if need be) and its read started, or, while every slot is pinned, it waits for one in
+  // Wait(). Fails for a precision the cache keeps no pool for, or an expert out of range.
+  absl::StatusOr<ExpertHandle> Acquire(int layer, int expert, Precision precision);
 
   // Replaces the queue of prefetches not yet started with `hints` (highest probability first;
   // those with fetch false only reach the eviction policy as predictions) and starts the first
@@ -253,6 +303,17 @@ class ExpertCache final : public model::ExpertProvider {
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
+  friend class ExpertHandle;
+  Tier& PoolOf(const ExpertClaim& claim) { return claim.fallback_pool ? *fallback_ : device_; }
+  // Pins the claim's copy when it is resident or on its way; else leaves it waiting for a slot.
+  void ClaimLocked(ExpertClaim& claim);
+  // Takes a slot for a claim waiting for one and starts its read: false while every slot is
+  // pinned; an error when the read cannot start (the claim is then finished).
+  absl::StatusOr<bool> StartClaimLocked(ExpertClaim& claim, int layer);
+  enum class ClaimState { kWaitingForSlot, kLoading, kReady, kFailed };
+  // Where a claim stands; kFailed moves its read's error into `error` (once).
+  ClaimState ClaimStateLocked(ExpertClaim& claim, absl::Status* error);
+  void ReleaseClaimLocked(ExpertClaim& claim);
   // The device pool holding copies of `precision`.
   Tier& DevicePool(Precision precision) {
     return precision == device_.precision || fallback_ == nullptr ? device_ : *fallback_;

@@ -738,6 +738,91 @@ TEST_CASE("a floor read that fails fails nothing: the copy is read again when a 
   CHECK(served[2].how.source == model::ExpertSource::kDisk);
 }
 
+TEST_CASE("Acquire hands out pinned, future-like handles keyed by precision") {
+  Fixture f(model::Architecture::kMixtral);
+  SECTION("a miss becomes ready, a second claim is a hit on the same bytes, in place") {
+    auto made = ExpertCache::Create(f.store, CacheOptions{});
+    REQUIRE(made.ok());
+    ExpertCache& cache = **made;
+    auto first = cache.Acquire(1, 5, Precision::kSource);
+    REQUIRE(first.ok());
+    REQUIRE(first->Wait().ok());
+    CHECK(first->ready());
+    CHECK(first->served().source == model::ExpertSource::kDisk);
+    auto second = cache.Acquire(1, 5, Precision::kSource);
+    REQUIRE(second.ok());
+    CHECK(second->ready());
+    CHECK(second->served().source == model::ExpertSource::kDevice);
+    CHECK(second->weights().gate.data == first->weights().gate.data);
+    CHECK(second->weights().gate.quantization == kernels::Quantization::kNone);
+    CHECK(cache.counters().ssd_reads == 1);
+  }
+  SECTION("copies of another precision need its pool") {
+    auto exact = ExpertCache::Create(f.store, CacheOptions{});
+    REQUIRE(exact.ok());
+    auto refused = (*exact)->Acquire(0, 1, Precision::kInt4);
+    REQUIRE_FALSE(refused.ok());
+    CHECK(refused.status().message().find("no int4 copies") != std::string::npos);
+    CHECK_FALSE((*exact)->Acquire(0, 99, Precision::kSource).ok());  // no such expert
+    auto mixed = ExpertCache::Create(f.store, AlwaysInt4(f, false));
+    REQUIRE(mixed.ok());
+    auto low = (*mixed)->Acquire(0, 1, Precision::kInt4);
+    auto full = (*mixed)->Acquire(0, 1, Precision::kSource);
+    REQUIRE((low.ok() && full.ok()));
+    REQUIRE((low->Wait().ok() && full->Wait().ok()));
+    // Both copies of one expert resident at once.
+    CHECK(low->weights().gate.quantization == kernels::Quantization::kInt4Grouped);
+    CHECK(full->weights().gate.quantization == kernels::Quantization::kNone);
+  }
+  SECTION("a held copy is never evicted; a claim with no free slot waits for a release") {
+    CacheOptions options;
+    options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+    // Two slots in one pool (with per-layer shares, layer 0's one slot would be the held one).
+    options.eviction_scope = EvictionScope::kGlobal;
+    auto made = ExpertCache::Create(f.store, options);
+    REQUIRE(made.ok());
+    ExpertCache& cache = **made;
+    auto held = cache.Acquire(0, 0, Precision::kSource);
+    REQUIRE((held.ok() && held->Wait().ok()));
+    const void* held_bytes = held->weights().gate.data;
+    for (int e = 1; e < 5; ++e) {  // each takes the one other slot, evicting the last
+      auto other = cache.Acquire(0, e, Precision::kSource);
+      REQUIRE((other.ok() && other->Wait().ok()));
+    }
+    CHECK(held->ready());
+    CHECK(held->weights().gate.data == held_bytes);
+    CHECK(cache.DeviceResidency()[0][0]);
+    auto second = cache.Acquire(0, 6, Precision::kSource);
+    REQUIRE((second.ok() && second->Wait().ok()));
+    auto third = cache.Acquire(0, 7, Precision::kSource);  // both slots pinned
+    REQUIRE(third.ok());
+    CHECK_FALSE(third->ready());
+    std::thread releaser([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      held->Release();
+    });
+    CHECK(third->Wait().ok());
+    releaser.join();
+    CHECK(third->ready());
+    CHECK_FALSE(cache.DeviceResidency()[0][0]);  // its slot went to the waiting claim
+  }
+  SECTION("a failed read fails the handle's Wait, naming the expert, and the cache goes on") {
+    FaultInjectingReader* injector = nullptr;
+    std::unique_ptr<ExpertCache> cache = FaultyCache(f, SmallBudget(f), &injector);
+    const BlobEntry* blob = f.store->manifest().FindBlob(1, 2, Precision::kSource);
+    injector->Inject(blob->offset, Fault::kCorrupt, 1);
+    auto handle = cache->Acquire(1, 2, Precision::kSource);
+    REQUIRE(handle.ok());
+    absl::Status waited = handle->Wait();
+    CHECK(waited.code() == absl::StatusCode::kDataLoss);
+    CHECK(waited.message().find("expert 2") != std::string::npos);
+    handle->Release();
+    auto again = cache->Acquire(1, 2, Precision::kSource);  // the fault was injected once
+    REQUIRE(again.ok());
+    CHECK(again->Wait().ok());
+  }
+}
+
 TEST_CASE("byte sizes parse with binary suffixes") {
   CHECK(*ParseByteSize("1024") == 1024);
   CHECK(*ParseByteSize("64K") == 65536);
