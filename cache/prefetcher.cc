@@ -246,6 +246,17 @@ absl::StatusOr<AffinityTable> AffinityTable::FromTraces(const std::vector<Routin
       first.num_experts > 4096) {
     return absl::InvalidArgumentError("routing traces with no layers or experts");
   }
+  // Bounded whatever the file claims: 2^26 counts (512 MiB) hold DeepSeek-V3's 61 layers of
+  // 256 experts at depth 8.
+  const uint64_t counts =
+      static_cast<uint64_t>(max_depth) * static_cast<uint64_t>(first.num_layers) *
+      static_cast<uint64_t>(first.num_experts) * static_cast<uint64_t>(first.num_experts);
+  if (counts > (uint64_t{1} << 26)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("routing traces of ", first.num_layers, " layers x ", first.num_experts,
+                     " experts at depth ", max_depth, " need ", counts,
+                     " affinity counts, over the 2^26 allowed"));
+  }
   AffinityTable table(first.num_layers, first.num_experts, max_depth);
   for (const RoutingTrace& trace : traces) {
     if (trace.num_layers != first.num_layers || trace.num_experts != first.num_experts) {

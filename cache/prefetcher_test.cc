@@ -215,5 +215,24 @@ TEST_CASE("gate and combined ask the engine for as many later routers as the dep
   CHECK_FALSE(Prefetcher::Create(options, 4, 8, nullptr).ok());
 }
 
+TEST_CASE("routing trace text: ids that do not fit an int and oversized tables are refused") {
+  auto huge_id = ParseRoutingTraces(
+      R"({"num_layers":1,"num_experts":2,"top_k":1,"tokens":[[[4294967297]]]})", "t.jsonl");
+  REQUIRE_FALSE(huge_id.ok());
+  CHECK(huge_id.status().message() == "t.jsonl:1: expert id out of range");
+  auto huge_shape = ParseRoutingTraces(
+      R"({"num_layers":4294967298,"num_experts":2,"top_k":1,"tokens":[]})", "t.jsonl");
+  CHECK_FALSE(huge_shape.ok());
+  auto parsed = ParseRoutingTraces(
+      "{\"num_layers\":2,\"num_experts\":4096,\"top_k\":1,\"tokens\":[[[1],[2]]]}\r\n\n",
+      "t.jsonl");
+  REQUIRE(parsed.ok());
+  REQUIRE(parsed->size() == 1);
+  // 8 depths x 2 layers x 4096^2 counts: over the bound, refused before allocating.
+  auto table = AffinityTable::FromTraces(*parsed, 8);
+  REQUIRE_FALSE(table.ok());
+  CHECK(table.status().message().find("over the 2^26 allowed") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace moed::cache

@@ -1,23 +1,33 @@
 #include "cache/routing_trace.h"
 
+#include <climits>
 #include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
 
 namespace moed::cache {
 
 absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseRoutingTraces(text.str(), path);
+}
+
+absl::StatusOr<std::vector<RoutingTrace>> ParseRoutingTraces(absl::string_view text,
+                                                             absl::string_view source) {
   std::vector<RoutingTrace> traces;
-  std::string line;
   int number = 0;
-  while (std::getline(in, line)) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
     ++number;
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
     if (line.empty()) continue;
     auto bad = [&](absl::string_view what) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", number, ": ", what));
+      return absl::InvalidArgumentError(absl::StrCat(source, ":", number, ": ", what));
     };
     nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
     if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
@@ -25,6 +35,10 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
     auto get_int = [&](const char* key, int* out) -> bool {
       auto it = j.find(key);
       if (it == j.end() || !it->is_number_integer()) return false;
+      if (it->is_number_unsigned()
+              ? it->get<uint64_t>() > INT32_MAX
+              : it->get<int64_t>() < INT32_MIN || it->get<int64_t>() > INT32_MAX)
+        return false;  // not an int: as good as missing
       *out = it->get<int>();
       return true;
     };
@@ -48,9 +62,9 @@ absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& p
         if (!layer.is_array()) return bad("a layer entry is neither null nor a list");
         std::vector<int> experts;
         for (const auto& e : layer) {
-          if (!e.is_number_integer() || e.get<int>() < 0 || e.get<int>() >= t.num_experts)
+          if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= t.num_experts)
             return bad("expert id out of range");
-          experts.push_back(e.get<int>());
+          experts.push_back(static_cast<int>(e.get<int64_t>()));
         }
         layers.emplace_back(std::move(experts));
       }

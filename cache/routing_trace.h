@@ -31,6 +31,9 @@ struct RoutingTrace {
 // than the shape, "tokens" and "weights" (num_prefill_tokens, alignment, notes, ...) are
 // optional and read leniently.
 absl::StatusOr<std::vector<RoutingTrace>> ReadRoutingTraces(const std::string& path);
+// The same from the file's text; `source` names it in errors.
+absl::StatusOr<std::vector<RoutingTrace>> ParseRoutingTraces(absl::string_view text,
+                                                             absl::string_view source);
 // Appends one line.
 absl::Status AppendRoutingTrace(const std::string& path, const RoutingTrace& trace);
 // From the model's routing (routing[layer][token]) of one sequence.
