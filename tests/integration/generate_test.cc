@@ -10,6 +10,7 @@
 #include <sstream>
 #include <thread>
 
+#include "cache/expert_cache.h"
 #include "cache/routing_trace.h"
 #include "cache/store_reader.h"
 #include "client/client.h"
@@ -776,6 +777,55 @@ TEST_CASE("expert_precision: a request that refuses the daemon's expert copies i
     REQUIRE(info.ok());
     CHECK(info->requests_running() == 0);
   }
+}
+
+TEST_CASE("precision policy: requests that accept int4 copies fall back, exact ones never do") {
+  auto store = cache::Store::Open(Store().string());
+  REQUIRE(store.ok());
+  // The policy's minimum: two full and two int4 slots.
+  const uint64_t budget = 2 * (cache::ExpertCache::SlotBytes(**store, cache::Precision::kSource) +
+                               cache::ExpertCache::SlotBytes(**store, cache::Precision::kInt4));
+  Daemon reference;  // the checkpoint, every expert resident
+  Collected expected = Run(*reference.Connect(), Greedy({5, 6, 7}, 8));
+  REQUIRE(expected.status.ok());
+
+  Daemon daemon({"--store", Store().string(), "--device-cache-bytes", std::to_string(budget),
+                 "--precision-policy", "always", "--fallback-precision", "int4", "--prefetch",
+                 "off"});
+  auto c = daemon.Connect();
+  auto run = [&](v1::ExpertPrecision precision) {
+    v1::GenerateRequest request = Greedy({5, 6, 7}, 8);
+    request.set_expert_precision(precision);
+    Collected got = Run(*c, request);
+    REQUIRE(got.status.ok());
+    return got;
+  };
+  // Exact, and int8 only against an int4 fallback: never a fallback, the reference's tokens.
+  for (auto p : {v1::EXPERT_PRECISION_SOURCE, v1::EXPERT_PRECISION_ALLOW_INT8}) {
+    Collected exact = run(p);
+    CHECK(exact.ids == expected.ids);
+    CHECK(exact.last.expert_stats().low_precision_fallbacks() == 0);
+  }
+  // ALLOW_INT4, and UNSPECIFIED (the daemon's policy): misses run from int4 copies.
+  uint64_t fallbacks = 0;
+  for (auto p : {v1::EXPERT_PRECISION_ALLOW_INT4, v1::EXPERT_PRECISION_UNSPECIFIED}) {
+    const v1::ExpertStats s = run(p).last.expert_stats();
+    CHECK(s.fallbacks_int4() > 0);
+    CHECK(s.fallbacks_int8() == 0);
+    CHECK(s.low_precision_fallbacks() == s.fallbacks_int4());
+    fallbacks += s.fallbacks_int4();
+  }
+  auto info = c->ModelInfo();
+  REQUIRE(info.ok());
+  const v1::ExpertCacheInfo& cache_info = info->expert_cache();
+  CHECK(cache_info.precision_policy() == "always");
+  CHECK(cache_info.fallback_precision() == "int4");
+  CHECK(cache_info.fallback_slots() == 2);
+  CHECK(cache_info.fallback_slot_bytes() ==
+        cache::ExpertCache::SlotBytes(**store, cache::Precision::kInt4));
+  CHECK(cache_info.device_budget_bytes() == budget);
+  // One request at a time: the cache's count is the requests'.
+  CHECK(cache_info.fallbacks_int4() == fallbacks);
 }
 
 TEST_CASE("moectl --timeout bounds reaching the daemon, not how long a stream runs") {
