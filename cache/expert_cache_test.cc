@@ -635,10 +635,13 @@ TEST_CASE(
     "a missing expert runs from its fallback copy only when allowed and its full copy is "
     "not resident") {
   Fixture f(model::Architecture::kMixtral);
-  auto made = ExpertCache::Create(f.store, AlwaysInt4(f, false));
-  REQUIRE(made.ok());
-  ExpertCache& cache = **made;
+  FaultInjectingReader* injector = nullptr;
+  std::unique_ptr<ExpertCache> made = FaultyCache(f, AlwaysInt4(f, false), &injector);
+  ExpertCache& cache = *made;
   REQUIRE(cache.counters().fallback.slots > 0);
+  // Expert 0's full copy, read in the background once expert 0 has run from int4 (an
+  // upgrade), is held on its way until released.
+  injector->Hold(f.store->manifest().FindBlob(0, 0, Precision::kSource)->offset);
   // Expert 0 may fall back: its int4 copy is read. Expert 1 may not: its full copy is read.
   auto first = Serve(cache, 0, {0, 1}, {true, false});
   CHECK(first[0].how.fallback);
@@ -650,21 +653,25 @@ TEST_CASE(
   CHECK(first[1].how.precision == Precision::kSource);
   CHECK(first[1].quantization == kernels::Quantization::kNone);
   // Expert 1's full copy is resident: it serves even a use that may fall back. Expert 0's
-  // int4 copy is resident: a hit in the fallback pool.
+  // full copy is still on its way: its resident int4 copy serves, a hit in the fallback pool.
   auto second = Serve(cache, 0, {0, 1}, {true, true});
   CHECK(second[0].how.fallback);
   CHECK(second[0].how.source == model::ExpertSource::kDevice);
   CHECK_FALSE(second[1].how.fallback);
   CHECK(second[1].how.source == model::ExpertSource::kDevice);
-  // A use that may not fall back reads the full copy though the int4 one is resident.
-  auto third = Serve(cache, 0, {0}, {false});
+  // The upgrade arrives: from now on the full copy serves expert 0, whether or not it may fall
+  // back.
+  injector->ReleaseHeld();
+  WaitFor([&]() -> bool { return cache.DeviceResidency()[0][0]; });
+  auto third = Serve(cache, 0, {0}, {true});
   CHECK_FALSE(third[0].how.fallback);
-  CHECK(third[0].how.source == model::ExpertSource::kDisk);
+  CHECK(third[0].how.source == model::ExpertSource::kDevice);
   const CacheCounters c = cache.counters();
   CHECK(c.fallbacks_int4 == 2);
   CHECK(c.fallbacks_int8 == 0);
   CHECK(c.fallback.misses == 1);
   CHECK(c.fallback.hits == 1);
+  CHECK(c.upgrade_reads == 1);
   CHECK(c.ssd_reads == 3);
   CHECK(c.ssd_bytes == ExpertCache::SlotBytes(*f.store, Precision::kInt4) +
                            2 * ExpertCache::SlotBytes(*f.store, Precision::kSource));
