@@ -140,7 +140,7 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     MOED_RETURN_IF_ERROR(make_tier(*cache->fallback_, "fallback", policy.fallback,
                                    split.fallback_slots, options.device_policy, 0));
   }
-  // With every fallback copy resident, nothing is left for the floor to read.
+  // Without a floor, or without a fallback pool to hold one, the floor has nothing to read.
   cache->floor_complete_ = !policy.low_bit_floor || cache->fallback_ == nullptr;
   if (options.host_bytes > 0) {
     cache->host_ = std::make_unique<Tier>();
@@ -203,7 +203,6 @@ void ExpertCache::RetryLoop() {
       Load failed = it->second;
       loads_.erase(it);
       if (failed.prefetch) --prefetches_in_flight_;
-      if (failed.fill) --fills_in_flight_;
       EndFailedLoadLocked(tag, failed,
                           BlobError(*store_, *failed.blob, ReadFaultKind::kIoError,
                                     submitted.message(), failed.attempts));
@@ -489,7 +488,6 @@ ExpertCache::Load* ExpertCache::StartFillLocked(const ExpertKey& key, int slot) 
     FreeSlotLocked(pool, slot);
     return nullptr;
   }
-  ++fills_in_flight_;
   return &loads_[tag];
 }
 
@@ -584,7 +582,6 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
   Tier& pool = DevicePool(load.key.precision);
   NoteReadOutcomeLocked(load.key, failed);
   if (load.prefetch && !retry) --prefetches_in_flight_;
-  if (load.fill && !retry) --fills_in_flight_;
   if (retry) {
     // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
     auto delay = options_.retry_backoff * (int64_t{1} << (2 * std::min(load.attempts - 1, 10)));

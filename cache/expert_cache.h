@@ -376,7 +376,6 @@ class ExpertCache final : public model::ExpertProvider {
   PrecisionPolicy precision_policy_;
   uint64_t fallbacks_int8_ = 0, fallbacks_int4_ = 0;
   uint64_t floor_reads_ = 0, upgrade_reads_ = 0;
-  int fills_in_flight_ = 0;
   size_t floor_cursor_ = 0;  // the next expert (layer-major over MoE layers) the floor checks
   bool floor_complete_ = false;
   absl::flat_hash_set<ExpertKey> floor_failed_;  // floor reads that failed for good
