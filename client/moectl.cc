@@ -142,6 +142,15 @@ int RunInfo(const GlobalOptions& options) {
                 << ", pending " << c.prefetch_pending();
       if (layers > 0) std::cout << "; mean recall " << recall / static_cast<double>(layers);
     }
+    std::cout << "\n  precision policy: " << c.precision_policy();
+    if (!c.fallback_precision().empty()) {
+      std::cout << ", fallback " << c.fallback_precision()
+                << (c.low_bit_floor() ? " with floor" : "") << ": " << c.fallback_resident()
+                << " of " << c.fallback_slots() << " slots of " << Mib(c.fallback_slot_bytes())
+                << "; fallbacks int8 " << c.fallbacks_int8() << ", int4 " << c.fallbacks_int4()
+                << "; background reads: floor " << c.floor_reads() << ", upgrade "
+                << c.upgrade_reads();
+    }
     std::cout << "\n";
   }
   std::cout << "requests:     " << info->requests_running() << " running, "
