@@ -460,6 +460,10 @@ int RunGenerate(const GlobalOptions& options, const GenerateOptions& g) {
                 << absl::StrFormat("%.1f MiB staged, %.2f s stalled",
                                    static_cast<double>(es.bytes_staged()) / (1 << 20),
                                    es.stall_seconds());
+      if (es.low_precision_fallbacks() > 0) {
+        std::cerr << ", " << es.fallbacks_int8() << " int8 and " << es.fallbacks_int4()
+                  << " int4 fallbacks";
+      }
     }
     std::cerr << "]\n";
   }
