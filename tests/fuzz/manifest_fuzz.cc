@@ -11,21 +11,11 @@
 #include "cache/aligned_buffer.h"
 #include "cache/store.h"
 #include "kernels/backend.h"
-
-namespace {
-
-// The config of the tiny Mixtral preset, whose packed manifest seeds the corpus.
-constexpr char kConfig[] = R"({
-  "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
-  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-  "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 256,
-  "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"})";
-
-}  // namespace
+#include "tests/fuzz/tiny_mixtral_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const moed::model::ModelConfig config = *moed::model::ParseModelConfig(kConfig, "fuzz");
+  static const moed::model::ModelConfig config =
+      *moed::model::ParseModelConfig(moed::fuzz::kTinyMixtralConfig, "fuzz");
   static const std::shared_ptr<moed::kernels::Backend> backend = [] {
     auto choice =
         moed::kernels::CreateBackend(moed::kernels::BackendKind::kCpu, {.cpu_threads = 1});

@@ -10,20 +10,11 @@
 #include "cache/prefetcher.h"
 #include "cache/routing_trace.h"
 #include "model/model_config.h"
-
-namespace {
-
-constexpr char kConfig[] = R"({
-  "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 512,
-  "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-  "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 256,
-  "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "torch_dtype": "bfloat16"})";
-
-}  // namespace
+#include "tests/fuzz/tiny_mixtral_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static const moed::model::ModelConfig config = *moed::model::ParseModelConfig(kConfig, "fuzz");
+  static const moed::model::ModelConfig config =
+      *moed::model::ParseModelConfig(moed::fuzz::kTinyMixtralConfig, "fuzz");
   absl::string_view text(reinterpret_cast<const char*>(data), size);
   auto traces = moed::cache::ParseRoutingTraces(text, "fuzz.jsonl");
   if (!traces.ok()) return 0;
