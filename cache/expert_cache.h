@@ -160,7 +160,8 @@ struct ExpertClaim {
 
 // A pinned, future-like claim on one copy of one expert (ExpertCache::Acquire). Pinned once it
 // has a slot, so the copy is never evicted while held; ready once the copy is resident. Released
-// by Release() or when destroyed. Like ForEachExpert, used from one thread at a time.
+// by Release() or when destroyed, which must come before the cache's end. Like ForEachExpert,
+// used from one thread at a time.
 class ExpertHandle {
  public:
   ExpertHandle() = default;
