@@ -98,7 +98,6 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
       DeviceBudgetSplit split,
       SplitDeviceBudget(device_bytes, slot_bytes, fallback_slot_bytes, experts, policy));
   std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
-  cache->layout_ = &cache->store_->manifest().layouts.at(options.precision);
 
   auto make_tier = [&](Tier& tier, const char* name, Precision precision, uint64_t slots,
                        PolicyKind policy_kind, int reserve) -> absl::Status {
@@ -439,8 +438,7 @@ void ExpertCache::IssueBackgroundLocked() {
     if (device_.index.contains(key)) continue;
     const int slot = AllocateSlotLocked(device_, key.layer);
     if (slot < 0) continue;
-    Load* started = StartFillLocked(key, slot);
-    if (started != nullptr) {
+    if (StartFillLocked(key, slot)) {
       ++upgrade_reads_;
       return;
     }
@@ -459,18 +457,18 @@ void ExpertCache::IssueBackgroundLocked() {
     if (fallback_->free.empty()) return;  // full: the floor holds what the budget allows
     const int slot = fallback_->free.back();
     fallback_->free.pop_back();
-    if (StartFillLocked(key, slot) != nullptr) ++floor_reads_;
+    if (StartFillLocked(key, slot)) ++floor_reads_;
     return;
   }
   floor_complete_ = true;  // every fallback copy was resident or on its way
 }
 
-ExpertCache::Load* ExpertCache::StartFillLocked(const ExpertKey& key, int slot) {
+bool ExpertCache::StartFillLocked(const ExpertKey& key, int slot) {
   Tier& pool = DevicePool(key.precision);
   auto blob = store_->Blob(key.layer, key.expert, key.precision);
   if (!blob.ok()) {
     FreeSlotLocked(pool, slot);
-    return nullptr;
+    return false;
   }
   Slot& s = pool.slots[slot];
   s.state = SlotState::kLoading;
@@ -486,9 +484,9 @@ ExpertCache::Load* ExpertCache::StartFillLocked(const ExpertKey& key, int slot) 
     s.state = SlotState::kFree;
     pool.Drop(key);
     FreeSlotLocked(pool, slot);
-    return nullptr;
+    return false;
   }
-  return &loads_[tag];
+  return true;
 }
 
 void ExpertCache::FreeSlotLocked(Tier& pool, int slot) {

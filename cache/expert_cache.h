@@ -323,8 +323,8 @@ class ExpertCache final : public model::ExpertProvider {
   // Starts one floor read or upgrade when the disk is idle.
   void IssueBackgroundLocked();
   // Starts a floor read or upgrade of `key` into `slot` of its pool (taken already; given back
-  // when the read cannot start, and then null).
-  Load* StartFillLocked(const ExpertKey& key, int slot);
+  // when the read cannot start, and then false).
+  bool StartFillLocked(const ExpertKey& key, int slot);
   // A slot of `pool` no longer holds anything (device_: FreeDeviceSlotLocked).
   void FreeSlotLocked(Tier& pool, int slot);
   // A free slot of `tier` for an expert of `layer`, evicting an unpinned ready one (within the
@@ -366,7 +366,6 @@ class ExpertCache final : public model::ExpertProvider {
 
   std::shared_ptr<const Store> store_;
   CacheOptions options_;
-  const BlobLayout* layout_ = nullptr;
   std::unique_ptr<BlockReader> reader_;
 
   mutable std::mutex mutex_;

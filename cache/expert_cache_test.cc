@@ -739,7 +739,8 @@ TEST_CASE("a floor read that fails fails nothing: the copy is read again when a 
   cache->Prefetch({});
   WaitFor([&] { return cache->counters().floor_reads == experts; });
   WaitFor([&] { return cache->counters().failed_checksums == 1; });
-  CHECK(cache->counters().fallback.resident == experts - 1);
+  // The last floor reads may still be on their way: every copy but the damaged one arrives.
+  WaitFor([&] { return cache->counters().fallback.resident == experts - 1; });
   auto served = Serve(*cache, 0, {2}, {true});
   CHECK(served[2].how.fallback);
   CHECK(served[2].how.source == model::ExpertSource::kDisk);

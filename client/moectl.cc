@@ -180,8 +180,8 @@ struct LogitsOptions {
 // The loosest copy a local run accepts: the fallback copy when the policy falls back.
 moed::model::Precision LocalLoosest(const LogitsOptions& o) {
   if (o.precision_policy == "exact") return moed::model::Precision::kSource;
-  return o.fallback_precision == "int8" ? moed::model::Precision::kInt8
-                                        : moed::model::Precision::kInt4;
+  // CLI11 checked the name already.
+  return moed::cache::ParsePrecision(o.fallback_precision).value_or(moed::model::Precision::kInt4);
 }
 
 // The same engine the daemon builds, from the same configuration fields.

@@ -28,6 +28,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "cache/aligned_buffer.h"
 #include "cache/expert_cache.h"
 #include "cache/routing_trace.h"
@@ -207,18 +209,12 @@ struct PrecisionSetting {
 absl::StatusOr<PrecisionSetting> ParsePrecisionSetting(const std::string& text) {
   PrecisionSetting setting;
   setting.label = text;
-  std::vector<std::string> parts;
-  for (size_t start = 0;;) {
-    size_t colon = text.find(':', start);
-    parts.push_back(text.substr(start, colon - start));
-    if (colon == std::string::npos) break;
-    start = colon + 1;
-  }
+  const std::vector<std::string> parts = absl::StrSplit(text, ':');
   const std::string& kind = parts[0];
   if (kind == "exact" && parts.size() == 1) return setting;
   if (parts.size() < 2 || (parts[1] != "int8" && parts[1] != "int4")) {
-    return absl::InvalidArgumentError("--precision " + text +
-                                      ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
+    return absl::InvalidArgumentError(
+        "--precision " + text + ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
   }
   setting.fallback = parts[1];
   if (kind == "always" && parts.size() == 2) {
@@ -226,12 +222,12 @@ absl::StatusOr<PrecisionSetting> ParsePrecisionSetting(const std::string& text) 
   } else if (kind == "floor" && parts.size() == 2) {
     setting.policy = "always";
     setting.floor = true;
-  } else if (kind == "threshold" && parts.size() == 3) {
+  } else if (kind == "threshold" && parts.size() == 3 &&
+             absl::SimpleAtod(parts[2], &setting.threshold)) {
     setting.policy = "threshold";
-    setting.threshold = std::atof(parts[2].c_str());
   } else {
-    return absl::InvalidArgumentError("--precision " + text +
-                                      ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
+    return absl::InvalidArgumentError(
+        "--precision " + text + ": exact, always:P, threshold:P:TAU or floor:P (P int8|int4)");
   }
   return setting;
 }
@@ -368,9 +364,9 @@ int main(int argc, char** argv) try {
       "%s routing ==\n",
       store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
       c.experts_per_token, routing_trace.empty() ? "the model's own" : routing_trace.c_str());
-  std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s\n", "budget",
-              "prefetch", "precision", "tokens/s", "vs res.", "roofline", "of roof.", "MB read/t",
-              "stall s/t", "roof s/t", "useful/late/waste", "hit rate", "fb/t");
+  std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s\n", "budget", "prefetch",
+              "precision", "tokens/s", "vs res.", "roofline", "of roof.", "MB read/t", "stall s/t",
+              "roof s/t", "useful/late/waste", "hit rate", "fb/t");
   double resident_seconds = 0;
   for (double fraction : budgets) {
     // (predictor, precision setting) pairs.
@@ -402,10 +398,10 @@ int main(int argc, char** argv) try {
         config.fallback_precision = precision.fallback;
         config.fallback_threshold = precision.threshold;
         config.low_bit_floor = precision.floor;
-        const moed::model::Precision loosest =
-            precision.policy == "exact"     ? moed::model::Precision::kSource
-            : precision.fallback == "int8" ? moed::model::Precision::kInt8
-                                            : moed::model::Precision::kInt4;
+        const moed::model::Precision loosest = precision.policy == "exact"
+                                                   ? moed::model::Precision::kSource
+                                                   : moed::cache::ParsePrecision(precision.fallback)
+                                                         .value_or(moed::model::Precision::kInt4);
         // The resident run warms every expert it uses; the others start from what 2 steps load
         // (the floor's: until the floor is filled, as a daemon would before serving).
         const int warm = fraction >= 1.0 ? 24 : precision.floor ? 24 : 2;
@@ -431,12 +427,12 @@ int main(int argc, char** argv) try {
           "%6.0f%% %-9s %-18s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f "
           "%7.0f%% %6.1f",
           100 * fraction, order[i].first.c_str(), order[i].second.label.c_str(),
-          1 / median.seconds_per_token,
-          100 * resident_seconds / median.seconds_per_token, 1 / roofline,
-          100 * roofline / median.seconds_per_token, median.missed_bytes_per_token / 1e6,
-          median.stall_per_token, read_floor, median.delta.prefetch_useful * per_token,
-          median.delta.prefetch_late * per_token, median.delta.prefetch_wasted * per_token,
-          100 * median.hit_rate, median.fallbacks_per_token);
+          1 / median.seconds_per_token, 100 * resident_seconds / median.seconds_per_token,
+          1 / roofline, 100 * roofline / median.seconds_per_token,
+          median.missed_bytes_per_token / 1e6, median.stall_per_token, read_floor,
+          median.delta.prefetch_useful * per_token, median.delta.prefetch_late * per_token,
+          median.delta.prefetch_wasted * per_token, 100 * median.hit_rate,
+          median.fallbacks_per_token);
       if (of.size() > 1) {
         std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
       }
