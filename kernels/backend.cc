@@ -78,12 +78,17 @@ const char* OpName(Op op) {
       return "sigmoid_gated_add";
     case Op::kGatherRows:
       return "gather_rows";
+    case Op::kRotary:
+      return "rotary";
+    case Op::kMlaAttention:
+      return "mla_attention";
   }
   return "?";
 }
 
 bool OpTakesWeights(Op op) {
-  return op == Op::kEmbedding || op == Op::kMatMul || op == Op::kExpertFfn;
+  return op == Op::kEmbedding || op == Op::kMatMul || op == Op::kExpertFfn ||
+         op == Op::kMlaAttention;
 }
 
 }  // namespace moed::kernels

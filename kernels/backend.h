@@ -56,11 +56,14 @@ enum class Op {
   kAdd,              // residual: acc += x
   kSigmoidGatedAdd,  // out[t] += sigmoid(gate[t]) * x[t] (Qwen2-MoE's shared expert)
   kGatherRows,       // dst[i] = src[rows[i]]
+  kRotary,           // rotary embedding on a slice of each head from a frequency table
+  kMlaAttention,     // Multi-head Latent Attention over a paged cache of latents and rope keys
 };
 inline constexpr Op kAllOps[] = {
     Op::kEmbedding,  Op::kRmsNorm,   Op::kMatMul,          Op::kAddBias,   Op::kRope,
     Op::kKvWrite,    Op::kAttention, Op::kRouterTopK,      Op::kSiluMul,   Op::kExpertFfn,
-    Op::kMoeCombine, Op::kAdd,       Op::kSigmoidGatedAdd, Op::kGatherRows};
+    Op::kMoeCombine, Op::kAdd,       Op::kSigmoidGatedAdd, Op::kGatherRows, Op::kRotary,
+    Op::kMlaAttention};
 const char* OpName(Op op);
 // True for the operators whose capability depends on a weight format.
 bool OpTakesWeights(Op op);
@@ -141,10 +144,12 @@ struct SwiGluWeights {
 
 // The paged KV cache as the attention operators see one step. Each sequence owns a list of
 // fixed-size blocks; a block holds `block_size` tokens of every layer:
-//   layer l keys   at block + l * layer_floats,                     [block_size, kv_heads,
-//   head_dim] layer l values at block + l * layer_floats + block_size * kv_width
+//   layer l keys   at block + l * layer_floats,                 [block_size, kv_heads, head_dim]
+//   layer l values at block + l * layer_floats + block_size * kv_width(),
+//                                                               [block_size, kv_heads, value_dim]
 // Token t of the step sits at positions[t] of its sequence, whose block addresses start at
-// block_table[table_start[t]].
+// block_table[table_start[t]]. MLA keeps one "head": the normed latent in the key part
+// (head_dim = kv_lora_rank) and the rotated rope key in the value part (value_dim = rope dim).
 struct PagedKv {
   float* const* block_table = nullptr;
   const int32_t* table_start = nullptr;
@@ -152,15 +157,64 @@ struct PagedKv {
   int64_t block_size = 0;
   int64_t kv_heads = 0;
   int64_t head_dim = 0;
-  int64_t layer_floats = 0;  // 2 * block_size * kv_heads * head_dim
+  int64_t layer_floats = 0;  // block_size * (kv_width() + value_width())
+  int64_t value_dim = 0;     // floats per head of the value part; 0: head_dim
 
   int64_t kv_width() const { return kv_heads * head_dim; }
+  int64_t value_width() const { return kv_heads * (value_dim > 0 ? value_dim : head_dim); }
 };
 
-// How the router turns logits into expert weights.
+// How the router turns logits into expert scores.
 enum class RouterScoring {
-  kSoftmax,             // softmax over all experts, top-k of it (Mixtral renormalises: below)
-  kSoftmaxRenormalized  // ... and the k chosen weights divided by their sum
+  kSoftmax,  // softmax over all experts
+  kSigmoid,  // sigmoid of each logit (DeepSeek-V3)
+};
+// How a group of experts is ranked when the router limits a token to its best groups.
+enum class GroupScore {
+  kMax,        // its best expert's score (DeepSeek-V2's group_limited_greedy)
+  kTopTwoSum,  // the sum of its two best biased scores (DeepSeek-V3's noaux_tc)
+};
+// A router's selection: scores from the logits; optionally only the `top_groups` best of
+// `groups` equal groups of consecutive experts stay eligible; the k best eligible experts by
+// score + choice_bias (ties to the lower id); their weights are their scores (without the
+// bias), divided by the k weights' sum when `renormalize`, then multiplied by `scale`.
+struct RouterSpec {
+  RouterScoring scoring = RouterScoring::kSoftmax;
+  bool renormalize = false;
+  float scale = 1.0f;
+  const float* choice_bias = nullptr;  // [experts] in device memory, or null
+  int64_t groups = 1;
+  int64_t top_groups = 1;
+  GroupScore group_score = GroupScore::kMax;
+};
+
+// A rotary embedding applied to `dims` consecutive floats at `offset` inside each of `heads`
+// heads of `head_stride` floats per token. Pair i rotates by the angle position *
+// inv_freq[i] (inv_freq: dims / 2 doubles in device memory), its cosine and sine multiplied
+// by `magnitude` (YaRN's attention factor; 1 otherwise). kHalf pairs element i with
+// i + dims / 2 (rotate-half, "NEOX"); kPairs pairs 2i with 2i + 1 (DeepSeek's rope slice).
+enum class RotaryStyle { kHalf, kPairs };
+struct RotarySpec {
+  int64_t heads = 0;
+  int64_t head_stride = 0;
+  int64_t offset = 0;
+  int64_t dims = 0;
+  RotaryStyle style = RotaryStyle::kHalf;
+  const double* inv_freq = nullptr;
+  double magnitude = 1.0;
+};
+
+// Multi-head Latent Attention's shapes. Queries are [n, heads, nope_dim + rope_dim], the rope
+// part already rotated. kv_b is the checkpoint's kv_b_proj, [heads * (nope_dim + value_dim),
+// latent_dim]: per head nope_dim rows that map the latent to the key's nope part, then
+// value_dim rows that map it to the value.
+struct MlaShape {
+  int64_t heads = 0;
+  int64_t nope_dim = 0;
+  int64_t rope_dim = 0;
+  int64_t value_dim = 0;
+  int64_t latent_dim = 0;
+  float scale = 0;  // multiplies the scores (1/sqrt(nope_dim + rope_dim), YaRN-corrected)
 };
 
 class Stream {
@@ -207,10 +261,10 @@ class Stream {
   // 0..positions[t] of its sequence (grouped-query: heads / kv_heads queries per kv head).
   virtual absl::Status Attention(const PagedKv& kv, int layer, const float* q, int64_t n,
                                  int64_t heads, float* out) = 0;
-  // For each token: probabilities over `experts` logits, the k largest (ties to the lower id)
-  // in rank order into chosen[t * k + r], their weights into weights[t * k + r].
+  // For each token: scores over `experts` logits, the k chosen as `spec` says in rank order
+  // into chosen[t * k + r], their weights into weights[t * k + r].
   virtual absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
-                                  RouterScoring scoring, int32_t* chosen, float* weights) = 0;
+                                  const RouterSpec& spec, int32_t* chosen, float* weights) = 0;
   // out[i] = silu(gate[i]) * up[i]; out may be gate.
   virtual absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) = 0;
   // The grouped expert FFN for one expert: for i < m, out[out_rows[i]] = ffn(x[rows[i]]), rows
@@ -229,7 +283,23 @@ class Stream {
   // dst[i] = src[rows[i]] for rows of `width`.
   virtual absl::Status GatherRows(const float* src, int64_t width, const int32_t* rows, int64_t m,
                                   float* dst) = 0;
+  // The rotary embedding `spec` describes, in place on x ([n, spec.heads * spec.head_stride]),
+  // token t at positions[t].
+  virtual absl::Status Rotary(float* x, int64_t n, const RotarySpec& spec,
+                              const int64_t* positions) = 0;
+  // Causal MLA of n query tokens over the paged cache (latent and rope key per position, see
+  // PagedKv), in the absorbed form: per head, the query's nope part is mapped into the latent
+  // space through kv_b's key rows, scored against every cached latent plus the rope keys,
+  // and the softmax-weighted latent is mapped to the value through kv_b's value rows.
+  // out is [n, heads * value_dim]; scratch holds MlaScratchFloats(n, shape) floats.
+  virtual absl::Status MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n,
+                                    const MlaShape& shape, const WeightMatrix& kv_b, float* out,
+                                    float* scratch) = 0;
 };
+
+inline int64_t MlaScratchFloats(int64_t n, const MlaShape& shape) {
+  return n * shape.heads * 2 * shape.latent_dim;
+}
 
 inline int64_t ExpertFfnScratchFloats(int64_t m, int64_t width, int64_t intermediate) {
   return m * (2 * width + 2 * intermediate);

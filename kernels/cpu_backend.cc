@@ -150,26 +150,14 @@ class CpuStream final : public Stream {
     return absl::OkStatus();
   }
   absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
-                          RouterScoring scoring, int32_t* chosen, float* weights) override {
-    std::vector<float> p(static_cast<size_t>(experts));
-    std::vector<int> order(static_cast<size_t>(experts));
-    for (int64_t t = 0; t < n; ++t) {
-      const float* row = logits + t * experts;
-      float max_logit = *std::max_element(row, row + experts);
-      float total = 0;
-      for (int64_t e = 0; e < experts; ++e) total += p[e] = std::exp(row[e] - max_logit);
-      for (float& v : p) v /= total;
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
-      float selected = 0;
-      for (int64_t r = 0; r < k; ++r) selected += p[order[r]];
-      for (int64_t r = 0; r < k; ++r) {
-        chosen[t * k + r] = order[r];
-        weights[t * k + r] =
-            scoring == RouterScoring::kSoftmaxRenormalized ? p[order[r]] / selected : p[order[r]];
-      }
+                          const RouterSpec& spec, int32_t* chosen, float* weights) override {
+    if (k > experts || spec.groups < 1 || experts % spec.groups != 0 || spec.top_groups < 1 ||
+        spec.top_groups > spec.groups || k > spec.top_groups * (experts / spec.groups)) {
+      return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts,
+                                                     " in the best ", spec.top_groups, " of ",
+                                                     spec.groups, " groups"));
     }
+    cpu::RouterTopK(logits, n, experts, k, spec, chosen, weights);
     return absl::OkStatus();
   }
   absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) override {
@@ -219,6 +207,17 @@ class CpuStream final : public Stream {
   absl::Status GatherRows(const float* src, int64_t width, const int32_t* rows, int64_t m,
                           float* dst) override {
     for (int64_t i = 0; i < m; ++i) std::copy_n(src + rows[i] * width, width, dst + i * width);
+    return absl::OkStatus();
+  }
+  absl::Status Rotary(float* x, int64_t n, const RotarySpec& spec,
+                      const int64_t* positions) override {
+    cpu::Rotary(x, n, spec, positions);
+    return absl::OkStatus();
+  }
+  absl::Status MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n,
+                            const MlaShape& shape, const WeightMatrix& kv_b, float* out,
+                            float* /*scratch*/) override {
+    cpu::MlaAttention(kv, layer, q, n, shape, kv_b, out, pool_);
     return absl::OkStatus();
   }
 

@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
+
+#include "kernels/quant.h"
 
 namespace moed::kernels::cpu {
 namespace {
@@ -413,17 +416,181 @@ namespace {
 
 float* KvRow(const PagedKv& kv, int32_t table_start, int layer, int64_t position, bool values) {
   float* block = kv.block_table[table_start + position / kv.block_size];
+  const int64_t width = values ? kv.value_width() : kv.kv_width();
   return block + layer * kv.layer_floats + (values ? kv.block_size * kv.kv_width() : 0) +
-         (position % kv.block_size) * kv.kv_width();
+         (position % kv.block_size) * width;
+}
+
+// Row `row` of w as fp32, whatever its format.
+void RowToF32(const WeightMatrix& w, int64_t row, float* out) {
+  if (w.quantization == Quantization::kNone) {
+    WidenToF32(w.dtype, static_cast<const char*>(w.data) + row * w.cols * DTypeSize(w.dtype),
+               w.cols, out);
+    return;
+  }
+  for (int64_t c = 0; c < w.cols; ++c) out[c] = DequantizedValue(w, row, c);
 }
 
 }  // namespace
 
 void PagedWriteKv(const PagedKv& kv, int layer, const float* k, const float* v, int64_t n) {
-  const int64_t width = kv.kv_width();
+  const int64_t width = kv.kv_width(), value_width = kv.value_width();
   for (int64_t t = 0; t < n; ++t) {
     std::copy_n(k + t * width, width, KvRow(kv, kv.table_start[t], layer, kv.positions[t], false));
-    std::copy_n(v + t * width, width, KvRow(kv, kv.table_start[t], layer, kv.positions[t], true));
+    std::copy_n(v + t * value_width, value_width,
+                KvRow(kv, kv.table_start[t], layer, kv.positions[t], true));
+  }
+}
+
+void Rotary(float* x, int64_t n, const RotarySpec& spec, const int64_t* positions) {
+  const int64_t half = spec.dims / 2;
+  std::vector<float> cos_table(static_cast<size_t>(half)), sin_table(static_cast<size_t>(half));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      double angle = static_cast<double>(positions[t]) * spec.inv_freq[i];
+      cos_table[i] = static_cast<float>(std::cos(angle) * spec.magnitude);
+      sin_table[i] = static_cast<float>(std::sin(angle) * spec.magnitude);
+    }
+    for (int64_t h = 0; h < spec.heads; ++h) {
+      float* v = x + (t * spec.heads + h) * spec.head_stride + spec.offset;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t a_at = spec.style == RotaryStyle::kPairs ? 2 * i : i;
+        const int64_t b_at = spec.style == RotaryStyle::kPairs ? 2 * i + 1 : i + half;
+        float a = v[a_at], b = v[b_at];
+        v[a_at] = a * cos_table[i] - b * sin_table[i];
+        v[b_at] = b * cos_table[i] + a * sin_table[i];
+      }
+    }
+  }
+}
+
+void MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n, const MlaShape& shape,
+                  const WeightMatrix& kv_b, float* out, ThreadPool& pool) {
+  const int64_t heads = shape.heads, dn = shape.nope_dim, dr = shape.rope_dim;
+  const int64_t dv = shape.value_dim, latent = shape.latent_dim, block_size = kv.block_size;
+  const int64_t q_stride = dn + dr, latent_at = layer * kv.layer_floats,
+                rope_at = latent_at + block_size * latent;
+  pool.ParallelFor(heads, [&](int64_t begin, int64_t end) {
+    // This head's kv_b rows widened once for all the step's tokens.
+    std::vector<float> key_rows(static_cast<size_t>(dn * latent));
+    std::vector<float> value_rows(static_cast<size_t>(dv * latent));
+    std::vector<float> absorbed(static_cast<size_t>(latent)), mixed(static_cast<size_t>(latent));
+    std::vector<float> scores;
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t j = 0; j < dn; ++j) RowToF32(kv_b, h * (dn + dv) + j, &key_rows[j * latent]);
+      for (int64_t j = 0; j < dv; ++j) {
+        RowToF32(kv_b, h * (dn + dv) + dn + j, &value_rows[j * latent]);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* q_nope = q + (t * heads + h) * q_stride;
+        const float* q_rope = q_nope + dn;
+        std::fill(absorbed.begin(), absorbed.end(), 0.0f);
+        for (int64_t j = 0; j < dn; ++j) {
+          const float* row = &key_rows[j * latent];
+          for (int64_t r = 0; r < latent; ++r) absorbed[r] += q_nope[j] * row[r];
+        }
+        const int64_t len = kv.positions[t] + 1;
+        float* const* blocks = kv.block_table + kv.table_start[t];
+        scores.resize(static_cast<size_t>(len));
+        float max_score = -INFINITY;
+        for (int64_t p0 = 0, b = 0; p0 < len; p0 += block_size, ++b) {
+          const float* cp = blocks[b] + latent_at;
+          const float* kp = blocks[b] + rope_at;
+          for (int64_t p = p0; p < std::min(len, p0 + block_size); ++p, cp += latent, kp += dr) {
+            float dot = 0;
+            for (int64_t r = 0; r < latent; ++r) dot += absorbed[r] * cp[r];
+            float rope_dot = 0;
+            for (int64_t i = 0; i < dr; ++i) rope_dot += q_rope[i] * kp[i];
+            scores[p] = (dot + rope_dot) * shape.scale;
+            max_score = std::max(max_score, scores[p]);
+          }
+        }
+        double total = 0;
+        for (int64_t p = 0; p < len; ++p) {
+          scores[p] = std::exp(scores[p] - max_score);
+          total += scores[p];
+        }
+        const float inv_total = static_cast<float>(1.0 / total);
+        std::fill(mixed.begin(), mixed.end(), 0.0f);
+        for (int64_t p0 = 0, b = 0; p0 < len; p0 += block_size, ++b) {
+          const float* cp = blocks[b] + latent_at;
+          for (int64_t p = p0; p < std::min(len, p0 + block_size); ++p, cp += latent) {
+            const float weight = scores[p] * inv_total;
+            for (int64_t r = 0; r < latent; ++r) mixed[r] += weight * cp[r];
+          }
+        }
+        float* o = out + (t * heads + h) * dv;
+        for (int64_t j = 0; j < dv; ++j) {
+          const float* row = &value_rows[j * latent];
+          float sum = 0;
+          for (int64_t r = 0; r < latent; ++r) sum += row[r] * mixed[r];
+          o[j] = sum;
+        }
+      }
+    }
+  });
+}
+
+void RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k, const RouterSpec& spec,
+                int32_t* chosen, float* weights) {
+  std::vector<float> score(static_cast<size_t>(experts)), choice(static_cast<size_t>(experts));
+  std::vector<int> order(static_cast<size_t>(experts));
+  const int64_t group_size = experts / std::max<int64_t>(spec.groups, 1);
+  std::vector<float> group_score(static_cast<size_t>(std::max<int64_t>(spec.groups, 1)));
+  std::vector<int> group_order(group_score.size());
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = logits + t * experts;
+    if (spec.scoring == RouterScoring::kSoftmax) {
+      float max_logit = *std::max_element(row, row + experts);
+      float total = 0;
+      for (int64_t e = 0; e < experts; ++e) total += score[e] = std::exp(row[e] - max_logit);
+      for (float& v : score) v /= total;
+    } else {
+      for (int64_t e = 0; e < experts; ++e) score[e] = 1.0f / (1.0f + std::exp(-row[e]));
+    }
+    for (int64_t e = 0; e < experts; ++e) {
+      choice[e] = spec.choice_bias != nullptr ? score[e] + spec.choice_bias[e] : score[e];
+    }
+    auto better = [&](int a, int b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); };
+    std::iota(order.begin(), order.end(), 0);
+    auto eligible_end = order.end();
+    if (spec.groups > 1) {
+      for (int64_t g = 0; g < spec.groups; ++g) {
+        const float* c = &choice[g * group_size];
+        if (spec.group_score == GroupScore::kMax) {
+          group_score[g] = *std::max_element(c, c + group_size);
+        } else {
+          float first = -INFINITY, second = -INFINITY;
+          for (int64_t i = 0; i < group_size; ++i) {
+            if (c[i] > first) {
+              second = first;
+              first = c[i];
+            } else if (c[i] > second) {
+              second = c[i];
+            }
+          }
+          group_score[g] = first + second;
+        }
+      }
+      std::iota(group_order.begin(), group_order.end(), 0);
+      std::partial_sort(group_order.begin(), group_order.begin() + spec.top_groups,
+                        group_order.end(), [&](int a, int b) {
+                          return group_score[a] > group_score[b] ||
+                                 (group_score[a] == group_score[b] && a < b);
+                        });
+      std::vector<bool> kept(static_cast<size_t>(spec.groups), false);
+      for (int64_t g = 0; g < spec.top_groups; ++g) kept[group_order[g]] = true;
+      eligible_end = std::stable_partition(order.begin(), order.end(),
+                                           [&](int e) -> bool { return kept[e / group_size]; });
+    }
+    std::partial_sort(order.begin(), order.begin() + k, eligible_end, better);
+    float selected = 0;
+    for (int64_t r = 0; r < k; ++r) selected += score[order[r]];
+    for (int64_t r = 0; r < k; ++r) {
+      chosen[t * k + r] = order[r];
+      const float weight = spec.renormalize ? score[order[r]] / selected : score[order[r]];
+      weights[t * k + r] = weight * spec.scale;
+    }
   }
 }
 

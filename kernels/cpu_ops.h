@@ -39,6 +39,18 @@ void PagedAttention(const PagedKv& kv, int layer, const float* q, int64_t n, int
 // Writes k[t], v[t] at token t's position in its sequence's blocks.
 void PagedWriteKv(const PagedKv& kv, int layer, const float* k, const float* v, int64_t n);
 
+// The rotary embedding `spec` describes (see RotarySpec), in place.
+void Rotary(float* x, int64_t n, const RotarySpec& spec, const int64_t* positions);
+
+// Multi-head Latent Attention in the absorbed form (see Stream::MlaAttention); parallel over
+// heads, each (token, head) computed in the same order whatever the batch.
+void MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n, const MlaShape& shape,
+                  const WeightMatrix& kv_b, float* out, ThreadPool& pool);
+
+// The router's choice for n tokens (see RouterSpec).
+void RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k, const RouterSpec& spec,
+                int32_t* chosen, float* weights);
+
 // out[i] = silu(gate[i]) * up[i].
 void SiluMul(const float* gate, const float* up, int64_t count, float* out);
 

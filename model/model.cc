@@ -103,6 +103,63 @@ absl::StatusOr<DeviceBuffer> UploadFloats(kernels::Backend& backend,
   return UploadBytes(backend, values.data(), values.size() * sizeof(float));
 }
 
+// Rows [begin, begin + count) of a host matrix, in place.
+WeightMatrix RowSlice(const WeightMatrix& m, int64_t begin, int64_t count) {
+  WeightMatrix slice = m;
+  slice.rows = count;
+  const char* data = static_cast<const char*>(m.data);
+  switch (m.quantization) {
+    case kernels::Quantization::kNone:
+      slice.data = data + begin * m.cols * static_cast<int64_t>(kernels::DTypeSize(m.dtype));
+      break;
+    case kernels::Quantization::kInt8PerRow:
+      slice.data = data + begin * m.cols;
+      slice.scales = m.scales + begin;
+      break;
+    case kernels::Quantization::kInt4Grouped:
+      slice.data = data + begin * (m.cols / 2);
+      slice.scales = m.scales + begin * (m.cols / m.group_size);
+      break;
+  }
+  return slice;
+}
+
+// transformers builds DeepSeek's q_a_layernorm and kv_a_layernorm with RMSNorm's default eps,
+// not the config's rms_norm_eps.
+constexpr float kLowRankNormEps = 1e-6f;
+
+// YaRN's magnitude correction (DeepSeek's yarn_get_mscale).
+double YarnMscale(double factor, double mscale) {
+  return factor <= 1 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
+}
+
+// inv_freq of a rotary slice of `dims` floats: theta^(-2i/dims), blended towards
+// inv_freq / factor over YaRN's ramp when the config extends the context.
+std::vector<double> RotaryInvFreq(const ModelConfig& c, int64_t dims) {
+  const int64_t half = dims / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    inv_freq[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / dims);
+  }
+  if (!c.yarn.has_value()) return inv_freq;
+  const YarnScaling& y = *c.yarn;
+  const double d = static_cast<double>(dims);
+  const auto correction_dim = [&](double rotations) {
+    return d * std::log(static_cast<double>(y.original_max_position_embeddings) /
+                        (rotations * 2 * M_PI)) /
+           (2 * std::log(c.rope_theta));
+  };
+  double low = std::max(0.0, std::floor(correction_dim(y.beta_fast)));
+  double high = std::min(d - 1, std::ceil(correction_dim(y.beta_slow)));
+  if (low == high) high += 0.001;
+  for (int64_t i = 0; i < half; ++i) {
+    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+    const double extrapolated = 1.0 - ramp;  // the share of the unscaled frequency
+    inv_freq[i] = inv_freq[i] / y.factor * (1.0 - extrapolated) + inv_freq[i] * extrapolated;
+  }
+  return inv_freq;
+}
+
 // Serves every expert from the checkpoint: its memory mapping, or device copies of it.
 class CheckpointExpertProvider final : public ExpertProvider {
  public:
@@ -153,10 +210,11 @@ KvCache::~KvCache() {
 }
 
 uint64_t KvCache::BytesFor(const ModelConfig& config, int64_t capacity, int64_t block_size) {
-  // Whole blocks; each holds keys and values, block_size × kv heads × head_dim floats per layer.
+  // Whole blocks; each holds every layer's keys and values (MLA: latents and rope keys) of
+  // block_size tokens.
   const uint64_t blocks = static_cast<uint64_t>((capacity + block_size - 1) / block_size);
-  return blocks * 2 * static_cast<uint64_t>(config.num_layers) * static_cast<uint64_t>(block_size) *
-         static_cast<uint64_t>(config.num_key_value_heads * config.head_dim) * sizeof(float);
+  return blocks * static_cast<uint64_t>(config.num_layers) * static_cast<uint64_t>(block_size) *
+         static_cast<uint64_t>(config.KvFloatsPerTokenLayer()) * sizeof(float);
 }
 
 absl::Status KvCache::Reserve(int64_t tokens) {
@@ -259,10 +317,36 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
     std::string p = absl::StrCat("model.layers.", layer, ".");
     MOED_ASSIGN_OR_RETURN(w.input_norm, vector(p + "input_layernorm.weight", h));
     MOED_ASSIGN_OR_RETURN(w.post_norm, vector(p + "post_attention_layernorm.weight", h));
-    MOED_ASSIGN_OR_RETURN(w.q, matrix(p + "self_attn.q_proj.weight", q_width, h));
-    MOED_ASSIGN_OR_RETURN(w.k, matrix(p + "self_attn.k_proj.weight", kv_width, h));
-    MOED_ASSIGN_OR_RETURN(w.v, matrix(p + "self_attn.v_proj.weight", kv_width, h));
-    MOED_ASSIGN_OR_RETURN(w.o, matrix(p + "self_attn.o_proj.weight", h, q_width));
+    if (c.uses_mla()) {
+      const MlaConfig& m = c.mla;
+      const int64_t heads = c.num_attention_heads, rank = m.kv_lora_rank;
+      if (m.q_lora_rank > 0) {
+        MOED_ASSIGN_OR_RETURN(w.q_a, matrix(p + "self_attn.q_a_proj.weight", m.q_lora_rank, h));
+        MOED_ASSIGN_OR_RETURN(w.q_a_norm, vector(p + "self_attn.q_a_layernorm.weight",
+                                                 m.q_lora_rank));
+        MOED_ASSIGN_OR_RETURN(w.q, matrix(p + "self_attn.q_b_proj.weight",
+                                          heads * m.q_head_dim(), m.q_lora_rank));
+      } else {
+        MOED_ASSIGN_OR_RETURN(w.q,
+                              matrix(p + "self_attn.q_proj.weight", heads * m.q_head_dim(), h));
+      }
+      // Rows 0..rank-1 make the latent, the rest the shared rope key: two matrices.
+      MOED_ASSIGN_OR_RETURN(
+          WeightMatrix kv_a,
+          bind.Matrix(p + "self_attn.kv_a_proj_with_mqa.weight", rank + m.rope_dim, h));
+      MOED_ASSIGN_OR_RETURN(w.kv_a_latent, PlaceMatrix(b, RowSlice(kv_a, 0, rank), owned));
+      MOED_ASSIGN_OR_RETURN(w.kv_a_rope,
+                            PlaceMatrix(b, RowSlice(kv_a, rank, m.rope_dim), owned));
+      MOED_ASSIGN_OR_RETURN(w.kv_a_norm, vector(p + "self_attn.kv_a_layernorm.weight", rank));
+      MOED_ASSIGN_OR_RETURN(w.kv_b, matrix(p + "self_attn.kv_b_proj.weight",
+                                           heads * (m.nope_dim + m.value_dim), rank));
+      MOED_ASSIGN_OR_RETURN(w.o, matrix(p + "self_attn.o_proj.weight", h, heads * m.value_dim));
+    } else {
+      MOED_ASSIGN_OR_RETURN(w.q, matrix(p + "self_attn.q_proj.weight", q_width, h));
+      MOED_ASSIGN_OR_RETURN(w.k, matrix(p + "self_attn.k_proj.weight", kv_width, h));
+      MOED_ASSIGN_OR_RETURN(w.v, matrix(p + "self_attn.v_proj.weight", kv_width, h));
+      MOED_ASSIGN_OR_RETURN(w.o, matrix(p + "self_attn.o_proj.weight", h, q_width));
+    }
     // Qwen2-MoE has q/k/v biases; they are detected from the tensors, as the config may not say.
     if (model->dense_->Contains(p + "self_attn.q_proj.bias")) {
       MOED_ASSIGN_OR_RETURN(w.q_bias, vector(p + "self_attn.q_proj.bias", q_width));
@@ -282,12 +366,21 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
     } else {
       std::string moe = MoeBlockPrefix(c.architecture, layer);
       MOED_ASSIGN_OR_RETURN(w.router, matrix(moe + "gate.weight", c.num_experts, h));
+      if (c.topk_method == TopKMethod::kNoAuxTc) {
+        MOED_ASSIGN_OR_RETURN(w.router_bias,
+                              vector(moe + "gate.e_score_correction_bias", c.num_experts));
+      }
       if (c.shared_expert_intermediate_size > 0) {
         w.has_shared_expert = true;
-        MOED_ASSIGN_OR_RETURN(w.shared_expert,
-                              mlp(moe + "shared_expert.", c.shared_expert_intermediate_size));
-        MOED_ASSIGN_OR_RETURN(w.shared_expert_gate,
-                              matrix(moe + "shared_expert_gate.weight", 1, h));
+        if (c.shared_expert_gated) {
+          MOED_ASSIGN_OR_RETURN(w.shared_expert,
+                                mlp(moe + "shared_expert.", c.shared_expert_intermediate_size));
+          MOED_ASSIGN_OR_RETURN(w.shared_expert_gate,
+                                matrix(moe + "shared_expert_gate.weight", 1, h));
+        } else {
+          MOED_ASSIGN_OR_RETURN(w.shared_expert,
+                                mlp(moe + "shared_experts.", c.shared_expert_intermediate_size));
+        }
       }
     }
     model->layers_.push_back(std::move(w));
@@ -296,8 +389,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
   std::vector<std::pair<kernels::Op, const WeightMatrix*>> needs = {
       {kernels::Op::kEmbedding, &model->embed_}, {kernels::Op::kMatMul, &model->lm_head_}};
   for (const LayerWeights& w : model->layers_) {
-    for (const WeightMatrix* m : {&w.q, &w.k, &w.v, &w.o})
-      needs.push_back({kernels::Op::kMatMul, m});
+    for (const WeightMatrix* m : {&w.q, &w.k, &w.v, &w.o, &w.q_a, &w.kv_a_latent, &w.kv_a_rope}) {
+      if (m->data != nullptr) needs.push_back({kernels::Op::kMatMul, m});
+    }
+    if (w.kv_b.data != nullptr) needs.push_back({kernels::Op::kMlaAttention, &w.kv_b});
   }
   for (const auto& [op, m] : needs) {
     if (!b.device().Supports(op, m->format())) {
@@ -307,7 +402,53 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
     }
   }
   model->experts_ = std::move(experts);
+  MOED_RETURN_IF_ERROR(model->PrepareRotary());
   return model;
+}
+
+absl::Status Model::PrepareRotary() {
+  const ModelConfig& c = config_;
+  const bool deepseek =
+      c.architecture == Architecture::kDeepseekV2 || c.architecture == Architecture::kDeepseekV3;
+  router_spec_ = kernels::RouterSpec();
+  router_spec_.scoring = c.scoring == RouterScoringFunction::kSigmoid
+                             ? kernels::RouterScoring::kSigmoid
+                             : kernels::RouterScoring::kSoftmax;
+  router_spec_.renormalize = c.norm_topk_prob;
+  if (deepseek) {
+    // DeepSeek's remote code renormalises only with more than one expert; V2 then skips the
+    // scaling factor, V3 applies it after.
+    router_spec_.renormalize = c.norm_topk_prob && c.experts_per_token > 1;
+    router_spec_.scale = static_cast<float>(
+        c.architecture == Architecture::kDeepseekV2 && router_spec_.renormalize
+            ? 1.0
+            : c.routed_scaling_factor);
+  }
+  router_spec_.groups = c.n_group;
+  router_spec_.top_groups = c.topk_group;
+  router_spec_.group_score = c.topk_method == TopKMethod::kNoAuxTc ? kernels::GroupScore::kTopTwoSum
+                                                                   : kernels::GroupScore::kMax;
+  if (!c.uses_mla()) return absl::OkStatus();
+  const MlaConfig& m = c.mla;
+  std::vector<double> inv_freq = RotaryInvFreq(c, m.rope_dim);
+  MOED_ASSIGN_OR_RETURN(rope_inv_freq_,
+                        UploadBytes(*backend_, inv_freq.data(), inv_freq.size() * sizeof(double)));
+  double magnitude = 1.0, scale = 1.0 / std::sqrt(static_cast<double>(m.q_head_dim()));
+  if (c.yarn.has_value()) {
+    magnitude = YarnMscale(c.yarn->factor, c.yarn->mscale) /
+                YarnMscale(c.yarn->factor, c.yarn->mscale_all_dim);
+    if (c.yarn->mscale_all_dim > 0) {
+      const double all = YarnMscale(c.yarn->factor, c.yarn->mscale_all_dim);
+      scale *= all * all;
+    }
+  }
+  q_rotary_ = {c.num_attention_heads, m.q_head_dim(), m.nope_dim, m.rope_dim,
+               kernels::RotaryStyle::kPairs, rope_inv_freq_.as<const double>(), magnitude};
+  k_rotary_ = {1, m.rope_dim, 0, m.rope_dim, kernels::RotaryStyle::kPairs,
+               rope_inv_freq_.as<const double>(), magnitude};
+  mla_shape_ = {c.num_attention_heads, m.nope_dim, m.rope_dim, m.value_dim, m.kv_lora_rank,
+                static_cast<float>(scale)};
+  return absl::OkStatus();
 }
 
 std::unique_ptr<KvCache> Model::NewKvCache(int64_t capacity) const {
@@ -333,7 +474,10 @@ struct Model::StepBuffers {
   float* q = nullptr;                 // [n, q_width]
   float* k = nullptr;                 // [n, kv_width]
   float* v = nullptr;                 // [n, kv_width]
-  float* attn = nullptr;              // [n, q_width]
+  float* attn = nullptr;              // [n, q_width] (MLA: [n, heads * value_dim])
+  float* q_low = nullptr;             // MLA: [n, q_lora_rank]
+  float* mla_scratch = nullptr;       // MLA: MlaScratchFloats
+  const int64_t* positions = nullptr;
   float* projected = nullptr;         // [n, h]
   float* router_logits = nullptr;     // [n, experts]
   float* lookahead_logits = nullptr;  // [n, experts]: a later layer's router, for prefetch
@@ -410,10 +554,10 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   const int64_t n = step.n, h = c.hidden_size, k = c.experts_per_token, num_experts = c.num_experts;
 
   MOED_RETURN_IF_ERROR(s.MatMul(w.router, step.x, n, step.router_logits));
-  MOED_RETURN_IF_ERROR(s.RouterTopK(step.router_logits, n, num_experts, k,
-                                    c.norm_topk_prob ? kernels::RouterScoring::kSoftmaxRenormalized
-                                                     : kernels::RouterScoring::kSoftmax,
-                                    step.chosen, step.gate_weights));
+  kernels::RouterSpec router = router_spec_;
+  router.choice_bias = w.router_bias ? w.router_bias.as<const float>() : nullptr;
+  MOED_RETURN_IF_ERROR(s.RouterTopK(step.router_logits, n, num_experts, k, router, step.chosen,
+                                    step.gate_weights));
   // The routing comes back to the host: it decides which experts to fetch.
   const auto arena_offset = [&](const void* p) {
     return static_cast<size_t>(static_cast<const char*>(p) -
@@ -520,10 +664,55 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   MOED_RETURN_IF_ERROR(s.MoeCombine(step.expert_out, step.gate_weights, n, k, h, step.projected));
   if (w.has_shared_expert) {
     MOED_RETURN_IF_ERROR(Mlp(w.shared_expert, step.x, n, step.shared, step));
-    MOED_RETURN_IF_ERROR(s.MatMul(w.shared_expert_gate, step.x, n, step.shared_gate));
-    MOED_RETURN_IF_ERROR(s.SigmoidGatedAdd(step.shared_gate, step.shared, n, h, step.projected));
+    if (w.shared_expert_gate.data != nullptr) {
+      MOED_RETURN_IF_ERROR(s.MatMul(w.shared_expert_gate, step.x, n, step.shared_gate));
+      MOED_RETURN_IF_ERROR(s.SigmoidGatedAdd(step.shared_gate, step.shared, n, h, step.projected));
+    } else {
+      MOED_RETURN_IF_ERROR(s.Add(step.projected, step.shared, n * h));
+    }
   }
   return absl::OkStatus();
+}
+
+absl::Status Model::FfnBlock(int layer, StepBuffers& step, ForwardOutput* output) {
+  const LayerWeights& w = layers_[layer];
+  kernels::Stream& s = backend_->compute();
+  const int64_t n = step.n, h = config_.hidden_size;
+  MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.post_norm.as<float>(), n, h,
+                                 static_cast<float>(config_.rms_norm_eps), step.x));
+  if (w.moe) {
+    MOED_RETURN_IF_ERROR(MoeBlock(layer, step, output));
+  } else {
+    MOED_RETURN_IF_ERROR(Mlp(w.dense_mlp, step.x, n, step.projected, step));
+    output->routing[layer].assign(static_cast<size_t>(n), {});
+  }
+  return s.Add(step.hidden, step.projected, n * h);
+}
+
+absl::Status Model::MlaBlock(int layer, StepBuffers& step) {
+  const ModelConfig& c = config_;
+  const MlaConfig& m = c.mla;
+  const LayerWeights& w = layers_[layer];
+  kernels::Stream& s = backend_->compute();
+  const int64_t n = step.n;
+  if (w.q_a.data != nullptr) {
+    MOED_RETURN_IF_ERROR(s.MatMul(w.q_a, step.x, n, step.q_low));
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.q_low, w.q_a_norm.as<float>(), n, m.q_lora_rank,
+                                   kLowRankNormEps, step.q_low));
+    MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.q_low, n, step.q));
+  } else {
+    MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.x, n, step.q));
+  }
+  // The latent (normed) and the rope key are what the cache keeps: step.k and step.v here.
+  MOED_RETURN_IF_ERROR(s.MatMul(w.kv_a_latent, step.x, n, step.k));
+  MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.kv_a_norm.as<float>(), n, m.kv_lora_rank,
+                                 kLowRankNormEps, step.k));
+  MOED_RETURN_IF_ERROR(s.MatMul(w.kv_a_rope, step.x, n, step.v));
+  MOED_RETURN_IF_ERROR(s.Rotary(step.q, n, q_rotary_, step.positions));
+  MOED_RETURN_IF_ERROR(s.Rotary(step.v, n, k_rotary_, step.positions));
+  MOED_RETURN_IF_ERROR(s.WriteKv(step.kv, layer, step.k, step.v, n));
+  return s.MlaAttention(step.kv, layer, step.q, n, mla_shape_, w.kv_b, step.attn,
+                        step.mla_scratch);
 }
 
 absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
@@ -531,6 +720,11 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   const int64_t h = c.hidden_size, heads = c.num_attention_heads, kv_heads = c.num_key_value_heads;
   const int64_t d = c.head_dim, q_width = heads * d, kv_width = kv_heads * d;
   const int64_t k_experts = c.experts_per_token;
+  const bool mla = c.uses_mla();
+  // MLA keeps the latent in the k buffer and the rope key in the v buffer.
+  const int64_t k_width = mla ? c.mla.kv_lora_rank : kv_width;
+  const int64_t v_width = mla ? c.mla.rope_dim : kv_width;
+  const int64_t attn_width = mla ? heads * c.mla.value_dim : q_width;
 
   // Validate everything before any cache changes.
   int64_t n = 0;
@@ -591,8 +785,10 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   const auto i32 = [](int64_t count) { return static_cast<size_t>(count) * sizeof(int32_t); };
   ArenaLayout layout;
   const size_t hidden_at = layout.Add(f(n * h)), x_at = layout.Add(f(n * h)),
-               q_at = layout.Add(f(n * q_width)), k_at = layout.Add(f(n * kv_width)),
-               v_at = layout.Add(f(n * kv_width)), attn_at = layout.Add(f(n * q_width)),
+               q_at = layout.Add(f(n * q_width)), k_at = layout.Add(f(n * k_width)),
+               v_at = layout.Add(f(n * v_width)), attn_at = layout.Add(f(n * attn_width)),
+               q_low_at = layout.Add(f(n * c.mla.q_lora_rank)),
+               mla_scratch_at = layout.Add(f(mla ? kernels::MlaScratchFloats(n, mla_shape_) : 0)),
                projected_at = layout.Add(f(n * h)),
                router_at = layout.Add(f(n * std::max<int64_t>(c.num_experts, 1))),
                lookahead_at = layout.Add(f(n * std::max<int64_t>(c.num_experts, 1))),
@@ -633,6 +829,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   step.k = at_f(k_at);
   step.v = at_f(v_at);
   step.attn = at_f(attn_at);
+  step.q_low = at_f(q_low_at);
+  step.mla_scratch = at_f(mla_scratch_at);
   step.projected = at_f(projected_at);
   step.router_logits = at_f(router_at);
   step.lookahead_logits = at_f(lookahead_at);
@@ -663,13 +861,15 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   MOED_RETURN_IF_ERROR(
       s.CopyToDevice(*step.arena, logit_rows_at, logit_rows.data(), i32(rows_out)));
   const int64_t* positions_dev = reinterpret_cast<const int64_t*>(base + positions_at);
+  step.positions = positions_dev;
   step.kv.block_table = reinterpret_cast<float* const*>(base + table_at);
   step.kv.table_start = at_i(table_start_at);
   step.kv.positions = positions_dev;
   step.kv.block_size = kKvBlockSize;
-  step.kv.kv_heads = kv_heads;
-  step.kv.head_dim = d;
-  step.kv.layer_floats = 2 * kKvBlockSize * kv_width;
+  step.kv.kv_heads = mla ? 1 : kv_heads;
+  step.kv.head_dim = mla ? c.mla.kv_lora_rank : d;
+  step.kv.value_dim = mla ? c.mla.rope_dim : d;
+  step.kv.layer_floats = kKvBlockSize * c.KvFloatsPerTokenLayer();
 
   ForwardOutput output;
   output.routing.assign(static_cast<size_t>(c.num_layers), {});
@@ -678,6 +878,13 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& w = layers_[layer];
     MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.input_norm.as<float>(), n, h, eps, step.x));
+    if (mla) {
+      MOED_RETURN_IF_ERROR(MlaBlock(layer, step));
+      MOED_RETURN_IF_ERROR(s.MatMul(w.o, step.attn, n, step.projected));
+      MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
+      MOED_RETURN_IF_ERROR(FfnBlock(layer, step, &output));
+      continue;
+    }
     MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.x, n, step.q));
     MOED_RETURN_IF_ERROR(s.MatMul(w.k, step.x, n, step.k));
     MOED_RETURN_IF_ERROR(s.MatMul(w.v, step.x, n, step.v));
@@ -700,14 +907,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
     MOED_RETURN_IF_ERROR(s.MatMul(w.o, step.attn, n, step.projected));
     MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
 
-    MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.post_norm.as<float>(), n, h, eps, step.x));
-    if (w.moe) {
-      MOED_RETURN_IF_ERROR(MoeBlock(layer, step, &output));
-    } else {
-      MOED_RETURN_IF_ERROR(Mlp(w.dense_mlp, step.x, n, step.projected, step));
-      output.routing[layer].assign(static_cast<size_t>(n), {});
-    }
-    MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
+    MOED_RETURN_IF_ERROR(FfnBlock(layer, step, &output));
   }
 
   // Final norm and the vocabulary projection, only for the rows asked for.

@@ -109,14 +109,21 @@ struct ForwardOutput {
 
 struct LayerWeights {
   kernels::DeviceBuffer input_norm, post_norm;  // fp32 [hidden]
-  kernels::WeightMatrix q, k, v, o;
+  kernels::WeightMatrix q, k, v, o;  // MLA: q (or q_b after q_a), o; no k or v
+  // MLA (DeepSeek): the optional low-rank query, the latent and rope-key projection (rows of
+  // kv_a_proj_with_mqa), the latent's norm and kv_b_proj.
+  kernels::WeightMatrix q_a;
+  kernels::DeviceBuffer q_a_norm;
+  kernels::WeightMatrix kv_a_latent, kv_a_rope, kv_b;
+  kernels::DeviceBuffer kv_a_norm;
   kernels::DeviceBuffer q_bias, k_bias, v_bias;  // empty when the checkpoint has none
   kernels::DeviceBuffer q_norm, k_norm;          // Qwen3 (per head) / OLMoE (whole width)
   bool moe = true;
-  kernels::WeightMatrix router;  // [experts, hidden]
+  kernels::WeightMatrix router;          // [experts, hidden]
+  kernels::DeviceBuffer router_bias;     // DeepSeek-V3's e_score_correction_bias; may be empty
   bool has_shared_expert = false;
-  kernels::SwiGluWeights shared_expert;      // Qwen2-MoE
-  kernels::WeightMatrix shared_expert_gate;  // [1, hidden]
+  kernels::SwiGluWeights shared_expert;      // Qwen2-MoE (gated), DeepSeek (always on)
+  kernels::WeightMatrix shared_expert_gate;  // [1, hidden]; Qwen2-MoE only
   kernels::SwiGluWeights dense_mlp;          // non-MoE layers
 };
 
@@ -179,6 +186,12 @@ class Model {
   struct StepBuffers;
   Model() = default;
   absl::Status MoeBlock(int layer, StepBuffers& step, ForwardOutput* output);
+  // The post-attention norm, the layer's MoE block or dense MLP, and the residual add.
+  absl::Status FfnBlock(int layer, StepBuffers& step, ForwardOutput* output);
+  // Multi-head Latent Attention of one layer: step.x in, step.attn out.
+  absl::Status MlaBlock(int layer, StepBuffers& step);
+  // The rotary frequency tables and MLA's score scale, from the config.
+  absl::Status PrepareRotary();
   absl::Status Mlp(const kernels::SwiGluWeights& mlp, const float* x, int64_t n, float* out,
                    StepBuffers& step);
   // The expert's weights where the backend computes on them: as served, or copied into the
@@ -197,6 +210,11 @@ class Model {
   std::unique_ptr<ExpertProvider> experts_;
   std::shared_ptr<RoutingOverride> routing_override_;
   kernels::DeviceBuffer expert_staging_;
+  // MLA: inv_freq of the rope slice (doubles, YaRN-adjusted) and its shapes.
+  kernels::DeviceBuffer rope_inv_freq_;
+  kernels::RotarySpec q_rotary_, k_rotary_;
+  kernels::MlaShape mla_shape_;
+  kernels::RouterSpec router_spec_;
   kernels::DeviceBuffer step_arena_;
   std::shared_ptr<KvBlockPool> kv_pool_;
 };

@@ -14,8 +14,8 @@ inline Matrix ToGrid(const WeightMatrix& w) {
 }
 
 inline Kv ToGrid(const PagedKv& kv) {
-  return Kv{kv.block_table, kv.table_start, kv.positions,   kv.block_size,
-            kv.kv_heads,    kv.head_dim,    kv.layer_floats};
+  return Kv{kv.block_table, kv.table_start,  kv.positions,   kv.block_size,
+            kv.kv_heads,    kv.head_dim,     kv.layer_floats, kv.value_width()};
 }
 
 template <class Launcher>
@@ -50,7 +50,8 @@ class GridStream : public Stream {
   }
   absl::Status WriteKv(const PagedKv& kv, int layer, const float* k, const float* v,
                        int64_t n) override {
-    launcher().Elementwise(n * kv.kv_width(), WriteKvBody{ToGrid(kv), layer, k, v});
+    launcher().Elementwise(n * (kv.kv_width() + kv.value_width()),
+                           WriteKvBody{ToGrid(kv), layer, k, v});
     return Launched("kv_write");
   }
   absl::Status Attention(const PagedKv& kv, int layer, const float* q, int64_t n, int64_t heads,
@@ -59,13 +60,19 @@ class GridStream : public Stream {
     return Launched("attention");
   }
   absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
-                          RouterScoring scoring, int32_t* chosen, float* weights) override {
-    if (experts > kMaxExperts || k > experts) {
-      return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts));
+                          const RouterSpec& spec, int32_t* chosen, float* weights) override {
+    if (experts > kMaxExperts || k > experts || spec.groups < 1 || experts % spec.groups != 0 ||
+        spec.top_groups < 1 || spec.top_groups > spec.groups ||
+        k > spec.top_groups * (experts / spec.groups)) {
+      return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts,
+                                                     " in the best ", spec.top_groups, " of ",
+                                                     spec.groups, " groups"));
     }
     launcher().Elementwise(
-        n, RouterTopKBody{logits, experts, k, scoring == RouterScoring::kSoftmaxRenormalized,
-                          chosen, weights});
+        n, RouterTopKBody{logits, experts, k, spec.scoring == RouterScoring::kSigmoid,
+                          spec.renormalize, spec.scale, spec.choice_bias, spec.groups,
+                          spec.top_groups, spec.group_score == GroupScore::kTopTwoSum, chosen,
+                          weights});
     return Launched("router_topk");
   }
   absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) override {
@@ -96,6 +103,30 @@ class GridStream : public Stream {
                           float* dst) override {
     launcher().Elementwise(m * width, GatherRowsBody{src, width, rows, dst});
     return Launched("gather_rows");
+  }
+  absl::Status Rotary(float* x, int64_t n, const RotarySpec& spec,
+                      const int64_t* positions) override {
+    launcher().Elementwise(n * spec.heads * (spec.dims / 2),
+                           RotaryBody{x, spec.heads, spec.head_stride, spec.offset, spec.dims,
+                                      spec.style == RotaryStyle::kPairs, spec.inv_freq,
+                                      spec.magnitude, positions});
+    return Launched("rotary");
+  }
+  absl::Status MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n,
+                            const MlaShape& shape, const WeightMatrix& kv_b, float* out,
+                            float* scratch) override {
+    const Matrix b = ToGrid(kv_b);
+    const int64_t items = n * shape.heads;
+    launcher().Elementwise(items * shape.latent_dim,
+                           MlaAbsorbBody{q, b, shape.heads, shape.nope_dim, shape.rope_dim,
+                                         shape.value_dim, shape.latent_dim, scratch});
+    launcher().Elementwise(items, MlaLatentAttentionBody{ToGrid(kv), layer, q, shape.heads,
+                                                         shape.nope_dim, shape.rope_dim,
+                                                         shape.latent_dim, shape.scale, scratch});
+    launcher().Elementwise(items * shape.value_dim,
+                           MlaValueBody{b, shape.heads, shape.nope_dim, shape.value_dim,
+                                        shape.latent_dim, scratch, out});
+    return Launched("mla_attention");
   }
 
  protected:

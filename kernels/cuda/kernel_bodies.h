@@ -44,6 +44,7 @@ struct Kv {
   const int32_t* table_start = nullptr;
   const int64_t* positions = nullptr;
   int64_t block_size = 0, kv_heads = 0, head_dim = 0, layer_floats = 0;
+  int64_t value_width = 0;  // kv_heads * the value part's floats per head
 };
 
 MOED_HD float BitsToFloat(uint32_t bits) {
@@ -92,7 +93,7 @@ MOED_HD float* KvRow(const Kv& kv, int32_t start, int layer, int64_t position, b
   const int64_t width = kv.kv_heads * kv.head_dim;
   float* block = kv.block_table[start + position / kv.block_size];
   return block + layer * kv.layer_floats + (values ? kv.block_size * width : 0) +
-         (position % kv.block_size) * width;
+         (position % kv.block_size) * (values ? kv.value_width : width);
 }
 
 // ---- element bodies ----------------------------------------------------------------------
@@ -123,15 +124,77 @@ struct RopeBody {
   MOED_HD void operator()(int64_t i) const;
 };
 
+// One thread per float of a token's key and value row together.
 struct WriteKvBody {
   Kv kv;
   int layer;
   const float* k;
   const float* v;
   MOED_HD void operator()(int64_t i) const {
-    const int64_t width = kv.kv_heads * kv.head_dim, t = i / width, c = i % width;
-    KvRow(kv, kv.table_start[t], layer, kv.positions[t], false)[c] = k[i];
-    KvRow(kv, kv.table_start[t], layer, kv.positions[t], true)[c] = v[i];
+    const int64_t width = kv.kv_heads * kv.head_dim, row = width + kv.value_width;
+    const int64_t t = i / row, c = i % row;
+    if (c < width) {
+      KvRow(kv, kv.table_start[t], layer, kv.positions[t], false)[c] = k[t * width + c];
+    } else {
+      KvRow(kv, kv.table_start[t], layer, kv.positions[t], true)[c - width] =
+          v[t * kv.value_width + c - width];
+    }
+  }
+};
+
+// One (token, head, pair) rotation of a slice of each head from a frequency table.
+struct RotaryBody {
+  float* x;
+  int64_t heads, head_stride, offset, dims;
+  bool pairs;
+  const double* inv_freq;
+  double magnitude;
+  const int64_t* positions;
+  MOED_HD void operator()(int64_t i) const;
+};
+
+// MLA in three passes over the scratch [n, heads, 2, latent]:
+// absorb: one thread per (token, head, latent element): the nope query through kv_b's key rows.
+struct MlaAbsorbBody {
+  const float* q;
+  Matrix kv_b;
+  int64_t heads, nope_dim, rope_dim, value_dim, latent;
+  float* scratch;
+  MOED_HD void operator()(int64_t i) const {
+    const int64_t r = i % latent, th = i / latent, h = th % heads;
+    const float* q_nope = q + th * (nope_dim + rope_dim);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < nope_dim; ++j) {
+      sum += q_nope[j] * WeightAt(kv_b, h * (nope_dim + value_dim) + j, r);
+    }
+    scratch[th * 2 * latent + r] = sum;
+  }
+};
+// attend: one thread per (token, head): scores over the cached latents and rope keys, the
+// softmax-weighted latent into the scratch's second half.
+struct MlaLatentAttentionBody {
+  Kv kv;
+  int layer;
+  const float* q;
+  int64_t heads, nope_dim, rope_dim, latent;
+  float scale;
+  float* scratch;
+  MOED_HD void operator()(int64_t item) const;
+};
+// expand: one thread per (token, head, value element): the weighted latent through kv_b's
+// value rows.
+struct MlaValueBody {
+  Matrix kv_b;
+  int64_t heads, nope_dim, value_dim, latent;
+  const float* scratch;
+  float* out;
+  MOED_HD void operator()(int64_t i) const {
+    const int64_t j = i % value_dim, th = i / value_dim, h = th % heads;
+    const float* mixed = scratch + th * 2 * latent + latent;
+    const int64_t row = h * (nope_dim + value_dim) + nope_dim + j;
+    float sum = 0.0f;
+    for (int64_t r = 0; r < latent; ++r) sum += WeightAt(kv_b, row, r) * mixed[r];
+    out[i] = sum;
   }
 };
 
@@ -145,13 +208,26 @@ struct AttentionBody {
   MOED_HD void operator()(int64_t item) const;
 };
 
-// One thread per token: softmax, then k passes picking the largest unchosen probability.
+// One thread per token: scores, then k passes picking the best unchosen eligible expert (a
+// group is eligible when fewer than top_groups groups rank above it).
 struct RouterTopKBody {
   const float* logits;
   int64_t experts, k;
+  bool sigmoid;
   bool renormalize;
+  float scale;
+  const float* choice_bias;
+  int64_t groups, top_groups;
+  bool top_two_sum;
   int32_t* chosen;
   float* weights;
+  MOED_HD float Score(const float* row, int64_t e, float max_logit, float total) const;
+  MOED_HD float Choice(const float* row, int64_t e, float max_logit, float total) const {
+    float score = Score(row, e, max_logit, total);
+    return choice_bias != nullptr ? score + choice_bias[e] : score;
+  }
+  MOED_HD float GroupScore(const float* row, int64_t g, float max_logit, float total) const;
+  MOED_HD bool GroupKept(const float* row, int64_t g, float max_logit, float total) const;
   MOED_HD void operator()(int64_t t) const;
 };
 
@@ -331,31 +407,115 @@ MOED_HD void AttentionBody::operator()(int64_t item) const {
   }
 }
 
+MOED_HD float RouterTopKBody::Score(const float* row, int64_t e, float max_logit,
+                                    float total) const {
+  if (sigmoid) return 1.0f / (1.0f + MOED_EXPF(-row[e]));
+  return MOED_EXPF(row[e] - max_logit) / total;
+}
+
+MOED_HD float RouterTopKBody::GroupScore(const float* row, int64_t g, float max_logit,
+                                         float total) const {
+  const int64_t size = experts / groups;
+  float first = -3.402823466e38f, second = -3.402823466e38f;
+  for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+    float c = Choice(row, e, max_logit, total);
+    if (c > first) {
+      second = first;
+      first = c;
+    } else if (c > second) {
+      second = c;
+    }
+  }
+  return top_two_sum ? first + second : first;
+}
+
+MOED_HD bool RouterTopKBody::GroupKept(const float* row, int64_t g, float max_logit,
+                                       float total) const {
+  if (groups <= 1) return true;
+  const float mine = GroupScore(row, g, max_logit, total);
+  int64_t above = 0;
+  for (int64_t other = 0; other < groups; ++other) {
+    const float theirs = GroupScore(row, other, max_logit, total);
+    if (theirs > mine || (theirs == mine && other < g)) ++above;
+  }
+  return above < top_groups;
+}
+
 MOED_HD void RouterTopKBody::operator()(int64_t t) const {
   const float* row = logits + t * experts;
   float max_logit = row[0];
   for (int64_t e = 1; e < experts; ++e) max_logit = row[e] > max_logit ? row[e] : max_logit;
   float total = 0.0f;
-  for (int64_t e = 0; e < experts; ++e) total += MOED_EXPF(row[e] - max_logit);
+  if (!sigmoid) {
+    for (int64_t e = 0; e < experts; ++e) total += MOED_EXPF(row[e] - max_logit);
+  }
+  const int64_t group_size = experts / groups;
   float selected = 0.0f;
   for (int64_t r = 0; r < k; ++r) {
     int32_t best = -1;
-    float best_p = -1.0f;
+    float best_choice = 0.0f;
     for (int64_t e = 0; e < experts; ++e) {
       bool taken = false;
       for (int64_t s = 0; s < r; ++s) taken = taken || chosen[t * k + s] == e;
-      float p = MOED_EXPF(row[e] - max_logit) / total;
-      if (!taken && p > best_p) {  // strict: ties keep the lower id
+      if (taken || !GroupKept(row, e / group_size, max_logit, total)) continue;
+      float c = Choice(row, e, max_logit, total);
+      if (best < 0 || c > best_choice) {  // strict: ties keep the lower id
         best = static_cast<int32_t>(e);
-        best_p = p;
+        best_choice = c;
       }
     }
     chosen[t * k + r] = best;
-    weights[t * k + r] = best_p;
-    selected += best_p;
+    const float score = Score(row, best, max_logit, total);
+    weights[t * k + r] = score;
+    selected += score;
   }
-  if (renormalize) {
-    for (int64_t r = 0; r < k; ++r) weights[t * k + r] /= selected;
+  for (int64_t r = 0; r < k; ++r) {
+    const float weight = renormalize ? weights[t * k + r] / selected : weights[t * k + r];
+    weights[t * k + r] = weight * scale;
+  }
+}
+
+MOED_HD void RotaryBody::operator()(int64_t i) const {
+  const int64_t half = dims / 2;
+  const int64_t j = i % half, th = i / half, t = th / heads;
+  double angle = static_cast<double>(positions[t]) * inv_freq[j];
+  float cos_a = static_cast<float>(MOED_COS(angle) * magnitude);
+  float sin_a = static_cast<float>(MOED_SIN(angle) * magnitude);
+  float* v = x + th * head_stride + offset;
+  const int64_t a_at = pairs ? 2 * j : j, b_at = pairs ? 2 * j + 1 : j + half;
+  float a = v[a_at], b = v[b_at];
+  v[a_at] = a * cos_a - b * sin_a;
+  v[b_at] = b * cos_a + a * sin_a;
+}
+
+MOED_HD void MlaLatentAttentionBody::operator()(int64_t item) const {
+  const int64_t t = item / heads, len = kv.positions[t] + 1;
+  const int32_t start = kv.table_start[t];
+  const float* absorbed = scratch + item * 2 * latent;
+  float* mixed = scratch + item * 2 * latent + latent;
+  const float* q_rope = q + item * (nope_dim + rope_dim) + nope_dim;
+  auto score = [&](int64_t p) {
+    const float* cp = KvRow(kv, start, layer, p, false);
+    const float* kp = KvRow(kv, start, layer, p, true);
+    float dot = 0.0f;
+    for (int64_t r = 0; r < latent; ++r) dot += absorbed[r] * cp[r];
+    float rope_dot = 0.0f;
+    for (int64_t i = 0; i < rope_dim; ++i) rope_dot += q_rope[i] * kp[i];
+    return (dot + rope_dot) * scale;
+  };
+  float max_score = -3.402823466e38f;
+  for (int64_t p = 0; p < len; ++p) {
+    float s = score(p);
+    if (s > max_score) max_score = s;
+  }
+  double total = 0;
+  for (int64_t p = 0; p < len; ++p) total += MOED_EXPF(score(p) - max_score);
+  for (int64_t r = 0; r < latent; ++r) mixed[r] = 0.0f;
+  const float inv_total = static_cast<float>(1.0 / total);
+  for (int64_t p = 0; p < len; ++p) {
+    const float weight = MOED_EXPF(score(p) - max_score) * inv_total;
+    const float* cp = KvRow(kv, start, layer, p, false);
+    for (int64_t r = 0; r < latent; ++r) mixed[r] += weight * cp[r];
   }
 }
 

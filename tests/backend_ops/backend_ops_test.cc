@@ -529,52 +529,294 @@ std::vector<OpCase> OpTable() {
     cases.push_back(
         {Op::kAttention, WeightFormat::kF32, shape, [run_kv](Backend& b) { run_kv(b, true); }});
   }
-  // ---- router: both scorings, ties broken toward the lower expert id
+  // ---- router: softmax or sigmoid, renormalised or not, scaled, with a choice bias and group
+  // limits (DeepSeek), ties broken toward the lower expert id
+  struct RouterCase {
+    int64_t experts, k;
+    RouterScoring scoring;
+    bool renormalize;
+    float scale;
+    bool bias;
+    int64_t groups, top_groups;
+    GroupScore group_score;
+  };
+  std::vector<RouterCase> router_cases;
   for (auto [experts, k] :
        std::vector<std::pair<int64_t, int64_t>>{{8, 2}, {60, 4}, {64, 8}, {3, 1}}) {
-    for (RouterScoring scoring : {RouterScoring::kSoftmax, RouterScoring::kSoftmaxRenormalized}) {
-      cases.push_back(
-          {Op::kRouterTopK, WeightFormat::kF32,
-           Shape({{"experts", experts},
-                  {"k", k},
-                  {"renormalized", scoring == RouterScoring::kSoftmaxRenormalized}}),
-           [experts, k, scoring](Backend& b) {
-             std::mt19937 rng(static_cast<uint32_t>(experts * k));
-             Mem mem(b);
-             const int64_t n = 8;
-             std::vector<float> logits = Random(static_cast<size_t>(n * experts), rng, 2.0f);
-             // Token 0: every logit equal (all tied); token 1: pairs of equal logits.
+    for (bool renormalize : {false, true}) {
+      router_cases.push_back({experts, k, RouterScoring::kSoftmax, renormalize, 1.0f, false, 1, 1,
+                              GroupScore::kMax});
+    }
+  }
+  router_cases.push_back(
+      {8, 2, RouterScoring::kSoftmax, false, 2.5f, false, 1, 1, GroupScore::kMax});
+  router_cases.push_back(
+      {64, 6, RouterScoring::kSoftmax, false, 16.0f, false, 8, 3, GroupScore::kMax});
+  router_cases.push_back(
+      {16, 4, RouterScoring::kSigmoid, true, 2.5f, true, 4, 2, GroupScore::kTopTwoSum});
+  router_cases.push_back(
+      {256, 8, RouterScoring::kSigmoid, true, 2.5f, true, 8, 4, GroupScore::kTopTwoSum});
+  router_cases.push_back(
+      {32, 3, RouterScoring::kSigmoid, false, 1.0f, false, 1, 1, GroupScore::kMax});
+  for (const RouterCase rc : router_cases) {
+    cases.push_back(
+        {Op::kRouterTopK, WeightFormat::kF32,
+         Shape({{"experts", rc.experts},
+                {"k", rc.k},
+                {"sigmoid", rc.scoring == RouterScoring::kSigmoid},
+                {"renormalized", rc.renormalize},
+                {"scale_x10", static_cast<int64_t>(rc.scale * 10)},
+                {"bias", rc.bias},
+                {"groups", rc.groups},
+                {"top_groups", rc.top_groups},
+                {"top_two_sum", rc.group_score == GroupScore::kTopTwoSum}}),
+         [rc](Backend& b) {
+           const int64_t experts = rc.experts, k = rc.k;
+           std::mt19937 rng(static_cast<uint32_t>(experts * k + rc.groups));
+           Mem mem(b);
+           const int64_t n = 8;
+           std::vector<float> logits = Random(static_cast<size_t>(n * experts), rng, 2.0f);
+           // Token 0: every logit equal (all tied); token 1: pairs of equal logits.
+           for (int64_t e = 0; e < experts; ++e) {
+             logits[e] = 0.25f;
+             logits[experts + e] = static_cast<float>(e / 2);
+           }
+           std::vector<float> bias = Random(static_cast<size_t>(experts), rng, 0.05f);
+           RouterSpec spec;
+           spec.scoring = rc.scoring;
+           spec.renormalize = rc.renormalize;
+           spec.scale = rc.scale;
+           spec.choice_bias = rc.bias ? mem.Put(bias) : nullptr;
+           spec.groups = rc.groups;
+           spec.top_groups = rc.top_groups;
+           spec.group_score = rc.group_score;
+           int32_t* chosen = mem.Zeros<int32_t>(static_cast<size_t>(n * k));
+           float* weights = mem.Zeros<float>(static_cast<size_t>(n * k));
+           REQUIRE(
+               b.compute().RouterTopK(mem.Put(logits), n, experts, k, spec, chosen, weights).ok());
+           std::vector<int32_t> got_ids = mem.Get(chosen, static_cast<size_t>(n * k));
+           std::vector<float> got_w = mem.Get(weights, static_cast<size_t>(n * k));
+           std::vector<double> want_w;
+           const int64_t group_size = experts / rc.groups;
+           for (int64_t t = 0; t < n; ++t) {
+             std::vector<double> score(static_cast<size_t>(experts)), choice(score.size());
+             double max_l = -1e300, total = 0;
+             for (int64_t e = 0; e < experts; ++e)
+               max_l = std::max(max_l, double(logits[t * experts + e]));
+             for (int64_t e = 0; e < experts; ++e)
+               total += std::exp(logits[t * experts + e] - max_l);
              for (int64_t e = 0; e < experts; ++e) {
-               logits[e] = 0.25f;
-               logits[experts + e] = static_cast<float>(e / 2);
+               const double l = logits[t * experts + e];
+               score[e] = rc.scoring == RouterScoring::kSoftmax ? std::exp(l - max_l) / total
+                                                                : 1 / (1 + std::exp(-l));
+               choice[e] = score[e] + (rc.bias ? bias[e] : 0.0);
              }
-             int32_t* chosen = mem.Zeros<int32_t>(static_cast<size_t>(n * k));
-             float* weights = mem.Zeros<float>(static_cast<size_t>(n * k));
-             REQUIRE(b.compute()
-                         .RouterTopK(mem.Put(logits), n, experts, k, scoring, chosen, weights)
-                         .ok());
-             std::vector<int32_t> got_ids = mem.Get(chosen, static_cast<size_t>(n * k));
-             std::vector<float> got_w = mem.Get(weights, static_cast<size_t>(n * k));
-             std::vector<double> want_w;
-             for (int64_t t = 0; t < n; ++t) {
-               std::vector<double> p(static_cast<size_t>(experts));
-               double max_l = -1e300, total = 0;
-               for (int64_t e = 0; e < experts; ++e)
-                 max_l = std::max(max_l, double(logits[t * experts + e]));
-               for (int64_t e = 0; e < experts; ++e)
-                 total += p[e] = std::exp(logits[t * experts + e] - max_l);
-               std::vector<int> ids(static_cast<size_t>(experts));
-               for (int e = 0; e < experts; ++e) ids[e] = e;
-               std::stable_sort(ids.begin(), ids.end(), [&](int a, int c) { return p[a] > p[c]; });
-               double sum = 0;
-               for (int64_t r = 0; r < k; ++r) sum += p[ids[r]] / total;
-               for (int64_t r = 0; r < k; ++r) {
-                 CHECK(got_ids[t * k + r] == ids[r]);
-                 double w = p[ids[r]] / total;
-                 want_w.push_back(scoring == RouterScoring::kSoftmaxRenormalized ? w / sum : w);
+             // Groups ranked by their best choice or their two best choices' sum.
+             std::vector<double> group_value(static_cast<size_t>(rc.groups));
+             for (int64_t g = 0; g < rc.groups; ++g) {
+               std::vector<double> members(choice.begin() + g * group_size,
+                                           choice.begin() + (g + 1) * group_size);
+               std::sort(members.rbegin(), members.rend());
+               group_value[g] = rc.group_score == GroupScore::kMax || members.size() < 2
+                                    ? members[0]
+                                    : members[0] + members[1];
+             }
+             std::vector<int> groups(static_cast<size_t>(rc.groups));
+             for (int g = 0; g < rc.groups; ++g) groups[g] = g;
+             std::stable_sort(groups.begin(), groups.end(),
+                              [&](int a, int c) { return group_value[a] > group_value[c]; });
+             std::set<int> kept(groups.begin(), groups.begin() + rc.top_groups);
+             std::vector<int> ids;
+             for (int e = 0; e < experts; ++e) {
+               if (kept.count(static_cast<int>(e / group_size)) == 1) ids.push_back(e);
+             }
+             std::stable_sort(ids.begin(), ids.end(),
+                              [&](int a, int c) { return choice[a] > choice[c]; });
+             double sum = 0;
+             for (int64_t r = 0; r < k; ++r) sum += score[ids[r]];
+             for (int64_t r = 0; r < k; ++r) {
+               CHECK(got_ids[t * k + r] == ids[r]);
+               double w = score[ids[r]];
+               want_w.push_back((rc.renormalize ? w / sum : w) * rc.scale);
+             }
+           }
+           CheckClose(got_w, want_w, {}, 1e-5, 1e-7);
+         }});
+  }
+  // ---- rotary from a frequency table: rotate-half and adjacent pairs, on a slice of each head
+  struct RotaryCase {
+    int64_t heads, stride, offset, dims;
+    RotaryStyle style;
+    double magnitude;
+  };
+  for (const RotaryCase rc : std::vector<RotaryCase>{{4, 24, 16, 8, RotaryStyle::kPairs, 1.0},
+                                                     {1, 8, 0, 8, RotaryStyle::kPairs, 1.0},
+                                                     {3, 64, 0, 64, RotaryStyle::kHalf, 1.0},
+                                                     {2, 40, 8, 32, RotaryStyle::kPairs, 1.37},
+                                                     {2, 20, 4, 12, RotaryStyle::kHalf, 0.8}}) {
+    cases.push_back(
+        {Op::kRotary, WeightFormat::kF32,
+         Shape({{"heads", rc.heads},
+                {"stride", rc.stride},
+                {"offset", rc.offset},
+                {"dims", rc.dims},
+                {"pairs", rc.style == RotaryStyle::kPairs},
+                {"magnitude_x100", static_cast<int64_t>(rc.magnitude * 100)}}),
+         [rc](Backend& b) {
+           std::mt19937 rng(static_cast<uint32_t>(rc.stride * 7 + rc.dims));
+           Mem mem(b);
+           const int64_t n = 5;
+           std::vector<int64_t> positions = {0, 1, 7, 100, 3000};
+           std::vector<double> inv_freq(static_cast<size_t>(rc.dims / 2));
+           std::uniform_real_distribution<double> freq(1e-4, 1.0);
+           for (double& f : inv_freq) f = freq(rng);
+           std::vector<float> x = Random(static_cast<size_t>(n * rc.heads * rc.stride), rng);
+           RotarySpec spec{rc.heads,         rc.stride,    rc.offset, rc.dims,
+                           rc.style,         mem.Put(inv_freq), rc.magnitude};
+           float* xs = mem.Put(x);
+           REQUIRE(b.compute().Rotary(xs, n, spec, mem.Put(positions)).ok());
+           std::vector<double> want(x.begin(), x.end());
+           const int64_t half = rc.dims / 2;
+           for (int64_t t = 0; t < n; ++t)
+             for (int64_t h = 0; h < rc.heads; ++h)
+               for (int64_t i = 0; i < half; ++i) {
+                 const int64_t base = (t * rc.heads + h) * rc.stride + rc.offset;
+                 const int64_t a = base + (rc.style == RotaryStyle::kPairs ? 2 * i : i);
+                 const int64_t c = base + (rc.style == RotaryStyle::kPairs ? 2 * i + 1 : i + half);
+                 const double angle = double(positions[t]) * inv_freq[i];
+                 const double cs = std::cos(angle) * rc.magnitude;
+                 const double sn = std::sin(angle) * rc.magnitude;
+                 want[a] = x[a] * cs - x[c] * sn;
+                 want[c] = x[c] * cs + x[a] * sn;
                }
+           std::vector<double> scale(want.size());
+           for (size_t i = 0; i < want.size(); ++i) scale[i] = 2 * rc.magnitude * std::abs(x[i]) + 1;
+           CheckClose(mem.Get(xs, want.size()), want, scale, 1e-6, 0);
+         }});
+  }
+  // ---- MLA attention in every kv_b format: written into a paged cache of latents and rope
+  // keys with kv_write, checked against plain attention over keys and values rebuilt from
+  // the latents (the non-absorbed form)
+  struct MlaCase {
+    int64_t heads, nope, rope, value, latent, block, group;
+    std::vector<int64_t> lengths, step;
+  };
+  for (WeightFormat format : kAllWeightFormats) {
+    for (const MlaCase& mc : std::vector<MlaCase>{{4, 16, 8, 16, 32, 16, 16, {5, 20}, {1, 3}},
+                                                  {2, 8, 4, 12, 64, 4, 32, {9}, {9}}}) {
+      cases.push_back(
+          {Op::kMlaAttention, format,
+           Shape({{"heads", mc.heads},
+                  {"nope", mc.nope},
+                  {"rope", mc.rope},
+                  {"value", mc.value},
+                  {"latent", mc.latent},
+                  {"block", mc.block}}),
+           [format, mc](Backend& b) {
+             std::mt19937 rng(static_cast<uint32_t>(mc.latent * 13 + mc.heads));
+             Mem mem(b);
+             const int64_t layers = 2, layer = 1, R = mc.latent, dr = mc.rope;
+             const int64_t layer_floats = mc.block * (R + dr);
+             std::vector<double> kv_b;
+             WeightMatrix w = mem.Weights(format, mc.heads * (mc.nope + mc.value), R,
+                                          format == WeightFormat::kInt4Grouped ? mc.group : 0, rng,
+                                          &kv_b);
+             std::vector<std::vector<int32_t>> blocks_of;
+             int32_t total_blocks = 0;
+             for (int64_t len : mc.lengths) {
+               blocks_of.emplace_back();
+               for (int64_t i = 0; i < (len + mc.block - 1) / mc.block; ++i)
+                 blocks_of.back().push_back(total_blocks++);
              }
-             CheckClose(got_w, want_w, {}, 1e-5, 1e-7);
+             std::vector<int32_t> physical(static_cast<size_t>(total_blocks));
+             for (int32_t i = 0; i < total_blocks; ++i) physical[i] = i;
+             std::shuffle(physical.begin(), physical.end(), rng);
+             float* pool =
+                 mem.Zeros<float>(static_cast<size_t>(total_blocks * layers * layer_floats));
+             std::vector<float*> table;
+             for (int32_t i = 0; i < total_blocks; ++i)
+               table.push_back(pool + physical[i] * layers * layer_floats);
+             std::vector<int32_t> start;
+             std::vector<int64_t> positions;
+             std::vector<float> latents, rope_keys;
+             std::vector<std::vector<float>> seq_c(mc.lengths.size()), seq_r(mc.lengths.size());
+             for (size_t q = 0; q < mc.lengths.size(); ++q) {
+               seq_c[q] = Random(static_cast<size_t>(mc.lengths[q] * R), rng);
+               seq_r[q] = Random(static_cast<size_t>(mc.lengths[q] * dr), rng);
+               for (int64_t p = 0; p < mc.lengths[q]; ++p) {
+                 start.push_back(blocks_of[q][0]);
+                 positions.push_back(p);
+               }
+               latents.insert(latents.end(), seq_c[q].begin(), seq_c[q].end());
+               rope_keys.insert(rope_keys.end(), seq_r[q].begin(), seq_r[q].end());
+             }
+             PagedKv kv{mem.Put(table), mem.Put(start), mem.Put(positions), mc.block, 1, R,
+                        layer_floats,   dr};
+             REQUIRE(b.compute()
+                         .WriteKv(kv, static_cast<int>(layer), mem.Put(latents),
+                                  mem.Put(rope_keys), static_cast<int64_t>(positions.size()))
+                         .ok());
+             std::vector<int32_t> q_start;
+             std::vector<int64_t> q_pos;
+             for (size_t q = 0; q < mc.lengths.size(); ++q)
+               for (int64_t p = mc.lengths[q] - mc.step[q]; p < mc.lengths[q]; ++p) {
+                 q_start.push_back(blocks_of[q][0]);
+                 q_pos.push_back(p);
+               }
+             const int64_t n = static_cast<int64_t>(q_pos.size()), qd = mc.nope + mc.rope;
+             std::vector<float> query = Random(static_cast<size_t>(n * mc.heads * qd), rng, 0.5f);
+             PagedKv step{kv.block_table, mem.Put(q_start), mem.Put(q_pos), mc.block, 1, R,
+                          layer_floats,   dr};
+             MlaShape shape{mc.heads, mc.nope, mc.rope, mc.value, R, 0.3f};
+             float* out = mem.Zeros<float>(static_cast<size_t>(n * mc.heads * mc.value));
+             float* scratch = mem.Zeros<float>(static_cast<size_t>(MlaScratchFloats(n, shape)));
+             REQUIRE(b.compute()
+                         .MlaAttention(step, static_cast<int>(layer), mem.Put(query), n, shape, w,
+                                       out, scratch)
+                         .ok());
+             const int64_t rows_per_head = mc.nope + mc.value;
+             std::vector<double> want(static_cast<size_t>(n * mc.heads * mc.value)),
+                 mag(want.size());
+             int64_t t = 0;
+             for (size_t q = 0; q < mc.lengths.size(); ++q)
+               for (int64_t p = mc.lengths[q] - mc.step[q]; p < mc.lengths[q]; ++p, ++t)
+                 for (int64_t h = 0; h < mc.heads; ++h) {
+                   // Keys and values of head h at every position, rebuilt from the latents.
+                   std::vector<double> e;
+                   std::vector<std::vector<double>> values;
+                   double max_s = -1e300;
+                   for (int64_t j = 0; j <= p; ++j) {
+                     const float* c = &seq_c[q][j * R];
+                     double s_dot = 0;
+                     for (int64_t i = 0; i < mc.nope; ++i) {
+                       double key = 0;
+                       for (int64_t r = 0; r < R; ++r)
+                         key += kv_b[(h * rows_per_head + i) * R + r] * c[r];
+                       s_dot += double(query[(t * mc.heads + h) * qd + i]) * key;
+                     }
+                     for (int64_t i = 0; i < dr; ++i)
+                       s_dot += double(query[(t * mc.heads + h) * qd + mc.nope + i]) *
+                                seq_r[q][j * dr + i];
+                     e.push_back(s_dot * 0.3f);
+                     max_s = std::max(max_s, e.back());
+                     std::vector<double>& v = values.emplace_back(mc.value);
+                     for (int64_t i = 0; i < mc.value; ++i)
+                       for (int64_t r = 0; r < R; ++r)
+                         v[i] += kv_b[(h * rows_per_head + mc.nope + i) * R + r] * c[r];
+                   }
+                   double total = 0;
+                   for (double& x : e) total += x = std::exp(x - max_s);
+                   for (int64_t i = 0; i < mc.value; ++i) {
+                     double sum = 0, m = 0;
+                     for (int64_t j = 0; j <= p; ++j) {
+                       sum += e[j] / total * values[j][i];
+                       m += std::abs(values[j][i]);
+                     }
+                     want[(t * mc.heads + h) * mc.value + i] = sum;
+                     mag[(t * mc.heads + h) * mc.value + i] = m + 1;
+                   }
+                 }
+             CheckClose(mem.Get(out, want.size()), want, mag, 2e-5, 1e-6);
            }});
     }
   }
@@ -761,10 +1003,23 @@ class RecordingStream final : public Stream {
     Note(Op::kAttention);
     return inner_.Attention(kv, l, q, n, h, o);
   }
-  absl::Status RouterTopK(const float* lg, int64_t n, int64_t e, int64_t k, RouterScoring s,
+  absl::Status RouterTopK(const float* lg, int64_t n, int64_t e, int64_t k, const RouterSpec& s,
                           int32_t* c, float* w) override {
     Note(Op::kRouterTopK);
+    if (audit && s.choice_bias != nullptr) audit(s.choice_bias, static_cast<size_t>(e) * 4);
     return inner_.RouterTopK(lg, n, e, k, s, c, w);
+  }
+  absl::Status Rotary(float* x, int64_t n, const RotarySpec& spec, const int64_t* p) override {
+    Note(Op::kRotary);
+    if (audit) audit(spec.inv_freq, static_cast<size_t>(spec.dims / 2) * sizeof(double));
+    return inner_.Rotary(x, n, spec, p);
+  }
+  absl::Status MlaAttention(const PagedKv& kv, int l, const float* q, int64_t n,
+                            const MlaShape& shape, const WeightMatrix& kv_b, float* o,
+                            float* scratch) override {
+    Note(Op::kMlaAttention, kv_b.format());
+    Audit(kv_b);
+    return inner_.MlaAttention(kv, l, q, n, shape, kv_b, o, scratch);
   }
   absl::Status SiluMul(const float* g, const float* u, int64_t n, float* o) override {
     Note(Op::kSiluMul);

@@ -9,10 +9,10 @@
 namespace moed::model {
 namespace {
 
-std::string GoldenDir(const std::string& name) {
+std::string GoldenDir(const std::string& name, const char* set = "golden") {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
-  std::string dir = std::string(shared) + "/golden/" + name;
+  std::string dir = std::string(shared) + "/" + set + "/" + name;
   REQUIRE(std::filesystem::exists(dir + "/config.json"));
   return dir;
 }
@@ -55,6 +55,44 @@ TEST_CASE("golden configs parse into the shapes of their README") {
     CHECK_FALSE(config->tie_word_embeddings);
     CHECK(config->NumMoeLayers() == e.layers);
   }
+}
+
+TEST_CASE("the golden DeepSeek-V2 config parses into the shapes of its README") {
+  // From shared/golden-next/README.md's model table.
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(GoldenDir("deepseek_v2", "golden-next"));
+  REQUIRE(config.ok());
+  CHECK(config->architecture == Architecture::kDeepseekV2);
+  CHECK(config->vocab_size == 512);
+  CHECK(config->hidden_size == 64);
+  CHECK(config->num_layers == 3);
+  CHECK(config->num_attention_heads == 4);
+  CHECK(config->uses_mla());
+  CHECK(config->mla.q_lora_rank == 0);
+  CHECK(config->mla.kv_lora_rank == 32);
+  CHECK(config->mla.nope_dim == 16);
+  CHECK(config->mla.rope_dim == 8);
+  CHECK(config->mla.value_dim == 16);
+  CHECK(config->head_dim == 24);
+  CHECK(config->num_experts == 8);
+  CHECK(config->experts_per_token == 2);
+  CHECK(config->expert_intermediate_size == 32);
+  CHECK(config->shared_expert_intermediate_size == 32);
+  CHECK_FALSE(config->shared_expert_gated);
+  CHECK(config->dense_intermediate_size == 128);
+  CHECK(config->first_k_dense_replace == 1);
+  CHECK(config->NumMoeLayers() == 2);
+  CHECK_FALSE(config->IsMoeLayer(0));
+  CHECK(config->scoring == RouterScoringFunction::kSoftmax);
+  CHECK(config->topk_method == TopKMethod::kGreedy);
+  CHECK_FALSE(config->norm_topk_prob);
+  CHECK(config->routed_scaling_factor == 2.5);
+  CHECK(config->rope_theta == 1e4);
+  CHECK_FALSE(config->yarn.has_value());
+  CHECK(config->rms_norm_eps == Approx(1e-6));
+  CHECK(config->max_position_embeddings == 256);
+  CHECK_FALSE(config->tie_word_embeddings);
+  // MLA caches the latent and the rope key: 40 floats per token and layer, not 2 * 4 * 24.
+  CHECK(config->KvFloatsPerTokenLayer() == 40);
 }
 
 }  // namespace

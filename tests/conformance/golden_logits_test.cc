@@ -1,5 +1,6 @@
-// Every golden case of ../shared/golden: prompt logits and the greedy continuation, against
-// llama.cpp's reference numbers (README: 1e-4 on logits, greedy ids exact).
+// Every golden case of ../shared/golden and ../shared/golden-next: prompt logits and the
+// greedy continuation, against llama.cpp's reference numbers (README: 1e-4 on logits, greedy
+// ids exact).
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -20,6 +21,10 @@
 namespace moed::model {
 namespace {
 
+// Every golden model, as a path under the shared directory.
+constexpr const char* kGoldenModels[] = {"golden/mixtral", "golden/qwen2_moe", "golden/qwen3_moe",
+                                         "golden/olmoe", "golden-next/deepseek_v2"};
+
 double MaxAbsDiff(const std::vector<float>& ours, const nlohmann::json& reference) {
   REQUIRE(ours.size() == reference.size());
   double worst = 0;
@@ -33,7 +38,7 @@ void CheckGolden(const std::string& name,
                  std::shared_ptr<kernels::Backend> backend = kernels::TestCpuBackend(2)) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
-  std::string dir = std::string(shared) + "/golden/" + name;
+  std::string dir = std::string(shared) + "/" + name;
   auto model = Model::Load(dir, std::move(backend));
   REQUIRE(model.ok());
   nlohmann::json cases = nlohmann::json::parse(std::ifstream(dir + "/cases.json"));
@@ -66,9 +71,11 @@ void CheckGolden(const std::string& name,
 void CheckGoldenStore(const std::string& name) {
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
-  std::string dir = std::string(shared) + "/golden/" + name;
-  std::filesystem::path store_dir = std::filesystem::temp_directory_path() /
-                                    ("moed_golden_store_" + name + "_" + std::to_string(getpid()));
+  std::string dir = std::string(shared) + "/" + name;
+  const std::string model_name = std::filesystem::path(name).filename().string();
+  std::filesystem::path store_dir =
+      std::filesystem::temp_directory_path() /
+      ("moed_golden_store_" + model_name + "_" + std::to_string(getpid()));
   std::filesystem::remove_all(store_dir);
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
@@ -85,7 +92,8 @@ void CheckGoldenStore(const std::string& name) {
     REQUIRE(b.ok());
     CHECK(b->greedy == c["greedy"].get<std::vector<int32_t>>());
     routing.push_back(cache::TraceFromRouting(b->routing, static_cast<int>(config.num_experts),
-                                              static_cast<int>(config.experts_per_token), 0, name));
+                                              static_cast<int>(config.experts_per_token), 0,
+                                              model_name));
     expected.push_back(*std::move(b));
   }
   auto calibration = cache::AffinityTable::FromTraces(routing, 2);
@@ -143,21 +151,22 @@ void CheckGoldenStore(const std::string& name) {
 
 TEST_CASE(
     "golden stores give the checkpoints' logits bitwise at every cache budget and prefetcher") {
-  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+  for (const char* name : kGoldenModels) {
     INFO(name);
     CheckGoldenStore(name);
   }
 }
 
-TEST_CASE("golden mixtral") { CheckGolden("mixtral"); }
-TEST_CASE("golden qwen2_moe") { CheckGolden("qwen2_moe"); }
-TEST_CASE("golden qwen3_moe") { CheckGolden("qwen3_moe"); }
-TEST_CASE("golden olmoe") { CheckGolden("olmoe"); }
+TEST_CASE("golden mixtral") { CheckGolden("golden/mixtral"); }
+TEST_CASE("golden qwen2_moe") { CheckGolden("golden/qwen2_moe"); }
+TEST_CASE("golden qwen3_moe") { CheckGolden("golden/qwen3_moe"); }
+TEST_CASE("golden olmoe") { CheckGolden("golden/olmoe"); }
+TEST_CASE("golden deepseek_v2") { CheckGolden("golden-next/deepseek_v2"); }
 
 // The CUDA backend's kernels, their bodies run on the host over the launch grid: the whole
 // forward pass (paged KV, grouped expert FFN, router) within the golden tolerance.
 TEST_CASE("golden logits through the CUDA kernels' bodies run on the host") {
-  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+  for (const char* name : kGoldenModels) {
     INFO(name);
     CheckGolden(name, kernels::grid::CreateHostGridBackend());
   }
@@ -169,7 +178,7 @@ TEST_CASE("golden logits on a CUDA device when there is one") {
     CHECK_FALSE(kernels::CreateBackend(kernels::BackendKind::kCuda).ok());
     return;
   }
-  for (const char* name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}) {
+  for (const char* name : kGoldenModels) {
     INFO(name);
     auto cuda = kernels::CreateBackend(kernels::BackendKind::kCuda);
     REQUIRE(cuda.ok());
