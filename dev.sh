@@ -25,7 +25,7 @@ BUILD_PACKAGES=(
 PACKAGES=(
   "${BUILD_PACKAGES[@]}" ccache
   clang libclang-rt-14-dev
-  python3 python3-grpcio python3-protobuf python3-prometheus-client fio prometheus
+  python3 python3-grpcio python3-protobuf python3-prometheus-client python3-numpy fio prometheus
 )
 # What ./dev.sh test --deploy adds: the image build and the manifests' checkers.
 DEPLOY_PACKAGES=(podman debootstrap docker-compose uidmap fuse-overlayfs)

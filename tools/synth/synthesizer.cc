@@ -27,6 +27,15 @@ namespace {
 
 using model::Architecture;
 
+bool IsDeepseek(Architecture arch) {
+  return arch == Architecture::kDeepseekV2 || arch == Architecture::kDeepseekV3;
+}
+
+std::string TopKMethod(const SynthSpec& spec) {
+  if (!spec.topk_method.empty()) return spec.topk_method;
+  return spec.architecture == Architecture::kDeepseekV3 ? "noaux_tc" : "greedy";
+}
+
 constexpr int64_t kRngChunk = 1 << 20;  // elements drawn from one RNG stream
 
 uint64_t SplitMix64(uint64_t& state) {
@@ -58,7 +67,11 @@ Init InitFor(const std::string& name, const TensorSpec& tensor) {
   double fan_in = static_cast<double>(tensor.shape.back());
   double shrink = std::sqrt(64.0 / fan_in);
   double base = 0.05;
-  if (ends_with("q_proj.weight") || ends_with("k_proj.weight")) base = 0.125;
+  if (ends_with("q_proj.weight") || ends_with("k_proj.weight") || ends_with("q_a_proj.weight") ||
+      ends_with("q_b_proj.weight") || ends_with("kv_a_proj_with_mqa.weight") ||
+      ends_with("kv_b_proj.weight")) {
+    base = 0.125;
+  }
   if (ends_with("bias")) return {0, 0.05};
   if (ends_with("gate.weight") && name.find("shared_expert_gate") == std::string::npos) base = 0.2;
   if (name.find("shared_expert_gate") != std::string::npos) base = 0.1;
@@ -159,6 +172,29 @@ absl::StatusOr<SynthSpec> PresetSpec(const std::string& preset, Architecture arc
         spec.norm_topk_prob = false;
         spec.rope_theta = 1e4;
         break;
+      case Architecture::kDeepseekV2:  // golden-next/deepseek_v2's shape
+        spec.num_layers = 3;
+        spec.num_key_value_heads = 4;
+        spec.head_dim = 24;
+        spec.expert_intermediate_size = 32;
+        spec.norm_topk_prob = false;
+        spec.rope_theta = 1e4;
+        spec.rms_norm_eps = 1e-6;
+        break;
+      case Architecture::kDeepseekV3:  // V3's routing and low-rank query at that size
+        spec.num_layers = 3;
+        spec.num_key_value_heads = 4;
+        spec.head_dim = 24;
+        spec.num_experts = 16;
+        spec.experts_per_token = 4;
+        spec.expert_intermediate_size = 32;
+        spec.q_lora_rank = 48;
+        spec.n_group = 4;
+        spec.topk_group = 2;
+        spec.norm_topk_prob = true;
+        spec.rope_theta = 1e4;
+        spec.rms_norm_eps = 1e-6;
+        break;
     }
   } else if (preset == "demo") {
     spec.vocab_size = 1024;
@@ -197,9 +233,46 @@ absl::StatusOr<SynthSpec> PresetSpec(const std::string& preset, Architecture arc
     spec.experts_per_token = 2;
     spec.expert_intermediate_size = 1024;
     spec.max_position_embeddings = 4096;
+  } else if (preset == "deepseek-v2-lite") {
+    if (!IsDeepseek(architecture)) {
+      return absl::InvalidArgumentError("preset deepseek-v2-lite needs --arch deepseek_v2 or v3");
+    }
+    // DeepSeek-V2-Lite's structure (27 layers, the first dense; 64 routed experts, top-6, 2
+    // shared; q straight from q_proj; 16 heads) with every width a quarter of the real one.
+    spec.vocab_size = 32000;
+    spec.hidden_size = 512;
+    spec.num_layers = 27;
+    spec.num_attention_heads = 16;
+    spec.num_key_value_heads = 16;
+    spec.kv_lora_rank = 128;
+    spec.qk_nope_head_dim = 32;
+    spec.qk_rope_head_dim = 16;
+    spec.v_head_dim = 32;
+    spec.head_dim = 48;
+    spec.num_experts = 64;
+    spec.experts_per_token = 6;
+    spec.n_shared_experts = 2;
+    spec.expert_intermediate_size = 352;
+    spec.dense_intermediate_size = 2736;
+    spec.first_k_dense_replace = 1;
+    spec.routed_scaling_factor = 1.0;
+    spec.norm_topk_prob = false;
+    spec.rope_theta = 1e4;
+    spec.rms_norm_eps = 1e-6;
+    spec.max_position_embeddings = 4096;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown preset '", preset, "' (expected tiny, demo, bench-1g, bench-6g or bench-32l)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown preset '", preset,
+                     "' (expected tiny, demo, bench-1g, bench-6g, bench-32l or deepseek-v2-lite)"));
+  }
+  if (IsDeepseek(architecture) && preset != "tiny" && preset != "deepseek-v2-lite") {
+    // The other presets' head size split as MLA splits it.
+    spec.num_key_value_heads = spec.num_attention_heads;
+    spec.qk_rope_head_dim = std::max<int64_t>(2, spec.head_dim / 3 / 2 * 2);
+    spec.qk_nope_head_dim = spec.head_dim - spec.qk_rope_head_dim;
+    spec.v_head_dim = spec.qk_nope_head_dim;
+    spec.kv_lora_rank = 2 * spec.head_dim;
+    spec.dense_intermediate_size = 4 * spec.expert_intermediate_size;
   }
   return spec;
 }
@@ -222,12 +295,32 @@ absl::Status ValidateSpec(const SynthSpec& spec) {
   if (spec.num_attention_heads % spec.num_key_value_heads != 0) {
     return absl::InvalidArgumentError("KV heads must divide the attention heads");
   }
-  if (spec.head_dim % 2 != 0) return absl::InvalidArgumentError("head dim must be even (RoPE)");
+  if (spec.head_dim % 2 != 0 && !IsDeepseek(spec.architecture)) {
+    return absl::InvalidArgumentError("head dim must be even (RoPE)");
+  }
   if (spec.experts_per_token > spec.num_experts) {
     return absl::InvalidArgumentError("experts per token exceed the experts");
   }
   if (spec.shared_expert_intermediate_size > 0 && spec.architecture != Architecture::kQwen2Moe) {
-    return absl::InvalidArgumentError("only qwen2_moe has a shared expert");
+    return absl::InvalidArgumentError(
+        "only qwen2_moe has a shared expert of its own width (deepseek: n_shared_experts)");
+  }
+  if (IsDeepseek(spec.architecture)) {
+    MOED_RETURN_IF_ERROR(positive("kv_lora_rank", spec.kv_lora_rank));
+    MOED_RETURN_IF_ERROR(positive("qk_nope_head_dim", spec.qk_nope_head_dim));
+    MOED_RETURN_IF_ERROR(positive("qk_rope_head_dim", spec.qk_rope_head_dim));
+    MOED_RETURN_IF_ERROR(positive("v_head_dim", spec.v_head_dim));
+    MOED_RETURN_IF_ERROR(positive("dense intermediate size", spec.dense_intermediate_size));
+    if (spec.qk_rope_head_dim % 2 != 0) {
+      return absl::InvalidArgumentError("qk_rope_head_dim must be even (RoPE)");
+    }
+    if (spec.head_dim != spec.qk_nope_head_dim + spec.qk_rope_head_dim) {
+      return absl::InvalidArgumentError("head dim must be qk_nope_head_dim + qk_rope_head_dim");
+    }
+    if (spec.num_experts % spec.n_group != 0 || spec.topk_group > spec.n_group ||
+        spec.experts_per_token > spec.topk_group * (spec.num_experts / spec.n_group)) {
+      return absl::InvalidArgumentError("the expert groups cannot hold top-k experts");
+    }
   }
   if (spec.architecture == Architecture::kOlmoe &&
       spec.num_attention_heads * spec.head_dim != spec.hidden_size) {
@@ -240,6 +333,55 @@ absl::Status ValidateSpec(const SynthSpec& spec) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// DeepseekV2/V3 decoder layers with the Hub's names (see golden-next/README.md).
+template <class Add>
+void DeepseekLayers(const SynthSpec& spec, Add& add) {
+  const int64_t h = spec.hidden_size, heads = spec.num_attention_heads;
+  const int64_t qk = spec.qk_nope_head_dim + spec.qk_rope_head_dim;
+  const int64_t inter = spec.expert_intermediate_size;
+  for (int64_t layer = 0; layer < spec.num_layers; ++layer) {
+    std::string p = absl::StrCat("model.layers.", layer, ".");
+    add(p + "input_layernorm.weight", {h});
+    add(p + "post_attention_layernorm.weight", {h});
+    if (spec.q_lora_rank > 0) {
+      add(p + "self_attn.q_a_proj.weight", {spec.q_lora_rank, h});
+      add(p + "self_attn.q_a_layernorm.weight", {spec.q_lora_rank});
+      add(p + "self_attn.q_b_proj.weight", {heads * qk, spec.q_lora_rank});
+    } else {
+      add(p + "self_attn.q_proj.weight", {heads * qk, h});
+    }
+    add(p + "self_attn.kv_a_proj_with_mqa.weight", {spec.kv_lora_rank + spec.qk_rope_head_dim, h});
+    add(p + "self_attn.kv_a_layernorm.weight", {spec.kv_lora_rank});
+    add(p + "self_attn.kv_b_proj.weight",
+        {heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank});
+    add(p + "self_attn.o_proj.weight", {h, heads * spec.v_head_dim});
+    if (layer < spec.first_k_dense_replace) {
+      add(p + "mlp.gate_proj.weight", {spec.dense_intermediate_size, h});
+      add(p + "mlp.up_proj.weight", {spec.dense_intermediate_size, h});
+      add(p + "mlp.down_proj.weight", {h, spec.dense_intermediate_size});
+      continue;
+    }
+    add(p + "mlp.gate.weight", {spec.num_experts, h});
+    if (TopKMethod(spec) == "noaux_tc") add(p + "mlp.gate.e_score_correction_bias", {spec.num_experts});
+    for (int64_t e = 0; e < spec.num_experts; ++e) {
+      model::ExpertTensorNames names = model::RoutedExpertTensorNames(spec.architecture, layer, e);
+      add(names.gate, {inter, h});
+      add(names.up, {inter, h});
+      add(names.down, {h, inter});
+    }
+    if (spec.n_shared_experts > 0) {
+      const int64_t shared = inter * spec.n_shared_experts;
+      add(p + "mlp.shared_experts.gate_proj.weight", {shared, h});
+      add(p + "mlp.shared_experts.up_proj.weight", {shared, h});
+      add(p + "mlp.shared_experts.down_proj.weight", {h, shared});
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<TensorSpec> CheckpointTensors(const SynthSpec& spec) {
   const int64_t h = spec.hidden_size;
   const int64_t q_width = spec.num_attention_heads * spec.head_dim;
@@ -250,6 +392,12 @@ std::vector<TensorSpec> CheckpointTensors(const SynthSpec& spec) {
     tensors.push_back({std::move(name), std::move(shape), spec.dtype});
   };
   add("model.embed_tokens.weight", {spec.vocab_size, h});
+  if (IsDeepseek(spec.architecture)) {
+    DeepseekLayers(spec, add);
+    add("model.norm.weight", {h});
+    add("lm_head.weight", {spec.vocab_size, h});
+    return tensors;
+  }
   for (int64_t layer = 0; layer < spec.num_layers; ++layer) {
     std::string p = absl::StrCat("model.layers.", layer, ".");
     add(p + "input_layernorm.weight", {h});
@@ -329,6 +477,31 @@ std::string ConfigJson(const SynthSpec& spec, int64_t eos_token_id) {
       config["norm_topk_prob"] = spec.norm_topk_prob;
       config["clip_qkv"] = nullptr;
       break;
+    case Architecture::kDeepseekV2:
+    case Architecture::kDeepseekV3:
+      config.erase("head_dim");  // the Hub configs give the MLA sizes instead
+      config["first_k_dense_replace"] = spec.first_k_dense_replace;
+      config["intermediate_size"] = spec.dense_intermediate_size;
+      config["kv_lora_rank"] = spec.kv_lora_rank;
+      config["moe_intermediate_size"] = spec.expert_intermediate_size;
+      config["moe_layer_freq"] = 1;
+      config["n_group"] = spec.n_group;
+      config["n_routed_experts"] = spec.num_experts;
+      config["n_shared_experts"] = spec.n_shared_experts;
+      config["norm_topk_prob"] = spec.norm_topk_prob;
+      if (spec.q_lora_rank > 0) {
+        config["q_lora_rank"] = spec.q_lora_rank;
+      } else {
+        config["q_lora_rank"] = nullptr;
+      }
+      config["qk_nope_head_dim"] = spec.qk_nope_head_dim;
+      config["qk_rope_head_dim"] = spec.qk_rope_head_dim;
+      config["routed_scaling_factor"] = spec.routed_scaling_factor;
+      config["scoring_func"] = spec.architecture == Architecture::kDeepseekV3 ? "sigmoid" : "softmax";
+      config["topk_group"] = spec.topk_group;
+      config["topk_method"] = TopKMethod(spec);
+      config["v_head_dim"] = spec.v_head_dim;
+      break;
   }
   config["max_position_embeddings"] = spec.max_position_embeddings;
   config["model_type"] = std::string(model::ArchitectureShortName(spec.architecture));
@@ -338,7 +511,17 @@ std::string ConfigJson(const SynthSpec& spec, int64_t eos_token_id) {
   config["num_key_value_heads"] = spec.num_key_value_heads;
   config["output_router_logits"] = false;
   config["rms_norm_eps"] = spec.rms_norm_eps;
-  config["rope_scaling"] = nullptr;
+  if (spec.yarn_factor > 1) {
+    config["rope_scaling"] = {{"beta_fast", 32},
+                              {"beta_slow", 1},
+                              {"factor", spec.yarn_factor},
+                              {"mscale", spec.yarn_mscale},
+                              {"mscale_all_dim", spec.yarn_mscale_all_dim},
+                              {"original_max_position_embeddings", spec.yarn_original_max_position},
+                              {"type", "yarn"}};
+  } else {
+    config["rope_scaling"] = nullptr;
+  }
   config["rope_theta"] = spec.rope_theta;
   config["tie_word_embeddings"] = false;
   config["torch_dtype"] = spec.dtype == DType::kF32 ? "float32" : "bfloat16";

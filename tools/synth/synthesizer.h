@@ -28,6 +28,25 @@ struct SynthSpec {
   double rope_theta = 1e6;
   double rms_norm_eps = 1e-5;
   bool norm_topk_prob = true;  // Qwen and OLMoE; Mixtral always renormalises
+  // DeepSeek (deepseek_v2 / deepseek_v3): MLA, shared experts, leading dense layers, routing.
+  int64_t q_lora_rank = 0;  // 0: q_proj straight from the hidden state
+  int64_t kv_lora_rank = 32;
+  int64_t qk_nope_head_dim = 16;
+  int64_t qk_rope_head_dim = 8;
+  int64_t v_head_dim = 16;
+  int64_t n_shared_experts = 1;
+  int64_t first_k_dense_replace = 1;
+  int64_t dense_intermediate_size = 128;
+  double routed_scaling_factor = 2.5;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  // "greedy", "group_limited_greedy" or "noaux_tc" (empty: greedy for V2, noaux_tc for V3).
+  std::string topk_method;
+  // YaRN when yarn_factor > 1.
+  double yarn_factor = 1;
+  int64_t yarn_original_max_position = 64;
+  double yarn_mscale = 0.707;
+  double yarn_mscale_all_dim = 0.707;
   DType dtype = DType::kBF16;
   uint64_t seed = 0;
   // Cap on the tokenizer's learned merges; the vocabulary never exceeds vocab_size.
@@ -35,8 +54,10 @@ struct SynthSpec {
 };
 
 // Named starting points: "tiny" (the golden checkpoints' shape), "demo" (the quick-start
-// model), "bench-1g" and "bench-6g" (the Mixtral-shaped benchmark models), and "bench-32l"
-// (Mixtral-8x7B's 32 layers x 8 experts, top-2, for trace-driven benchmarks).
+// model), "bench-1g" and "bench-6g" (the Mixtral-shaped benchmark models), "bench-32l"
+// (Mixtral-8x7B's 32 layers x 8 experts, top-2, for trace-driven benchmarks) and
+// "deepseek-v2-lite" (DeepSeek-V2-Lite's 27 layers, 64 routed + 2 shared experts, top-6, at a
+// quarter of its hidden size; DeepSeek architectures only).
 absl::StatusOr<SynthSpec> PresetSpec(const std::string& preset, model::Architecture architecture);
 
 // Checks the spec for shapes the architectures cannot have.
