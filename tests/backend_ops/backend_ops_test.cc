@@ -1147,6 +1147,11 @@ class DeviceOnlyBackend final : public RecordingBackend {
   DeviceOnlyMemory memory_;
 };
 
+constexpr model::Architecture kArchitectures[] = {
+    model::Architecture::kMixtral,    model::Architecture::kQwen2Moe,
+    model::Architecture::kQwen3Moe,   model::Architecture::kOlmoe,
+    model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3};
+
 TEST_CASE("every operator the models call is in the table, for every architecture and precision") {
   const std::set<std::pair<Op, WeightFormat>> covered = Covered();
   const fs::path root =
@@ -1166,8 +1171,7 @@ TEST_CASE("every operator the models call is in the table, for every architectur
       all_seen.insert(pair);
     }
   };
-  for (model::Architecture arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
-                                   model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+  for (model::Architecture arch : kArchitectures) {
     for (DType dtype : {DType::kBF16, DType::kF16, DType::kF32}) {
       tools::SynthSpec spec = *tools::PresetSpec("tiny", arch);
       spec.dtype = dtype;
@@ -1203,6 +1207,8 @@ TEST_CASE("every operator the models call is in the table, for every architectur
   CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt8PerRow}) == 1);
   CHECK(all_seen.count({Op::kSigmoidGatedAdd, WeightFormat::kF32}) == 1);
   CHECK(all_seen.count({Op::kAddBias, WeightFormat::kF32}) == 1);
+  CHECK(all_seen.count({Op::kMlaAttention, WeightFormat::kBF16}) == 1);
+  CHECK(all_seen.count({Op::kRotary, WeightFormat::kF32}) == 1);
 }
 
 TEST_CASE("a device that cannot read host memory gets every weight copied or staged, bitwise") {
@@ -1221,8 +1227,7 @@ TEST_CASE("a device that cannot read host memory gets every weight copied or sta
     all.insert(all.end(), step->logits.begin(), step->logits.end());
     return all;
   };
-  for (model::Architecture arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
-                                   model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+  for (model::Architecture arch : kArchitectures) {
     INFO(model::ArchitectureName(arch));
     const fs::path dir = root / std::string(model::ArchitectureName(arch));
     REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", arch), dir.string()).ok());
