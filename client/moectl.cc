@@ -94,11 +94,27 @@ int RunInfo(const GlobalOptions& options) {
   std::cout << "model:        " << info->model_name() << " (" << info->architecture() << ", "
             << info->dtype() << ")\n"
             << "source:       " << info->source_path() << "\n"
-            << "shape:        " << info->num_layers() << " layers, hidden " << info->hidden_size()
-            << ", " << info->num_attention_heads() << " heads / " << info->num_key_value_heads()
-            << " KV heads of " << info->head_dim() << ", vocab " << info->vocab_size() << "\n"
-            << "experts:      " << info->num_experts() << " per layer, top-"
-            << info->experts_per_token() << ", intermediate " << info->expert_intermediate_size()
+            << "shape:        " << info->num_layers() << " layers (" << info->moe_layers()
+            << " MoE), hidden " << info->hidden_size() << ", vocab " << info->vocab_size() << "\n"
+            << "attention:    "
+            << (info->kv_lora_rank() > 0
+                    ? absl::StrCat("MLA, ", info->num_attention_heads(), " heads of ",
+                                   info->head_dim(), " (rope ", info->qk_rope_head_dim(),
+                                   ", value ", info->v_head_dim(), "), latent ",
+                                   info->kv_lora_rank(),
+                                   info->q_lora_rank() > 0
+                                       ? absl::StrCat(", query rank ", info->q_lora_rank())
+                                       : std::string())
+                    : absl::StrCat(info->num_attention_heads(), " heads / ",
+                                   info->num_key_value_heads(), " KV heads of ",
+                                   info->head_dim()))
+            << (info->rope_scaling().empty() ? "" : ", rope " + info->rope_scaling()) << "; "
+            << info->kv_bytes_per_token() << " KV bytes per token\n"
+            << "experts:      " << info->num_experts() << " per layer ("
+            << info->routing() << "), intermediate " << info->expert_intermediate_size()
+            << (info->shared_expert_intermediate_size() > 0
+                    ? absl::StrCat(", shared ", info->shared_expert_intermediate_size())
+                    : std::string())
             << ", " << Mib(info->expert_bytes()) << " each, " << Mib(info->total_expert_bytes())
             << " in all\n"
             << "context:      " << info->max_context_tokens() << " tokens\n"

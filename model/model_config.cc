@@ -295,6 +295,24 @@ int64_t ModelConfig::NumMoeLayers() const {
   return n;
 }
 
+std::string RoutingDescription(const ModelConfig& config) {
+  const bool deepseek = IsDeepseek(config.architecture);
+  std::string out = config.scoring == RouterScoringFunction::kSigmoid ? "sigmoid" : "softmax";
+  if (config.topk_method == TopKMethod::kNoAuxTc) absl::StrAppend(&out, " + correction bias");
+  absl::StrAppend(&out, ", top-", config.experts_per_token);
+  if (config.topk_method != TopKMethod::kGreedy) {
+    absl::StrAppend(&out, " of the best ", config.topk_group, " of ", config.n_group, " groups");
+  }
+  const bool renormalized =
+      config.norm_topk_prob && (!deepseek || config.experts_per_token > 1);
+  if (renormalized) absl::StrAppend(&out, ", renormalized");
+  const bool scaled = deepseek && (config.architecture == Architecture::kDeepseekV3 || !renormalized);
+  if (scaled && config.routed_scaling_factor != 1.0) {
+    absl::StrAppend(&out, ", x", config.routed_scaling_factor);
+  }
+  return out;
+}
+
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
                                              absl::string_view source) {
   json root = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);

@@ -111,6 +111,9 @@ struct ExpertTensorNames {
 };
 ExpertTensorNames RoutedExpertTensorNames(Architecture arch, int64_t layer, int64_t expert);
 
+// How the router picks and weighs experts, in words ("softmax, top-2, renormalized").
+std::string RoutingDescription(const ModelConfig& config);
+
 // Parses config.json text. `source` names the file in error messages.
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source);
 // Reads and parses DIR/config.json.

@@ -543,6 +543,19 @@ v1::ModelInfoResponse DescribeModel(const model::ModelConfig& config, const Daem
   info.set_has_tokenizer(std::filesystem::exists(dir + "/tokenizer.json"));
   for (int64_t eos : config.eos_token_ids) info.add_eos_token_ids(static_cast<uint32_t>(eos));
   info.set_server_version(MOED_VERSION);
+  info.set_kv_bytes_per_token(
+      static_cast<uint64_t>(config.num_layers * config.KvFloatsPerTokenLayer()) * sizeof(float));
+  info.set_moe_layers(static_cast<uint32_t>(config.NumMoeLayers()));
+  info.set_routing(model::RoutingDescription(config));
+  info.set_kv_lora_rank(static_cast<uint32_t>(config.mla.kv_lora_rank));
+  info.set_q_lora_rank(static_cast<uint32_t>(config.mla.q_lora_rank));
+  info.set_qk_rope_head_dim(static_cast<uint32_t>(config.mla.rope_dim));
+  info.set_v_head_dim(static_cast<uint32_t>(config.mla.value_dim));
+  if (config.yarn.has_value()) {
+    info.set_rope_scaling(absl::StrCat("yarn x", config.yarn->factor, " (from ",
+                                       config.yarn->original_max_position_embeddings,
+                                       " positions)"));
+  }
   return info;
 }
 

@@ -743,6 +743,53 @@ TEST_CASE("the last message reports what the expert cache did for the request") 
   }
 }
 
+TEST_CASE("DeepSeek models serve Generate from a store at a 25 percent budget, as resident") {
+  for (model::Architecture arch :
+       {model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
+    const std::string name(model::ArchitectureShortName(arch));
+    INFO(name);
+    const fs::path dir = Model().parent_path() / name;
+    tools::SynthSpec spec = *tools::PresetSpec("tiny", arch);
+    if (arch == model::Architecture::kDeepseekV3) spec.yarn_factor = 4;
+    REQUIRE(tools::WriteCheckpoint(spec, dir.string()).ok());
+    const fs::path store = Model().parent_path() / (name + "-store");
+    REQUIRE(tools::Pack(dir.string(), store.string(), tools::PackOptions{}).ok());
+    const v1::GenerateRequest request = Greedy({11, 22, 33, 44, 55}, 12);
+
+    Daemon resident({"--model", dir.string()});
+    auto info = resident.Connect()->ModelInfo();
+    REQUIRE(info.ok());
+    CHECK(info->architecture() == model::ArchitectureName(arch));
+    CHECK(info->kv_lora_rank() == 32);
+    CHECK(info->qk_rope_head_dim() == 8);
+    CHECK(info->v_head_dim() == 16);
+    CHECK(info->moe_layers() == 2);
+    // MLA caches 32 latent + 8 rope floats per token and layer: 3 layers, fp32.
+    CHECK(info->kv_bytes_per_token() == 3 * 40 * 4);
+    if (arch == model::Architecture::kDeepseekV3) {
+      CHECK(info->q_lora_rank() == 48);
+      CHECK(info->routing() ==
+            "sigmoid + correction bias, top-4 of the best 2 of 4 groups, renormalized, x2.5");
+      CHECK(info->rope_scaling() == "yarn x4 (from 64 positions)");
+    } else {
+      CHECK(info->routing() == "softmax, top-2, x2.5");
+    }
+    Collected expected = Run(*resident.Connect(), request);
+    REQUIRE(expected.status.ok());
+    REQUIRE(expected.ids.size() == 12);
+
+    const uint64_t quarter = info->total_expert_bytes() / 4;
+    Daemon offloaded({"--store", store.string(), "--device-cache-bytes", std::to_string(quarter)});
+    Collected got = Run(*offloaded.Connect(), request);
+    REQUIRE(got.status.ok());
+    CHECK(got.ids == expected.ids);
+    CHECK(got.last.expert_stats().ssd_reads() > 0);
+    auto offloaded_info = offloaded.Connect()->ModelInfo();
+    REQUIRE(offloaded_info.ok());
+    CHECK(offloaded_info->expert_cache().device_budget_bytes() <= quarter);
+  }
+}
+
 TEST_CASE("expert_precision: a request that refuses the daemon's expert copies is refused") {
   SECTION("exact experts satisfy every request") {
     Daemon daemon;
