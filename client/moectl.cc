@@ -106,12 +106,11 @@ int RunInfo(const GlobalOptions& options) {
                                        ? absl::StrCat(", query rank ", info->q_lora_rank())
                                        : std::string())
                     : absl::StrCat(info->num_attention_heads(), " heads / ",
-                                   info->num_key_value_heads(), " KV heads of ",
-                                   info->head_dim()))
+                                   info->num_key_value_heads(), " KV heads of ", info->head_dim()))
             << (info->rope_scaling().empty() ? "" : ", rope " + info->rope_scaling()) << "; "
             << info->kv_bytes_per_token() << " KV bytes per token\n"
-            << "experts:      " << info->num_experts() << " per layer ("
-            << info->routing() << "), intermediate " << info->expert_intermediate_size()
+            << "experts:      " << info->num_experts() << " per layer (" << info->routing()
+            << "), intermediate " << info->expert_intermediate_size()
             << (info->shared_expert_intermediate_size() > 0
                     ? absl::StrCat(", shared ", info->shared_expert_intermediate_size())
                     : std::string())

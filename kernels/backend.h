@@ -60,9 +60,9 @@ enum class Op {
   kMlaAttention,     // Multi-head Latent Attention over a paged cache of latents and rope keys
 };
 inline constexpr Op kAllOps[] = {
-    Op::kEmbedding,  Op::kRmsNorm,   Op::kMatMul,          Op::kAddBias,   Op::kRope,
-    Op::kKvWrite,    Op::kAttention, Op::kRouterTopK,      Op::kSiluMul,   Op::kExpertFfn,
-    Op::kMoeCombine, Op::kAdd,       Op::kSigmoidGatedAdd, Op::kGatherRows, Op::kRotary,
+    Op::kEmbedding,   Op::kRmsNorm,   Op::kMatMul,          Op::kAddBias,    Op::kRope,
+    Op::kKvWrite,     Op::kAttention, Op::kRouterTopK,      Op::kSiluMul,    Op::kExpertFfn,
+    Op::kMoeCombine,  Op::kAdd,       Op::kSigmoidGatedAdd, Op::kGatherRows, Op::kRotary,
     Op::kMlaAttention};
 const char* OpName(Op op);
 // True for the operators whose capability depends on a weight format.

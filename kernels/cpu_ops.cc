@@ -551,7 +551,9 @@ void RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k, cons
     for (int64_t e = 0; e < experts; ++e) {
       choice[e] = spec.choice_bias != nullptr ? score[e] + spec.choice_bias[e] : score[e];
     }
-    auto better = [&](int a, int b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); };
+    auto better = [&](int a, int b) {
+      return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
+    };
     std::iota(order.begin(), order.end(), 0);
     auto eligible_end = order.end();
     if (spec.groups > 1) {

@@ -145,8 +145,9 @@ std::vector<double> RotaryInvFreq(const ModelConfig& c, int64_t dims) {
   const YarnScaling& y = *c.yarn;
   const double d = static_cast<double>(dims);
   const auto correction_dim = [&](double rotations) {
-    return d * std::log(static_cast<double>(y.original_max_position_embeddings) /
-                        (rotations * 2 * M_PI)) /
+    return d *
+           std::log(static_cast<double>(y.original_max_position_embeddings) /
+                    (rotations * 2 * M_PI)) /
            (2 * std::log(c.rope_theta));
   };
   double low = std::max(0.0, std::floor(correction_dim(y.beta_fast)));
@@ -322,10 +323,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
       const int64_t heads = c.num_attention_heads, rank = m.kv_lora_rank;
       if (m.q_lora_rank > 0) {
         MOED_ASSIGN_OR_RETURN(w.q_a, matrix(p + "self_attn.q_a_proj.weight", m.q_lora_rank, h));
-        MOED_ASSIGN_OR_RETURN(w.q_a_norm, vector(p + "self_attn.q_a_layernorm.weight",
-                                                 m.q_lora_rank));
-        MOED_ASSIGN_OR_RETURN(w.q, matrix(p + "self_attn.q_b_proj.weight",
-                                          heads * m.q_head_dim(), m.q_lora_rank));
+        MOED_ASSIGN_OR_RETURN(w.q_a_norm,
+                              vector(p + "self_attn.q_a_layernorm.weight", m.q_lora_rank));
+        MOED_ASSIGN_OR_RETURN(
+            w.q, matrix(p + "self_attn.q_b_proj.weight", heads * m.q_head_dim(), m.q_lora_rank));
       } else {
         MOED_ASSIGN_OR_RETURN(w.q,
                               matrix(p + "self_attn.q_proj.weight", heads * m.q_head_dim(), h));
@@ -335,8 +336,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
           WeightMatrix kv_a,
           bind.Matrix(p + "self_attn.kv_a_proj_with_mqa.weight", rank + m.rope_dim, h));
       MOED_ASSIGN_OR_RETURN(w.kv_a_latent, PlaceMatrix(b, RowSlice(kv_a, 0, rank), owned));
-      MOED_ASSIGN_OR_RETURN(w.kv_a_rope,
-                            PlaceMatrix(b, RowSlice(kv_a, rank, m.rope_dim), owned));
+      MOED_ASSIGN_OR_RETURN(w.kv_a_rope, PlaceMatrix(b, RowSlice(kv_a, rank, m.rope_dim), owned));
       MOED_ASSIGN_OR_RETURN(w.kv_a_norm, vector(p + "self_attn.kv_a_layernorm.weight", rank));
       MOED_ASSIGN_OR_RETURN(w.kv_b, matrix(p + "self_attn.kv_b_proj.weight",
                                            heads * (m.nope_dim + m.value_dim), rank));
@@ -419,10 +419,10 @@ absl::Status Model::PrepareRotary() {
     // DeepSeek's remote code renormalises only with more than one expert; V2 then skips the
     // scaling factor, V3 applies it after.
     router_spec_.renormalize = c.norm_topk_prob && c.experts_per_token > 1;
-    router_spec_.scale = static_cast<float>(
-        c.architecture == Architecture::kDeepseekV2 && router_spec_.renormalize
-            ? 1.0
-            : c.routed_scaling_factor);
+    router_spec_.scale =
+        static_cast<float>(c.architecture == Architecture::kDeepseekV2 && router_spec_.renormalize
+                               ? 1.0
+                               : c.routed_scaling_factor);
   }
   router_spec_.groups = c.n_group;
   router_spec_.top_groups = c.topk_group;
@@ -442,12 +442,22 @@ absl::Status Model::PrepareRotary() {
       scale *= all * all;
     }
   }
-  q_rotary_ = {c.num_attention_heads, m.q_head_dim(), m.nope_dim, m.rope_dim,
-               kernels::RotaryStyle::kPairs, rope_inv_freq_.as<const double>(), magnitude};
-  k_rotary_ = {1, m.rope_dim, 0, m.rope_dim, kernels::RotaryStyle::kPairs,
-               rope_inv_freq_.as<const double>(), magnitude};
-  mla_shape_ = {c.num_attention_heads, m.nope_dim, m.rope_dim, m.value_dim, m.kv_lora_rank,
-                static_cast<float>(scale)};
+  q_rotary_ = {c.num_attention_heads,
+               m.q_head_dim(),
+               m.nope_dim,
+               m.rope_dim,
+               kernels::RotaryStyle::kPairs,
+               rope_inv_freq_.as<const double>(),
+               magnitude};
+  k_rotary_ = {1,
+               m.rope_dim,
+               0,
+               m.rope_dim,
+               kernels::RotaryStyle::kPairs,
+               rope_inv_freq_.as<const double>(),
+               magnitude};
+  mla_shape_ = {c.num_attention_heads, m.nope_dim,     m.rope_dim,
+                m.value_dim,           m.kv_lora_rank, static_cast<float>(scale)};
   return absl::OkStatus();
 }
 
@@ -469,14 +479,14 @@ void Model::SetKvBudget(uint64_t bytes) {
 struct Model::StepBuffers {
   int64_t n = 0;
   const DeviceBuffer* arena = nullptr;
-  float* hidden = nullptr;            // [n, h] residual stream
-  float* x = nullptr;                 // [n, h] normed
-  float* q = nullptr;                 // [n, q_width]
-  float* k = nullptr;                 // [n, kv_width]
-  float* v = nullptr;                 // [n, kv_width]
-  float* attn = nullptr;              // [n, q_width] (MLA: [n, heads * value_dim])
-  float* q_low = nullptr;             // MLA: [n, q_lora_rank]
-  float* mla_scratch = nullptr;       // MLA: MlaScratchFloats
+  float* hidden = nullptr;       // [n, h] residual stream
+  float* x = nullptr;            // [n, h] normed
+  float* q = nullptr;            // [n, q_width]
+  float* k = nullptr;            // [n, kv_width]
+  float* v = nullptr;            // [n, kv_width]
+  float* attn = nullptr;         // [n, q_width] (MLA: [n, heads * value_dim])
+  float* q_low = nullptr;        // MLA: [n, q_lora_rank]
+  float* mla_scratch = nullptr;  // MLA: MlaScratchFloats
   const int64_t* positions = nullptr;
   float* projected = nullptr;         // [n, h]
   float* router_logits = nullptr;     // [n, experts]
@@ -556,8 +566,8 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   MOED_RETURN_IF_ERROR(s.MatMul(w.router, step.x, n, step.router_logits));
   kernels::RouterSpec router = router_spec_;
   router.choice_bias = w.router_bias ? w.router_bias.as<const float>() : nullptr;
-  MOED_RETURN_IF_ERROR(s.RouterTopK(step.router_logits, n, num_experts, k, router, step.chosen,
-                                    step.gate_weights));
+  MOED_RETURN_IF_ERROR(
+      s.RouterTopK(step.router_logits, n, num_experts, k, router, step.chosen, step.gate_weights));
   // The routing comes back to the host: it decides which experts to fetch.
   const auto arena_offset = [&](const void* p) {
     return static_cast<size_t>(static_cast<const char*>(p) -
@@ -705,14 +715,13 @@ absl::Status Model::MlaBlock(int layer, StepBuffers& step) {
   }
   // The latent (normed) and the rope key are what the cache keeps: step.k and step.v here.
   MOED_RETURN_IF_ERROR(s.MatMul(w.kv_a_latent, step.x, n, step.k));
-  MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.kv_a_norm.as<float>(), n, m.kv_lora_rank,
-                                 kLowRankNormEps, step.k));
+  MOED_RETURN_IF_ERROR(
+      s.RmsNorm(step.k, w.kv_a_norm.as<float>(), n, m.kv_lora_rank, kLowRankNormEps, step.k));
   MOED_RETURN_IF_ERROR(s.MatMul(w.kv_a_rope, step.x, n, step.v));
   MOED_RETURN_IF_ERROR(s.Rotary(step.q, n, q_rotary_, step.positions));
   MOED_RETURN_IF_ERROR(s.Rotary(step.v, n, k_rotary_, step.positions));
   MOED_RETURN_IF_ERROR(s.WriteKv(step.kv, layer, step.k, step.v, n));
-  return s.MlaAttention(step.kv, layer, step.q, n, mla_shape_, w.kv_b, step.attn,
-                        step.mla_scratch);
+  return s.MlaAttention(step.kv, layer, step.q, n, mla_shape_, w.kv_b, step.attn, step.mla_scratch);
 }
 
 absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {

@@ -109,7 +109,7 @@ struct ForwardOutput {
 
 struct LayerWeights {
   kernels::DeviceBuffer input_norm, post_norm;  // fp32 [hidden]
-  kernels::WeightMatrix q, k, v, o;  // MLA: q (or q_b after q_a), o; no k or v
+  kernels::WeightMatrix q, k, v, o;             // MLA: q (or q_b after q_a), o; no k or v
   // MLA (DeepSeek): the optional low-rank query, the latent and rope-key projection (rows of
   // kv_a_proj_with_mqa), the latent's norm and kv_b_proj.
   kernels::WeightMatrix q_a;
@@ -119,8 +119,8 @@ struct LayerWeights {
   kernels::DeviceBuffer q_bias, k_bias, v_bias;  // empty when the checkpoint has none
   kernels::DeviceBuffer q_norm, k_norm;          // Qwen3 (per head) / OLMoE (whole width)
   bool moe = true;
-  kernels::WeightMatrix router;          // [experts, hidden]
-  kernels::DeviceBuffer router_bias;     // DeepSeek-V3's e_score_correction_bias; may be empty
+  kernels::WeightMatrix router;       // [experts, hidden]
+  kernels::DeviceBuffer router_bias;  // DeepSeek-V3's e_score_correction_bias; may be empty
   bool has_shared_expert = false;
   kernels::SwiGluWeights shared_expert;      // Qwen2-MoE (gated), DeepSeek (always on)
   kernels::WeightMatrix shared_expert_gate;  // [1, hidden]; Qwen2-MoE only

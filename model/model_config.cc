@@ -198,8 +198,8 @@ absl::Status ParseDeepseekMoe(const FieldReader& fields, ModelConfig* config) {
   } else if (scoring == "sigmoid") {
     config->scoring = RouterScoringFunction::kSigmoid;
   } else {
-    return fields.Error("scoring_func", absl::StrCat("'", scoring,
-                                                     "' is not supported (softmax or sigmoid)"));
+    return fields.Error("scoring_func",
+                        absl::StrCat("'", scoring, "' is not supported (softmax or sigmoid)"));
   }
   std::string method = v3 ? "noaux_tc" : "greedy";
   MOED_RETURN_IF_ERROR(fields.String("topk_method", &method));
@@ -231,7 +231,8 @@ absl::Status ParseDeepseekMoe(const FieldReader& fields, ModelConfig* config) {
   }
   const int64_t group_size = config->num_experts / config->n_group;
   if (config->topk_method == TopKMethod::kNoAuxTc && group_size < 2) {
-    return fields.Error("n_group", "leaves fewer than 2 experts per group, which noaux_tc ranks by");
+    return fields.Error("n_group",
+                        "leaves fewer than 2 experts per group, which noaux_tc ranks by");
   }
   int64_t top_k = 0;
   MOED_RETURN_IF_ERROR(fields.PositiveInt("num_experts_per_tok", &top_k));
@@ -303,10 +304,10 @@ std::string RoutingDescription(const ModelConfig& config) {
   if (config.topk_method != TopKMethod::kGreedy) {
     absl::StrAppend(&out, " of the best ", config.topk_group, " of ", config.n_group, " groups");
   }
-  const bool renormalized =
-      config.norm_topk_prob && (!deepseek || config.experts_per_token > 1);
+  const bool renormalized = config.norm_topk_prob && (!deepseek || config.experts_per_token > 1);
   if (renormalized) absl::StrAppend(&out, ", renormalized");
-  const bool scaled = deepseek && (config.architecture == Architecture::kDeepseekV3 || !renormalized);
+  const bool scaled =
+      deepseek && (config.architecture == Architecture::kDeepseekV3 || !renormalized);
   if (scaled && config.routed_scaling_factor != 1.0) {
     absl::StrAppend(&out, ", x", config.routed_scaling_factor);
   }

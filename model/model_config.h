@@ -78,7 +78,7 @@ struct ModelConfig {
   TopKMethod topk_method = TopKMethod::kGreedy;
   int64_t n_group = 1;
   int64_t topk_group = 1;
-  double routed_scaling_factor = 1;  // multiplies the routed experts' weights (DeepSeek)
+  double routed_scaling_factor = 1;   // multiplies the routed experts' weights (DeepSeek)
   int64_t first_k_dense_replace = 0;  // DeepSeek: layers before this one are dense
   int64_t moe_layer_freq = 1;         // DeepSeek: every moe_layer_freq-th layer after is MoE
   int64_t decoder_sparse_step = 1;

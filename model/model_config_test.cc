@@ -166,16 +166,16 @@ TEST_CASE("a DeepSeek-V3 config parses into MLA, grouped sigmoid routing and YaR
 TEST_CASE("DeepSeek configs with impossible routing or rope are refused, naming the field") {
   nlohmann::json config = DeepseekV3Json();
   config["n_group"] = 7;
-  CHECK(ErrorOf(config) ==
-        "dir/config.json: \"n_group\" (7) must divide the 256 routed experts");
+  CHECK(ErrorOf(config) == "dir/config.json: \"n_group\" (7) must divide the 256 routed experts");
   config = DeepseekV3Json();
   config["topk_group"] = 9;
   CHECK(ErrorOf(config) == "dir/config.json: \"topk_group\" (9) exceeds n_group (8)");
   config = DeepseekV3Json();
   config["topk_group"] = 1;
   config["num_experts_per_tok"] = 33;
-  CHECK(ErrorOf(config) == "dir/config.json: \"num_experts_per_tok\" (33) exceeds the 32 "
-                           "experts of the topk_group best groups");
+  CHECK(ErrorOf(config) ==
+        "dir/config.json: \"num_experts_per_tok\" (33) exceeds the 32 "
+        "experts of the topk_group best groups");
   config = DeepseekV3Json();
   config["topk_method"] = "random";
   CHECK(ErrorOf(config).find("\"topk_method\" 'random' is not supported") != std::string::npos);

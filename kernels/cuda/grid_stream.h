@@ -14,8 +14,8 @@ inline Matrix ToGrid(const WeightMatrix& w) {
 }
 
 inline Kv ToGrid(const PagedKv& kv) {
-  return Kv{kv.block_table, kv.table_start,  kv.positions,   kv.block_size,
-            kv.kv_heads,    kv.head_dim,     kv.layer_floats, kv.value_width()};
+  return Kv{kv.block_table, kv.table_start, kv.positions,    kv.block_size,
+            kv.kv_heads,    kv.head_dim,    kv.layer_floats, kv.value_width()};
 }
 
 template <class Launcher>
@@ -69,10 +69,10 @@ class GridStream : public Stream {
                                                      spec.groups, " groups"));
     }
     launcher().Elementwise(
-        n, RouterTopKBody{logits, experts, k, spec.scoring == RouterScoring::kSigmoid,
-                          spec.renormalize, spec.scale, spec.choice_bias, spec.groups,
-                          spec.top_groups, spec.group_score == GroupScore::kTopTwoSum, chosen,
-                          weights});
+        n,
+        RouterTopKBody{logits, experts, k, spec.scoring == RouterScoring::kSigmoid,
+                       spec.renormalize, spec.scale, spec.choice_bias, spec.groups, spec.top_groups,
+                       spec.group_score == GroupScore::kTopTwoSum, chosen, weights});
     return Launched("router_topk");
   }
   absl::Status SiluMul(const float* gate, const float* up, int64_t count, float* out) override {
@@ -106,10 +106,10 @@ class GridStream : public Stream {
   }
   absl::Status Rotary(float* x, int64_t n, const RotarySpec& spec,
                       const int64_t* positions) override {
-    launcher().Elementwise(n * spec.heads * (spec.dims / 2),
-                           RotaryBody{x, spec.heads, spec.head_stride, spec.offset, spec.dims,
-                                      spec.style == RotaryStyle::kPairs, spec.inv_freq,
-                                      spec.magnitude, positions});
+    launcher().Elementwise(
+        n * spec.heads * (spec.dims / 2),
+        RotaryBody{x, spec.heads, spec.head_stride, spec.offset, spec.dims,
+                   spec.style == RotaryStyle::kPairs, spec.inv_freq, spec.magnitude, positions});
     return Launched("rotary");
   }
   absl::Status MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n,
@@ -120,9 +120,9 @@ class GridStream : public Stream {
     launcher().Elementwise(items * shape.latent_dim,
                            MlaAbsorbBody{q, b, shape.heads, shape.nope_dim, shape.rope_dim,
                                          shape.value_dim, shape.latent_dim, scratch});
-    launcher().Elementwise(items, MlaLatentAttentionBody{ToGrid(kv), layer, q, shape.heads,
-                                                         shape.nope_dim, shape.rope_dim,
-                                                         shape.latent_dim, shape.scale, scratch});
+    launcher().Elementwise(
+        items, MlaLatentAttentionBody{ToGrid(kv), layer, q, shape.heads, shape.nope_dim,
+                                      shape.rope_dim, shape.latent_dim, shape.scale, scratch});
     launcher().Elementwise(items * shape.value_dim,
                            MlaValueBody{b, shape.heads, shape.nope_dim, shape.value_dim,
                                         shape.latent_dim, scratch, out});

@@ -544,8 +544,8 @@ std::vector<OpCase> OpTable() {
   for (auto [experts, k] :
        std::vector<std::pair<int64_t, int64_t>>{{8, 2}, {60, 4}, {64, 8}, {3, 1}}) {
     for (bool renormalize : {false, true}) {
-      router_cases.push_back({experts, k, RouterScoring::kSoftmax, renormalize, 1.0f, false, 1, 1,
-                              GroupScore::kMax});
+      router_cases.push_back(
+          {experts, k, RouterScoring::kSoftmax, renormalize, 1.0f, false, 1, 1, GroupScore::kMax});
     }
   }
   router_cases.push_back(
@@ -654,45 +654,47 @@ std::vector<OpCase> OpTable() {
                                                      {3, 64, 0, 64, RotaryStyle::kHalf, 1.0},
                                                      {2, 40, 8, 32, RotaryStyle::kPairs, 1.37},
                                                      {2, 20, 4, 12, RotaryStyle::kHalf, 0.8}}) {
-    cases.push_back(
-        {Op::kRotary, WeightFormat::kF32,
-         Shape({{"heads", rc.heads},
-                {"stride", rc.stride},
-                {"offset", rc.offset},
-                {"dims", rc.dims},
-                {"pairs", rc.style == RotaryStyle::kPairs},
-                {"magnitude_x100", static_cast<int64_t>(rc.magnitude * 100)}}),
-         [rc](Backend& b) {
-           std::mt19937 rng(static_cast<uint32_t>(rc.stride * 7 + rc.dims));
-           Mem mem(b);
-           const int64_t n = 5;
-           std::vector<int64_t> positions = {0, 1, 7, 100, 3000};
-           std::vector<double> inv_freq(static_cast<size_t>(rc.dims / 2));
-           std::uniform_real_distribution<double> freq(1e-4, 1.0);
-           for (double& f : inv_freq) f = freq(rng);
-           std::vector<float> x = Random(static_cast<size_t>(n * rc.heads * rc.stride), rng);
-           RotarySpec spec{rc.heads,         rc.stride,    rc.offset, rc.dims,
-                           rc.style,         mem.Put(inv_freq), rc.magnitude};
-           float* xs = mem.Put(x);
-           REQUIRE(b.compute().Rotary(xs, n, spec, mem.Put(positions)).ok());
-           std::vector<double> want(x.begin(), x.end());
-           const int64_t half = rc.dims / 2;
-           for (int64_t t = 0; t < n; ++t)
-             for (int64_t h = 0; h < rc.heads; ++h)
-               for (int64_t i = 0; i < half; ++i) {
-                 const int64_t base = (t * rc.heads + h) * rc.stride + rc.offset;
-                 const int64_t a = base + (rc.style == RotaryStyle::kPairs ? 2 * i : i);
-                 const int64_t c = base + (rc.style == RotaryStyle::kPairs ? 2 * i + 1 : i + half);
-                 const double angle = double(positions[t]) * inv_freq[i];
-                 const double cs = std::cos(angle) * rc.magnitude;
-                 const double sn = std::sin(angle) * rc.magnitude;
-                 want[a] = x[a] * cs - x[c] * sn;
-                 want[c] = x[c] * cs + x[a] * sn;
-               }
-           std::vector<double> scale(want.size());
-           for (size_t i = 0; i < want.size(); ++i) scale[i] = 2 * rc.magnitude * std::abs(x[i]) + 1;
-           CheckClose(mem.Get(xs, want.size()), want, scale, 1e-6, 0);
-         }});
+    cases.push_back({Op::kRotary, WeightFormat::kF32,
+                     Shape({{"heads", rc.heads},
+                            {"stride", rc.stride},
+                            {"offset", rc.offset},
+                            {"dims", rc.dims},
+                            {"pairs", rc.style == RotaryStyle::kPairs},
+                            {"magnitude_x100", static_cast<int64_t>(rc.magnitude * 100)}}),
+                     [rc](Backend& b) {
+                       std::mt19937 rng(static_cast<uint32_t>(rc.stride * 7 + rc.dims));
+                       Mem mem(b);
+                       const int64_t n = 5;
+                       std::vector<int64_t> positions = {0, 1, 7, 100, 3000};
+                       std::vector<double> inv_freq(static_cast<size_t>(rc.dims / 2));
+                       std::uniform_real_distribution<double> freq(1e-4, 1.0);
+                       for (double& f : inv_freq) f = freq(rng);
+                       std::vector<float> x =
+                           Random(static_cast<size_t>(n * rc.heads * rc.stride), rng);
+                       RotarySpec spec{rc.heads, rc.stride,         rc.offset,   rc.dims,
+                                       rc.style, mem.Put(inv_freq), rc.magnitude};
+                       float* xs = mem.Put(x);
+                       REQUIRE(b.compute().Rotary(xs, n, spec, mem.Put(positions)).ok());
+                       std::vector<double> want(x.begin(), x.end());
+                       const int64_t half = rc.dims / 2;
+                       for (int64_t t = 0; t < n; ++t)
+                         for (int64_t h = 0; h < rc.heads; ++h)
+                           for (int64_t i = 0; i < half; ++i) {
+                             const int64_t base = (t * rc.heads + h) * rc.stride + rc.offset;
+                             const int64_t a = base + (rc.style == RotaryStyle::kPairs ? 2 * i : i);
+                             const int64_t c =
+                                 base + (rc.style == RotaryStyle::kPairs ? 2 * i + 1 : i + half);
+                             const double angle = double(positions[t]) * inv_freq[i];
+                             const double cs = std::cos(angle) * rc.magnitude;
+                             const double sn = std::sin(angle) * rc.magnitude;
+                             want[a] = x[a] * cs - x[c] * sn;
+                             want[c] = x[c] * cs + x[a] * sn;
+                           }
+                       std::vector<double> scale(want.size());
+                       for (size_t i = 0; i < want.size(); ++i)
+                         scale[i] = 2 * rc.magnitude * std::abs(x[i]) + 1;
+                       CheckClose(mem.Get(xs, want.size()), want, scale, 1e-6, 0);
+                     }});
   }
   // ---- MLA attention in every kv_b format: written into a paged cache of latents and rope
   // keys with kv_write, checked against plain attention over keys and values rebuilt from
@@ -718,9 +720,9 @@ std::vector<OpCase> OpTable() {
              const int64_t layers = 2, layer = 1, R = mc.latent, dr = mc.rope;
              const int64_t layer_floats = mc.block * (R + dr);
              std::vector<double> kv_b;
-             WeightMatrix w = mem.Weights(format, mc.heads * (mc.nope + mc.value), R,
-                                          format == WeightFormat::kInt4Grouped ? mc.group : 0, rng,
-                                          &kv_b);
+             WeightMatrix w =
+                 mem.Weights(format, mc.heads * (mc.nope + mc.value), R,
+                             format == WeightFormat::kInt4Grouped ? mc.group : 0, rng, &kv_b);
              std::vector<std::vector<int32_t>> blocks_of;
              int32_t total_blocks = 0;
              for (int64_t len : mc.lengths) {
@@ -750,11 +752,17 @@ std::vector<OpCase> OpTable() {
                latents.insert(latents.end(), seq_c[q].begin(), seq_c[q].end());
                rope_keys.insert(rope_keys.end(), seq_r[q].begin(), seq_r[q].end());
              }
-             PagedKv kv{mem.Put(table), mem.Put(start), mem.Put(positions), mc.block, 1, R,
-                        layer_floats,   dr};
+             PagedKv kv{mem.Put(table),
+                        mem.Put(start),
+                        mem.Put(positions),
+                        mc.block,
+                        1,
+                        R,
+                        layer_floats,
+                        dr};
              REQUIRE(b.compute()
-                         .WriteKv(kv, static_cast<int>(layer), mem.Put(latents),
-                                  mem.Put(rope_keys), static_cast<int64_t>(positions.size()))
+                         .WriteKv(kv, static_cast<int>(layer), mem.Put(latents), mem.Put(rope_keys),
+                                  static_cast<int64_t>(positions.size()))
                          .ok());
              std::vector<int32_t> q_start;
              std::vector<int64_t> q_pos;
@@ -765,8 +773,14 @@ std::vector<OpCase> OpTable() {
                }
              const int64_t n = static_cast<int64_t>(q_pos.size()), qd = mc.nope + mc.rope;
              std::vector<float> query = Random(static_cast<size_t>(n * mc.heads * qd), rng, 0.5f);
-             PagedKv step{kv.block_table, mem.Put(q_start), mem.Put(q_pos), mc.block, 1, R,
-                          layer_floats,   dr};
+             PagedKv step{kv.block_table,
+                          mem.Put(q_start),
+                          mem.Put(q_pos),
+                          mc.block,
+                          1,
+                          R,
+                          layer_floats,
+                          dr};
              MlaShape shape{mc.heads, mc.nope, mc.rope, mc.value, R, 0.3f};
              float* out = mem.Zeros<float>(static_cast<size_t>(n * mc.heads * mc.value));
              float* scratch = mem.Zeros<float>(static_cast<size_t>(MlaScratchFloats(n, shape)));

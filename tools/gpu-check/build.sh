@@ -22,7 +22,7 @@ targets=(backend_ops_test kernels_backend_test conformance_golden_config_test mo
 cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 
 rm -rf "$OUT"
-mkdir -p "$OUT/bin" "$OUT/lib" "$OUT/golden"
+mkdir -p "$OUT/bin" "$OUT/lib" "$OUT/golden" "$OUT/golden-next"
 binaries=("$BUILD/tests/backend_ops_test" "$BUILD/kernels/kernels_backend_test"
           "$BUILD/tests/conformance_golden_config_test" "$BUILD/client/moectl")
 cp "${binaries[@]}" "$OUT/bin/"
@@ -41,6 +41,7 @@ strip --strip-unneeded "$OUT"/lib/* 2>/dev/null || true
 for model in mixtral qwen2_moe qwen3_moe olmoe; do
   cp -r "$SHARED/golden/$model" "$OUT/golden/"
 done
+cp -r "$SHARED/golden-next/deepseek_v2" "$OUT/golden-next/"
 cp "$ROOT/tools/gpu-check/run.sh" "$OUT/run.sh"
 size=$(du -sm "$OUT" | cut -f1)
 echo "gpu-check: $OUT holds ${size} MiB (the device tool carries at most 64 MiB)"

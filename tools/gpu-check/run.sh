@@ -15,7 +15,8 @@ for dir in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, d, "l
   [ -d "$dir" ] && cuda_libs="$cuda_libs:$dir"
 done
 export LD_LIBRARY_PATH="$HERE/lib$cuda_libs:${LD_LIBRARY_PATH:-}"
-mkdir -p /tmp/moed-shared && rm -rf /tmp/moed-shared/golden && cp -r "$HERE/golden" /tmp/moed-shared/
+mkdir -p /tmp/moed-shared && rm -rf /tmp/moed-shared/golden /tmp/moed-shared/golden-next &&
+  cp -r "$HERE/golden" "$HERE/golden-next" /tmp/moed-shared/
 export MOED_SHARED_DIR=/tmp/moed-shared
 status=0
 step() {
@@ -31,10 +32,11 @@ step "$HERE/bin/kernels_backend_test" -s -r compact
 step "$HERE/bin/backend_ops_test" -r compact
 step "$HERE/bin/conformance_golden_config_test" "golden*" -r compact
 tokens=1,15,27,300,42,7,99,3
-for model in mixtral qwen2_moe qwen3_moe olmoe; do
+for path in golden/mixtral golden/qwen2_moe golden/qwen3_moe golden/olmoe golden-next/deepseek_v2; do
+  model=$(basename "$path")
   for backend in cpu cuda; do
     echo "=== moectl logits --model $model --backend $backend" | tee -a "$LOG"
-    timeout 60 "$HERE/bin/moectl" logits --model "$HERE/golden/$model" --tokens "$tokens" \
+    timeout 60 "$HERE/bin/moectl" logits --model "$HERE/$path" --tokens "$tokens" \
       --greedy 4 --backend "$backend" >"/tmp/logits-$model-$backend.json" 2>>"$LOG" || status=1
   done
   python3 - "$model" >>"$LOG" 2>&1 <<'PY' || status=1

@@ -364,7 +364,8 @@ void DeepseekLayers(const SynthSpec& spec, Add& add) {
       continue;
     }
     add(p + "mlp.gate.weight", {spec.num_experts, h});
-    if (TopKMethod(spec) == "noaux_tc") add(p + "mlp.gate.e_score_correction_bias", {spec.num_experts});
+    if (TopKMethod(spec) == "noaux_tc")
+      add(p + "mlp.gate.e_score_correction_bias", {spec.num_experts});
     for (int64_t e = 0; e < spec.num_experts; ++e) {
       model::ExpertTensorNames names = model::RoutedExpertTensorNames(spec.architecture, layer, e);
       add(names.gate, {inter, h});
@@ -497,7 +498,8 @@ std::string ConfigJson(const SynthSpec& spec, int64_t eos_token_id) {
       config["qk_nope_head_dim"] = spec.qk_nope_head_dim;
       config["qk_rope_head_dim"] = spec.qk_rope_head_dim;
       config["routed_scaling_factor"] = spec.routed_scaling_factor;
-      config["scoring_func"] = spec.architecture == Architecture::kDeepseekV3 ? "sigmoid" : "softmax";
+      config["scoring_func"] =
+          spec.architecture == Architecture::kDeepseekV3 ? "sigmoid" : "softmax";
       config["topk_group"] = spec.topk_group;
       config["topk_method"] = TopKMethod(spec);
       config["v_head_dim"] = spec.v_head_dim;
