@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 namespace moed::model {
@@ -12,9 +13,61 @@ Sampler::Sampler(const SamplingParams& params, const std::vector<int32_t>& promp
   for (int32_t token : prompt) seen_[token] = true;
 }
 
+namespace {
+
+// A token's place in the sampling order as one integer: ascending keys are descending logits,
+// ties to the lower id. -0 and +0 key alike, as they compare equal.
+uint64_t OrderKey(float logit, int32_t token) {
+  uint32_t bits;
+  const float value = logit == 0.0f ? 0.0f : logit;
+  std::memcpy(&bits, &value, sizeof bits);
+  // Floats as unsigned integers that sort as the floats do, then inverted: larger first.
+  const uint32_t ascending = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+  return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint32_t>(token);
+}
+
+int32_t TokenOf(uint64_t key) { return static_cast<int32_t>(key & 0xFFFFFFFFu); }
+
+// Sorts keys ascending: least significant byte first, skipping bytes every key shares (the
+// high bytes of the token ids, usually). Linear in the keys, with no comparisons.
+void RadixSort(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch) {
+  scratch.resize(keys.size());
+  uint64_t all_or = 0, all_and = ~uint64_t{0};
+  for (uint64_t k : keys) {
+    all_or |= k;
+    all_and &= k;
+  }
+  for (int shift = 0; shift < 64; shift += 8) {
+    if ((((all_or ^ all_and) >> shift) & 0xFF) == 0) continue;  // one value in this byte
+    size_t count[257] = {};
+    for (uint64_t k : keys) ++count[((k >> shift) & 0xFF) + 1];
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (uint64_t k : keys) scratch[count[(k >> shift) & 0xFF]++] = k;
+    keys.swap(scratch);
+  }
+}
+
+// The most likely token, ties to the lower id: the largest value with eight independent
+// running maxima (no loop-carried index, so the loop vectorizes), then its first position.
+int32_t Argmax(const std::vector<float>& logits) {
+  const size_t n = logits.size();
+  float lane[8];
+  std::fill(lane, lane + 8, logits[0]);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] = logits[i + j] > lane[j] ? logits[i + j] : lane[j];
+  }
+  float top = *std::max_element(lane, lane + 8);
+  for (; i < n; ++i) top = logits[i] > top ? logits[i] : top;
+  return static_cast<int32_t>(std::find(logits.begin(), logits.end(), top) - logits.begin());
+}
+
+}  // namespace
+
 TokenChoice Sampler::Next(absl::Span<const float> raw) {
   const int64_t vocab = static_cast<int64_t>(raw.size());
-  std::vector<float> logits(raw.begin(), raw.end());
+  std::vector<float>& logits = logits_;
+  logits.assign(raw.begin(), raw.end());
   // Repetition penalty (multiplicative, over prompt and output), then the OpenAI penalties
   // (additive, over the output).
   if (params_.repetition_penalty != 1.0f) {
@@ -27,43 +80,55 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
     logits[token] -=
         params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
   }
-
-  // Log-probabilities of the penalised distribution, for logprobs.
-  float max_logit = *std::max_element(logits.begin(), logits.end());
-  double total = 0;
-  for (float l : logits) total += std::exp(static_cast<double>(l - max_logit));
-  const double log_total = std::log(total) + max_logit;
-  auto logprob_of = [&](int32_t token) { return static_cast<float>(logits[token] - log_total); };
-
-  // Candidates most likely first; ties to the lower id, so the order is deterministic.
-  std::vector<int32_t> order(static_cast<size_t>(vocab));
-  std::iota(order.begin(), order.end(), 0);
   auto by_logit = [&](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
+  const int32_t best = Argmax(logits);
 
   TokenChoice choice;
   if (params_.temperature == 0.0f || params_.top_k == 1) {
-    choice.token = *std::min_element(order.begin(), order.end(), by_logit);
+    choice.token = best;
   } else {
-    size_t keep = order.size();
-    if (params_.top_k > 0) keep = std::min<size_t>(keep, params_.top_k);
-    std::partial_sort(order.begin(), order.begin() + static_cast<int64_t>(keep), order.end(),
-                      by_logit);
-    order.resize(keep);
+    // The candidates in sampling order (descending logit, ties to the lower id). Without
+    // top-k, only tokens whose weight exp((l - max) / T) reaches 2^-60: every other weight is
+    // below half an ulp of the sums below (which start at exp(0) = 1 and only grow), so it
+    // would change no sum and can never be drawn. Sampling then costs a partial pass over the
+    // vocabulary, not a sort of it, and gives the tokens a full sort would.
+    std::vector<uint64_t>& keys = keys_;
+    keys.clear();
+    const float max_logit = logits[best];
+    const bool pruned = params_.top_k == 0;
+    if (pruned) {
+      const float floor = max_logit - 42.0f * params_.temperature;  // e^-42 < 2^-60
+      for (int32_t t = 0; t < vocab; ++t) {
+        if (logits[t] >= floor) keys.push_back(OrderKey(logits[t], t));
+      }
+    } else {
+      keys.reserve(static_cast<size_t>(vocab));
+      for (int32_t t = 0; t < vocab; ++t) keys.push_back(OrderKey(logits[t], t));
+    }
+    size_t keep = keys.size();
+    if (params_.top_k > 0) {
+      keep = std::min<size_t>(keep, params_.top_k);
+      std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(keep - 1), keys.end());
+      keys.resize(keep);
+    }
+    RadixSort(keys, scratch_);
     // Probabilities at this temperature over the kept candidates.
-    std::vector<double> p(order.size());
+    std::vector<double>& p = probabilities_;
+    p.resize(keys.size());
     double sum = 0;
-    for (size_t i = 0; i < order.size(); ++i) {
-      sum += p[i] = std::exp((static_cast<double>(logits[order[i]]) - logits[order[0]]) /
-                             params_.temperature);
+    const double top = static_cast<double>(logits[TokenOf(keys[0])]);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      sum += p[i] =
+          std::exp((static_cast<double>(logits[TokenOf(keys[i])]) - top) / params_.temperature);
     }
     for (double& v : p) v /= sum;
     size_t cut = p.size();
     if (params_.min_p > 0) {
-      double floor = params_.min_p * p[0];
+      double min_p_floor = params_.min_p * p[0];
       cut = static_cast<size_t>(
-          std::find_if(p.begin(), p.end(), [&](double v) { return v < floor; }) - p.begin());
+          std::find_if(p.begin(), p.end(), [&](double v) { return v < min_p_floor; }) - p.begin());
     }
     if (params_.top_p < 1.0f) {
       double cumulative = 0;
@@ -78,23 +143,39 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
     cut = std::max<size_t>(cut, 1);
     double kept = std::accumulate(p.begin(), p.begin() + static_cast<int64_t>(cut), 0.0);
     double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
-    choice.token = order[cut - 1];
+    choice.token = TokenOf(keys[cut - 1]);
+    if (cut == keys.size() && pruned && keys.size() < static_cast<size_t>(vocab)) {
+      // Only when u rounds up to `kept`: the last token of the whole order, as a full sort.
+      int32_t last = 0;
+      for (int32_t t = 1; t < vocab; ++t) {
+        if (!by_logit(t, last)) last = t;
+      }
+      choice.token = last;
+    }
     double cumulative = 0;
     for (size_t i = 0; i < cut; ++i) {
       cumulative += p[i];
       if (u < cumulative) {
-        choice.token = order[i];
+        choice.token = TokenOf(keys[i]);
         break;
       }
     }
   }
-  choice.logprob = logprob_of(choice.token);
-  if (params_.logprobs && params_.top_logprobs > 0) {
-    std::vector<int32_t> top(static_cast<size_t>(vocab));
-    std::iota(top.begin(), top.end(), 0);
-    size_t n = std::min<size_t>(top.size(), params_.top_logprobs);
-    std::partial_sort(top.begin(), top.begin() + static_cast<int64_t>(n), top.end(), by_logit);
-    for (size_t i = 0; i < n; ++i) choice.top_logprobs.emplace_back(top[i], logprob_of(top[i]));
+  if (params_.logprobs) {
+    // Log-probabilities of the penalised distribution.
+    const float max_logit = logits[best];
+    double total = 0;
+    for (float l : logits) total += std::exp(static_cast<double>(l - max_logit));
+    const double log_total = std::log(total) + max_logit;
+    auto logprob_of = [&](int32_t token) { return static_cast<float>(logits[token] - log_total); };
+    choice.logprob = logprob_of(choice.token);
+    if (params_.top_logprobs > 0) {
+      std::vector<int32_t> top(static_cast<size_t>(vocab));
+      std::iota(top.begin(), top.end(), 0);
+      size_t n = std::min<size_t>(top.size(), params_.top_logprobs);
+      std::partial_sort(top.begin(), top.begin() + static_cast<int64_t>(n), top.end(), by_logit);
+      for (size_t i = 0; i < n; ++i) choice.top_logprobs.emplace_back(top[i], logprob_of(top[i]));
+    }
   }
   ++output_counts_[choice.token];
   seen_[choice.token] = true;

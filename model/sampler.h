@@ -32,10 +32,11 @@ struct SamplingParams {
 
 struct TokenChoice {
   int32_t token = 0;
-  // log-probability of `token` under the penalised distribution before temperature and
-  // truncation (the model's own view, as OpenAI reports it).
+  // With params.logprobs: the log-probability of `token` under the penalised distribution
+  // before temperature and truncation (the model's own view, as OpenAI reports it), and the
+  // top_logprobs most likely tokens' (most likely first). 0 and empty otherwise.
   float logprob = 0;
-  std::vector<std::pair<int32_t, float>> top_logprobs;  // most likely first
+  std::vector<std::pair<int32_t, float>> top_logprobs;
 };
 
 class Sampler {
@@ -49,6 +50,10 @@ class Sampler {
  private:
   SamplingParams params_;
   std::mt19937_64 rng_;
+  // Kept from token to token: a step allocates nothing once they have grown.
+  std::vector<float> logits_;
+  std::vector<uint64_t> keys_, scratch_;
+  std::vector<double> probabilities_;
   absl::flat_hash_map<int32_t, int> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty
 };

@@ -22,6 +22,7 @@
 #include "CLI/CLI.hpp"
 #include "kernels/cpu_ops.h"
 #include "model/model.h"
+#include "model/sampler.h"
 #include "server/engine.h"
 #include "tools/synth/synthesizer.h"
 
@@ -215,6 +216,8 @@ int main(int argc, char** argv) {
       c.experts_per_token, c.vocab_size);
   std::printf("%-10s %10s %16s %14s %10s\n", "sequences", "tokens/s", "MB read / step", "GB/s read",
               "ceiling");
+  double single_step_seconds = 0;
+  std::vector<float> step_logits;  // the last single-sequence step's, for the sampler section
   for (int sequences : {1, 8}) {
     std::vector<std::unique_ptr<moed::model::KvCache>> caches;
     std::vector<moed::model::SequenceInput> inputs;
@@ -250,7 +253,70 @@ int main(int argc, char** argv) {
     double rate = bytes / seconds / 1e9;
     std::printf("%-10d %10.1f %16.1f %14.1f %9.0f%%\n", sequences, sequences * steps / seconds,
                 bytes / 1e6 / steps, rate, 100 * rate / ceiling);
+    if (sequences == 1) {
+      single_step_seconds = seconds / steps;
+      auto last = model->Forward(absl::MakeSpan(inputs));
+      if (!last.ok()) return 1;
+      step_logits.assign(last->logits.begin(), last->logits.begin() + c.vocab_size);
+    }
   }
   std::printf("\nceiling = the best read-only sweep above (%.1f GB/s)\n", ceiling);
+
+  // The sampler, per token, against the single-sequence decode step measured above: on this
+  // model's own logits (random weights: flat, nothing far below the top) and on logits spread
+  // as a trained model's (a clear favourite, most of the vocabulary far below it).
+  std::vector<float> trained(static_cast<size_t>(c.vocab_size));
+  {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 6.0f);
+    for (float& l : trained) l = normal(rng);
+    trained[42] += 25.0f;
+  }
+  struct SamplerCase {
+    const char* name;
+    moed::model::SamplingParams params;
+  };
+  auto with = [](auto change) {
+    moed::model::SamplingParams params;
+    params.seed = 1;
+    change(params);
+    return params;
+  };
+  const SamplerCase sampler_cases[] = {
+      {"greedy", with([](auto& p) { p.temperature = 0; })},
+      {"temperature 0.8", with([](auto& p) { p.temperature = 0.8f; })},
+      {"top-k 40", with([](auto& p) { p.top_k = 40; })},
+      {"top-p 0.95", with([](auto& p) { p.top_p = 0.95f; })},
+      {"min-p 0.05", with([](auto& p) { p.min_p = 0.05f; })},
+      {"penalties", with([](auto& p) {
+         p.presence_penalty = 0.5f;
+         p.frequency_penalty = 0.5f;
+         p.repetition_penalty = 1.1f;
+       })},
+      {"logprobs, top 5", with([](auto& p) {
+         p.logprobs = true;
+         p.top_logprobs = 5;
+       })},
+  };
+  std::printf("\n== sampler, vocab %ld, per token, against a 1-sequence decode step (%.2f ms) ==\n",
+              c.vocab_size, 1e3 * single_step_seconds);
+  std::printf("%-18s %14s %10s %16s %10s\n", "parameters", "model's us", "of step",
+              "trained-like us", "of step");
+  const std::vector<int32_t> prompt(64, 7);
+  for (const SamplerCase& sc : sampler_cases) {
+    double per_call[2];
+    int i = 0;
+    for (const std::vector<float>* logits : {&step_logits, &trained}) {
+      moed::model::Sampler sampler(sc.params, prompt, 0);
+      constexpr int kCalls = 200;
+      for (int warm = 0; warm < 5; ++warm) sampler.Next(*logits);
+      auto start = Clock::now();
+      for (int call = 0; call < kCalls; ++call) sampler.Next(*logits);
+      per_call[i++] = Seconds(start, Clock::now()) / kCalls;
+    }
+    std::printf("%-18s %14.1f %9.1f%% %16.1f %9.1f%%\n", sc.name, 1e6 * per_call[0],
+                100 * per_call[0] / single_step_seconds, 1e6 * per_call[1],
+                100 * per_call[1] / single_step_seconds);
+  }
   return 0;
 }
