@@ -28,21 +28,26 @@ uint64_t OrderKey(float logit, int32_t token) {
 
 int32_t TokenOf(uint64_t key) { return static_cast<int32_t>(key & 0xFFFFFFFFu); }
 
-// Sorts keys ascending: least significant byte first, skipping bytes every key shares (the
-// high bytes of the token ids, usually). Linear in the keys, with no comparisons.
-void RadixSort(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch) {
+// Sorts keys ascending by their upper 32 bits (the logit part), stably: keys that arrive in
+// token order leave with ties still in token order, as OrderKey orders them. Three passes of
+// 11 bits, least significant first, skipping digits every key shares.
+void RadixSortByLogit(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch) {
+  constexpr int kDigitBits = 11;
+  constexpr size_t kBuckets = size_t{1} << kDigitBits;
   scratch.resize(keys.size());
   uint64_t all_or = 0, all_and = ~uint64_t{0};
   for (uint64_t k : keys) {
     all_or |= k;
     all_and &= k;
   }
-  for (int shift = 0; shift < 64; shift += 8) {
-    if ((((all_or ^ all_and) >> shift) & 0xFF) == 0) continue;  // one value in this byte
-    size_t count[257] = {};
-    for (uint64_t k : keys) ++count[((k >> shift) & 0xFF) + 1];
-    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-    for (uint64_t k : keys) scratch[count[(k >> shift) & 0xFF]++] = k;
+  std::vector<uint32_t> count(kBuckets + 1);
+  for (int shift = 32; shift < 64; shift += kDigitBits) {
+    const uint64_t mask = kBuckets - 1;
+    if ((((all_or ^ all_and) >> shift) & mask) == 0) continue;  // one value in this digit
+    std::fill(count.begin(), count.end(), 0);
+    for (uint64_t k : keys) ++count[((k >> shift) & mask) + 1];
+    for (size_t b = 0; b < kBuckets; ++b) count[b + 1] += count[b];
+    for (uint64_t k : keys) scratch[count[(k >> shift) & mask]++] = k;
     keys.swap(scratch);
   }
 }
@@ -107,13 +112,14 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
       keys.reserve(static_cast<size_t>(vocab));
       for (int32_t t = 0; t < vocab; ++t) keys.push_back(OrderKey(logits[t], t));
     }
-    size_t keep = keys.size();
     if (params_.top_k > 0) {
-      keep = std::min<size_t>(keep, params_.top_k);
+      const size_t keep = std::min<size_t>(keys.size(), params_.top_k);
       std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(keep - 1), keys.end());
       keys.resize(keep);
+      std::sort(keys.begin(), keys.end());
+    } else {
+      RadixSortByLogit(keys, scratch_);  // the keys arrived in token order
     }
-    RadixSort(keys, scratch_);
     // Probabilities at this temperature over the kept candidates.
     std::vector<double>& p = probabilities_;
     p.resize(keys.size());
