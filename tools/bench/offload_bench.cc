@@ -262,6 +262,7 @@ int main(int argc, char** argv) try {
   std::vector<double> budgets = {1.0, 0.5, 0.25};
   std::vector<std::string> predictors = {"off", "history", "affinity", "combined"};
   std::vector<std::string> precision_texts = {"exact"};
+  std::string expert_precision = "source";
   bool skip_staging = false;
   CLI::App app{
       "moed-bench-offload: SSD staging against fio, decode at cache budgets and prefetch "
@@ -296,6 +297,11 @@ int main(int argc, char** argv) try {
                  "trace's sequences but the first, the one the decode replays)");
   app.add_option("--routing-trace", routing_trace,
                  "route every layer as this recorded trace does (its first sequence)");
+  app.add_option("--expert-precision", expert_precision,
+                 "the experts' full copies: source (exact), int8 or int4 (the staging section, fio "
+                 "and the budgets use that precision's blobs)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"source", "int8", "int4"}));
   app.add_option("--precision", precision_texts,
                  "precision settings to run at each budget below 100 %: exact, always:P, "
                  "threshold:P:TAU, floor:P (always with the low-bit floor); P is int8 or int4")
@@ -326,11 +332,17 @@ int main(int argc, char** argv) try {
     std::fprintf(stderr, "%s\n", std::string(store.status().message()).c_str());
     return 1;
   }
+  const moed::cache::Precision full_precision =
+      *moed::cache::ParsePrecision(expert_precision);  // checked by the option
+  if (!(*store)->manifest().layouts.contains(full_precision)) {
+    std::fprintf(stderr, "%s has no %s blobs\n", store_dir.c_str(), expert_precision.c_str());
+    return 1;
+  }
   const auto& manifest = (*store)->manifest();
-  const uint64_t block = manifest.layouts.at(moed::cache::Precision::kSource).padded_size;
+  const uint64_t block = manifest.layouts.at(full_precision).padded_size;
   std::vector<const moed::cache::BlobEntry*> order;
   for (const auto& blob : manifest.blobs) {
-    if (blob.precision == moed::cache::Precision::kSource) order.push_back(&blob);
+    if (blob.precision == full_precision) order.push_back(&blob);
   }
   std::shuffle(order.begin(), order.end(), std::mt19937(1));
 
@@ -356,8 +368,7 @@ int main(int argc, char** argv) try {
     }
   }
   const auto& c = (*store)->config();
-  const uint64_t slot =
-      moed::cache::ExpertCache::SlotBytes(**store, moed::cache::Precision::kSource);
+  const uint64_t slot = moed::cache::ExpertCache::SlotBytes(**store, full_precision);
   const uint64_t all = slot * c.NumMoeLayers() * c.num_experts;
   std::printf(
       "\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence, "
@@ -385,6 +396,7 @@ int main(int argc, char** argv) try {
         moed::server::DaemonConfig config;
         config.store = store_dir;
         config.backend = "cpu";
+        config.expert_precision = expert_precision;
         config.device_cache_bytes = static_cast<int64_t>(fraction * all);
         config.io_queue_depth = depth;
         const auto& [predictor, precision] = order[i];
