@@ -366,6 +366,21 @@ void RunExpertFfn(L& l, const Matrix& gate, const Matrix& up, const Matrix& down
 #define MOED_SIN std::sin
 #endif
 
+// The largest of score(0..len-1) and the sum of exp(score(p) - largest): the attention bodies'
+// softmax over cached positions, the scores recomputed rather than stored.
+template <class Score>
+MOED_HD void SoftmaxStats(int64_t len, const Score& score, float* max_score, double* total) {
+  float largest = -3.402823466e38f;
+  for (int64_t p = 0; p < len; ++p) {
+    float s = score(p);
+    if (s > largest) largest = s;
+  }
+  double sum = 0;
+  for (int64_t p = 0; p < len; ++p) sum += MOED_EXPF(score(p) - largest);
+  *max_score = largest;
+  *total = sum;
+}
+
 MOED_HD void RopeBody::operator()(int64_t i) const {
   const int64_t half = head_dim / 2;
   const int64_t j = i % half, th = i / half, t = th / heads;
@@ -390,13 +405,9 @@ MOED_HD void AttentionBody::operator()(int64_t item) const {
     for (int64_t i = 0; i < head_dim; ++i) dot += qv[i] * kp[i];
     return dot * scale;
   };
-  float max_score = -3.402823466e38f;
-  for (int64_t p = 0; p < len; ++p) {
-    float s = score(p);
-    if (s > max_score) max_score = s;
-  }
-  double total = 0;
-  for (int64_t p = 0; p < len; ++p) total += MOED_EXPF(score(p) - max_score);
+  float max_score;
+  double total;
+  SoftmaxStats(len, score, &max_score, &total);
   float* o = out + item * head_dim;
   for (int64_t i = 0; i < head_dim; ++i) o[i] = 0.0f;
   const float inv_total = static_cast<float>(1.0 / total);
@@ -503,13 +514,9 @@ MOED_HD void MlaLatentAttentionBody::operator()(int64_t item) const {
     for (int64_t i = 0; i < rope_dim; ++i) rope_dot += q_rope[i] * kp[i];
     return (dot + rope_dot) * scale;
   };
-  float max_score = -3.402823466e38f;
-  for (int64_t p = 0; p < len; ++p) {
-    float s = score(p);
-    if (s > max_score) max_score = s;
-  }
-  double total = 0;
-  for (int64_t p = 0; p < len; ++p) total += MOED_EXPF(score(p) - max_score);
+  float max_score;
+  double total;
+  SoftmaxStats(len, score, &max_score, &total);
   for (int64_t r = 0; r < latent; ++r) mixed[r] = 0.0f;
   const float inv_total = static_cast<float>(1.0 / total);
   for (int64_t p = 0; p < len; ++p) {
