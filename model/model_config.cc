@@ -405,6 +405,19 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
     return fields.Error("rope_scaling",
                         absl::StrCat("of type '", type, "' is not supported (only null)"));
   }
+  if (const json* quantization = fields.Find("quantization_config"); quantization != nullptr) {
+    // FP8 (DeepSeek-V3/R1's release), GPTQ, AWQ...: weights moed cannot read as they are.
+    std::string method = "unknown";
+    if (quantization->is_object()) {
+      auto it = quantization->find("quant_method");
+      if (it != quantization->end() && it->is_string()) method = it->get<std::string>();
+    }
+    return fields.Error("quantization_config",
+                        absl::StrCat("names quant_method '", method,
+                                     "': moed reads bf16, fp16 or fp32 checkpoints (convert the "
+                                     "weights to bf16 first; moed-pack then makes int8 and int4 "
+                                     "expert copies)"));
+  }
   if (const json* hidden_act = fields.Find("hidden_act"); hidden_act != nullptr) {
     if (!hidden_act->is_string() || hidden_act->get<std::string>() != "silu") {
       return fields.Error("hidden_act", "must be \"silu\" (SwiGLU experts)");

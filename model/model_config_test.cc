@@ -200,6 +200,20 @@ TEST_CASE("DeepSeek configs with impossible routing or rope are refused, naming 
   CHECK(ErrorOf(config) == "dir/config.json: \"n_shared_experts\" must not be negative, not -1");
 }
 
+TEST_CASE("a quantized checkpoint's config (DeepSeek-V3's FP8 release) is refused, naming it") {
+  nlohmann::json config = DeepseekV3Json();
+  config["quantization_config"] = {{"activation_scheme", "dynamic"},
+                                   {"fmt", "e4m3"},
+                                   {"quant_method", "fp8"},
+                                   {"weight_block_size", {128, 128}}};
+  CHECK(ErrorOf(config) ==
+        "dir/config.json: \"quantization_config\" names quant_method 'fp8': moed reads bf16, "
+        "fp16 or fp32 checkpoints (convert the weights to bf16 first; moed-pack then makes int8 "
+        "and int4 expert copies)");
+  config["quantization_config"] = nullptr;  // as transformers writes an absent one
+  CHECK(ParseModelConfig(config.dump(), "config.json").ok());
+}
+
 TEST_CASE("DeepSeek-V2's remote-code defaults: softmax, greedy (spelt gready), no shared expert") {
   nlohmann::json config = DeepseekV3Json();
   config["architectures"] = {"DeepseekV2ForCausalLM"};
