@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "kernels/backend.h"
 #include "kernels/cpu_ops.h"
 #include "model/model.h"
 #include "model/sampler.h"
@@ -135,7 +136,11 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "decode steps per measurement")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
-  std::printf("isa: %s, hardware threads: %u\n",
+  std::string cpu_name = "unknown CPU";
+  if (auto cpu = moed::kernels::CreateBackend(moed::kernels::BackendKind::kCpu); cpu.ok()) {
+    if (auto info = cpu->backend->device().info(); info.ok()) cpu_name = info->name;
+  }
+  std::printf("host: %s, isa: %s, hardware threads: %u\n", cpu_name.c_str(),
               moed::kernels::cpu::IsaName(moed::kernels::cpu::DetectIsa()),
               std::thread::hardware_concurrency());
 
