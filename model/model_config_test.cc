@@ -112,8 +112,9 @@ TEST_CASE("Qwen2-MoE reads its sparse-layer pattern and shared expert") {
 }
 
 TEST_CASE("architecture short names round-trip") {
-  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe,
-                            Architecture::kQwen3Moe, Architecture::kOlmoe}) {
+  for (Architecture arch :
+       {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe,
+        Architecture::kOlmoe, Architecture::kDeepseekV2, Architecture::kDeepseekV3}) {
     CHECK(*ParseArchitectureShortName(ArchitectureShortName(arch)) == arch);
   }
   CHECK_FALSE(ParseArchitectureShortName("gpt2").ok());

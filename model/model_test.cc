@@ -48,8 +48,9 @@ const std::vector<int32_t> kPrompt = {5, 300, 17, 42, 99, 7, 256};
 
 TEST_CASE("fp32 and sharded copies give bitwise the same logits, fp16 nearly") {
   TempDir tmp;
-  for (Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe,
-                            Architecture::kQwen3Moe, Architecture::kOlmoe}) {
+  for (Architecture arch :
+       {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe,
+        Architecture::kOlmoe, Architecture::kDeepseekV2, Architecture::kDeepseekV3}) {
     INFO(ArchitectureShortName(arch));
     std::string name(ArchitectureShortName(arch));
     fs::path source = Synthesize(tmp.path, arch, name);

@@ -5,9 +5,9 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <cstdio>
 #include <functional>
 #include <sstream>
 
@@ -16,8 +16,8 @@
 #include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
-#include "xxhash.h"
 #include "tools/synth/synthesizer.h"
+#include "xxhash.h"
 
 namespace moed::tools {
 namespace {
@@ -72,7 +72,8 @@ TEST_CASE(
     "a store's source precision gives bitwise the checkpoint's logits, int8 and int4 stay close") {
   TempDir tmp;
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
-                    model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+                    model::Architecture::kQwen3Moe, model::Architecture::kOlmoe,
+                    model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
     std::string name(model::ArchitectureShortName(arch));
     INFO(name);
     fs::path checkpoint = tmp.path / name;
@@ -259,9 +260,8 @@ TEST_CASE("manifests whose fields lie are refused with a Status, never a crash o
     CHECK(s.message().find("but the config implies") != std::string::npos);
   }
   SECTION("a blob listed for an expert the model does not have") {
-    absl::Status s = refused([](nlohmann::ordered_json& m) {
-      m["experts"]["blobs"][0]["expert"] = 1000;
-    });
+    absl::Status s =
+        refused([](nlohmann::ordered_json& m) { m["experts"]["blobs"][0]["expert"] = 1000; });
     CHECK(s.message().find("is outside the model") != std::string::npos);
   }
 }

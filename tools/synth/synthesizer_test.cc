@@ -43,9 +43,12 @@ nlohmann::json SafetensorsHeader(const std::string& bytes) {
 TEST_CASE("every architecture's tiny checkpoint is complete and consistent") {
   fs::path root = TempDir();
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
-                    model::Architecture::kQwen3Moe, model::Architecture::kOlmoe}) {
+                    model::Architecture::kQwen3Moe, model::Architecture::kOlmoe,
+                    model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
     INFO(model::ArchitectureShortName(arch));
     SynthSpec spec = *PresetSpec("tiny", arch);
+    const bool deepseek =
+        arch == model::Architecture::kDeepseekV2 || arch == model::Architecture::kDeepseekV3;
     fs::path out = root / std::string(model::ArchitectureShortName(arch));
     REQUIRE(WriteCheckpoint(spec, out.string()).ok());
 
@@ -54,7 +57,11 @@ TEST_CASE("every architecture's tiny checkpoint is complete and consistent") {
     CHECK(config->architecture == arch);
     CHECK(config->num_experts == spec.num_experts);
     CHECK(config->expert_intermediate_size == spec.expert_intermediate_size);
-    CHECK(config->shared_expert_intermediate_size == spec.shared_expert_intermediate_size);
+    // DeepSeek's shared experts are n_shared_experts of the routed experts' width.
+    CHECK(config->shared_expert_intermediate_size ==
+          (deepseek ? spec.n_shared_experts * spec.expert_intermediate_size
+                    : spec.shared_expert_intermediate_size));
+    CHECK(config->uses_mla() == deepseek);
     CHECK(config->norm_topk_prob == (arch == model::Architecture::kMixtral || spec.norm_topk_prob));
 
     std::string bytes = ReadFile(out / "model.safetensors");
