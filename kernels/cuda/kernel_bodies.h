@@ -27,6 +27,7 @@ inline constexpr int kBlockThreads = 256;
 inline constexpr int kWarpSize = 32;
 inline constexpr int kWarpsPerBlock = kBlockThreads / kWarpSize;
 inline constexpr int kMaxExperts = 1024;  // router_topk keeps no per-expert state; a sanity bound
+inline constexpr int kMaxGroups = 64;     // router_topk's kept groups are one 64-bit mask
 
 // Weight formats, as kernels::WeightFormat numbers them.
 enum Format : int { kF32 = 0, kF16 = 1, kBF16 = 2, kInt8 = 3, kInt4 = 4 };
@@ -227,7 +228,8 @@ struct RouterTopKBody {
     return choice_bias != nullptr ? score + choice_bias[e] : score;
   }
   MOED_HD float GroupScore(const float* row, int64_t g, float max_logit, float total) const;
-  MOED_HD bool GroupKept(const float* row, int64_t g, float max_logit, float total) const;
+  // Bit g set when group g is among the top_groups best (all set without groups).
+  MOED_HD uint64_t KeptGroups(const float* row, float max_logit, float total) const;
   MOED_HD void operator()(int64_t t) const;
 };
 
@@ -440,16 +442,19 @@ MOED_HD float RouterTopKBody::GroupScore(const float* row, int64_t g, float max_
   return top_two_sum ? first + second : first;
 }
 
-MOED_HD bool RouterTopKBody::GroupKept(const float* row, int64_t g, float max_logit,
-                                       float total) const {
-  if (groups <= 1) return true;
-  const float mine = GroupScore(row, g, max_logit, total);
-  int64_t above = 0;
-  for (int64_t other = 0; other < groups; ++other) {
-    const float theirs = GroupScore(row, other, max_logit, total);
-    if (theirs > mine || (theirs == mine && other < g)) ++above;
+MOED_HD uint64_t RouterTopKBody::KeptGroups(const float* row, float max_logit, float total) const {
+  if (groups <= 1) return ~uint64_t{0};
+  float score[kMaxGroups];
+  for (int64_t g = 0; g < groups; ++g) score[g] = GroupScore(row, g, max_logit, total);
+  uint64_t kept = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t above = 0;
+    for (int64_t other = 0; other < groups; ++other) {
+      if (score[other] > score[g] || (score[other] == score[g] && other < g)) ++above;
+    }
+    if (above < top_groups) kept |= uint64_t{1} << g;
   }
-  return above < top_groups;
+  return kept;
 }
 
 MOED_HD void RouterTopKBody::operator()(int64_t t) const {
@@ -461,6 +466,7 @@ MOED_HD void RouterTopKBody::operator()(int64_t t) const {
     for (int64_t e = 0; e < experts; ++e) total += MOED_EXPF(row[e] - max_logit);
   }
   const int64_t group_size = experts / groups;
+  const uint64_t kept = KeptGroups(row, max_logit, total);
   float selected = 0.0f;
   for (int64_t r = 0; r < k; ++r) {
     int32_t best = -1;
@@ -468,7 +474,7 @@ MOED_HD void RouterTopKBody::operator()(int64_t t) const {
     for (int64_t e = 0; e < experts; ++e) {
       bool taken = false;
       for (int64_t s = 0; s < r; ++s) taken = taken || chosen[t * k + s] == e;
-      if (taken || !GroupKept(row, e / group_size, max_logit, total)) continue;
+      if (taken || ((kept >> (e / group_size)) & 1) == 0) continue;
       float c = Choice(row, e, max_logit, total);
       if (best < 0 || c > best_choice) {  // strict: ties keep the lower id
         best = static_cast<int32_t>(e);
