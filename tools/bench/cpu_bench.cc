@@ -21,10 +21,12 @@
 
 #include "CLI/CLI.hpp"
 #include "kernels/backend.h"
+#include "kernels/cpu_backend.h"
 #include "kernels/cpu_ops.h"
 #include "model/model.h"
 #include "model/sampler.h"
 #include "server/engine.h"
+#include "tools/bench/timing_backend.h"
 #include "tools/synth/synthesizer.h"
 
 namespace {
@@ -322,6 +324,56 @@ int main(int argc, char** argv) {
     std::printf("%-18s %14.1f %9.1f%% %16.1f %9.1f%%\n", sc.name, 1e6 * per_call[0],
                 100 * per_call[0] / single_step_seconds, 1e6 * per_call[1],
                 100 * per_call[1] / single_step_seconds);
+  }
+
+  // A sampled single-sequence decode step by stage: every operator timed as it runs (the CPU
+  // backend finishes each before returning), the sampler, and what is left (the engine's own
+  // work between operators: routing back to the host, the expert provider, bookkeeping).
+  auto timing = std::make_shared<moed::tools::TimingBackend>(
+      std::shared_ptr<moed::kernels::Backend>(moed::kernels::CreateCpuBackend(0)));
+  auto timed_model = moed::model::Model::Load(model_dir, timing);
+  if (!timed_model.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(timed_model.status().message()).c_str());
+    return 1;
+  }
+  {
+    auto cache = (*timed_model)->NewKvCache(16 + steps + 8);
+    moed::model::SequenceInput input{cache.get(), {1, 100, 200, 300}, false};
+    moed::model::SamplingParams sampling;
+    sampling.temperature = 0.8f;
+    sampling.seed = 1;
+    moed::model::Sampler sampler(sampling, input.tokens, 0);
+    double step_seconds = 0, sampler_seconds = 0;
+    for (int step = 0; step < steps + 3; ++step) {
+      if (step == 3) timing->timing().Reset();  // prefill and two warm-up steps
+      const auto start = Clock::now();
+      auto out = (*timed_model)->Forward(absl::MakeSpan(&input, 1));
+      if (!out.ok()) return 1;
+      const auto forward_done = Clock::now();
+      const int32_t token = sampler.Next(out->logits).token;
+      const auto end = Clock::now();
+      if (step >= 3) {
+        step_seconds += Seconds(start, end);
+        sampler_seconds += Seconds(forward_done, end);
+      }
+      input.tokens = {token};
+    }
+    std::printf(
+        "\n== a sampled decode step by stage (1 sequence, temperature 0.8, %.2f ms a step) ==\n",
+        1e3 * step_seconds / steps);
+    std::printf("%-18s %10s %8s %12s\n", "stage", "ms/step", "share", "calls/step");
+    double operators = 0;
+    for (const auto& [op, total] : timing->timing().totals()) {
+      operators += total.seconds;
+      std::printf("%-18s %10.3f %7.1f%% %12.1f\n", moed::kernels::OpName(op),
+                  1e3 * total.seconds / steps, 100 * total.seconds / step_seconds,
+                  static_cast<double>(total.calls) / steps);
+    }
+    std::printf("%-18s %10.3f %7.1f%% %12.1f\n", "sampler", 1e3 * sampler_seconds / steps,
+                100 * sampler_seconds / step_seconds, 1.0);
+    const double rest = step_seconds - operators - sampler_seconds;
+    std::printf("%-18s %10.3f %7.1f%%\n", "between operators", 1e3 * rest / steps,
+                100 * rest / step_seconds);
   }
   return 0;
 }
