@@ -86,6 +86,17 @@ const char* OpName(Op op) {
   return "?";
 }
 
+absl::Status CheckRouterSpec(int64_t experts, int64_t k, const RouterSpec& spec) {
+  if (k < 1 || k > experts || spec.groups < 1 || experts % spec.groups != 0 ||
+      spec.top_groups < 1 || spec.top_groups > spec.groups ||
+      k > spec.top_groups * (experts / spec.groups)) {
+    return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts,
+                                                   " in the best ", spec.top_groups, " of ",
+                                                   spec.groups, " groups"));
+  }
+  return absl::OkStatus();
+}
+
 bool OpTakesWeights(Op op) {
   return op == Op::kEmbedding || op == Op::kMatMul || op == Op::kExpertFfn ||
          op == Op::kMlaAttention;

@@ -188,6 +188,10 @@ struct RouterSpec {
   GroupScore group_score = GroupScore::kMax;
 };
 
+// Fails with INVALID_ARGUMENT unless top-k of `experts` can be chosen as `spec` says: groups
+// that divide the experts, top_groups among them, and k no more than those groups hold.
+absl::Status CheckRouterSpec(int64_t experts, int64_t k, const RouterSpec& spec);
+
 // A rotary embedding applied to `dims` consecutive floats at `offset` inside each of `heads`
 // heads of `head_stride` floats per token. Pair i rotates by the angle position *
 // inv_freq[i] (inv_freq: dims / 2 doubles in device memory), its cosine and sine multiplied

@@ -402,28 +402,18 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
     }
   }
   model->experts_ = std::move(experts);
-  MOED_RETURN_IF_ERROR(model->PrepareRotary());
+  MOED_RETURN_IF_ERROR(model->PrepareOperatorSpecs());
   return model;
 }
 
-absl::Status Model::PrepareRotary() {
+absl::Status Model::PrepareOperatorSpecs() {
   const ModelConfig& c = config_;
-  const bool deepseek =
-      c.architecture == Architecture::kDeepseekV2 || c.architecture == Architecture::kDeepseekV3;
   router_spec_ = kernels::RouterSpec();
   router_spec_.scoring = c.scoring == RouterScoringFunction::kSigmoid
                              ? kernels::RouterScoring::kSigmoid
                              : kernels::RouterScoring::kSoftmax;
-  router_spec_.renormalize = c.norm_topk_prob;
-  if (deepseek) {
-    // DeepSeek's remote code renormalises only with more than one expert; V2 then skips the
-    // scaling factor, V3 applies it after.
-    router_spec_.renormalize = c.norm_topk_prob && c.experts_per_token > 1;
-    router_spec_.scale =
-        static_cast<float>(c.architecture == Architecture::kDeepseekV2 && router_spec_.renormalize
-                               ? 1.0
-                               : c.routed_scaling_factor);
-  }
+  router_spec_.renormalize = c.RenormalizesTopK();
+  router_spec_.scale = static_cast<float>(c.RoutedWeightScale());
   router_spec_.groups = c.n_group;
   router_spec_.top_groups = c.topk_group;
   router_spec_.group_score = c.topk_method == TopKMethod::kNoAuxTc ? kernels::GroupScore::kTopTwoSum
@@ -699,6 +689,34 @@ absl::Status Model::FfnBlock(int layer, StepBuffers& step, ForwardOutput* output
   return s.Add(step.hidden, step.projected, n * h);
 }
 
+absl::Status Model::GqaBlock(int layer, StepBuffers& step) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = layers_[layer];
+  kernels::Stream& s = backend_->compute();
+  const int64_t n = step.n, heads = c.num_attention_heads, kv_heads = c.num_key_value_heads;
+  const int64_t d = c.head_dim, q_width = heads * d, kv_width = kv_heads * d;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.x, n, step.q));
+  MOED_RETURN_IF_ERROR(s.MatMul(w.k, step.x, n, step.k));
+  MOED_RETURN_IF_ERROR(s.MatMul(w.v, step.x, n, step.v));
+  if (w.q_bias) {
+    MOED_RETURN_IF_ERROR(s.AddBias(step.q, w.q_bias.as<float>(), n, q_width));
+    MOED_RETURN_IF_ERROR(s.AddBias(step.k, w.k_bias.as<float>(), n, kv_width));
+    MOED_RETURN_IF_ERROR(s.AddBias(step.v, w.v_bias.as<float>(), n, kv_width));
+  }
+  if (c.architecture == Architecture::kQwen3Moe) {  // per head, before RoPE
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n * heads, d, eps, step.q));
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n * kv_heads, d, eps, step.k));
+  } else if (c.architecture == Architecture::kOlmoe) {  // over the whole projection
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n, q_width, eps, step.q));
+    MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n, kv_width, eps, step.k));
+  }
+  MOED_RETURN_IF_ERROR(s.Rope(step.q, n, heads, d, step.positions, c.rope_theta));
+  MOED_RETURN_IF_ERROR(s.Rope(step.k, n, kv_heads, d, step.positions, c.rope_theta));
+  MOED_RETURN_IF_ERROR(s.WriteKv(step.kv, layer, step.k, step.v, n));
+  return s.Attention(step.kv, layer, step.q, n, heads, step.attn);
+}
+
 absl::Status Model::MlaBlock(int layer, StepBuffers& step) {
   const ModelConfig& c = config_;
   const MlaConfig& m = c.mla;
@@ -887,35 +905,9 @@ absl::StatusOr<ForwardOutput> Model::Forward(absl::Span<SequenceInput> inputs) {
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& w = layers_[layer];
     MOED_RETURN_IF_ERROR(s.RmsNorm(step.hidden, w.input_norm.as<float>(), n, h, eps, step.x));
-    if (mla) {
-      MOED_RETURN_IF_ERROR(MlaBlock(layer, step));
-      MOED_RETURN_IF_ERROR(s.MatMul(w.o, step.attn, n, step.projected));
-      MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
-      MOED_RETURN_IF_ERROR(FfnBlock(layer, step, &output));
-      continue;
-    }
-    MOED_RETURN_IF_ERROR(s.MatMul(w.q, step.x, n, step.q));
-    MOED_RETURN_IF_ERROR(s.MatMul(w.k, step.x, n, step.k));
-    MOED_RETURN_IF_ERROR(s.MatMul(w.v, step.x, n, step.v));
-    if (w.q_bias) {
-      MOED_RETURN_IF_ERROR(s.AddBias(step.q, w.q_bias.as<float>(), n, q_width));
-      MOED_RETURN_IF_ERROR(s.AddBias(step.k, w.k_bias.as<float>(), n, kv_width));
-      MOED_RETURN_IF_ERROR(s.AddBias(step.v, w.v_bias.as<float>(), n, kv_width));
-    }
-    if (c.architecture == Architecture::kQwen3Moe) {  // per head, before RoPE
-      MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n * heads, d, eps, step.q));
-      MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n * kv_heads, d, eps, step.k));
-    } else if (c.architecture == Architecture::kOlmoe) {  // over the whole projection
-      MOED_RETURN_IF_ERROR(s.RmsNorm(step.q, w.q_norm.as<float>(), n, q_width, eps, step.q));
-      MOED_RETURN_IF_ERROR(s.RmsNorm(step.k, w.k_norm.as<float>(), n, kv_width, eps, step.k));
-    }
-    MOED_RETURN_IF_ERROR(s.Rope(step.q, n, heads, d, positions_dev, c.rope_theta));
-    MOED_RETURN_IF_ERROR(s.Rope(step.k, n, kv_heads, d, positions_dev, c.rope_theta));
-    MOED_RETURN_IF_ERROR(s.WriteKv(step.kv, layer, step.k, step.v, n));
-    MOED_RETURN_IF_ERROR(s.Attention(step.kv, layer, step.q, n, heads, step.attn));
+    MOED_RETURN_IF_ERROR(mla ? MlaBlock(layer, step) : GqaBlock(layer, step));
     MOED_RETURN_IF_ERROR(s.MatMul(w.o, step.attn, n, step.projected));
     MOED_RETURN_IF_ERROR(s.Add(step.hidden, step.projected, n * h));
-
     MOED_RETURN_IF_ERROR(FfnBlock(layer, step, &output));
   }
 

@@ -188,10 +188,14 @@ class Model {
   absl::Status MoeBlock(int layer, StepBuffers& step, ForwardOutput* output);
   // The post-attention norm, the layer's MoE block or dense MLP, and the residual add.
   absl::Status FfnBlock(int layer, StepBuffers& step, ForwardOutput* output);
+  // Grouped-query attention of one layer (q/k/v, biases, q/k norms, RoPE, the KV write):
+  // step.x in, step.attn out.
+  absl::Status GqaBlock(int layer, StepBuffers& step);
   // Multi-head Latent Attention of one layer: step.x in, step.attn out.
   absl::Status MlaBlock(int layer, StepBuffers& step);
-  // The rotary frequency tables and MLA's score scale, from the config.
-  absl::Status PrepareRotary();
+  // What the config fixes for every step: the router's spec, and for MLA the rotary frequency
+  // table, the rotations and the attention's shapes and score scale.
+  absl::Status PrepareOperatorSpecs();
   absl::Status Mlp(const kernels::SwiGluWeights& mlp, const float* x, int64_t n, float* out,
                    StepBuffers& step);
   // The expert's weights where the backend computes on them: as served, or copied into the

@@ -28,10 +28,6 @@ constexpr ArchitectureNames kArchitectures[] = {
     {Architecture::kDeepseekV3, "DeepseekV3ForCausalLM", "deepseek_v3"},
 };
 
-bool IsDeepseek(Architecture arch) {
-  return arch == Architecture::kDeepseekV2 || arch == Architecture::kDeepseekV3;
-}
-
 // Reads typed fields out of a parsed config, turning every problem into an error that names
 // the file and the key.
 class FieldReader {
@@ -246,6 +242,20 @@ absl::Status ParseDeepseekMoe(const FieldReader& fields, ModelConfig* config) {
 
 }  // namespace
 
+bool IsDeepseek(Architecture arch) {
+  return arch == Architecture::kDeepseekV2 || arch == Architecture::kDeepseekV3;
+}
+
+bool ModelConfig::RenormalizesTopK() const {
+  return norm_topk_prob && (!IsDeepseek(architecture) || experts_per_token > 1);
+}
+
+double ModelConfig::RoutedWeightScale() const {
+  if (!IsDeepseek(architecture)) return 1.0;
+  if (architecture == Architecture::kDeepseekV2 && RenormalizesTopK()) return 1.0;
+  return routed_scaling_factor;
+}
+
 absl::string_view ArchitectureName(Architecture arch) {
   for (const auto& names : kArchitectures) {
     if (names.arch == arch) return names.hf_class;
@@ -297,20 +307,14 @@ int64_t ModelConfig::NumMoeLayers() const {
 }
 
 std::string RoutingDescription(const ModelConfig& config) {
-  const bool deepseek = IsDeepseek(config.architecture);
   std::string out = config.scoring == RouterScoringFunction::kSigmoid ? "sigmoid" : "softmax";
   if (config.topk_method == TopKMethod::kNoAuxTc) absl::StrAppend(&out, " + correction bias");
   absl::StrAppend(&out, ", top-", config.experts_per_token);
   if (config.topk_method != TopKMethod::kGreedy) {
     absl::StrAppend(&out, " of the best ", config.topk_group, " of ", config.n_group, " groups");
   }
-  const bool renormalized = config.norm_topk_prob && (!deepseek || config.experts_per_token > 1);
-  if (renormalized) absl::StrAppend(&out, ", renormalized");
-  const bool scaled =
-      deepseek && (config.architecture == Architecture::kDeepseekV3 || !renormalized);
-  if (scaled && config.routed_scaling_factor != 1.0) {
-    absl::StrAppend(&out, ", x", config.routed_scaling_factor);
-  }
+  if (config.RenormalizesTopK()) absl::StrAppend(&out, ", renormalized");
+  if (config.RoutedWeightScale() != 1.0) absl::StrAppend(&out, ", x", config.RoutedWeightScale());
   return out;
 }
 

@@ -92,6 +92,11 @@ struct ModelConfig {
   bool IsMoeLayer(int64_t layer) const;
   int64_t NumMoeLayers() const;
   bool uses_mla() const { return mla.kv_lora_rank > 0; }
+  // Whether the router divides the top-k weights by their sum, and what it multiplies them by
+  // after (DeepSeek's remote code renormalises only with more than one expert; V2 then skips
+  // routed_scaling_factor, V3 applies it).
+  bool RenormalizesTopK() const;
+  double RoutedWeightScale() const;
   // Floats one token leaves in one layer's KV cache: full keys and values, or MLA's latent and
   // rope key.
   int64_t KvFloatsPerTokenLayer() const {
@@ -110,6 +115,9 @@ struct ExpertTensorNames {
   std::string gate, up, down;
 };
 ExpertTensorNames RoutedExpertTensorNames(Architecture arch, int64_t layer, int64_t expert);
+
+// DeepseekV2ForCausalLM or DeepseekV3ForCausalLM.
+bool IsDeepseek(Architecture arch);
 
 // How the router picks and weighs experts, in words ("softmax, top-2, renormalized").
 std::string RoutingDescription(const ModelConfig& config);

@@ -1,6 +1,7 @@
 #include "model/sampler.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -40,7 +41,7 @@ void RadixSortByLogit(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratc
     all_or |= k;
     all_and &= k;
   }
-  std::vector<uint32_t> count(kBuckets + 1);
+  std::array<uint32_t, kBuckets + 1> count;  // on the stack: a token allocates nothing
   for (int shift = 32; shift < 64; shift += kDigitBits) {
     const uint64_t mask = kBuckets - 1;
     if ((((all_or ^ all_and) >> shift) & mask) == 0) continue;  // one value in this digit

@@ -61,12 +61,11 @@ class GridStream : public Stream {
   }
   absl::Status RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k,
                           const RouterSpec& spec, int32_t* chosen, float* weights) override {
-    if (experts > kMaxExperts || k > experts || spec.groups < 1 || spec.groups > kMaxGroups ||
-        experts % spec.groups != 0 || spec.top_groups < 1 || spec.top_groups > spec.groups ||
-        k > spec.top_groups * (experts / spec.groups)) {
-      return absl::InvalidArgumentError(absl::StrCat("router_topk: top-", k, " of ", experts,
-                                                     " in the best ", spec.top_groups, " of ",
-                                                     spec.groups, " groups"));
+    if (absl::Status s = CheckRouterSpec(experts, k, spec); !s.ok()) return s;
+    if (experts > kMaxExperts || spec.groups > kMaxGroups) {
+      return absl::InvalidArgumentError(absl::StrCat("router_topk: ", experts, " experts in ",
+                                                     spec.groups, " groups, beyond the kernel's ",
+                                                     kMaxExperts, " and ", kMaxGroups));
     }
     launcher().Elementwise(
         n,

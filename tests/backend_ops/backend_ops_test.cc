@@ -237,6 +237,34 @@ struct TestKv {
   std::vector<std::vector<float>> keys, values;  // per sequence: [len, kv_width] per layer 0
 };
 
+// Blocks for sequences of `lengths` tokens, `block_size` tokens a block, in shuffled memory
+// order (so no test passes by reading blocks contiguously); each block holds `layers` layers
+// of `layer_floats`.
+struct ShuffledBlocks {
+  float* pool = nullptr;                        // every block, on the device
+  std::vector<float*> table;                    // block index -> its address in the pool
+  std::vector<std::vector<int32_t>> blocks_of;  // per sequence: indexes into table
+  std::vector<int32_t> physical;                // block index -> its place in the pool
+};
+
+ShuffledBlocks MakeShuffledBlocks(Mem& mem, const std::vector<int64_t>& lengths, int64_t block_size,
+                                  int64_t layers, int64_t layer_floats, std::mt19937& rng) {
+  ShuffledBlocks out;
+  int32_t total = 0;
+  for (int64_t len : lengths) {
+    out.blocks_of.emplace_back();
+    for (int64_t i = 0; i < (len + block_size - 1) / block_size; ++i)
+      out.blocks_of.back().push_back(total++);
+  }
+  out.physical.resize(static_cast<size_t>(total));
+  for (int32_t i = 0; i < total; ++i) out.physical[i] = i;
+  std::shuffle(out.physical.begin(), out.physical.end(), rng);
+  out.pool = mem.Zeros<float>(static_cast<size_t>(total * layers * layer_floats));
+  for (int32_t i = 0; i < total; ++i)
+    out.table.push_back(out.pool + out.physical[i] * layers * layer_floats);
+  return out;
+}
+
 std::vector<OpCase> OpTable() {
   std::vector<OpCase> cases;
   // ---- matmul: every format, odd shapes, batch 1 to 40 (cuBLAS takes n >= 32 on a GPU)
@@ -423,21 +451,10 @@ std::vector<OpCase> OpTable() {
       Mem mem(b);
       const int64_t width = s.kv_heads * s.head_dim, layers = 2, layer = 1;
       const int64_t layer_floats = 2 * s.block_size * width;
-      // Blocks for every sequence, shuffled in memory order.
-      std::vector<std::vector<int32_t>> blocks_of;
-      int32_t total_blocks = 0;
-      for (int64_t len : s.lengths) {
-        blocks_of.emplace_back();
-        for (int64_t i = 0; i < (len + s.block_size - 1) / s.block_size; ++i)
-          blocks_of.back().push_back(total_blocks++);
-      }
-      std::vector<int32_t> physical(static_cast<size_t>(total_blocks));
-      for (int32_t i = 0; i < total_blocks; ++i) physical[i] = i;
-      std::shuffle(physical.begin(), physical.end(), rng);
-      float* pool = mem.Zeros<float>(static_cast<size_t>(total_blocks * layers * layer_floats));
-      std::vector<float*> table;
-      for (int32_t i = 0; i < total_blocks; ++i)
-        table.push_back(pool + physical[i] * layers * layer_floats);
+      ShuffledBlocks blocks =
+          MakeShuffledBlocks(mem, s.lengths, s.block_size, layers, layer_floats, rng);
+      const auto& [pool, table, blocks_of, physical] = blocks;
+      const int32_t total_blocks = static_cast<int32_t>(table.size());
       // Every position of every sequence is written (the earlier ones "in earlier steps").
       std::vector<int32_t> start;
       std::vector<int64_t> positions;
@@ -723,21 +740,9 @@ std::vector<OpCase> OpTable() {
              WeightMatrix w =
                  mem.Weights(format, mc.heads * (mc.nope + mc.value), R,
                              format == WeightFormat::kInt4Grouped ? mc.group : 0, rng, &kv_b);
-             std::vector<std::vector<int32_t>> blocks_of;
-             int32_t total_blocks = 0;
-             for (int64_t len : mc.lengths) {
-               blocks_of.emplace_back();
-               for (int64_t i = 0; i < (len + mc.block - 1) / mc.block; ++i)
-                 blocks_of.back().push_back(total_blocks++);
-             }
-             std::vector<int32_t> physical(static_cast<size_t>(total_blocks));
-             for (int32_t i = 0; i < total_blocks; ++i) physical[i] = i;
-             std::shuffle(physical.begin(), physical.end(), rng);
-             float* pool =
-                 mem.Zeros<float>(static_cast<size_t>(total_blocks * layers * layer_floats));
-             std::vector<float*> table;
-             for (int32_t i = 0; i < total_blocks; ++i)
-               table.push_back(pool + physical[i] * layers * layer_floats);
+             ShuffledBlocks blocks =
+                 MakeShuffledBlocks(mem, mc.lengths, mc.block, layers, layer_floats, rng);
+             const auto& [pool, table, blocks_of, physical] = blocks;
              std::vector<int32_t> start;
              std::vector<int64_t> positions;
              std::vector<float> latents, rope_keys;
@@ -941,6 +946,28 @@ TEST_CASE("every operator matches its reference on every backend, format and sha
       REQUIRE(nb.backend->device().Supports(c.op, c.format));
       c.run(*nb.backend);
       REQUIRE(nb.backend->compute().Synchronize().ok());
+    }
+  }
+}
+
+TEST_CASE("a router spec the experts cannot satisfy is refused on every backend") {
+  for (const NamedBackend& nb : BackendsUnderTest()) {
+    INFO(nb.name);
+    Mem mem(*nb.backend);
+    std::mt19937 rng(4);
+    std::vector<float> logits = Random(16, rng);
+    int32_t* chosen = mem.Zeros<int32_t>(8);
+    float* weights = mem.Zeros<float>(8);
+    RouterSpec uneven;  // 3 groups do not divide 16 experts
+    uneven.groups = 3;
+    RouterSpec too_few;  // the best group of 4 holds 4 experts, not 6
+    too_few.groups = 4;
+    too_few.top_groups = 1;
+    for (const auto& [spec, k] : {std::pair{uneven, int64_t{2}}, std::pair{too_few, int64_t{6}}}) {
+      absl::Status status =
+          nb.backend->compute().RouterTopK(mem.Put(logits), 1, 16, k, spec, chosen, weights);
+      CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+      CHECK(status.message().find("router_topk") != absl::string_view::npos);
     }
   }
 }

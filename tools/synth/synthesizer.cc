@@ -26,10 +26,7 @@ extern const size_t kChatTemplateSize;
 namespace {
 
 using model::Architecture;
-
-bool IsDeepseek(Architecture arch) {
-  return arch == Architecture::kDeepseekV2 || arch == Architecture::kDeepseekV3;
-}
+using model::IsDeepseek;
 
 std::string TopKMethod(const SynthSpec& spec) {
   if (!spec.topk_method.empty()) return spec.topk_method;

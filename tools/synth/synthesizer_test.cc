@@ -47,8 +47,7 @@ TEST_CASE("every architecture's tiny checkpoint is complete and consistent") {
                     model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
     INFO(model::ArchitectureShortName(arch));
     SynthSpec spec = *PresetSpec("tiny", arch);
-    const bool deepseek =
-        arch == model::Architecture::kDeepseekV2 || arch == model::Architecture::kDeepseekV3;
+    const bool deepseek = model::IsDeepseek(arch);
     fs::path out = root / std::string(model::ArchitectureShortName(arch));
     REQUIRE(WriteCheckpoint(spec, out.string()).ok());
 
