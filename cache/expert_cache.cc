@@ -98,15 +98,30 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
       DeviceBudgetSplit split,
       SplitDeviceBudget(device_bytes, slot_bytes, fallback_slot_bytes, experts, policy));
   std::unique_ptr<ExpertCache> cache(new ExpertCache(std::move(store), options));
+  kernels::Device* device = options.backend ? &options.backend->device() : nullptr;
+  cache->staged_ = device != nullptr && !device->host_memory_is_device_memory();
+  if (cache->staged_ && options.staging_buffers < 1) {
+    return absl::InvalidArgumentError("staging_buffers must be at least 1 with a GPU backend");
+  }
 
+  enum class Memory { kDevice, kHost };
   auto make_tier = [&](Tier& tier, const char* name, Precision precision, uint64_t slots,
-                       PolicyKind policy_kind, int reserve) -> absl::Status {
+                       PolicyKind policy_kind, int reserve, Memory memory) -> absl::Status {
     const BlobLayout& layout = cache->store_->manifest().layouts.at(precision);
     tier.name = name;
     tier.precision = precision;
     tier.layout = &layout;
     tier.slot_bytes = layout.padded_size;
-    MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * tier.slot_bytes));
+    if (cache->staged_) {
+      // One allocation per pool: device memory, or pinned memory the copy engine reads.
+      MOED_ASSIGN_OR_RETURN(tier.buffer, memory == Memory::kDevice
+                                             ? device->Allocate(slots * tier.slot_bytes)
+                                             : device->AllocateHost(slots * tier.slot_bytes));
+      tier.base = tier.buffer.as<uint8_t>();
+    } else {
+      MOED_ASSIGN_OR_RETURN(tier.memory, AlignedBuffer::Allocate(slots * tier.slot_bytes));
+      tier.base = tier.memory.data();
+    }
     tier.slots.resize(slots);
     for (int i = static_cast<int>(slots) - 1; i >= 0; --i) tier.free.push_back(i);
     tier.policy = MakePolicy(policy_kind, static_cast<int>(cache->store_->config().num_layers));
@@ -133,11 +148,13 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     return absl::OkStatus();
   };
   MOED_RETURN_IF_ERROR(make_tier(cache->device_, "device", options.precision, split.full_slots,
-                                 options.device_policy, std::max(0, options.prefetch_slots)));
+                                 options.device_policy, std::max(0, options.prefetch_slots),
+                                 Memory::kDevice));
   if (split.fallback_slots > 0) {
     cache->fallback_ = std::make_unique<Tier>();
     MOED_RETURN_IF_ERROR(make_tier(*cache->fallback_, "fallback", policy.fallback,
-                                   split.fallback_slots, options.device_policy, 0));
+                                   split.fallback_slots, options.device_policy, 0,
+                                   Memory::kDevice));
   }
   // Without a floor, or without a fallback pool to hold one, the floor has nothing to read.
   cache->floor_complete_ = !policy.low_bit_floor || cache->fallback_ == nullptr;
@@ -145,7 +162,15 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
     cache->host_ = std::make_unique<Tier>();
     MOED_RETURN_IF_ERROR(make_tier(*cache->host_, "host", options.precision,
                                    std::min(options.host_bytes / slot_bytes, experts),
-                                   options.host_policy, 0));
+                                   options.host_policy, 0, Memory::kHost));
+  }
+  if (cache->staged_) {
+    const uint64_t staging_bytes = std::max(slot_bytes, fallback_slot_bytes);
+    for (int i = 0; i < options.staging_buffers; ++i) {
+      MOED_ASSIGN_OR_RETURN(kernels::DeviceBuffer buffer, device->AllocateHost(staging_bytes));
+      cache->staging_.push_back(std::move(buffer));
+      cache->staging_free_.push_back(options.staging_buffers - 1 - i);
+    }
   }
 
   ExpertCache* raw = cache.get();
@@ -162,6 +187,7 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
                           OpenPreadReader(cache->store_->experts_path(), options.reader, callback));
   }
   cache->retry_thread_ = std::thread([raw] { raw->RetryLoop(); });
+  if (cache->staged_) cache->copy_watch_thread_ = std::thread([raw] { raw->CopyWatchLoop(); });
   return cache;
 }
 
@@ -176,6 +202,68 @@ ExpertCache::~ExpertCache() {
   }
   // Reads still in flight write into our slots: stop the reader first.
   reader_.reset();
+  // Then let the copies they queued finish (the buffers they read go with this cache).
+  if (copy_watch_thread_.joinable()) {
+    {
+      std::lock_guard lock(mutex_);
+      copy_watch_stopping_ = true;
+    }
+    copies_changed_.notify_all();
+    copy_watch_thread_.join();
+  }
+}
+
+absl::StatusOr<kernels::Event> ExpertCache::QueueCopy(Tier& pool, int slot, const uint8_t* src,
+                                                      uint64_t bytes, const kernels::Event& after) {
+  kernels::Stream& copy = options_.backend->copy();
+  std::lock_guard lock(copy_mutex_);
+  MOED_RETURN_IF_ERROR(copy.Wait(after));
+  MOED_RETURN_IF_ERROR(
+      copy.CopyToDevice(pool.buffer, static_cast<size_t>(slot) * pool.slot_bytes, src, bytes));
+  return copy.Record();
+}
+
+void ExpertCache::CopyWatchLoop() {
+  std::unique_lock lock(mutex_);
+  while (true) {
+    copies_changed_.wait(lock, [&] { return !copies_in_flight_.empty() || copy_watch_stopping_; });
+    if (copies_in_flight_.empty()) return;  // stopping, and every copy is done
+    // The copy stream runs in order: the oldest copy finishes first.
+    const kernels::Event done = copies_in_flight_.front().done;
+    lock.unlock();
+    // A failed wait (a device error) leaves nothing to do but give the buffers back.
+    options_.backend->device().WaitForEvent(done).IgnoreError();
+    lock.lock();
+    const CopyInFlight copy = copies_in_flight_.front();
+    copies_in_flight_.pop_front();
+    if (copy.from_host) {
+      stage_from_host_.Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - copy.started).count());
+    }
+    if (copy.host_slot >= 0) ReleaseSlotLocked(*host_, copy.host_slot);
+    if (copy.staging >= 0) ReleaseStagingLocked(copy.staging);
+    IssuePrefetchesLocked();
+    changed_.notify_all();
+  }
+}
+
+void ExpertCache::ReleaseStagingLocked(int staging) {
+  staging_free_.push_back(staging);
+  while (!staging_waiters_.empty() && !staging_free_.empty()) {
+    const uint64_t tag = staging_waiters_.front();
+    staging_waiters_.pop_front();
+    auto it = loads_.find(tag);
+    if (it == loads_.end()) continue;
+    Load& load = it->second;
+    load.staging = staging_free_.back();
+    staging_free_.pop_back();
+    load.target = staging_[static_cast<size_t>(load.staging)].as<uint8_t>();
+    const Load submitted_load = load;
+    if (absl::Status submitted = SubmitLocked(tag, submitted_load); !submitted.ok()) {
+      FailLoadLocked(submitted_load, BlobError(*store_, *submitted_load.blob,
+                                               ReadFaultKind::kIoError, submitted.message(), 1));
+    }
+  }
 }
 
 void ExpertCache::RetryLoop() {
@@ -291,13 +379,23 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
   if (host != nullptr) {
     auto it = host->index.find(key);
     if (it != host->index.end() && host->slots[it->second].state == SlotState::kReady) {
-      // Host hit: copy to the device tier now. (With a GPU backend this is an async H2D copy.)
+      // Host hit: copy to the device tier now (staged: queue the copy; the host slot stays
+      // pinned until it is done).
       ++host->counters.hits;
       host->policy->Touch(key, tick_);
       const auto copy_started = std::chrono::steady_clock::now();
-      std::memcpy(pool.SlotData(device_slot), host->SlotData(it->second), bytes);
-      stage_from_host_.Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - copy_started).count());
+      if (staged_) {
+        MOED_ASSIGN_OR_RETURN(slot.ready, QueueCopy(pool, device_slot, host->SlotData(it->second),
+                                                    bytes, slot.last_read));
+        ++host->slots[it->second].pins;
+        copies_in_flight_.push_back(
+            CopyInFlight{slot.ready, -1, it->second, /*from_host=*/true, copy_started});
+        copies_changed_.notify_all();
+      } else {
+        std::memcpy(pool.SlotData(device_slot), host->SlotData(it->second), bytes);
+        stage_from_host_.Observe(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - copy_started).count());
+      }
       pool.counters.bytes_in += bytes;
       slot.state = SlotState::kReady;
       pool.policy->Touch(key, tick_);
@@ -307,6 +405,7 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
   }
   Load load{key, blob, false, -1, device_slot, std::chrono::steady_clock::now()};
   load.prefetch = prefetch;
+  load.after = slot.last_read;
   uint8_t*& target = load.target;
   target = pool.SlotData(device_slot);
   if (host != nullptr && !host->index.contains(key)) {
@@ -323,12 +422,29 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
     }
   }
   uint64_t tag = next_tag_++;
+  if (staged_ && !load.into_host) {
+    // Device memory is not the host's to read into: a pinned staging buffer takes the read.
+    if (staging_free_.empty()) {
+      // (Prefetches start only with a buffer free: this is a use's read.)
+      loads_[tag] = load;
+      staging_waiters_.push_back(tag);  // submitted when a copy gives one back
+      if (prefetch) {
+        ++prefetch_reads_;
+        ++prefetches_in_flight_;
+      }
+      return absl::OkStatus();
+    }
+    load.staging = staging_free_.back();
+    staging_free_.pop_back();
+    target = staging_[static_cast<size_t>(load.staging)].as<uint8_t>();
+  }
   loads_[tag] = load;
   if (prefetch) {
     ++prefetch_reads_;
     ++prefetches_in_flight_;
   }
   absl::Status submitted = SubmitLocked(tag, load);
+  if (!submitted.ok() && load.staging >= 0) ReleaseStagingLocked(load.staging);
   if (!submitted.ok() && prefetch) --prefetches_in_flight_;
   return submitted;
 }
@@ -388,7 +504,7 @@ void ExpertCache::IssuePrefetchesLocked() {
     return !entry.second.prefetch && !entry.second.fill;
   });
   while (!prefetch_queue_.empty() && uses_waiting_for_slots_ == 0 && !demand_reading &&
-         prefetches_in_flight_ < 1) {
+         prefetches_in_flight_ < 1 && !(staged_ && staging_free_.empty())) {
     const PrefetchHint hint = prefetch_queue_.front();
     const ExpertKey key{hint.layer, hint.expert, hint.precision.value_or(device_.precision)};
     Tier& pool = DevicePool(key.precision);
@@ -428,7 +544,7 @@ void ExpertCache::IssuePrefetchesLocked() {
 }
 
 void ExpertCache::IssueBackgroundLocked() {
-  if (stopping_) return;
+  if (stopping_ || (staged_ && staging_free_.empty())) return;
   // Upgrades first (experts that just ran from a fallback copy), then the floor. Neither evicts
   // anything pinned; an upgrade takes a slot as a miss would (its expert was just used), the
   // floor only free ones.
@@ -478,9 +594,16 @@ bool ExpertCache::StartFillLocked(const ExpertKey& key, int slot) {
   Load load{key, *blob, false, -1, slot, std::chrono::steady_clock::now()};
   load.fill = true;
   load.target = pool.SlotData(slot);
+  load.after = s.last_read;
+  if (staged_) {  // IssueBackgroundLocked starts none without a free staging buffer
+    load.staging = staging_free_.back();
+    staging_free_.pop_back();
+    load.target = staging_[static_cast<size_t>(load.staging)].as<uint8_t>();
+  }
   const uint64_t tag = next_tag_++;
   loads_[tag] = load;
   if (!SubmitLocked(tag, load).ok()) {
+    if (load.staging >= 0) ReleaseStagingLocked(load.staging);
     s.state = SlotState::kFree;
     pool.Drop(key);
     FreeSlotLocked(pool, slot);
@@ -573,12 +696,24 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
                      load.blob->offset, load.attempts};
     options_.on_read_failure(fault, what, retry);
   }
-  if (!failed.has_value() && load.into_host)
+  absl::StatusOr<kernels::Event> copied;
+  if (!failed.has_value() && staged_) {
+    // The pools' memory and slot sizes do not change: no lock needed to queue the copy.
+    copied =
+        QueueCopy(DevicePool(load.key.precision), load.device_slot, load.target, bytes, load.after);
+  } else if (!failed.has_value() && load.into_host) {
     std::memcpy(device_.SlotData(load.device_slot), load.target, bytes);
+  }
 
   std::lock_guard lock(mutex_);
   Tier& pool = DevicePool(load.key.precision);
   NoteReadOutcomeLocked(load.key, failed);
+  if (!failed.has_value() && staged_ && !copied.ok()) {
+    // The read was good; the device refused the copy. Not the store's fault, not retried.
+    if (load.prefetch) --prefetches_in_flight_;
+    EndFailedLoadLocked(tag, load, copied.status());
+    return;
+  }
   if (load.prefetch && !retry) --prefetches_in_flight_;
   if (retry) {
     // 1×, 4×, 16× ... the backoff: a device that has just failed is given time.
@@ -608,6 +743,14 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     host_->slots[load.host_slot].state = SlotState::kReady;
     host_->policy->Touch(load.key, tick_);
     host_->counters.bytes_in += bytes;
+  }
+  if (staged_) {
+    // What the copy reads stays held until it is done.
+    device_slot.ready = *copied;
+    copies_in_flight_.push_back(CopyInFlight{
+        *copied, load.staging, load.into_host ? load.host_slot : -1, false, load.started});
+    copies_changed_.notify_all();
+  } else if (load.into_host) {
     ReleaseSlotLocked(*host_, load.host_slot);
   }
   IssuePrefetchesLocked();  // the disk may be idle now
@@ -672,6 +815,7 @@ void ExpertCache::AbandonPrefetchLocked(uint64_t tag, const Load& load) {
   slot.state = SlotState::kFree;
   pool.Drop(load.key);
   FreeSlotLocked(pool, load.device_slot);
+  if (load.staging >= 0) ReleaseStagingLocked(load.staging);
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kFree;
     host_->Drop(load.key);
@@ -722,6 +866,7 @@ void ExpertCache::FailLoadLocked(const Load& load, const absl::Status& status) {
   Tier& pool = DevicePool(load.key.precision);
   pool.slots[load.device_slot].state = SlotState::kFree;
   pool.Drop(load.key);
+  if (load.staging >= 0) ReleaseStagingLocked(load.staging);
   if (load.into_host) {
     host_->slots[load.host_slot].state = SlotState::kFree;
     host_->Drop(load.key);
@@ -889,6 +1034,11 @@ ExpertCache::ClaimState ExpertCache::ClaimStateLocked(ExpertClaim& claim, absl::
 }
 
 void ExpertCache::ReleaseClaimLocked(ExpertClaim& claim) {
+  if (claim.slot >= 0 && staged_) {
+    // Whatever the use queued on the compute stream reads the slot until here.
+    absl::StatusOr<kernels::Event> read = options_.backend->compute().Record();
+    if (read.ok()) PoolOf(claim).slots[claim.slot].last_read = *std::move(read);
+  }
   if (claim.slot >= 0) ReleaseSlotLocked(PoolOf(claim), claim.slot);
   claim.slot = -1;
   claim.finished = true;
@@ -976,6 +1126,12 @@ absl::Status ExpertHandle::Wait() {
     cache_->wait_seconds_ += claim_.served.wait_seconds;
   }
   return result;
+}
+
+kernels::Event ExpertHandle::ready_event() const {
+  if (cache_ == nullptr || claim_.slot < 0) return {};
+  std::lock_guard lock(cache_->mutex_);
+  return cache_->PoolOf(claim_).slots[claim_.slot].ready;
 }
 
 model::ExpertWeights ExpertHandle::weights() const {
@@ -1106,6 +1262,7 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
       model::ExpertWeights weights = ExpertWeightsInBlob(*pool.layout, pool.SlotData(next->slot));
       model::ExpertServed how = next->served;
       how.wait_seconds = waited_seconds;
+      how.ready = pool.slots[next->slot].ready;
       if (how.fallback) {
         (pool.precision == Precision::kInt8 ? fallbacks_int8_ : fallbacks_int4_)++;
         // The full copy is read when the disk is idle (an upgrade): the full pool fills with the
@@ -1217,6 +1374,7 @@ class SharedCacheProvider final : public model::ExpertProvider {
   int lookahead_layers() const override {
     return prefetcher_ == nullptr ? 0 : prefetcher_->lookahead_layers();
   }
+  bool serves_device_memory() const override { return cache_->serves_device_memory(); }
   StepPrefetches TakeStepPrefetches() override {
     // The step is over: what is still queued was for its layers. Dropping it also means no
     // prefetch starts, and none evicts, between steps, so every one is charged to a step.

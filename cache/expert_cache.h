@@ -29,6 +29,7 @@
 #include "cache/prefetcher.h"
 #include "cache/store_fault.h"
 #include "cache/store_reader.h"
+#include "kernels/backend.h"
 #include "model/expert_provider.h"
 #include "util/byte_size.h"
 #include "util/histogram.h"
@@ -65,6 +66,17 @@ struct CacheOptions {
   // Told of every failed read attempt, on the reader's thread, without the cache's lock.
   std::function<void(const StoreFault& fault, absl::string_view message, bool will_retry)>
       on_read_failure;
+  // The backend whose memory the device tier is. Null, or a backend whose device memory is host
+  // memory (the CPU): RAM, as before. Otherwise (a GPU) the device pools are one allocation of
+  // device memory each, the host tier is pinned memory, reads from the store land in the host
+  // tier or in pinned staging buffers, and each copy to the device goes on the backend's copy
+  // stream behind an event: an expert counts as ready once its copy is queued, and the compute
+  // stream waits for that event (ExpertServed::ready) before reading it. A slot is refilled only
+  // after the compute stream's last read of it (an event recorded when its use is released).
+  std::shared_ptr<kernels::Backend> backend;
+  // With such a backend: pinned buffers that reads land in when no host slot takes them. A use
+  // whose read finds none waits for a copy to finish with one; a prefetch does not start.
+  int staging_buffers = 8;
 };
 
 // Whether the store can be read, as readiness reports it. A checksum mismatch in one blob
@@ -179,8 +191,10 @@ class ExpertHandle {
   // naming the expert; the cache goes on serving).
   absl::Status Wait();
   // The copy's matrices where the cache holds them (read in place, no copy); valid while the
-  // handle is held, once ready.
+  // handle is held, once ready. With a GPU backend they are in device memory, and the compute
+  // stream must wait for ready_event() before reading them.
   model::ExpertWeights weights() const;
+  kernels::Event ready_event() const;
   // Where the copy came from, the bytes moved for this use, the prefetch that served it, and
   // (after Wait) the time waited.
   const model::ExpertServed& served() const { return claim_.served; }
@@ -258,6 +272,9 @@ class ExpertCache final : public model::ExpertProvider {
   absl::string_view reader_name() const { return reader_->name(); }
   const CacheOptions& options() const { return options_; }
   const PrecisionPolicy& precision_policy() const { return precision_policy_; }
+  // True when the device tier is the backend's device memory (CacheOptions::backend is set):
+  // the weights handed to a compute are where that backend's operators read them.
+  bool serves_device_memory() const override { return options_.backend != nullptr; }
 
  private:
   enum class SlotState { kFree, kLoading, kReady };
@@ -269,12 +286,18 @@ class ExpertCache final : public model::ExpertProvider {
     bool claimed = false;       // ... and a use is waiting for it (late, should it arrive)
     bool arrived_late = false;  // a claimed prefetch that arrived: its waiting use says late
     bool landing = false;       // a landing slot (CacheOptions::prefetch_slots) holding a prefetch
+    // Staged mode (see CacheOptions::backend): the copy that filled it, and the compute
+    // stream's last read of it (a refill waits for it).
+    kernels::Event ready;
+    kernels::Event last_read;
   };
   struct Tier {
     std::string name;
     Precision precision = Precision::kSource;  // of every copy it holds
     const BlobLayout* layout = nullptr;
-    AlignedBuffer memory;
+    AlignedBuffer memory;          // RAM
+    kernels::DeviceBuffer buffer;  // or the backend's memory (staged mode)
+    uint8_t* base = nullptr;       // where slot 0 starts, in one or the other
     uint64_t slot_bytes = 0;
     std::vector<Slot> slots;
     absl::flat_hash_map<ExpertKey, int> index;  // resident or loading
@@ -285,7 +308,7 @@ class ExpertCache final : public model::ExpertProvider {
     std::vector<int> quota;      // each layer's share of the slots (EvictionScope::kLayer)
     void Add(const ExpertKey& key, int slot);
     void Drop(const ExpertKey& key);
-    uint8_t* SlotData(int slot) { return memory.data() + static_cast<uint64_t>(slot) * slot_bytes; }
+    uint8_t* SlotData(int slot) { return base + static_cast<uint64_t>(slot) * slot_bytes; }
   };
   // A read in flight: into `tier`'s `slot`; on success also copied into device slot
   // `device_slot` when the read went to the host tier.
@@ -301,6 +324,18 @@ class ExpertCache final : public model::ExpertProvider {
     bool prefetch = false;   // started by Prefetch, not by a use
     bool fill = false;       // a floor read or an upgrade: background, never cancelled
     bool cancelled = false;  // the reader was asked to give it up
+    // Staged mode: the pinned staging buffer it reads into (-1: the host slot, or none yet: it
+    // waits in staging_waiters_), and the device slot's last read, which its copy waits for.
+    int staging = -1;
+    kernels::Event after;
+  };
+  // A copy to the device in flight (staged mode): what it reads from is held until it is done.
+  struct CopyInFlight {
+    kernels::Event done;
+    int staging = -1;    // a staging buffer to give back
+    int host_slot = -1;  // a host slot to unpin
+    bool from_host = false;
+    std::chrono::steady_clock::time_point started;
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
@@ -363,6 +398,14 @@ class ExpertCache final : public model::ExpertProvider {
   void AbandonPrefetchLocked(uint64_t tag, const Load& load);
   void QueuePrefetchesLocked(const std::vector<PrefetchHint>& hints);
   void NoteReadOutcomeLocked(const ExpertKey& key, std::optional<ReadFaultKind> failed);
+  bool staged() const { return staged_; }
+  // Queues the copy of `bytes` at `src` (pinned) into `pool`'s `slot` on the copy stream, behind
+  // `after`; the event it is done at.
+  absl::StatusOr<kernels::Event> QueueCopy(Tier& pool, int slot, const uint8_t* src, uint64_t bytes,
+                                           const kernels::Event& after);
+  // A staging buffer is free again: a use waiting for one has its read submitted.
+  void ReleaseStagingLocked(int staging);
+  void CopyWatchLoop();
 
   std::shared_ptr<const Store> store_;
   CacheOptions options_;
@@ -416,6 +459,17 @@ class ExpertCache final : public model::ExpertProvider {
   // Blobs whose reads failed with I/O errors or short reads since the last successful read.
   absl::flat_hash_set<ExpertKey> failing_blobs_;
   StoreHealth health_;
+  // Staged mode: pinned buffers reads land in, the free ones, the demand loads waiting for one
+  // (tags), the copies in flight in queue order, and the thread that waits for them.
+  bool staged_ = false;
+  std::vector<kernels::DeviceBuffer> staging_;
+  std::vector<int> staging_free_;
+  std::deque<uint64_t> staging_waiters_;
+  std::deque<CopyInFlight> copies_in_flight_;
+  std::condition_variable copies_changed_;
+  bool copy_watch_stopping_ = false;
+  std::mutex copy_mutex_;  // one enqueuer of a copy's wait, copy and record at a time
+  std::thread copy_watch_thread_;
   util::Histogram stage_from_ssd_{StageSecondsBuckets()};
   util::Histogram stage_from_host_{StageSecondsBuckets()};
   double wait_seconds_ = 0;

@@ -14,6 +14,8 @@
 #include <thread>
 
 #include "cache/fault_injecting_reader.h"
+#include "kernels/delayed_copy_backend.h"
+#include "kernels/quant.h"
 #include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "tools/pack/pack.h"
@@ -829,6 +831,207 @@ TEST_CASE("Acquire hands out pinned, future-like handles keyed by precision") {
     REQUIRE(again.ok());
     CHECK(again->Wait().ok());
   }
+}
+
+// ---- The device tier in memory the host cannot read (a GPU), on the delayed-copy stand-in ----
+
+std::shared_ptr<kernels::DelayedCopyBackend> DelayedBackend(std::chrono::microseconds delay) {
+  return std::make_shared<kernels::DelayedCopyBackend>(kernels::TestCpuBackend(2),
+                                                       kernels::DelayedCopyOptions{delay});
+}
+
+TEST_CASE("overlap: on a device that cannot read host memory, exact mode is bitwise all-resident") {
+  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kDeepseekV2}) {
+    Fixture f(arch);
+    const uint64_t all = f.AllExpertsBytes(Precision::kSource);
+    const uint64_t minimum = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+    for (uint64_t budget : {minimum, all / 4, all / 2, all}) {
+      for (uint64_t host : {uint64_t{0}, all / 2}) {
+        for (int staging : {1, 8}) {
+          for (bool prefetch : {false, true}) {
+            INFO(model::ArchitectureShortName(arch)
+                 << " budget " << budget << " host " << host << " staging " << staging
+                 << " prefetch " << prefetch);
+            auto backend = DelayedBackend(std::chrono::microseconds(100));
+            CacheOptions options;
+            options.device_bytes = std::max(budget, minimum);
+            options.host_bytes = host;
+            options.backend = backend;
+            options.staging_buffers = staging;
+            options.prefetch_slots = prefetch ? 1 : 0;
+            auto cache = ExpertCache::Create(f.store, options);
+            INFO(cache.status().ToString());
+            REQUIRE(cache.ok());
+            std::shared_ptr<ExpertCache> shared = *std::move(cache);
+            std::shared_ptr<Prefetcher> prefetcher;
+            if (prefetch) {
+              PrefetcherOptions prefetch_options;
+              prefetch_options.kind = PredictorKind::kGate;
+              auto made = Prefetcher::Create(
+                  prefetch_options, static_cast<int>(f.store->config().num_layers),
+                  static_cast<int>(f.store->config().num_experts), nullptr);
+              REQUIRE(made.ok());
+              prefetcher = *std::move(made);
+            }
+            {
+              auto model = model::Model::Create(f.store->config(), f.store,
+                                                SharedProvider(shared, prefetcher), backend);
+              REQUIRE(model.ok());
+              auto result = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+              REQUIRE(result.ok());
+              CHECK(result->prompt_logits == f.reference.prompt_logits);
+              CHECK(result->greedy_logits == f.reference.greedy_logits);
+              CHECK(result->greedy == f.reference.greedy);
+            }
+            const CacheCounters counters = shared->counters();
+            CHECK(counters.failed_reads == 0);
+            // Every expert reached the device through the copy stream.
+            CHECK(backend->copies_done() >=
+                  counters.device.bytes_in / ExpertCache::SlotBytes(*f.store, Precision::kSource));
+            if (budget == minimum) CHECK(counters.device.evictions > 0);
+            if (host > 0 && budget == minimum) CHECK(counters.host.hits > 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The first row of an expert's gate matrix, as the store holds it.
+std::vector<float> GateRowInStore(const Store& store, int layer, int expert, int64_t width) {
+  const BlobEntry* blob = store.manifest().FindBlob(layer, expert, Precision::kSource);
+  auto buffer =
+      AlignedBuffer::Allocate(store.manifest().layouts.at(Precision::kSource).padded_size);
+  REQUIRE(buffer.ok());
+  REQUIRE(store.ReadBlob(*blob, buffer->data()).ok());
+  const model::ExpertWeights weights =
+      ExpertWeightsInBlob(store.manifest().layouts.at(Precision::kSource), buffer->data());
+  std::vector<float> row(static_cast<size_t>(width));
+  kernels::WidenToF32(weights.gate.dtype, weights.gate.data, width, row.data());
+  return row;
+}
+
+// Reads the first gate row of the expert a handle (or a use) holds into `out`, on the compute
+// stream, after waiting for its copy: what an expert FFN does with its weights.
+struct GateReader {
+  GateReader(kernels::Backend& backend, int64_t width) : backend(backend), width(width) {
+    rows = *backend.device().Allocate(sizeof(int32_t));
+    const int32_t zero = 0;
+    REQUIRE(backend.compute().CopyToDevice(rows, 0, &zero, sizeof(zero)).ok());
+  }
+  // Queues the read into a fresh device buffer; returns its index.
+  size_t Read(const model::ExpertWeights& weights, const kernels::Event& ready) {
+    outputs.push_back(*backend.device().Allocate(static_cast<size_t>(width) * sizeof(float)));
+    widened.push_back(*backend.device().Allocate(static_cast<size_t>(width) * sizeof(float)));
+    kernels::Stream& s = backend.compute();
+    REQUIRE(s.Wait(ready).ok());
+    // The gate row widened to fp32 (an embedding of row 0 reads it as the FFN would).
+    kernels::WeightMatrix gate = weights.gate;
+    REQUIRE(s.Embed(gate, rows.as<int32_t>(), 1, widened.back().as<float>()).ok());
+    REQUIRE(s.GatherRows(widened.back().as<float>(), width, rows.as<int32_t>(), 1,
+                         outputs.back().as<float>())
+                .ok());
+    return outputs.size() - 1;
+  }
+  std::vector<float> Result(size_t i) {
+    std::vector<float> row(static_cast<size_t>(width));
+    REQUIRE(
+        backend.compute().CopyToHost(row.data(), outputs[i], 0, row.size() * sizeof(float)).ok());
+    return row;
+  }
+  kernels::Backend& backend;
+  int64_t width;
+  kernels::DeviceBuffer rows;
+  std::vector<kernels::DeviceBuffer> outputs, widened;
+};
+
+TEST_CASE("overlap: compute waits only for the experts it needs, and reads them after the copy") {
+  Fixture f(model::Architecture::kMixtral);
+  auto backend = DelayedBackend(std::chrono::microseconds(0));
+  CacheOptions options;
+  options.backend = backend;
+  auto made = ExpertCache::Create(f.store, options);
+  REQUIRE(made.ok());
+  ExpertCache& cache = **made;
+  const int64_t width = f.store->config().hidden_size;
+  GateReader reader(*backend, width);
+  {  // Expert 0 of layer 0 is resident, its copy done.
+    auto warm = cache.Acquire(0, 0, Precision::kSource);
+    REQUIRE((warm.ok() && warm->Wait().ok()));
+    REQUIRE(backend->device().WaitForEvent(warm->ready_event()).ok());
+  }
+  backend->HoldCopies();
+  std::vector<kernels::Event> computed(2);
+  std::vector<size_t> output(2);
+  REQUIRE(cache
+              .ForEachExpert(0, {0, 1},
+                             [&](int e, const model::ExpertWeights& w,
+                                 const model::ExpertServed& served) -> absl::Status {
+                               output[e] = reader.Read(w, served.ready);
+                               computed[e] = *backend->compute().Record();
+                               return absl::OkStatus();
+                             })
+              .ok());
+  // Both were handed over while expert 1's copy is held: the engine thread never waited for it.
+  CHECK(backend->copies_pending() == 1);
+  // Expert 0 computes; expert 1's reads wait on the device for its copy.
+  REQUIRE(backend->device().WaitForEvent(computed[0]).ok());
+  CHECK(backend->copies_pending() == 1);
+  std::vector<std::string> log = backend->Log();
+  CHECK(std::count(log.begin(), log.end(), "gather_rows") == 1);
+  backend->ReleaseCopies();
+  REQUIRE(backend->device().WaitForEvent(computed[1]).ok());
+  log = backend->Log();
+  CHECK(std::count(log.begin(), log.end(), "gather_rows") == 2);
+  CHECK(reader.Result(output[0]) == GateRowInStore(*f.store, 0, 0, width));
+  CHECK(reader.Result(output[1]) == GateRowInStore(*f.store, 0, 1, width));
+}
+
+TEST_CASE("overlap: a slot is refilled only after the compute stream's last read of it") {
+  Fixture f(model::Architecture::kMixtral);
+  // A slow compute stream: a copy that did not wait for the read would overtake it.
+  kernels::DelayedCopyOptions slow_compute;
+  slow_compute.op_delay = std::chrono::milliseconds(5);
+  auto backend =
+      std::make_shared<kernels::DelayedCopyBackend>(kernels::TestCpuBackend(2), slow_compute);
+  CacheOptions options;
+  options.backend = backend;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+  options.eviction_scope = EvictionScope::kGlobal;  // two slots, one pool
+  auto made = ExpertCache::Create(f.store, options);
+  REQUIRE(made.ok());
+  ExpertCache& cache = **made;
+  const int64_t width = f.store->config().hidden_size;
+  GateReader reader(*backend, width);
+  // Nothing is copied until every copy is queued: the read of expert 0 is still waiting for
+  // its copy when expert 2 is to take its slot.
+  backend->HoldCopies();
+  size_t first = 0;
+  for (int e : {0, 1, 2}) {
+    auto handle = cache.Acquire(0, e, Precision::kSource);
+    REQUIRE((handle.ok() && handle->Wait().ok()));
+    const size_t out = reader.Read(handle->weights(), handle->ready_event());
+    if (e == 0) first = out;
+  }
+  CHECK(backend->copies_pending() == 3);
+  CHECK_FALSE(cache.DeviceResidency()[0][0]);  // evicted: expert 2 has its slot
+  backend->ReleaseCopies();
+  CHECK(reader.Result(first) == GateRowInStore(*f.store, 0, 0, width));
+  const std::vector<std::string> log = backend->Log();
+  // Expert 2's copy (the third) came after expert 0's read.
+  std::vector<std::string> order;
+  for (const std::string& entry : log) {
+    if (entry == "gather_rows" || entry.rfind("copy ", 0) == 0) order.push_back(entry);
+  }
+  REQUIRE(order.size() >= 4);
+  const auto first_read = std::find(order.begin(), order.end(), "gather_rows");
+  int copies = 0;
+  auto third_copy = order.begin();
+  for (; third_copy != order.end(); ++third_copy) {
+    if (third_copy->rfind("copy ", 0) == 0 && ++copies == 3) break;
+  }
+  REQUIRE(third_copy != order.end());
+  CHECK(first_read < third_copy);
 }
 
 TEST_CASE("byte sizes parse with binary suffixes") {

@@ -70,6 +70,17 @@ bool OpTakesWeights(Op op);
 
 enum class BufferKind { kDevice, kPinnedHost };
 
+// A recorded point in a stream. Copyable; empty when the backend runs everything in order.
+class Event {
+ public:
+  Event() = default;
+  explicit Event(std::shared_ptr<void> handle) : handle_(std::move(handle)) {}
+  void* handle() const { return handle_.get(); }
+
+ private:
+  std::shared_ptr<void> handle_;
+};
+
 class Device;
 
 // Memory owned by a device: device memory, or pinned host memory the device can copy from
@@ -118,21 +129,14 @@ class Device {
   virtual bool host_memory_is_device_memory() const = 0;
   // Whether `op` runs with weights in `format` (ignored for operators without weights).
   virtual bool Supports(Op op, WeightFormat format) const = 0;
+  // Blocks the calling thread until the work recorded behind `event` is done (an empty event:
+  // at once). The expert cache calls it from a thread of its own to reuse the pinned buffers a
+  // copy reads from.
+  virtual absl::Status WaitForEvent(const Event& event) = 0;
 
  protected:
   friend class DeviceBuffer;
   virtual void Free(void* data, size_t bytes, BufferKind kind) = 0;
-};
-
-// A recorded point in a stream. Copyable; empty when the backend runs everything in order.
-class Event {
- public:
-  Event() = default;
-  explicit Event(std::shared_ptr<void> handle) : handle_(std::move(handle)) {}
-  void* handle() const { return handle_.get(); }
-
- private:
-  std::shared_ptr<void> handle_;
 };
 
 // A SwiGLU FFN's weights: down(silu(gate x) * up x).

@@ -3,7 +3,10 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
+
+#include "kernels/delayed_copy_backend.h"
 
 namespace moed::kernels {
 namespace {
@@ -17,6 +20,10 @@ std::vector<std::unique_ptr<Backend>> AvailableBackends() {
     REQUIRE(cuda.ok());
     backends.push_back(std::move(cuda->backend));
   }
+  // The GPU stand-in the cache's overlap tests run on, over the CPU.
+  backends.push_back(std::make_unique<DelayedCopyBackend>(
+      std::shared_ptr<Backend>(std::move(CreateBackend(BackendKind::kCpu)->backend)),
+      DelayedCopyOptions{std::chrono::microseconds(200)}));
   return backends;
 }
 
@@ -92,6 +99,52 @@ TEST_CASE("every backend copies bytes to the device, between buffers and back un
     CHECK(backend->compute().CopyOnDevice(*second, 1, *buffer, 0, host.size()).code() ==
           absl::StatusCode::kOutOfRange);
   }
+}
+
+TEST_CASE("the delayed-copy backend copies only when released, and a waiting stream sees it") {
+  DelayedCopyBackend backend(
+      std::shared_ptr<Backend>(std::move(CreateBackend(BackendKind::kCpu)->backend)),
+      DelayedCopyOptions{});
+  constexpr size_t kFloats = 1024;
+  absl::StatusOr<DeviceBuffer> device = backend.device().Allocate(2 * kFloats * sizeof(float));
+  absl::StatusOr<DeviceBuffer> pinned = backend.device().AllocateHost(kFloats * sizeof(float));
+  REQUIRE((device.ok() && pinned.ok()));
+  CHECK_FALSE(backend.device().host_memory_is_device_memory());
+  std::vector<float> pageable(kFloats, 2.0f);
+  for (size_t i = 0; i < kFloats; ++i) pinned->as<float>()[i] = 1.0f;
+
+  backend.HoldCopies();
+  Stream& copy = backend.copy();
+  REQUIRE(copy.CopyToDevice(*device, 0, pinned->data(), kFloats * sizeof(float)).ok());
+  REQUIRE(
+      copy.CopyToDevice(*device, kFloats * sizeof(float), pageable.data(), kFloats * sizeof(float))
+          .ok());
+  absl::StatusOr<Event> copied = copy.Record();
+  REQUIRE(copied.ok());
+  // A DMA engine reads pinned memory when the copy runs; pageable memory is read when queued.
+  for (size_t i = 0; i < kFloats; ++i) pinned->as<float>()[i] = 3.0f;
+  std::fill(pageable.begin(), pageable.end(), 5.0f);
+
+  Stream& compute = backend.compute();
+  REQUIRE(compute.Wait(*copied).ok());
+  float* first = device->as<float>();
+  REQUIRE(compute.Add(first, first + kFloats, kFloats).ok());  // 3 + 2
+  std::vector<float> back(kFloats);
+  absl::Status read;
+  std::thread reader([&] { read = compute.CopyToHost(back.data(), *device, 0, back.size() * 4); });
+  // Held: nothing has been copied, so the compute stream has not run the add either.
+  CHECK(backend.copies_pending() == 2);
+  CHECK(backend.copies_done() == 0);
+  backend.ReleaseCopies();
+  reader.join();
+  REQUIRE(read.ok());
+  REQUIRE(backend.device().WaitForEvent(*copied).ok());
+  CHECK(backend.copies_done() == 2);
+  CHECK(std::all_of(back.begin(), back.end(), [](float v) { return v == 5.0f; }));
+  const std::vector<std::string> log = backend.Log();
+  const auto add = std::find(log.begin(), log.end(), "add");
+  REQUIRE(add != log.end());
+  CHECK(std::count(log.begin(), add, "copy 4096") == 2);
 }
 
 }  // namespace

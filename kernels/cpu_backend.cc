@@ -69,6 +69,8 @@ class CpuDevice final : public Device {
     return AllocateKind(bytes, BufferKind::kPinnedHost);
   }
   bool host_memory_is_device_memory() const override { return true; }
+  // Work runs in order on the calling thread: an event is done once recorded.
+  absl::Status WaitForEvent(const Event& /*event*/) override { return absl::OkStatus(); }
   bool Supports(Op op, WeightFormat format) const override {
     // The embedding table is read row by row, widened: unquantized formats only.
     if (op == Op::kEmbedding) {
@@ -83,7 +85,9 @@ class CpuDevice final : public Device {
 
  private:
   absl::StatusOr<DeviceBuffer> AllocateKind(size_t bytes, BufferKind kind) {
-    return host_memory::Allocate(this, bytes, kind, kAlignment);
+    // Pinned host memory is page-aligned, as a GPU driver's is: O_DIRECT reads land in it.
+    return host_memory::Allocate(this, bytes, kind,
+                                 kind == BufferKind::kPinnedHost ? size_t{4096} : kAlignment);
   }
 };
 

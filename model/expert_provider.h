@@ -35,6 +35,9 @@ struct ExpertServed {
   // the full one the provider serves (a fallback).
   Precision precision = Precision::kSource;
   bool fallback = false;
+  // When the weights are in device memory that a copy is still filling: the compute stream
+  // waits for this event before reading them (empty: nothing to wait for).
+  kernels::Event ready;
 };
 
 // One token of a step, as prediction sees it: which sequence (an opaque key, stable while the

@@ -657,6 +657,7 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
       [&](int e, const ExpertWeights& served_weights, const ExpertServed& served) -> absl::Status {
         output->expert_uses.push_back({layer, e, served});
         MOED_ASSIGN_OR_RETURN(ExpertWeights ew, OnDevice(served_weights));
+        MOED_RETURN_IF_ERROR(s.Wait(served.ready));  // a copy may still be filling them
         const int64_t m = static_cast<int64_t>(tokens_of[e].size());
         return s.ExpertFfn(ew, step.x, step.expert_rows + first[e], m, step.expert_out,
                            step.expert_slots + first[e], step.ffn_scratch);

@@ -83,6 +83,12 @@ class CudaDevice final : public Device {
     return op != Op::kEmbedding || format == WeightFormat::kF32 || format == WeightFormat::kF16 ||
            format == WeightFormat::kBF16;
   }
+  absl::Status WaitForEvent(const Event& event) override {
+    if (event.handle() == nullptr) return absl::OkStatus();
+    if (absl::Status s = Bind(); !s.ok()) return s;
+    return CudaStatus(cudaEventSynchronize(static_cast<cudaEvent_t>(event.handle())),
+                      "cudaEventSynchronize");
+  }
   absl::Status Bind() const { return CudaStatus(cudaSetDevice(index_), "cudaSetDevice"); }
 
  protected:

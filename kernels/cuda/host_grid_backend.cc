@@ -62,6 +62,8 @@ class HostDevice final : public Device {
     return Make(bytes, BufferKind::kPinnedHost);
   }
   bool host_memory_is_device_memory() const override { return true; }
+  // Work runs in order on the calling thread: an event is done once recorded.
+  absl::Status WaitForEvent(const Event& /*event*/) override { return absl::OkStatus(); }
   bool Supports(Op op, WeightFormat format) const override {
     return op != Op::kEmbedding || format == WeightFormat::kF32 || format == WeightFormat::kF16 ||
            format == WeightFormat::kBF16;
@@ -72,7 +74,7 @@ class HostDevice final : public Device {
 
  private:
   absl::StatusOr<DeviceBuffer> Make(size_t bytes, BufferKind kind) {
-    return host_memory::Allocate(this, bytes, kind, 256);
+    return host_memory::Allocate(this, bytes, kind, kind == BufferKind::kPinnedHost ? 4096 : 256);
   }
 };
 

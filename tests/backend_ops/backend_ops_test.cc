@@ -1147,6 +1147,7 @@ class DeviceOnlyMemory final : public Device {
   }
   bool host_memory_is_device_memory() const override { return false; }
   bool Supports(Op op, WeightFormat format) const override { return inner_.Supports(op, format); }
+  absl::Status WaitForEvent(const Event& event) override { return inner_.WaitForEvent(event); }
   bool Holds(const void* at, size_t bytes) const {
     const auto address = reinterpret_cast<uintptr_t>(at);
     auto it = ranges_.upper_bound(address);
