@@ -103,6 +103,12 @@ absl::StatusOr<std::unique_ptr<ExpertCache>> ExpertCache::Create(
   if (cache->staged_ && options.staging_buffers < 1) {
     return absl::InvalidArgumentError("staging_buffers must be at least 1 with a GPU backend");
   }
+  MOED_RETURN_IF_ERROR(ValidateHostCompute(options.host_compute));
+  if (options.host_compute.enabled && (!cache->staged_ || options.host_bytes == 0)) {
+    return absl::InvalidArgumentError(
+        "computing experts on the host needs a host tier and a device whose memory is not the "
+        "host's");
+  }
 
   enum class Memory { kDevice, kHost };
   auto make_tier = [&](Tier& tier, const char* name, Precision precision, uint64_t slots,
@@ -236,6 +242,7 @@ void ExpertCache::CopyWatchLoop() {
     lock.lock();
     const CopyInFlight copy = copies_in_flight_.front();
     copies_in_flight_.pop_front();
+    copy_bytes_queued_ -= copy.bytes;
     if (copy.from_host) {
       stage_from_host_.Observe(
           std::chrono::duration<double>(std::chrono::steady_clock::now() - copy.started).count());
@@ -389,7 +396,8 @@ absl::Status ExpertCache::StartLoadLocked(const ExpertKey& key, int device_slot,
                                                     bytes, slot.last_read));
         ++host->slots[it->second].pins;
         copies_in_flight_.push_back(
-            CopyInFlight{slot.ready, -1, it->second, /*from_host=*/true, copy_started});
+            CopyInFlight{slot.ready, -1, it->second, /*from_host=*/true, bytes, copy_started});
+        copy_bytes_queued_ += bytes;
         copies_changed_.notify_all();
       } else {
         std::memcpy(pool.SlotData(device_slot), host->SlotData(it->second), bytes);
@@ -748,7 +756,8 @@ void ExpertCache::OnReadComplete(uint64_t tag, const absl::Status& status) {
     // What the copy reads stays held until it is done.
     device_slot.ready = *copied;
     copies_in_flight_.push_back(CopyInFlight{
-        *copied, load.staging, load.into_host ? load.host_slot : -1, false, load.started});
+        *copied, load.staging, load.into_host ? load.host_slot : -1, false, bytes, load.started});
+    copy_bytes_queued_ += bytes;
     copies_changed_.notify_all();
   } else if (load.into_host) {
     ReleaseSlotLocked(*host_, load.host_slot);
@@ -927,31 +936,37 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints) {
-  std::vector<bool> may_fall_back;
+  std::vector<ExpertUse> uses;
   if (routed_layer_ == layer && !routed_uses_.empty()) {
-    may_fall_back.reserve(experts.size());
+    uses.reserve(experts.size());
     for (int e : experts) {
+      ExpertUse& use = uses.emplace_back();
       auto it = routed_uses_.find(e);
-      may_fall_back.push_back(it != routed_uses_.end() &&
-                              precision_policy_.MayFallBack(it->second));
+      if (it == routed_uses_.end()) continue;
+      use.may_fall_back = precision_policy_.MayFallBack(it->second);
+      use.tokens = static_cast<int>(it->second.size());
+      use.all_inexact = std::all_of(it->second.begin(), it->second.end(), [](const TokenUse& t) {
+        return t.loosest != Precision::kSource;
+      });
     }
   }
   routed_uses_.clear();
   routed_layer_ = -1;
-  return ForEachExpert(layer, experts, compute, hints, may_fall_back);
+  return ForEachExpert(layer, experts, compute, hints, uses);
 }
 
 void ExpertCache::Routed(const model::LayerRouting& routing) {
   routed_uses_.clear();
   routed_layer_ = routing.layer;
-  if (!precision_policy_.falls_back() || routing.loosest == nullptr) return;
+  if (!precision_policy_.falls_back() && !options_.host_compute.enabled) return;
   // Who claims each expert, with what weight and rank, and what their requests accept.
   for (size_t t = 0; t < routing.num_tokens(); ++t) {
     const std::vector<int>& chosen = (*routing.chosen)[t];
+    const Precision loosest = routing.loosest != nullptr ? routing.loosest[t] : Precision::kSource;
     for (size_t r = 0; r < chosen.size(); ++r) {
       routed_uses_[chosen[r]].push_back(
           TokenUse{routing.gate_weights[t * static_cast<size_t>(routing.top_k) + r],
-                   static_cast<int>(r), routing.loosest[t]});
+                   static_cast<int>(r), loosest});
     }
   }
 }
@@ -1033,8 +1048,32 @@ ExpertCache::ClaimState ExpertCache::ClaimStateLocked(ExpertClaim& claim, absl::
   return ClaimState::kReady;
 }
 
+bool ExpertCache::ClaimOnHostLocked(ExpertClaim& claim, const ExpertUse& use) {
+  const HostComputeOptions& host_compute = options_.host_compute;
+  if (!host_compute.enabled || claim.fallback_pool || use.tokens == 0 ||
+      (!host_compute.bitwise_equal && !use.all_inexact) || device_.index.contains(claim.key)) {
+    return false;
+  }
+  auto it = host_->index.find(claim.key);
+  if (it == host_->index.end() || host_->slots[it->second].state != SlotState::kReady) return false;
+  if (!EstimateHostCompute(host_compute, device_.slot_bytes, copy_bytes_queued_, use.tokens)
+           .host_is_faster()) {
+    return false;
+  }
+  claim.host_pool = true;
+  claim.slot = it->second;
+  ++host_->slots[claim.slot].pins;
+  ++host_->counters.hits;
+  host_->policy->Touch(claim.key, ++tick_);
+  claim.served.source = model::ExpertSource::kHost;
+  claim.served.on_host = true;
+  claim.served.precision = host_->precision;
+  ++host_computes_;
+  return true;
+}
+
 void ExpertCache::ReleaseClaimLocked(ExpertClaim& claim) {
-  if (claim.slot >= 0 && staged_) {
+  if (claim.slot >= 0 && staged_ && !claim.host_pool) {
     // Whatever the use queued on the compute stream reads the slot until here.
     absl::StatusOr<kernels::Event> read = options_.backend->compute().Record();
     if (read.ok()) PoolOf(claim).slots[claim.slot].last_read = *std::move(read);
@@ -1154,7 +1193,7 @@ void ExpertHandle::Release() {
 absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& experts,
                                         const model::ExpertCompute& compute,
                                         const std::vector<PrefetchHint>& hints,
-                                        const std::vector<bool>& may_fall_back) {
+                                        const std::vector<ExpertUse>& uses) {
   std::unique_lock lock(mutex_);
   device_.policy->AtLayer(layer);
   if (fallback_ != nullptr) fallback_->policy->AtLayer(layer);
@@ -1169,7 +1208,8 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
     auto it = device_.index.find(claim.key);
     const bool full_ready =
         it != device_.index.end() && device_.slots[it->second].state == SlotState::kReady;
-    if (fallback_ != nullptr && !full_ready && i < may_fall_back.size() && may_fall_back[i]) {
+    const ExpertUse use = i < uses.size() ? uses[i] : ExpertUse{};
+    if (fallback_ != nullptr && !full_ready && use.may_fall_back) {
       // A resident fallback copy serves at once; else a full copy already on its way; else
       // the fallback copy is read (fewer bytes than the full one).
       const ExpertKey low{layer, e, fallback_->precision};
@@ -1181,6 +1221,7 @@ absl::Status ExpertCache::ForEachExpert(int layer, const std::vector<int>& exper
         claim.fallback_pool = true;
       }
     }
+    if (ClaimOnHostLocked(claim, use)) continue;
     ClaimLocked(claim);
   }
   absl::Status first_error;
@@ -1329,6 +1370,8 @@ CacheCounters ExpertCache::counters() const {
   }
   c.fallbacks_int8 = fallbacks_int8_;
   c.fallbacks_int4 = fallbacks_int4_;
+  c.host_computes = host_computes_;
+  c.copy_bytes_queued = copy_bytes_queued_;
   c.floor_reads = floor_reads_;
   c.upgrade_reads = upgrade_reads_;
   c.ssd_reads = ssd_reads_;

@@ -25,6 +25,7 @@
 #include "cache/aligned_buffer.h"
 #include "cache/block_reader.h"
 #include "cache/eviction_policy.h"
+#include "cache/host_compute.h"
 #include "cache/precision_policy.h"
 #include "cache/prefetcher.h"
 #include "cache/store_fault.h"
@@ -77,6 +78,16 @@ struct CacheOptions {
   // With such a backend: pinned buffers that reads land in when no host slot takes them. A use
   // whose read finds none waits for a copy to finish with one; a prefetch does not start.
   int staging_buffers = 8;
+  // With such a backend and a host tier: when an expert the host tier holds runs on the CPU
+  // instead of being copied to the device (the engine's model needs a host backend for it).
+  HostComputeOptions host_compute;
+};
+
+// What the engine's routing says of one expert a layer needs.
+struct ExpertUse {
+  bool may_fall_back = false;  // the precision policy lets every token routed to it fall back
+  int tokens = 0;              // tokens routed to it
+  bool all_inexact = false;    // every one of them accepts results that are not bitwise exact
 };
 
 // Whether the store can be read, as readiness reports it. A checksum mismatch in one blob
@@ -119,6 +130,10 @@ struct CacheCounters {
   // Expert uses that ran from a low-precision copy instead of waiting for the full one.
   uint64_t fallbacks_int8 = 0;
   uint64_t fallbacks_int4 = 0;
+  // Expert uses computed on the CPU from the host tier instead of copied to the device.
+  uint64_t host_computes = 0;
+  // Bytes of the copies to the device queued and not yet done (a GPU backend's).
+  uint64_t copy_bytes_queued = 0;
   // Background reads of the low-bit floor (fallback copies read while the disk is idle) and
   // of upgrades (full copies of experts that ran from a fallback copy).
   uint64_t floor_reads = 0;
@@ -165,6 +180,7 @@ class ExpertCache;
 struct ExpertClaim {
   ExpertKey key;
   bool fallback_pool = false;  // in the pool of fallback copies (else the full copies')
+  bool host_pool = false;      // in the host tier, to compute on the CPU (HostComputeOptions)
   int slot = -1;               // pinned slot; -1 while waiting for one
   bool finished = false;       // computed, failed, or released
   model::ExpertServed served;
@@ -239,13 +255,15 @@ class ExpertCache final : public model::ExpertProvider {
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints);
-  // As above, and `may_fall_back[i]` (empty: none may) says whether experts[i] may run from
-  // its fallback copy when its full copy is not resident (the precision policy's decision for
-  // the tokens routed to it). A full copy that is resident always serves.
+  // As above, with what the routing says of experts[i] in uses[i] (empty: nothing; then none
+  // falls back and none runs on the host). A full copy that is resident always serves;
+  // otherwise a resident fallback copy when the expert may fall back; otherwise, with host
+  // compute, the host tier's copy on the CPU when that is estimated to finish sooner than the
+  // copy to the device.
   absl::Status ForEachExpert(int layer, const std::vector<int>& experts,
                              const model::ExpertCompute& compute,
                              const std::vector<PrefetchHint>& hints,
-                             const std::vector<bool>& may_fall_back);
+                             const std::vector<ExpertUse>& uses);
 
   // Claims `precision`'s copy of (layer, expert): pinned at once if resident or on its way (a
   // prefetch still being read is promoted), else a slot is taken (evicting the policy's victim
@@ -335,12 +353,17 @@ class ExpertCache final : public model::ExpertProvider {
     int staging = -1;    // a staging buffer to give back
     int host_slot = -1;  // a host slot to unpin
     bool from_host = false;
+    uint64_t bytes = 0;
     std::chrono::steady_clock::time_point started;
   };
 
   ExpertCache(std::shared_ptr<const Store> store, const CacheOptions& options);
   friend class ExpertHandle;
-  Tier& PoolOf(const ExpertClaim& claim) { return claim.fallback_pool ? *fallback_ : device_; }
+  Tier& PoolOf(const ExpertClaim& claim) {
+    return claim.host_pool ? *host_ : claim.fallback_pool ? *fallback_ : device_;
+  }
+  // Takes the host tier's copy for a claim when the CPU is estimated to be faster: true then.
+  bool ClaimOnHostLocked(ExpertClaim& claim, const ExpertUse& use);
   // Pins the claim's copy when it is resident or on its way; else leaves it waiting for a slot.
   void ClaimLocked(ExpertClaim& claim);
   // Takes a slot for a claim waiting for one and starts its read: false while every slot is
@@ -468,6 +491,8 @@ class ExpertCache final : public model::ExpertProvider {
   std::deque<CopyInFlight> copies_in_flight_;
   std::condition_variable copies_changed_;
   bool copy_watch_stopping_ = false;
+  uint64_t copy_bytes_queued_ = 0;  // of the copies in flight
+  uint64_t host_computes_ = 0;
   std::mutex copy_mutex_;  // one enqueuer of a copy's wait, copy and record at a time
   std::thread copy_watch_thread_;
   util::Histogram stage_from_ssd_{StageSecondsBuckets()};

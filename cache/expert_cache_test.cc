@@ -612,13 +612,15 @@ struct Served {
 std::map<int, Served> Serve(ExpertCache& cache, int layer, const std::vector<int>& experts,
                             const std::vector<bool>& may_fall_back) {
   std::map<int, Served> out;
+  std::vector<ExpertUse> uses(may_fall_back.size());
+  for (size_t i = 0; i < uses.size(); ++i) uses[i].may_fall_back = may_fall_back[i];
   absl::Status status = cache.ForEachExpert(
       layer, experts,
       [&](int e, const model::ExpertWeights& weights, const model::ExpertServed& how) {
         out[e] = {how, weights.gate.quantization};
         return absl::OkStatus();
       },
-      {}, may_fall_back);
+      {}, uses);
   REQUIRE(status.ok());
   return out;
 }
@@ -1032,6 +1034,143 @@ TEST_CASE("overlap: a slot is refilled only after the compute stream's last read
   }
   REQUIRE(third_copy != order.end());
   CHECK(first_read < third_copy);
+}
+
+TEST_CASE("overlap: the host-compute estimate is the queued copy's time against the CPU's") {
+  HostComputeOptions options;
+  options.enabled = true;
+  options.copy_bytes_per_second = 1000;
+  options.host_seconds_per_expert = 0.5;
+  options.host_seconds_per_token = 0.25;
+  // 400 bytes behind 600 queued: a second; 1 token: 0.75 s, 2 tokens: 1 s (not faster).
+  HostComputeEstimate estimate = EstimateHostCompute(options, 400, 600, 1);
+  CHECK(estimate.copy_seconds == 1.0);
+  CHECK(estimate.host_seconds == 0.75);
+  CHECK(estimate.host_is_faster());
+  estimate = EstimateHostCompute(options, 400, 600, 2);
+  CHECK(estimate.host_seconds == 1.0);
+  CHECK_FALSE(estimate.host_is_faster());
+  CHECK_FALSE(EstimateHostCompute(options, 400, 0, 1).host_is_faster());  // 0.4 s to copy
+  CHECK(ValidateHostCompute(options).ok());
+  options.copy_bytes_per_second = 0;
+  CHECK(ValidateHostCompute(options).code() == absl::StatusCode::kInvalidArgument);
+  options.copy_bytes_per_second = 1;
+  options.host_seconds_per_token = -1;
+  CHECK_FALSE(ValidateHostCompute(options).ok());
+}
+
+TEST_CASE("overlap: an expert runs on the CPU exactly when its estimate beats the copy's") {
+  Fixture f(model::Architecture::kMixtral);
+  const uint64_t slot = ExpertCache::SlotBytes(*f.store, Precision::kSource);
+  auto backend = DelayedBackend(std::chrono::microseconds(0));
+  CacheOptions options;
+  options.backend = backend;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+  options.eviction_scope = EvictionScope::kGlobal;
+  options.host_bytes = f.AllExpertsBytes(Precision::kSource);
+  // A copy takes a second per expert; the CPU takes 1.5 s for any expert.
+  options.host_compute.enabled = true;
+  options.host_compute.copy_bytes_per_second = static_cast<double>(slot);
+  options.host_compute.host_seconds_per_expert = 1.5;
+  SECTION("with inexact tokens, or a host that computes bitwise as the device does") {
+    const bool bitwise = GENERATE(false, true);
+    options.host_compute.bitwise_equal = bitwise;
+    auto made = ExpertCache::Create(f.store, options);
+    REQUIRE(made.ok());
+    ExpertCache& cache = **made;
+    // Experts 0-5 of layer 0 pass through: all in the host tier, the last two on the device.
+    for (int e = 0; e < 6; ++e) {
+      auto handle = cache.Acquire(0, e, Precision::kSource);
+      REQUIRE((handle.ok() && handle->Wait().ok()));
+      REQUIRE(backend->device().WaitForEvent(handle->ready_event()).ok());
+    }
+    REQUIRE(cache.DeviceResidency()[0][5]);
+    REQUIRE_FALSE(cache.DeviceResidency()[0][0]);
+    WaitFor([&] { return cache.counters().copy_bytes_queued == 0; });
+    auto serve = [&](int expert, bool inexact) {
+      model::ExpertServed served;
+      ExpertUse use{false, 1, inexact};
+      REQUIRE(
+          cache
+              .ForEachExpert(0, {expert},
+                             [&](int, const model::ExpertWeights&, const model::ExpertServed& how) {
+                               served = how;
+                               return absl::OkStatus();
+                             },
+                             {}, {use})
+              .ok());
+      return served;
+    };
+    // Nothing queued: the copy (1 s) beats the CPU (1.5 s).
+    model::ExpertServed served = serve(0, true);
+    CHECK_FALSE(served.on_host);
+    CHECK(cache.counters().host_computes == 0);
+    REQUIRE(backend->device().WaitForEvent(served.ready).ok());
+    WaitFor([&] { return cache.counters().copy_bytes_queued == 0; });
+    // One copy queued ahead (held): 2 s against 1.5 s, the CPU wins, for tokens that allow it.
+    backend->HoldCopies();
+    auto queued = cache.Acquire(0, 1, Precision::kSource);
+    REQUIRE((queued.ok() && queued->Wait().ok()));
+    REQUIRE(backend->copies_pending() == 1);
+    CHECK(cache.counters().copy_bytes_queued == slot);
+    served = serve(2, /*inexact=*/false);
+    CHECK(served.on_host == bitwise);
+    served = serve(3, /*inexact=*/true);
+    CHECK(served.on_host);
+    CHECK(served.source == model::ExpertSource::kHost);
+    CHECK(served.bytes_staged == 0);
+    CHECK(cache.counters().host_computes == (bitwise ? 2 : 1));
+    // An expert on the device, or on its way there, is never computed on the host.
+    CHECK_FALSE(serve(1, true).on_host);
+    backend->ReleaseCopies();
+    queued->Release();
+  }
+  SECTION("without a host tier or a device of its own, host compute is refused") {
+    CacheOptions no_host = options;
+    no_host.host_bytes = 0;
+    CHECK(ExpertCache::Create(f.store, no_host).status().code() ==
+          absl::StatusCode::kInvalidArgument);
+    CacheOptions on_cpu = options;
+    on_cpu.backend = kernels::TestCpuBackend(1);
+    CHECK_FALSE(ExpertCache::Create(f.store, on_cpu).ok());
+  }
+}
+
+TEST_CASE("overlap: experts computed on the host keep exact mode bitwise all-resident") {
+  for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe}) {
+    Fixture f(arch);
+    const uint64_t minimum = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+    for (uint64_t budget : {minimum, f.AllExpertsBytes(Precision::kSource) / 4}) {
+      for (bool cpu_wins : {true, false}) {
+        INFO(model::ArchitectureShortName(arch) << " budget " << budget << " cpu " << cpu_wins);
+        auto backend = DelayedBackend(std::chrono::microseconds(50));
+        CacheOptions options;
+        options.backend = backend;
+        options.device_bytes = budget;
+        options.host_bytes = f.AllExpertsBytes(Precision::kSource);
+        options.host_compute.enabled = true;
+        options.host_compute.bitwise_equal = true;  // the stand-in computes with the CPU's code
+        options.host_compute.copy_bytes_per_second = 1e9;
+        options.host_compute.host_seconds_per_expert = cpu_wins ? 0 : 1e9;
+        auto cache = ExpertCache::Create(f.store, options);
+        REQUIRE(cache.ok());
+        ExpertCache* raw = cache->get();
+        auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), backend);
+        REQUIRE(model.ok());
+        REQUIRE((*model)->SetHostBackend(kernels::TestCpuBackend(1)).ok());
+        auto result = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+        REQUIRE(result.ok());
+        CHECK(result->prompt_logits == f.reference.prompt_logits);
+        CHECK(result->greedy_logits == f.reference.greedy_logits);
+        CHECK(result->greedy == f.reference.greedy);
+        if (cpu_wins) {
+          CHECK(raw->counters().host_computes > 0);
+        } else {
+          CHECK(raw->counters().host_computes == 0);
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("byte sizes parse with binary suffixes") {

@@ -35,6 +35,9 @@ struct ExpertServed {
   // the full one the provider serves (a fallback).
   Precision precision = Precision::kSource;
   bool fallback = false;
+  // The weights are in host memory and the expert is to run on the host (its copy to the
+  // device was estimated to take longer than computing it on the CPU).
+  bool on_host = false;
   // When the weights are in device memory that a copy is still filling: the compute stream
   // waits for this event before reading them (empty: nothing to wait for).
   kernels::Event ready;

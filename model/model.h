@@ -176,6 +176,9 @@ class Model {
   void SetExpertProvider(std::unique_ptr<ExpertProvider> provider) {
     experts_ = std::move(provider);
   }
+  // Runs the experts the provider hands over to run on the host (ExpertServed::on_host) on
+  // `host`, a backend whose device memory is host memory (the CPU).
+  absl::Status SetHostBackend(std::shared_ptr<kernels::Backend> host);
   // Routes through `routing` from now on (null: the routers decide). Not exact: logits follow
   // the imposed routing.
   void SetRoutingOverride(std::shared_ptr<RoutingOverride> routing) {
@@ -201,6 +204,11 @@ class Model {
   // The expert's weights where the backend computes on them: as served, or copied into the
   // staging buffer when the provider serves host memory the device cannot read.
   absl::StatusOr<ExpertWeights> OnDevice(const ExpertWeights& served);
+  // One expert on the host backend: its tokens' rows of step.x come to the host (once per
+  // layer, into host_x), its outputs go back into their slots of step.expert_out.
+  absl::Status HostExpert(const ExpertWeights& weights,
+                          const std::vector<std::pair<int32_t, int32_t>>& tokens, StepBuffers& step,
+                          std::vector<float>& host_x);
 
   ModelConfig config_;
   std::shared_ptr<kernels::Backend> backend_;
@@ -214,6 +222,10 @@ class Model {
   std::unique_ptr<ExpertProvider> experts_;
   std::shared_ptr<RoutingOverride> routing_override_;
   kernels::DeviceBuffer expert_staging_;
+  std::shared_ptr<kernels::Backend> host_backend_;
+  std::vector<float> host_out_, host_scratch_;  // HostExpert's, reused
+  std::vector<int32_t> host_rows_, host_out_rows_;
+  kernels::Event host_out_read_;  // the compute stream's copies out of host_out_
   // MLA: inv_freq of the rope slice (doubles, YaRN-adjusted) and its shapes.
   kernels::DeviceBuffer rope_inv_freq_;
   kernels::RotarySpec q_rotary_, k_rotary_;
