@@ -200,6 +200,28 @@ const std::vector<OptionSpec>& DaemonOptions() {
          .metavar = "BYTES",
          .help = "with --store: budget of the host RAM tier between disk and device; 0 means none",
          .byte_size = true});
+    o.push_back({.name = "gpu-memory-fraction",
+                 .field = F(&DaemonConfig::gpu_memory_fraction),
+                 .metavar = "F",
+                 .help = "with --store: the device expert tier's budget as this fraction (above 0, "
+                         "at most 1) of the device memory free after the dense weights and the KV "
+                         "cache, as vLLM's gpu_memory_utilization; exclusive with "
+                         "--device-cache-bytes; 0: not used"});
+    o.push_back({.name = "host-compute",
+                 .field = F(&DaemonConfig::host_compute),
+                 .metavar = "MODE",
+                 .help = "with --store, a GPU backend and a host tier: auto runs an expert the "
+                         "host tier holds on the CPU when that is estimated (from rates measured "
+                         "at start-up) to finish sooner than its copy to the GPU, for requests "
+                         "that accept inexact results; off always copies",
+                 .choices = {"auto", "off"}});
+    o.push_back({.name = "staging-buffers",
+                 .field = F(&DaemonConfig::staging_buffers),
+                 .metavar = "N",
+                 .help = "with --store and a GPU backend: pinned buffers of one expert each that "
+                         "reads from disk land in when the host tier does not take them",
+                 .min_value = 1,
+                 .max_value = 256});
     o.push_back({.name = "expert-precision",
                  .field = F(&DaemonConfig::expert_precision),
                  .metavar = "P",
@@ -558,6 +580,15 @@ absl::Status ValidateConfig(const DaemonConfig& config) {
   if (!config.model.empty() && !config.store.empty()) {
     return absl::InvalidArgumentError(
         "--model and --store are exclusive: serve a checkpoint or a store");
+  }
+  if (!(config.gpu_memory_fraction >= 0 && config.gpu_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gpu-memory-fraction: ", config.gpu_memory_fraction, " is not between 0 and 1"));
+  }
+  if (config.gpu_memory_fraction > 0 && config.device_cache_bytes > 0) {
+    return absl::InvalidArgumentError(
+        "--gpu-memory-fraction and --device-cache-bytes are exclusive: give the device tier one "
+        "budget");
   }
   return absl::OkStatus();
 }

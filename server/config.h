@@ -21,6 +21,9 @@ struct DaemonConfig {
   std::string store;
   int64_t device_cache_bytes = 0;
   int64_t host_cache_bytes = 0;
+  double gpu_memory_fraction = 0;
+  std::string host_compute = "auto";
+  int64_t staging_buffers = 4;
   std::string expert_precision = "source";
   std::string eviction_policy = "lru";
   std::string eviction_scope = "layer";

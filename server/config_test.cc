@@ -115,6 +115,15 @@ TEST_CASE("bad flags give one-line errors naming the problem") {
         "--device-cache-bytes: 'lots' is not a byte count (plain bytes or with K, M, G, T)");
   CHECK(ErrorOf({"--model", "/m"}, {{"MOED_CUDA_DEVICE", "many"}}) ==
         "MOED_CUDA_DEVICE: expected an integer, got 'many'");
+  CHECK(ErrorOf({"--store", "/s", "--gpu-memory-fraction", "0.8", "--device-cache-bytes", "1G"}) ==
+        "--gpu-memory-fraction and --device-cache-bytes are exclusive: give the device tier one "
+        "budget");
+  CHECK(ErrorOf({"--store", "/s", "--gpu-memory-fraction", "1.5"}) ==
+        "--gpu-memory-fraction: 1.5 is not between 0 and 1");
+  CHECK(ErrorOf({"--store", "/s", "--host-compute", "always"}) ==
+        "--host-compute: 'always' is not one of auto, off");
+  CHECK(ErrorOf({"--store", "/s", "--staging-buffers", "0"})
+            .rfind("--staging-buffers: 0 is out of range", 0) == 0);
 }
 
 TEST_CASE("byte-size options take suffixes on flags and in files") {

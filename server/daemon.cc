@@ -496,6 +496,8 @@ void FillCacheInfo(const cache::ExpertCache& cache, const cache::Store& store,
   info->set_fallbacks_int4(counters.fallbacks_int4);
   info->set_floor_reads(counters.floor_reads);
   info->set_upgrade_reads(counters.upgrade_reads);
+  info->set_host_computes(counters.host_computes);
+  info->set_copy_bytes_queued(counters.copy_bytes_queued);
   if (prefetcher != nullptr) {
     for (const cache::LayerPrefetchStats& layer : prefetcher->layer_stats()) {
       if (layer.needed == 0) continue;  // never predicted
@@ -588,6 +590,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Create(const DaemonConfig& confi
   daemon->prefetcher_ = engine.prefetcher;
   daemon->backend_ = engine.backend;
   if (!engine.cache_note.empty()) log.warn("{}", engine.cache_note);
+  if (!engine.host_compute_note.empty()) log.info("{}", engine.host_compute_note);
   if (daemon->cache_ != nullptr) {
     cache::CacheCounters counters = daemon->cache_->counters();
     log.info("expert cache: {} experts, {} device slots, {} host slots of {:.1f} MiB, reader {}",

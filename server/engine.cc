@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "util/status_macros.h"
 
 namespace moed::server {
@@ -24,11 +26,67 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
   engine.backend = std::move(choice.backend);
   engine.backend_fallback_reason = std::move(choice.fallback_reason);
 
+  // The KV budget: --kv-cache-bytes, or room for every running sequence to reach the full
+  // context within half of what the compute device has free (after the dense weights).
+  const auto resolve_kv_budget = [&](uint64_t free_bytes) {
+    uint64_t budget = static_cast<uint64_t>(config.kv_cache_bytes);
+    if (budget == 0) {
+      const uint64_t running = static_cast<uint64_t>(
+          std::max<int64_t>(1, std::max(config.max_batch, config.max_running)));
+      const uint64_t full =
+          running * model::KvCache::BytesFor(engine.model_config,
+                                             engine.model_config.max_position_embeddings);
+      budget = free_bytes > 0 ? std::min(full, free_bytes / 2) : full;
+    }
+    return std::max(budget, model::KvCache::BytesFor(engine.model_config, model::kKvBlockSize));
+  };
+
   if (engine.store != nullptr) {
+    // The expert tier's share of the device is set before the dense weights are copied there:
+    // count them out of what is free now (on the CPU they are mapped files, not counted).
+    MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, engine.backend->device().info());
+    const bool device_memory_is_host = engine.backend->device().host_memory_is_device_memory();
+    uint64_t dense_bytes = 0;
+    if (!device_memory_is_host) {
+      for (const cache::DenseTensor& tensor : engine.store->manifest().dense) {
+        dense_bytes += tensor.bytes;
+      }
+    }
+    const uint64_t free_bytes =
+        device.free_memory_bytes > dense_bytes ? device.free_memory_bytes - dense_bytes : 0;
+    engine.kv_cache_budget_bytes = resolve_kv_budget(free_bytes);
     cache::CacheOptions options;
+    options.backend = engine.backend;
+    options.staging_buffers = static_cast<int>(config.staging_buffers);
     options.device_bytes = static_cast<uint64_t>(config.device_cache_bytes);
+    if (config.gpu_memory_fraction > 0) {
+      if (free_bytes <= engine.kv_cache_budget_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "--gpu-memory-fraction: no device memory is left for experts (", device.name, " has ",
+            device.free_memory_bytes, " bytes free; the dense weights take ", dense_bytes,
+            " and the KV cache ", engine.kv_cache_budget_bytes, ")"));
+      }
+      options.device_bytes =
+          static_cast<uint64_t>(config.gpu_memory_fraction *
+                                static_cast<double>(free_bytes - engine.kv_cache_budget_bytes));
+    }
     options.host_bytes = static_cast<uint64_t>(config.host_cache_bytes);
     MOED_ASSIGN_OR_RETURN(options.precision, cache::ParsePrecision(config.expert_precision));
+    if (!device_memory_is_host && options.host_bytes > 0 && config.host_compute == "auto") {
+      MOED_ASSIGN_OR_RETURN(kernels::BackendChoice cpu,
+                            kernels::CreateBackend(kernels::BackendKind::kCpu, backend_options));
+      engine.host_backend = std::move(cpu.backend);
+      MOED_ASSIGN_OR_RETURN(options.host_compute,
+                            cache::MeasureHostCompute(*engine.backend, *engine.host_backend,
+                                                      *engine.store, options.precision));
+      options.host_compute.enabled = true;
+      engine.host_compute_note = absl::StrFormat(
+          "host compute: copies to the device at %.2f GB/s; an expert on the CPU takes %.3f ms "
+          "+ %.3f ms per token",
+          options.host_compute.copy_bytes_per_second / 1e9,
+          options.host_compute.host_seconds_per_expert * 1e3,
+          options.host_compute.host_seconds_per_token * 1e3);
+    }
     MOED_ASSIGN_OR_RETURN(options.device_policy, cache::ParsePolicyKind(config.eviction_policy));
     options.host_policy = options.device_policy;
     MOED_ASSIGN_OR_RETURN(options.eviction_scope, cache::ParseEvictionScope(config.eviction_scope));
@@ -72,6 +130,7 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
         engine.model, model::Model::Create(engine.model_config, engine.store,
                                            cache::SharedProvider(engine.cache, engine.prefetcher),
                                            engine.backend));
+    MOED_RETURN_IF_ERROR(engine.model->SetHostBackend(engine.host_backend));
   } else {
     if (config.precision_policy != "exact") {
       return absl::InvalidArgumentError(
@@ -79,27 +138,14 @@ absl::StatusOr<Engine> BuildEngine(const DaemonConfig& config, const EngineHooks
           "store)");
     }
     MOED_ASSIGN_OR_RETURN(engine.model, model::Model::Load(config.model, engine.backend));
+    MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, engine.backend->device().info());
+    engine.kv_cache_budget_bytes = resolve_kv_budget(device.free_memory_bytes);
   }
   if (!config.routing_trace.empty()) {
     MOED_ASSIGN_OR_RETURN(std::shared_ptr<cache::TraceRouting> routing,
                           cache::TraceRouting::FromFile(config.routing_trace, engine.model_config));
     engine.model->SetRoutingOverride(std::move(routing));
   }
-  engine.kv_cache_budget_bytes = static_cast<uint64_t>(config.kv_cache_bytes);
-  if (engine.kv_cache_budget_bytes == 0) {
-    // Room for every running sequence to reach the full context, within half of what the
-    // compute device has free now.
-    const uint64_t running =
-        static_cast<uint64_t>(std::max<int64_t>(1, std::max(config.max_batch, config.max_running)));
-    const uint64_t full =
-        running *
-        model::KvCache::BytesFor(engine.model_config, engine.model_config.max_position_embeddings);
-    MOED_ASSIGN_OR_RETURN(kernels::DeviceInfo device, engine.backend->device().info());
-    const uint64_t half_free = device.free_memory_bytes / 2;
-    engine.kv_cache_budget_bytes = half_free > 0 ? std::min(full, half_free) : full;
-  }
-  engine.kv_cache_budget_bytes =
-      std::max(engine.kv_cache_budget_bytes, engine.model->kv_block_bytes());
   engine.model->SetKvBudget(engine.kv_cache_budget_bytes);
   return engine;
 }

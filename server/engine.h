@@ -31,6 +31,10 @@ struct Engine {
   std::shared_ptr<cache::Prefetcher> prefetcher;
   // A warning from the cache's set-up (its reader fell back), empty when none.
   std::string cache_note;
+  // With --host-compute auto on a GPU: the CPU backend experts may run on, and the rates
+  // measured at start-up that decide when they do (in words for the log).
+  std::shared_ptr<kernels::Backend> host_backend;
+  std::string host_compute_note;
   std::shared_ptr<model::Model> model;
   // The KV cache budget set on the model (--kv-cache-bytes, or the default it resolved to).
   uint64_t kv_cache_budget_bytes = 0;

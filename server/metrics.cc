@@ -332,6 +332,13 @@ std::string ServingMetrics::Render(const scheduler::SchedulerStats& scheduler,
                static_cast<double>(c.floor_reads));
     out.Sample("moed_expert_cache_background_reads_total", {{"kind", "upgrade"}},
                static_cast<double>(c.upgrade_reads));
+    out.Family("moed_expert_cache_host_computes_total", "counter",
+               "Expert uses computed on the CPU from the host tier instead of copied to the GPU "
+               "(--host-compute).");
+    out.Sample("moed_expert_cache_host_computes_total", {}, static_cast<double>(c.host_computes));
+    out.Family("moed_expert_cache_copy_queued_bytes", "gauge",
+               "Bytes of expert copies to the GPU queued and not yet done.");
+    out.Sample("moed_expert_cache_copy_queued_bytes", {}, static_cast<double>(c.copy_bytes_queued));
     out.Family("moed_expert_cache_prefetches_issued_total", "counter",
                "Prefetches started (reads ahead of use, or copies from the host tier).");
     out.Sample("moed_expert_cache_prefetches_issued_total", {},
