@@ -11,6 +11,10 @@
 //     as the recorded trace did (real Mixtral locality on the 32-layer bench model).
 //     With --precision, each precision setting too (exact, always:int4, threshold:int4:0.3,
 //     floor:int4 ...): the missed bytes then include the fallback copies read.
+//     With --backend cuda (and --host-cache 1, every expert in pinned RAM), the experts cross
+//     PCIe: first the tier's copies to the device against the backend's bare copy of one
+//     pinned buffer, measured in the same run; then decode against all-resident on the same
+//     GPU and the roofline max(compute time, bytes copied / that bare copy rate).
 //  3. With the model's own routing: each predictor's recall and precision per predicted
 //     layer, as the running prefetcher scores them.
 #include <algorithm>
@@ -18,6 +22,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -33,6 +38,7 @@
 #include "cache/aligned_buffer.h"
 #include "cache/expert_cache.h"
 #include "cache/routing_trace.h"
+#include "kernels/backend.h"
 #include "model/model.h"
 #include "nlohmann/json.hpp"
 #include "server/engine.h"
@@ -120,20 +126,113 @@ struct DecodeRun {
   double fallbacks_per_token = 0;
   double seconds_per_token = 0;
   double stall_per_token = 0;
-  double missed_bytes_per_token = 0;
+  double missed_bytes_per_token = 0;   // read from the store
+  double copied_bytes_per_token = 0;   // brought into the device tier
+  double host_computes_per_token = 0;  // experts run on the CPU instead (--host-compute auto)
   double hit_rate = 0;
   moed::cache::CacheCounters delta;  // the measured steps only (prefetch fields)
   std::vector<moed::cache::LayerPrefetchStats> layers;
 };
 
+// Copies to the device, in GB/s: the backend's copy stream copying one pinned expert-sized
+// buffer over and over (the bare rate), and the expert cache bringing experts from its host
+// tier (every expert resident there) into a device tier of 8 slots.
+struct CopyRates {
+  double bare_gbps = 0;
+  double tier_gbps = 0;
+  uint64_t tier_copies = 0;
+};
+
+absl::StatusOr<CopyRates> MeasureCopies(const std::string& store_dir, const std::string& backend,
+                                        moed::cache::Precision precision, double seconds) {
+  auto kind = moed::kernels::ParseBackendKind(backend);
+  if (!kind.ok()) return kind.status();
+  auto choice = moed::kernels::CreateBackend(*kind);
+  if (!choice.ok()) return choice.status();
+  std::shared_ptr<moed::kernels::Backend> device = std::move(choice->backend);
+  auto store = moed::cache::Store::Open(store_dir);
+  if (!store.ok()) return store.status();
+  const uint64_t slot = moed::cache::ExpertCache::SlotBytes(**store, precision);
+  CopyRates rates;
+  {
+    auto pinned = device->device().AllocateHost(slot);
+    auto target = device->device().Allocate(slot);
+    if (!pinned.ok()) return pinned.status();
+    if (!target.ok()) return target.status();
+    std::memset(pinned->data(), 1, slot);
+    moed::kernels::Stream& copy = device->copy();
+    uint64_t copies = 0;
+    const auto start = Clock::now();
+    do {
+      for (int i = 0; i < 8; ++i, ++copies) {
+        if (auto s = copy.CopyToDevice(*target, 0, pinned->data(), slot); !s.ok()) return s;
+      }
+      if (auto s = copy.Synchronize(); !s.ok()) return s;
+    } while (Seconds(start, Clock::now()) < seconds);
+    rates.bare_gbps = static_cast<double>(copies * slot) / Seconds(start, Clock::now()) / 1e9;
+  }
+  const auto& c = (*store)->config();
+  moed::cache::CacheOptions options;
+  options.backend = device;
+  options.precision = precision;
+  options.device_bytes = 8 * slot;
+  options.host_bytes = slot * static_cast<uint64_t>(c.NumMoeLayers() * c.num_experts);
+  options.eviction_scope = moed::cache::EvictionScope::kGlobal;
+  auto cache = moed::cache::ExpertCache::Create(*store, options);
+  if (!cache.ok()) return cache.status();
+  std::vector<std::pair<int, int>> experts;
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < c.num_experts; ++e) experts.push_back({l, e});
+  }
+  auto bring = [&](const std::pair<int, int>& expert) -> absl::StatusOr<moed::kernels::Event> {
+    auto handle = (*cache)->Acquire(expert.first, expert.second, precision);
+    if (!handle.ok()) return handle.status();
+    if (auto s = handle->Wait(); !s.ok()) return s;
+    return handle->ready_event();
+  };
+  for (const auto& expert : experts) {  // every expert into the host tier
+    if (auto ready = bring(expert); !ready.ok()) return ready.status();
+  }
+  const uint64_t before = (*cache)->counters().host.hits;
+  moed::kernels::Event last;
+  const auto start = Clock::now();
+  size_t next = 0;
+  do {
+    for (int i = 0; i < 8; ++i, next = (next + 1) % experts.size()) {
+      auto ready = bring(experts[next]);
+      if (!ready.ok()) return ready.status();
+      last = *ready;
+    }
+  } while (Seconds(start, Clock::now()) < seconds);
+  if (auto s = device->device().WaitForEvent(last); !s.ok()) return s;
+  const double elapsed = Seconds(start, Clock::now());
+  rates.tier_copies = (*cache)->counters().host.hits - before;
+  rates.tier_gbps = static_cast<double>(rates.tier_copies * slot) / elapsed / 1e9;
+  return rates;
+}
+
 // Builds the engine of `config`, prefills 4 tokens, decodes `warm` then `steps` tokens of a
 // fixed pseudo-random stream (the synthetic model's greedy output soon repeats one token,
-// which would make its own routing unrealistically repetitive), measuring the `steps`.
+// which would make its own routing unrealistically repetitive), measuring the `steps`. With
+// `fill_host`, every expert is brought in once first (the host tier then holds them all).
 absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int warm, int steps,
-                                 moed::model::Precision loosest = moed::model::Precision::kSource) {
+                                 moed::model::Precision loosest = moed::model::Precision::kSource,
+                                 bool fill_host = false) {
   auto engine = moed::server::BuildEngine(config);
   if (!engine.ok()) return engine.status();
   moed::cache::ExpertCache* raw = engine->cache.get();
+  if (fill_host) {
+    const auto& mc = engine->model_config;
+    for (int l = 0; l < mc.num_layers; ++l) {
+      if (!mc.IsMoeLayer(l)) continue;
+      for (int e = 0; e < mc.num_experts; ++e) {
+        auto handle = raw->Acquire(l, e, raw->options().precision);
+        if (!handle.ok()) return handle.status();
+        if (auto s = handle->Wait(); !s.ok()) return s;
+      }
+    }
+  }
   std::shared_ptr<moed::model::Model> model = engine->model;
   const auto& c = engine->model_config;
   auto kv = model->NewKvCache(8 + warm + steps);
@@ -169,6 +268,10 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
       static_cast<double>((after.ssd_bytes - before.ssd_bytes) -
                           (after.cancelled_read_bytes - before.cancelled_read_bytes)) /
       steps;
+  run.copied_bytes_per_token =
+      static_cast<double>(after.device.bytes_in - before.device.bytes_in) / steps;
+  run.host_computes_per_token =
+      static_cast<double>(after.host_computes - before.host_computes) / steps;
   run.stall_per_token = (after.wait_seconds - before.wait_seconds) / steps;
   run.fallbacks_per_token = static_cast<double>((after.fallbacks_int8 + after.fallbacks_int4) -
                                                 (before.fallbacks_int8 + before.fallbacks_int4)) /
@@ -263,6 +366,8 @@ int main(int argc, char** argv) try {
   std::vector<std::string> predictors = {"off", "history", "affinity", "combined"};
   std::vector<std::string> precision_texts = {"exact"};
   std::string expert_precision = "source";
+  std::string backend = "cpu", host_compute = "off";
+  double host_fraction = 0;
   bool skip_staging = false;
   CLI::App app{
       "moed-bench-offload: SSD staging against fio, decode at cache budgets and prefetch "
@@ -307,6 +412,18 @@ int main(int argc, char** argv) try {
                  "threshold:P:TAU, floor:P (always with the low-bit floor); P is int8 or int4")
       ->capture_default_str()
       ->delimiter(',');
+  app.add_option("--backend", backend, "the compute backend the decode runs on")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--host-cache", host_fraction,
+                 "host tier budget, as a fraction of all experts (1: every expert in RAM, pinned "
+                 "with cuda; the decode roofline then uses the measured copy rate, not fio's)")
+      ->capture_default_str();
+  app.add_option("--host-compute", host_compute,
+                 "with cuda and a host tier: auto runs an expert on the CPU when that is "
+                 "estimated to beat its copy (for the decode's inexact requests only)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "off"}));
   app.add_option("--predict-steps", predict_steps,
                  "decode steps of the own-routing prediction section (0: skip it)")
       ->capture_default_str();
@@ -370,14 +487,36 @@ int main(int argc, char** argv) try {
   const auto& c = (*store)->config();
   const uint64_t slot = moed::cache::ExpertCache::SlotBytes(**store, full_precision);
   const uint64_t all = slot * c.NumMoeLayers() * c.num_experts;
+  // With every expert in the host tier, a miss is a copy to the device: the roofline's
+  // bandwidth is the bare copy rate, measured here.
+  const bool over_copies = host_fraction >= 1.0;
+  double copy_gbps = 0;
+  if (host_fraction > 0) {
+    auto copies = MeasureCopies(store_dir, backend, full_precision, std::min(stage_seconds, 5.0));
+    if (!copies.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(copies.status().message()).c_str());
+      return 1;
+    }
+    copy_gbps = copies->bare_gbps;
+    std::printf(
+        "\n== copies to the device (%s): experts of %.1f MiB from pinned host memory ==\n"
+        "%-34s %9s\n%-34s %9.2f\n%-34s %9.2f   (%.0f%% of the bare copy, %llu copies)\n",
+        backend.c_str(), slot / double(1 << 20), "copy", "GB/s",
+        "bare copy of one pinned buffer", copies->bare_gbps, "expert cache, host tier to device",
+        copies->tier_gbps, copies->bare_gbps > 0 ? 100 * copies->tier_gbps / copies->bare_gbps : 0,
+        static_cast<unsigned long long>(copies->tier_copies));
+  }
+  const double roof_gbps = over_copies ? copy_gbps : fio;
   std::printf(
-      "\n== decode, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 sequence, "
-      "%s routing ==\n",
-      store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20), all / double(1 << 30),
-      c.experts_per_token, routing_trace.empty() ? "the model's own" : routing_trace.c_str());
-  std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s\n", "budget", "prefetch",
-              "precision", "tokens/s", "vs res.", "roofline", "of roof.", "MB read/t", "stall s/t",
-              "roof s/t", "useful/late/waste", "hit rate", "fb/t");
+      "\n== decode on %s, %s: %ld layers x %ld experts of %.1f MiB (%.2f GiB), top-%ld, 1 "
+      "sequence, %s routing, host tier %.0f%% ==\n",
+      backend.c_str(), store_dir.c_str(), c.num_layers, c.num_experts, slot / double(1 << 20),
+      all / double(1 << 30), c.experts_per_token,
+      routing_trace.empty() ? "the model's own" : routing_trace.c_str(), 100 * host_fraction);
+  std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s %6s\n", "budget",
+              "prefetch", "precision", "tokens/s", "vs res.", "roofline", "of roof.",
+              over_copies ? "MB copy/t" : "MB read/t", "stall s/t", "roof s/t",
+              "useful/late/waste", "hit rate", "fb/t", "cpu/t");
   double resident_seconds = 0;
   for (double fraction : budgets) {
     // (predictor, precision setting) pairs.
@@ -395,9 +534,11 @@ int main(int argc, char** argv) try {
       for (size_t i = 0; i < order.size(); ++i) {
         moed::server::DaemonConfig config;
         config.store = store_dir;
-        config.backend = "cpu";
+        config.backend = backend;
         config.expert_precision = expert_precision;
         config.device_cache_bytes = static_cast<int64_t>(fraction * all);
+        config.host_cache_bytes = static_cast<int64_t>(host_fraction * static_cast<double>(all));
+        config.host_compute = host_compute;
         config.io_queue_depth = depth;
         const auto& [predictor, precision] = order[i];
         config.prefetch = predictor;
@@ -417,7 +558,7 @@ int main(int argc, char** argv) try {
         // The resident run warms every expert it uses; the others start from what 2 steps load
         // (the floor's: until the floor is filled, as a daemon would before serving).
         const int warm = fraction >= 1.0 ? 24 : precision.floor ? 24 : 2;
-        auto run = Decode(config, warm, steps, loosest);
+        auto run = Decode(config, warm, steps, loosest, over_copies);
         if (!run.ok()) {
           std::fprintf(stderr, "%s\n", std::string(run.status().message()).c_str());
           return 1;
@@ -432,19 +573,21 @@ int main(int argc, char** argv) try {
       });
       const DecodeRun& median = of[of.size() / 2];
       if (fraction >= 1.0) resident_seconds = median.seconds_per_token;
-      const double read_floor = fio > 0 ? median.missed_bytes_per_token / (fio * 1e9) : 0.0;
+      const double moved =
+          over_copies ? median.copied_bytes_per_token : median.missed_bytes_per_token;
+      const double read_floor = roof_gbps > 0 ? moved / (roof_gbps * 1e9) : 0.0;
       const double roofline = std::max(resident_seconds, read_floor);
       const double per_token = 1.0 / steps;
       std::printf(
           "%6.0f%% %-9s %-18s %9.2f %7.0f%% %9.2f %8.0f%% %10.1f %9.4f %7.4f %5.1f/%4.1f/%5.1f "
-          "%7.0f%% %6.1f",
+          "%7.0f%% %6.1f %6.1f",
           100 * fraction, order[i].first.c_str(), order[i].second.label.c_str(),
           1 / median.seconds_per_token, 100 * resident_seconds / median.seconds_per_token,
           1 / roofline, 100 * roofline / median.seconds_per_token,
-          median.missed_bytes_per_token / 1e6, median.stall_per_token, read_floor,
+          moved / 1e6, median.stall_per_token, read_floor,
           median.delta.prefetch_useful * per_token, median.delta.prefetch_late * per_token,
           median.delta.prefetch_wasted * per_token, 100 * median.hit_rate,
-          median.fallbacks_per_token);
+          median.fallbacks_per_token, median.host_computes_per_token);
       if (of.size() > 1) {
         std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
       }
@@ -452,10 +595,11 @@ int main(int argc, char** argv) try {
     }
   }
   std::printf(
-      "(roofline: max(all-resident time, bytes read / fio); roof s/t: the bytes read at fio's "
-      "bandwidth, the stall a serial reader could not avoid; useful/late/waste: prefetches per "
+      "(roofline: max(all-resident time, bytes moved / %s); roof s/t: those bytes at that "
+      "bandwidth, the stall a serial mover could not avoid; useful/late/waste: prefetches per "
       "token; hit rate: uses served from a resident copy, full or fallback; fb/t: uses per token "
-      "run from a fallback copy)\n");
+      "run from a fallback copy; cpu/t: experts per token run on the CPU instead of copied)\n",
+      over_copies ? "the bare copy rate" : "fio");
 
   if (predict_steps > 0) {
     std::printf(
