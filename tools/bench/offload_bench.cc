@@ -501,9 +501,9 @@ int main(int argc, char** argv) try {
     std::printf(
         "\n== copies to the device (%s): experts of %.1f MiB from pinned host memory ==\n"
         "%-34s %9s\n%-34s %9.2f\n%-34s %9.2f   (%.0f%% of the bare copy, %llu copies)\n",
-        backend.c_str(), slot / double(1 << 20), "copy", "GB/s",
-        "bare copy of one pinned buffer", copies->bare_gbps, "expert cache, host tier to device",
-        copies->tier_gbps, copies->bare_gbps > 0 ? 100 * copies->tier_gbps / copies->bare_gbps : 0,
+        backend.c_str(), slot / double(1 << 20), "copy", "GB/s", "bare copy of one pinned buffer",
+        copies->bare_gbps, "expert cache, host tier to device", copies->tier_gbps,
+        copies->bare_gbps > 0 ? 100 * copies->tier_gbps / copies->bare_gbps : 0,
         static_cast<unsigned long long>(copies->tier_copies));
   }
   const double roof_gbps = over_copies ? copy_gbps : fio;
@@ -515,8 +515,8 @@ int main(int argc, char** argv) try {
       routing_trace.empty() ? "the model's own" : routing_trace.c_str(), 100 * host_fraction);
   std::printf("%-7s %-9s %-18s %9s %8s %9s %9s %10s %9s %7s %17s %8s %6s %6s\n", "budget",
               "prefetch", "precision", "tokens/s", "vs res.", "roofline", "of roof.",
-              over_copies ? "MB copy/t" : "MB read/t", "stall s/t", "roof s/t",
-              "useful/late/waste", "hit rate", "fb/t", "cpu/t");
+              over_copies ? "MB copy/t" : "MB read/t", "stall s/t", "roof s/t", "useful/late/waste",
+              "hit rate", "fb/t", "cpu/t");
   double resident_seconds = 0;
   for (double fraction : budgets) {
     // (predictor, precision setting) pairs.
@@ -583,11 +583,10 @@ int main(int argc, char** argv) try {
           "%7.0f%% %6.1f %6.1f",
           100 * fraction, order[i].first.c_str(), order[i].second.label.c_str(),
           1 / median.seconds_per_token, 100 * resident_seconds / median.seconds_per_token,
-          1 / roofline, 100 * roofline / median.seconds_per_token,
-          moved / 1e6, median.stall_per_token, read_floor,
-          median.delta.prefetch_useful * per_token, median.delta.prefetch_late * per_token,
-          median.delta.prefetch_wasted * per_token, 100 * median.hit_rate,
-          median.fallbacks_per_token, median.host_computes_per_token);
+          1 / roofline, 100 * roofline / median.seconds_per_token, moved / 1e6,
+          median.stall_per_token, read_floor, median.delta.prefetch_useful * per_token,
+          median.delta.prefetch_late * per_token, median.delta.prefetch_wasted * per_token,
+          100 * median.hit_rate, median.fallbacks_per_token, median.host_computes_per_token);
       if (of.size() > 1) {
         std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
       }

@@ -18,13 +18,16 @@ mkdir -p "$BUILD"
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOED_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DMOED_SHARED_DIR="$SHARED" "${launcher[@]}" >"$BUILD/configure.log" 2>&1 ||
   { cat "$BUILD/configure.log" >&2; exit 1; }
-targets=(backend_ops_test kernels_backend_test conformance_golden_config_test moectl)
+targets=(backend_ops_test kernels_backend_test conformance_golden_config_test moectl
+         cache_expert_cache_test moed-bench-offload moed-synth moed-pack)
 cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib" "$OUT/golden" "$OUT/golden-next"
 binaries=("$BUILD/tests/backend_ops_test" "$BUILD/kernels/kernels_backend_test"
-          "$BUILD/tests/conformance_golden_config_test" "$BUILD/client/moectl")
+          "$BUILD/tests/conformance_golden_config_test" "$BUILD/client/moectl"
+          "$BUILD/tools/cache_expert_cache_test" "$BUILD/tools/moed-bench-offload"
+          "$BUILD/tools/moed-synth" "$BUILD/tools/moed-pack")
 cp "${binaries[@]}" "$OUT/bin/"
 strip --strip-debug "$OUT"/bin/*
 # Libraries that are neither the C runtime nor CUDA's (both are on the GPU machine).

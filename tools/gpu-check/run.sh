@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root, with gpu-check/ carried there: the
-# operator table on the CUDA device, the backend tests, the golden logits on the device, and
-# moectl logits --backend cuda beside --backend cpu. Under 8 minutes; the log lands in
-# $OUT/gpu-check.log when $OUT is set.
+# operator table on the CUDA device, the backend tests, the golden logits on the device,
+# moectl logits --backend cuda beside --backend cpu, the expert cache's device tier on the GPU
+# (exact mode at 25 and 50 % budgets bitwise equal to all-resident on the GPU, and the
+# ordering tests), compute-sanitizer where the machine allows it, and the offload benchmark
+# over PCIe. Under 8 minutes; the log lands in $OUT/gpu-check.log when $OUT is set.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOG=${OUT:-/tmp}/gpu-check.log
@@ -52,5 +54,30 @@ sys.exit(0 if same and diff <= 1e-4 else 1)
 PY
   tail -1 "$LOG"
 done
+# The device tier in GPU memory: the overlap tests run a CUDA row beside the stand-in's.
+step "$HERE/bin/cache_expert_cache_test" "*overlap*" -r compact
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$sanitizer" ]; then
+  step "$sanitizer" --tool memcheck --error-exitcode 1 "$HERE/bin/kernels_backend_test" -r compact
+  step "$sanitizer" --tool memcheck --error-exitcode 1 "$HERE/bin/cache_expert_cache_test" \
+    "overlap: compute waits*" -r compact
+  step "$sanitizer" --tool racecheck --error-exitcode 1 "$HERE/bin/kernels_backend_test" -r compact
+else
+  echo "=== compute-sanitizer: not on this machine" | tee -a "$LOG"
+fi
+# Offload over PCIe: a Mixtral-shaped model (bench-1g) whose experts are twice the device budget
+# at 50 %, every expert in pinned RAM, against all-resident on this GPU and the roofline.
+bench=/tmp/moed-bench
+rm -rf "$bench" && mkdir -p "$bench"
+if timeout 120 "$HERE/bin/moed-synth" --preset bench-1g --out "$bench/bench-1g" >>"$LOG" 2>&1 &&
+   timeout 120 "$HERE/bin/moed-pack" --model "$bench/bench-1g" --out "$bench/bench-1g-store" \
+     --precisions source,int4 >>"$LOG" 2>&1; then
+  step "$HERE/bin/moed-bench-offload" --backend cuda --store "$bench/bench-1g-store" \
+    --host-cache 1 --budgets 1,0.5,0.25 --prefetch off --skip-staging --seconds 3 --steps 32 \
+    --predict-steps 0
+else
+  echo "=== bench model: synthesis or packing failed" | tee -a "$LOG"
+  status=1
+fi
 echo "gpu-check: $([ $status -eq 0 ] && echo passed || echo FAILED)" | tee -a "$LOG"
 exit $status
