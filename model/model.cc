@@ -557,47 +557,34 @@ absl::Status Model::SetHostBackend(std::shared_ptr<kernels::Backend> host) {
 
 absl::Status Model::HostExpert(const ExpertWeights& weights,
                                const std::vector<std::pair<int32_t, int32_t>>& tokens,
-                               StepBuffers& step, std::vector<float>& host_x) {
+                               StepBuffers& step) {
   if (host_backend_ == nullptr) {
     return absl::FailedPreconditionError(
         "the expert provider handed over an expert to run on the host, and the model has no host "
         "backend");
   }
-  kernels::Stream& s = backend_->compute();
   const int64_t h = config_.hidden_size;
-  const auto arena_offset = [&](const void* p) {
-    return static_cast<size_t>(static_cast<const char*>(p) -
-                               static_cast<const char*>(step.arena->data()));
-  };
-  if (host_x.empty()) {
-    host_x.resize(static_cast<size_t>(step.n * h));
-    MOED_RETURN_IF_ERROR(
-        s.CopyToHost(host_x.data(), *step.arena, arena_offset(step.x), host_x.size() * 4));
-  }
   const auto m = static_cast<int64_t>(tokens.size());
   host_rows_.clear();
   host_out_rows_.clear();
-  for (int64_t i = 0; i < m; ++i) {
-    host_rows_.push_back(tokens[static_cast<size_t>(i)].first);
-    host_out_rows_.push_back(static_cast<int32_t>(i));
+  for (const auto& [token, slot] : tokens) {
+    host_rows_.push_back(token);
+    host_out_rows_.push_back(slot);
   }
-  // The last expert's outputs may still be being copied out of host_out_.
-  MOED_RETURN_IF_ERROR(backend_->device().WaitForEvent(host_out_read_));
-  host_out_.resize(static_cast<size_t>(m * h));
   host_scratch_.resize(
       static_cast<size_t>(kernels::ExpertFfnScratchFloats(m, h, weights.gate.rows)));
+  float* out = host_out_.as<float>();
   kernels::Stream& cpu = host_backend_->compute();
-  MOED_RETURN_IF_ERROR(cpu.ExpertFfn(weights, host_x.data(), host_rows_.data(), m, host_out_.data(),
+  MOED_RETURN_IF_ERROR(cpu.ExpertFfn(weights, host_x_.data(), host_rows_.data(), m, out,
                                      host_out_rows_.data(), host_scratch_.data()));
   MOED_RETURN_IF_ERROR(cpu.Synchronize());
-  // Each output to its (token, rank) slot; queued copies read their source when queued.
-  for (int64_t i = 0; i < m; ++i) {
-    const int32_t slot = tokens[static_cast<size_t>(i)].second;
-    MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, arena_offset(step.expert_out + slot * h),
-                                        host_out_.data() + i * h,
-                                        static_cast<size_t>(h) * sizeof(float)));
+  kernels::Stream& s = backend_->compute();
+  const auto expert_out_at = static_cast<size_t>(reinterpret_cast<const char*>(step.expert_out) -
+                                                 static_cast<const char*>(step.arena->data()));
+  for (int32_t slot : host_out_rows_) {
+    MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, expert_out_at + slot * h * sizeof(float),
+                                        out + slot * h, static_cast<size_t>(h) * sizeof(float)));
   }
-  MOED_ASSIGN_OR_RETURN(host_out_read_, s.Record());
   return absl::OkStatus();
 }
 
@@ -624,6 +611,18 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
   MOED_RETURN_IF_ERROR(s.CopyToHost(gate_weights.data(), *step.arena,
                                     arena_offset(step.gate_weights),
                                     gate_weights.size() * sizeof(float)));
+  if (host_backend_ != nullptr) {
+    // Experts may run on the host: their input comes back now, while the stream is idle
+    // anyway, not later behind experts waiting for their copies.
+    host_x_.resize(static_cast<size_t>(n * h));
+    MOED_RETURN_IF_ERROR(
+        s.CopyToHost(host_x_.data(), *step.arena, arena_offset(step.x), host_x_.size() * 4));
+    const size_t out_bytes = static_cast<size_t>(n * k * h) * sizeof(float);
+    if (host_out_.size() < out_bytes) {
+      host_out_ = kernels::DeviceBuffer();
+      MOED_ASSIGN_OR_RETURN(host_out_, backend_->device().AllocateHost(out_bytes));
+    }
+  }
   if (routing_override_ != nullptr) {
     bool changed = false;
     for (int64_t t = 0; t < n; ++t) {
@@ -706,12 +705,11 @@ absl::Status Model::MoeBlock(int layer, StepBuffers& step, ForwardOutput* output
                                       rows.size() * sizeof(int32_t)));
   MOED_RETURN_IF_ERROR(s.CopyToDevice(*step.arena, step.expert_slots_offset, slots.data(),
                                       slots.size() * sizeof(int32_t)));
-  std::vector<float> host_x;  // step.x on the host, once an expert runs there
   MOED_RETURN_IF_ERROR(experts_->ForEachExpert(
       layer, needed,
       [&](int e, const ExpertWeights& served_weights, const ExpertServed& served) -> absl::Status {
         output->expert_uses.push_back({layer, e, served});
-        if (served.on_host) return HostExpert(served_weights, tokens_of[e], step, host_x);
+        if (served.on_host) return HostExpert(served_weights, tokens_of[e], step);
         MOED_ASSIGN_OR_RETURN(ExpertWeights ew, OnDevice(served_weights));
         MOED_RETURN_IF_ERROR(s.Wait(served.ready));  // a copy may still be filling them
         const int64_t m = static_cast<int64_t>(tokens_of[e].size());

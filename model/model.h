@@ -204,11 +204,12 @@ class Model {
   // The expert's weights where the backend computes on them: as served, or copied into the
   // staging buffer when the provider serves host memory the device cannot read.
   absl::StatusOr<ExpertWeights> OnDevice(const ExpertWeights& served);
-  // One expert on the host backend: its tokens' rows of step.x come to the host (once per
-  // layer, into host_x), its outputs go back into their slots of step.expert_out.
+  // One expert on the host backend over its tokens' rows of host_x_ (step.x, brought back
+  // with the layer's routing), its outputs into their (token, rank) slots of host_out_ and from
+  // there, on the compute stream, into the same slots of step.expert_out.
   absl::Status HostExpert(const ExpertWeights& weights,
-                          const std::vector<std::pair<int32_t, int32_t>>& tokens, StepBuffers& step,
-                          std::vector<float>& host_x);
+                          const std::vector<std::pair<int32_t, int32_t>>& tokens,
+                          StepBuffers& step);
 
   ModelConfig config_;
   std::shared_ptr<kernels::Backend> backend_;
@@ -223,9 +224,12 @@ class Model {
   std::shared_ptr<RoutingOverride> routing_override_;
   kernels::DeviceBuffer expert_staging_;
   std::shared_ptr<kernels::Backend> host_backend_;
-  std::vector<float> host_out_, host_scratch_;  // HostExpert's, reused
+  // HostExpert's: the layer's normed hidden states, and pinned memory the copy to the device
+  // reads without holding up the compute stream (each slot is written once per layer, and the
+  // next layer's routing waits for the stream, copies included, before it is reused).
+  std::vector<float> host_x_, host_scratch_;
   std::vector<int32_t> host_rows_, host_out_rows_;
-  kernels::Event host_out_read_;  // the compute stream's copies out of host_out_
+  kernels::DeviceBuffer host_out_;
   // MLA: inv_freq of the rope slice (doubles, YaRN-adjusted) and its shapes.
   kernels::DeviceBuffer rope_inv_freq_;
   kernels::RotarySpec q_rotary_, k_rotary_;
