@@ -246,7 +246,7 @@ absl::Status PackInto(const std::string& model_dir, const fs::path& out,
   manifest.experts_file_size = experts.size();
   MOED_RETURN_IF_ERROR(experts.Close());
 
-  MOED_RETURN_IF_ERROR(CopyNonWeightFiles(model_dir, out.string()));
+  MOED_RETURN_IF_ERROR(CopyServingFiles(model_dir, out.string()));
   MOED_ASSIGN_OR_RETURN(FileWriter manifest_file, FileWriter::Create(out / "manifest.json"));
   std::string text = cache::ManifestJson(manifest);
   MOED_RETURN_IF_ERROR(manifest_file.Write(text.data(), text.size()));

@@ -126,6 +126,29 @@ TEST_CASE("packing is deterministic, atomic and refuses to overwrite") {
   CHECK((*store)->manifest().blobs.size() == 2 * 8 * 3);  // layers x experts x precisions
 }
 
+TEST_CASE("a store takes the checkpoint's serving files and nothing else beside its weights") {
+  TempDir tmp;
+  fs::path checkpoint = tmp.path / "m";
+  REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
+              .ok());
+  // What sits beside a downloaded checkpoint: its template and generation config, and files
+  // serving never reads (another format's weights, a model card, a directory).
+  std::ofstream(checkpoint / "chat_template.jinja") << "{{ messages[0].content }}";
+  std::ofstream(checkpoint / "generation_config.json") << R"({"temperature": 0.6})";
+  std::ofstream(checkpoint / "model-q4.gguf") << std::string(1 << 16, 'w');
+  std::ofstream(checkpoint / "README.md") << "# a model card";
+  fs::create_directories(checkpoint / "original");
+  REQUIRE(Pack(checkpoint.string(), (tmp.path / "s").string(), PackOptions{}).ok());
+  for (const char* file :
+       {"config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json"}) {
+    INFO(file);
+    CHECK(ReadFile(tmp.path / "s" / file) == ReadFile(checkpoint / file));
+  }
+  CHECK_FALSE(fs::exists(tmp.path / "s" / "model-q4.gguf"));
+  CHECK_FALSE(fs::exists(tmp.path / "s" / "README.md"));
+  CHECK_FALSE(fs::exists(tmp.path / "s" / "original"));
+}
+
 TEST_CASE("corrupt and truncated stores fail with errors that say where") {
   TempDir tmp;
   fs::path checkpoint = tmp.path / "m";

@@ -61,7 +61,7 @@ absl::Status Reencode(const std::string& model_dir, const std::string& out_dir,
   if (error) return absl::UnavailableError(absl::StrCat(out_dir, ": ", error.message()));
 
   // Everything that is not weights comes along; config.json gets the new dtype.
-  MOED_RETURN_IF_ERROR(CopyNonWeightFiles(model_dir, out_dir));
+  MOED_RETURN_IF_ERROR(CopyServingFiles(model_dir, out_dir));
   {
     std::ifstream in(fs::path(model_dir) / "config.json");
     nlohmann::ordered_json config = nlohmann::ordered_json::parse(in, nullptr, false);
