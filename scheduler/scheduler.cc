@@ -78,7 +78,13 @@ bool RequestHandle::cancelled() const {
 Scheduler::Scheduler(std::shared_ptr<model::Model> model,
                      std::shared_ptr<const model::Tokenizer> tokenizer,
                      const SchedulerOptions& options)
-    : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(options) {
+    : model_(std::move(model)),
+      tokenizer_(std::move(tokenizer)),
+      options_(options),
+      sampling_pool_(
+          options.sampling_threads > 0
+              ? options.sampling_threads
+              : std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8)) {
   const auto max_running =
       static_cast<uint64_t>(std::max(options_.max_batch, options_.max_running));
   const model::KvBlockPool* pool = model_->kv_pool();
@@ -615,12 +621,23 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
       }
     }
   }
+  // The sequences whose prefix is all in sample a token, each from its own row with its own
+  // sampler: in parallel, then in order for everything else.
+  std::vector<size_t> sampling;
+  for (size_t i = 0; i < owners.size(); ++i) {
+    owners[i]->prefilled += chunk[i];
+    if (owners[i]->prefilled >= owners[i]->context.size()) sampling.push_back(i);
+  }
+  std::vector<model::TokenChoice> choices(owners.size());
+  sampling_pool_.ParallelFor(sampling.size(), [&](size_t j) {
+    const size_t i = sampling[j];
+    choices[i] = owners[i]->sampler->Next(
+        absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
+  });
   for (size_t i = 0; i < owners.size(); ++i) {
     Sequence& seq = *owners[i];
-    seq.prefilled += chunk[i];
     if (seq.prefilled < seq.context.size()) continue;  // more prefix to go
-    model::TokenChoice choice = seq.sampler->Next(
-        absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
+    model::TokenChoice& choice = choices[i];
     if (options_.observer != nullptr) {
       const std::chrono::steady_clock::time_point since =
           seq.generated.empty() ? seq.submitted : seq.last_token;

@@ -22,6 +22,7 @@
 #include "model/sampler.h"
 #include "model/tokenizer.h"
 #include "scheduler/step_selection.h"
+#include "scheduler/worker_pool.h"
 
 namespace moed::scheduler {
 
@@ -48,6 +49,10 @@ struct SchedulerOptions {
   std::function<ResidentSet()> resident_experts;
   // When set, told what each request does as it runs (for metrics).
   std::shared_ptr<RequestObserver> observer;
+  // Threads that sample a step's sequences, the engine thread's included (each sequence's
+  // sampler is its own, so the tokens do not depend on this); 0: one per hardware thread, at
+  // most 8.
+  int sampling_threads = 0;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled };
@@ -221,6 +226,7 @@ class Scheduler {
   std::shared_ptr<model::Model> model_;
   std::shared_ptr<const model::Tokenizer> tokenizer_;
   SchedulerOptions options_;
+  WorkerPool sampling_pool_;  // the engine thread's, for sampling a step's sequences
 
   mutable std::mutex mutex_;
   std::condition_variable work_;

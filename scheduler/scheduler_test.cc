@@ -356,6 +356,37 @@ TEST_CASE(
   f.model->SetKvBudget(0);
 }
 
+TEST_CASE("sampled requests batched together get the tokens they get alone, sampled in parallel") {
+  Fixture f;
+  const int requests = 8;
+  std::vector<Outcome> alone;
+  {
+    SchedulerOptions serial;
+    serial.sampling_threads = 1;
+    Scheduler scheduler(f.model, nullptr, serial);
+    for (int i = 0; i < requests; ++i) {
+      auto handle = scheduler.Submit(ToContextEnd(i));
+      REQUIRE(handle.ok());
+      alone.push_back(Collect(**handle));
+      REQUIRE(alone.back().error.ok());
+    }
+  }
+  for (int threads : {2, 4}) {
+    SchedulerOptions options;
+    options.max_batch = requests;
+    options.sampling_threads = threads;
+    Scheduler scheduler(f.model, nullptr, options);
+    std::vector<std::shared_ptr<RequestHandle>> handles;
+    for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(ToContextEnd(i)));
+    for (int i = 0; i < requests; ++i) {
+      INFO(threads << " sampling threads, request " << i);
+      Outcome outcome = Collect(*handles[i]);
+      CHECK(outcome.error.ok());
+      CHECK(outcome.tokens == alone[i].tokens);
+    }
+  }
+}
+
 TEST_CASE(
     "a damaged expert fails only the requests routed to it, and the others in its steps "
     "complete with the tokens of a fault-free run") {
