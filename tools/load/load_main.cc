@@ -1,18 +1,26 @@
 // moed-load: N concurrent streaming clients, M requests each, against a running daemon.
 // Checks that every stream ends with the expected finish reason and token count, and prints
-// throughput, time to first token and inter-token latency percentiles.
+// throughput, time to first token, prefill and per-stream decode rates and inter-token latency
+// per token. With --engine-config, first runs the same requests one at a time on an engine built
+// in this process from the daemon's config file, and prints the daemon's rates against it.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <mutex>
+#include <optional>
+#include <sstream>
 #include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "client/client.h"
+#include "model/sampler.h"
+#include "server/config.h"
+#include "server/engine.h"
 
 namespace {
 
@@ -25,13 +33,106 @@ double Percentile(std::vector<double> values, double p) {
   return values[std::min(index, values.size() - 1)];
 }
 
+double Ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// What one request's stream looked like: when each message with tokens arrived and how many
+// tokens it carried.
+struct StreamTimes {
+  Clock::time_point sent;
+  std::vector<std::pair<Clock::time_point, uint32_t>> messages;
+  uint32_t prompt_tokens = 0;
+};
+
+// The rates of a set of streams: prefill as prompt tokens / time to first token, decode per
+// stream as (tokens - 1) / (last token's time - first's), and the inter-token latency per
+// token: a message's gap divided among its tokens, so that batching tokens into fewer messages
+// changes nothing.
+struct Rates {
+  std::vector<double> ttft_ms, prefill_tps, decode_tps, itl_ms;
+  void Add(const StreamTimes& stream) {
+    if (stream.messages.empty()) return;
+    const double ttft = Ms(stream.sent, stream.messages.front().first);
+    ttft_ms.push_back(ttft);
+    if (stream.prompt_tokens > 0 && ttft > 0)
+      prefill_tps.push_back(stream.prompt_tokens / ttft * 1e3);
+    uint64_t tokens = 0;
+    for (size_t i = 0; i < stream.messages.size(); ++i) {
+      const auto& [at, count] = stream.messages[i];
+      tokens += count;
+      if (i == 0) continue;
+      const double gap = Ms(stream.messages[i - 1].first, at);
+      for (uint32_t t = 0; t < count; ++t) itl_ms.push_back(gap / count);
+    }
+    const double span = Ms(stream.messages.front().first, stream.messages.back().first);
+    // The first message's tokens were there at its time; the rest took `span`.
+    const uint64_t after_first = tokens - stream.messages.front().second;
+    if (after_first > 0 && span > 0) decode_tps.push_back(after_first / span * 1e3);
+  }
+  void Print(const char* who) const {
+    std::printf(
+        "%-7s TTFT ms p50 %.1f p90 %.1f | prefill tok/s p50 %.0f | decode tok/s per "
+        "stream p50 %.1f (p10 %.1f, p90 %.1f) | ITL ms per token p50 %.1f p90 %.1f p99 "
+        "%.1f\n",
+        who, Percentile(ttft_ms, 50), Percentile(ttft_ms, 90), Percentile(prefill_tps, 50),
+        Percentile(decode_tps, 50), Percentile(decode_tps, 10), Percentile(decode_tps, 90),
+        Percentile(itl_ms, 50), Percentile(itl_ms, 90), Percentile(itl_ms, 99));
+  }
+};
+
+std::vector<int32_t> PromptTokens(int client, int request, int count) {
+  std::vector<int32_t> tokens;
+  for (int i = 0; i < count; ++i) tokens.push_back(1 + (client * 131 + request * 17 + i * 7) % 250);
+  return tokens;
+}
+
+// The requests of client 0 run one at a time on an engine built from the daemon's config:
+// prefill, then `max_tokens` tokens sampled as the daemon samples them (temperature,
+// seed), each a step of its own, timed as a stream's messages would be.
+absl::StatusOr<Rates> EngineRates(const std::string& config_path, int requests, int prompt_count,
+                                  uint32_t max_tokens, float temperature) {
+  std::ifstream in(config_path);
+  if (!in) return absl::NotFoundError(config_path + ": cannot read");
+  std::stringstream text;
+  text << in.rdbuf();
+  moed::server::DaemonConfig config;
+  if (auto s = moed::server::ApplyConfigJson(text.str(), config_path, &config); !s.ok()) return s;
+  auto engine = moed::server::BuildEngine(config);
+  if (!engine.ok()) return engine.status();
+  moed::model::Model& model = *engine->model;
+  Rates rates;
+  for (int r = 0; r < requests; ++r) {
+    StreamTimes stream;
+    const std::vector<int32_t> prompt = PromptTokens(0, r, prompt_count);
+    stream.prompt_tokens = static_cast<uint32_t>(prompt.size());
+    moed::model::SamplingParams params;
+    params.temperature = temperature;
+    params.seed = static_cast<uint64_t>(r);
+    moed::model::Sampler sampler(params, prompt, 0);
+    auto kv = model.NewKvCache(static_cast<int64_t>(prompt.size() + max_tokens + 1));
+    moed::model::SequenceInput input{kv.get(), prompt, false};
+    stream.sent = Clock::now();
+    for (uint32_t t = 0; t < max_tokens; ++t) {
+      auto out = model.Forward(absl::MakeSpan(&input, 1));
+      if (!out.ok()) return out.status();
+      const moed::model::TokenChoice choice = sampler.Next(absl::MakeConstSpan(out->logits));
+      stream.messages.push_back({Clock::now(), 1});
+      input.tokens = {choice.token};
+    }
+    rates.Add(stream);
+  }
+  return rates;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   std::string server = "127.0.0.1:50051";
   int clients = 8, requests = 4, prompt_tokens = 16;
   uint32_t max_tokens = 32;
-  std::string prompt;
+  std::string prompt, engine_config;
+  float temperature = 0.8f;
   CLI::App app{"moed-load: concurrent streaming load against a moed daemon"};
   app.add_option("--server", server, "daemon address")->capture_default_str();
   app.add_option("--clients", clients, "concurrent streaming clients")->capture_default_str();
@@ -41,9 +142,29 @@ int main(int argc, char** argv) try {
   app.add_option("--prompt-tokens", prompt_tokens, "prompt length in token ids")
       ->capture_default_str();
   app.add_option("--prompt", prompt, "a text prompt instead of token ids");
+  app.add_option("--temperature", temperature, "sampling temperature (0: greedy)")
+      ->capture_default_str();
+  app.add_option("--engine-config", engine_config,
+                 "the daemon's JSON config file: first run client 0's requests one at a time on "
+                 "an engine built from it in this process, and print the daemon's rates against "
+                 "it (run the daemon with --config on the same file, idle meanwhile)");
   CLI11_PARSE(app, argc, argv);
+  if (!engine_config.empty() && !prompt.empty()) {
+    std::cerr << "moed-load: --engine-config runs token-id prompts only (no --prompt)\n";
+    return 2;
+  }
+  std::optional<Rates> engine_rates;
+  if (!engine_config.empty()) {
+    auto rates = EngineRates(engine_config, requests, prompt_tokens, max_tokens, temperature);
+    if (!rates.ok()) {
+      std::cerr << "moed-load: engine: " << rates.status() << "\n";
+      return 1;
+    }
+    engine_rates = *std::move(rates);
+  }
 
   std::mutex mutex;
+  Rates daemon_rates;  // under mutex
   std::vector<double> ttft_ms, itl_ms;
   uint64_t bytes_staged = 0, expert_uses = 0, device_hits = 0;  // under mutex
   std::atomic<int> failures{0};
@@ -57,19 +178,20 @@ int main(int argc, char** argv) try {
       for (int r = 0; r < requests; ++r) {
         moed::v1::GenerateRequest request;
         if (prompt.empty()) {
-          for (int i = 0; i < prompt_tokens; ++i)
-            request.add_prompt_token_ids(
-                static_cast<uint32_t>(1 + (c * 131 + r * 17 + i * 7) % 250));
+          for (int32_t token : PromptTokens(c, r, prompt_tokens))
+            request.add_prompt_token_ids(static_cast<uint32_t>(token));
         } else {
           request.set_prompt(prompt);
         }
         request.set_request_id("load-" + std::to_string(c) + "-" + std::to_string(r));
         request.mutable_sampling()->set_max_tokens(max_tokens);
-        request.mutable_sampling()->set_temperature(0.8f);
+        request.mutable_sampling()->set_temperature(temperature);
         request.mutable_sampling()->set_seed(static_cast<uint64_t>(c) * 1000 +
                                              static_cast<uint64_t>(r));
+        StreamTimes times;
         request.mutable_sampling()->set_ignore_eos(true);
         auto sent = Clock::now();
+        times.sent = sent;
         auto previous = sent;
         bool first = true;
         uint64_t got = 0;
@@ -88,6 +210,7 @@ int main(int argc, char** argv) try {
             }
             previous = now;
             got += static_cast<uint64_t>(m.token_ids_size());
+            times.messages.push_back({now, static_cast<uint32_t>(m.token_ids_size())});
           }
           last = m;
           return true;
@@ -109,6 +232,8 @@ int main(int argc, char** argv) try {
         device_hits += es.device_hits();
         ttft_ms.push_back(local_ttft);
         itl_ms.insert(itl_ms.end(), local_itl.begin(), local_itl.end());
+        times.prompt_tokens = last.usage().prompt_tokens();
+        daemon_rates.Add(times);
       }
     });
   }
@@ -120,8 +245,17 @@ int main(int argc, char** argv) try {
               (clients * requests - failures.load()) / seconds, seconds);
   std::printf("TTFT ms      p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(ttft_ms, 50),
               Percentile(ttft_ms, 90), Percentile(ttft_ms, 99));
-  std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(itl_ms, 50),
-              Percentile(itl_ms, 90), Percentile(itl_ms, 99));
+  std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f (between messages)\n",
+              Percentile(itl_ms, 50), Percentile(itl_ms, 90), Percentile(itl_ms, 99));
+  if (engine_rates.has_value()) engine_rates->Print("engine");
+  daemon_rates.Print("daemon");
+  if (engine_rates.has_value()) {
+    const double engine_decode = Percentile(engine_rates->decode_tps, 50);
+    const double engine_prefill = Percentile(engine_rates->prefill_tps, 50);
+    std::printf("daemon / engine: decode per stream %.2f, prefill %.2f (medians)\n",
+                engine_decode > 0 ? Percentile(daemon_rates.decode_tps, 50) / engine_decode : 0,
+                engine_prefill > 0 ? Percentile(daemon_rates.prefill_tps, 50) / engine_prefill : 0);
+  }
   if (bytes_staged > 0) {
     // From each request's expert_stats: bytes staged add up to the cache's own.
     std::printf(
