@@ -1194,6 +1194,39 @@ TEST_CASE("overlap: experts computed on the host keep exact mode bitwise all-res
   }
 }
 
+TEST_CASE("overlap: failed reads through a staging buffer give it back, and the cache goes on") {
+  Fixture f(model::Architecture::kMixtral);
+  const int used = f.reference.routing[1][0][0];
+  const BlobEntry* victim = f.store->manifest().FindBlob(1, used, Precision::kSource);
+  REQUIRE(victim != nullptr);
+  for (Fault fault : {Fault::kIoError, Fault::kCorrupt}) {
+    for (uint64_t host : {uint64_t{0}, f.AllExpertsBytes(Precision::kSource)}) {
+      INFO("fault " << static_cast<int>(fault) << " host " << host);
+      auto backend = DelayedBackend(std::chrono::microseconds(20));
+      CacheOptions options = SmallBudget(f);
+      options.backend = backend;
+      options.host_bytes = host;
+      options.staging_buffers = 1;  // a buffer kept by a failed read would stall every read after
+      FaultInjectingReader* injector = nullptr;
+      std::unique_ptr<ExpertCache> cache = FaultyCache(f, options, &injector);
+      ExpertCache* raw = cache.get();
+      injector->Inject(victim->offset, fault, -1);
+      auto model = model::Model::Create(f.store->config(), f.store, std::move(cache), backend);
+      REQUIRE(model.ok());
+      auto failed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+      REQUIRE_FALSE(failed.ok());
+      CHECK(failed.status().message().rfind(
+                "layer 1 expert " + std::to_string(used) + " (source): ", 0) == 0);
+      injector->Clear();
+      auto healed = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+      REQUIRE(healed.ok());
+      CHECK(healed->prompt_logits == f.reference.prompt_logits);
+      CHECK(healed->greedy == f.reference.greedy);
+      WaitFor([&] { return raw->counters().copy_bytes_queued == 0; });
+    }
+  }
+}
+
 TEST_CASE("byte sizes parse with binary suffixes") {
   CHECK(*ParseByteSize("1024") == 1024);
   CHECK(*ParseByteSize("64K") == 65536);
