@@ -83,6 +83,7 @@ struct Rates {
 
 std::vector<int32_t> PromptTokens(int client, int request, int count) {
   std::vector<int32_t> tokens;
+  tokens.reserve(static_cast<size_t>(std::max(count, 0)));
   for (int i = 0; i < count; ++i) tokens.push_back(1 + (client * 131 + request * 17 + i * 7) % 250);
   return tokens;
 }
