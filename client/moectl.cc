@@ -166,6 +166,10 @@ int RunInfo(const GlobalOptions& options) {
                 << "; background reads: floor " << c.floor_reads() << ", upgrade "
                 << c.upgrade_reads();
     }
+    if (c.host_computes() > 0 || c.copy_bytes_queued() > 0) {
+      std::cout << "\n  GPU copies: " << Mib(c.copy_bytes_queued()) << " queued; "
+                << c.host_computes() << " experts run on the CPU instead";
+    }
     std::cout << "\n";
   }
   std::cout << "requests:     " << info->requests_running() << " running, "
