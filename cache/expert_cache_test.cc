@@ -1194,6 +1194,29 @@ TEST_CASE("overlap: experts computed on the host keep exact mode bitwise all-res
   }
 }
 
+TEST_CASE(
+    "overlap: an expert handed over to run on the host fails a model without a host backend") {
+  Fixture f(model::Architecture::kMixtral);
+  auto backend = DelayedBackend(std::chrono::microseconds(0));
+  CacheOptions options;
+  options.backend = backend;
+  options.device_bytes = ExpertCache::MinimumDeviceBytes(*f.store, Precision::kSource);
+  options.host_bytes = f.AllExpertsBytes(Precision::kSource);
+  options.host_compute.enabled = true;
+  options.host_compute.bitwise_equal = true;
+  options.host_compute.copy_bytes_per_second = 1;  // the CPU always wins
+  auto cache = ExpertCache::Create(f.store, options);
+  REQUIRE(cache.ok());
+  auto model = model::Model::Create(f.store->config(), f.store, *std::move(cache), backend);
+  REQUIRE(model.ok());
+  CHECK((*model)->SetHostBackend(backend).code() == absl::StatusCode::kInvalidArgument);
+  // The first step fills the host tier; a later one finds experts there and no host backend.
+  auto result = model::ScoreAndGreedy(**model, Fixture::kPrompt, 6);
+  REQUIRE_FALSE(result.ok());
+  CHECK(result.status().code() == absl::StatusCode::kFailedPrecondition);
+  CHECK(result.status().message().find("no host backend") != std::string::npos);
+}
+
 TEST_CASE("overlap: failed reads through a staging buffer give it back, and the cache goes on") {
   Fixture f(model::Architecture::kMixtral);
   const int used = f.reference.routing[1][0][0];

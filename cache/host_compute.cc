@@ -12,11 +12,10 @@ namespace moed::cache {
 
 absl::Status ValidateHostCompute(const HostComputeOptions& options) {
   if (!options.enabled) return absl::OkStatus();
-  for (double rate : {options.copy_bytes_per_second}) {
-    if (!(rate > 0) || !std::isfinite(rate)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("host compute needs a positive copy rate, not ", rate, " bytes/s"));
-    }
+  const double rate = options.copy_bytes_per_second;
+  if (!(rate > 0) || !std::isfinite(rate)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("host compute needs a positive copy rate, not ", rate, " bytes/s"));
   }
   for (double seconds : {options.host_seconds_per_expert, options.host_seconds_per_token}) {
     if (!(seconds >= 0) || !std::isfinite(seconds)) {

@@ -143,6 +143,33 @@ struct CopyRates {
   uint64_t tier_copies = 0;
 };
 
+// Every routed expert of the model, layer by layer.
+std::vector<std::pair<int, int>> AllExperts(const moed::model::ModelConfig& c) {
+  std::vector<std::pair<int, int>> experts;
+  for (int l = 0; l < c.num_layers; ++l) {
+    if (!c.IsMoeLayer(l)) continue;
+    for (int e = 0; e < c.num_experts; ++e) experts.push_back({l, e});
+  }
+  return experts;
+}
+
+// Claims one expert and waits until its copy is queued: the event it is done at.
+absl::StatusOr<moed::kernels::Event> Bring(moed::cache::ExpertCache& cache,
+                                           const std::pair<int, int>& expert) {
+  auto handle = cache.Acquire(expert.first, expert.second, cache.options().precision);
+  if (!handle.ok()) return handle.status();
+  if (auto s = handle->Wait(); !s.ok()) return s;
+  return handle->ready_event();
+}
+
+// Brings every expert in once (with a host tier that holds them all, it then does).
+absl::Status BringAll(moed::cache::ExpertCache& cache, const moed::model::ModelConfig& c) {
+  for (const auto& expert : AllExperts(c)) {
+    if (auto ready = Bring(cache, expert); !ready.ok()) return ready.status();
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CopyRates> MeasureCopies(const std::string& store_dir, const std::string& backend,
                                         moed::cache::Precision precision, double seconds) {
   auto kind = moed::kernels::ParseBackendKind(backend);
@@ -180,27 +207,15 @@ absl::StatusOr<CopyRates> MeasureCopies(const std::string& store_dir, const std:
   options.eviction_scope = moed::cache::EvictionScope::kGlobal;
   auto cache = moed::cache::ExpertCache::Create(*store, options);
   if (!cache.ok()) return cache.status();
-  std::vector<std::pair<int, int>> experts;
-  for (int l = 0; l < c.num_layers; ++l) {
-    if (!c.IsMoeLayer(l)) continue;
-    for (int e = 0; e < c.num_experts; ++e) experts.push_back({l, e});
-  }
-  auto bring = [&](const std::pair<int, int>& expert) -> absl::StatusOr<moed::kernels::Event> {
-    auto handle = (*cache)->Acquire(expert.first, expert.second, precision);
-    if (!handle.ok()) return handle.status();
-    if (auto s = handle->Wait(); !s.ok()) return s;
-    return handle->ready_event();
-  };
-  for (const auto& expert : experts) {  // every expert into the host tier
-    if (auto ready = bring(expert); !ready.ok()) return ready.status();
-  }
+  if (auto s = BringAll(**cache, c); !s.ok()) return s;  // every expert into the host tier
+  const std::vector<std::pair<int, int>> experts = AllExperts(c);
   const uint64_t before = (*cache)->counters().host.hits;
   moed::kernels::Event last;
   const auto start = Clock::now();
   size_t next = 0;
   do {
     for (int i = 0; i < 8; ++i, next = (next + 1) % experts.size()) {
-      auto ready = bring(experts[next]);
+      auto ready = Bring(**cache, experts[next]);
       if (!ready.ok()) return ready.status();
       last = *ready;
     }
@@ -223,15 +238,7 @@ absl::StatusOr<DecodeRun> Decode(const moed::server::DaemonConfig& config, int w
   if (!engine.ok()) return engine.status();
   moed::cache::ExpertCache* raw = engine->cache.get();
   if (fill_host) {
-    const auto& mc = engine->model_config;
-    for (int l = 0; l < mc.num_layers; ++l) {
-      if (!mc.IsMoeLayer(l)) continue;
-      for (int e = 0; e < mc.num_experts; ++e) {
-        auto handle = raw->Acquire(l, e, raw->options().precision);
-        if (!handle.ok()) return handle.status();
-        if (auto s = handle->Wait(); !s.ok()) return s;
-      }
-    }
+    if (auto s = BringAll(*raw, engine->model_config); !s.ok()) return s;
   }
   std::shared_ptr<moed::model::Model> model = engine->model;
   const auto& c = engine->model_config;
