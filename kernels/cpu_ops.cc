@@ -18,13 +18,19 @@ namespace {
 constexpr int kRowBlock = 4;
 constexpr int kTokenBlock = 2;
 constexpr int64_t kPrefetchElements = 256;
-// Up to this many tokens a matmul is bound by reading its weights, and each thread reads its
-// rows one after another: one sequential stream. Several rows read side by side (the 4-row
-// blocks that reuse each activation load when compute matters) are several short streams,
-// which the hardware prefetcher follows worse: on a 2-vCPU AMD EPYC host a 1-token GEMV read
-// 21.6 GB/s a row at a time against 11.7 in 4-row blocks (moed-bench-cpu). Results do not
-// depend on the block shape.
-constexpr int64_t kNarrowTokens = 3;
+// A matmul over few tokens is bound by reading its weights. Each thread then reads its rows one
+// after another, one sequential stream: several rows read side by side (the 4-row blocks that
+// reuse each activation load when compute matters) are several short streams, which the
+// hardware prefetcher follows worse. On a 2-vCPU AMD EPYC a 1-token GEMV read 21.6 GB/s a row
+// at a time against 11.7 in 4-row blocks (moed-bench-cpu). A row at a time loads every token's
+// activations once per row, so this holds only while they stay in L1: with 3 tokens of 2,816
+// columns (33 KiB) 4-row blocks were faster again. Results do not depend on the block shape.
+constexpr int64_t kNarrowTokens = 4;
+constexpr int64_t kNarrowActivationBytes = 24 << 10;
+bool ReadRowByRow(int64_t n, int64_t cols) {
+  return n == 1 || (n <= kNarrowTokens &&
+                    n * cols * static_cast<int64_t>(sizeof(float)) <= kNarrowActivationBytes);
+}
 
 // ---- scalar ---------------------------------------------------------------------------------
 
@@ -306,7 +312,7 @@ void MatMulRowsSimd(const WeightMatrix& w, const float* x, int64_t n, float* y, 
   using T2 = std::integral_constant<int, 2>;
   using T1 = std::integral_constant<int, 1>;
   int64_t r = r0;
-  if (n > kNarrowTokens) {
+  if (!ReadRowByRow(n, w.cols)) {
     for (; r + kRowBlock <= r1; r += kRowBlock) {
       int64_t t = 0;
       for (; t + kTokens <= n; t += kTokens) block(R4{}, TB{}, r, t);

@@ -336,31 +336,42 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(timed_model.status().message()).c_str());
     return 1;
   }
-  {
-    auto cache = (*timed_model)->NewKvCache(16 + steps + 8);
-    moed::model::SequenceInput input{cache.get(), {1, 100, 200, 300}, false};
-    moed::model::SamplingParams sampling;
-    sampling.temperature = 0.8f;
-    sampling.seed = 1;
-    moed::model::Sampler sampler(sampling, input.tokens, 0);
+  for (int sequences : {1, 8}) {
+    std::vector<std::unique_ptr<moed::model::KvCache>> caches;
+    std::vector<moed::model::SequenceInput> inputs;
+    std::vector<moed::model::Sampler> samplers;
+    for (int s = 0; s < sequences; ++s) {
+      caches.push_back((*timed_model)->NewKvCache(16 + steps + 8));
+      inputs.push_back({caches.back().get(), {1 + s, 100 + s, 200 + s, 300 + s}, false});
+      moed::model::SamplingParams sampling;
+      sampling.temperature = 0.8f;
+      sampling.seed = 1 + s;
+      samplers.emplace_back(sampling, inputs.back().tokens, 0);
+    }
+    const int64_t vocab = (*timed_model)->config().vocab_size;
     double step_seconds = 0, sampler_seconds = 0;
     for (int step = 0; step < steps + 3; ++step) {
       if (step == 3) timing->timing().Reset();  // prefill and two warm-up steps
       const auto start = Clock::now();
-      auto out = (*timed_model)->Forward(absl::MakeSpan(&input, 1));
+      auto out = (*timed_model)->Forward(absl::MakeSpan(inputs));
       if (!out.ok()) return 1;
       const auto forward_done = Clock::now();
-      const int32_t token = sampler.Next(out->logits).token;
+      for (int s = 0; s < sequences; ++s) {
+        const int32_t token = samplers[s]
+                                  .Next(absl::MakeConstSpan(out->logits.data() + s * vocab,
+                                                            static_cast<size_t>(vocab)))
+                                  .token;
+        inputs[s].tokens = {token};
+      }
       const auto end = Clock::now();
       if (step >= 3) {
         step_seconds += Seconds(start, end);
         sampler_seconds += Seconds(forward_done, end);
       }
-      input.tokens = {token};
     }
     std::printf(
-        "\n== a sampled decode step by stage (1 sequence, temperature 0.8, %.2f ms a step) ==\n",
-        1e3 * step_seconds / steps);
+        "\n== a sampled decode step by stage (%d sequence%s, temperature 0.8, %.2f ms a step) ==\n",
+        sequences, sequences == 1 ? "" : "s", 1e3 * step_seconds / steps);
     std::printf("%-18s %10s %8s %12s\n", "stage", "ms/step", "share", "calls/step");
     double operators = 0;
     for (const auto& [op, total] : timing->timing().totals()) {
@@ -370,7 +381,7 @@ int main(int argc, char** argv) {
                   static_cast<double>(total.calls) / steps);
     }
     std::printf("%-18s %10.3f %7.1f%% %12.1f\n", "sampler", 1e3 * sampler_seconds / steps,
-                100 * sampler_seconds / step_seconds, 1.0);
+                100 * sampler_seconds / step_seconds, static_cast<double>(sequences));
     const double rest = step_seconds - operators - sampler_seconds;
     std::printf("%-18s %10.3f %7.1f%%\n", "between operators", 1e3 * rest / steps,
                 100 * rest / step_seconds);
