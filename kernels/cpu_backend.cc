@@ -171,9 +171,7 @@ class CpuStream final : public Stream {
     float* up = gate + m * inter;
     float* down = up + m * inter;
     for (int64_t i = 0; i < m; ++i) std::copy_n(x + rows[i] * width, width, gathered + i * width);
-    cpu::MatMul(w.gate, gathered, m, gate, pool_);
-    cpu::MatMul(w.up, gathered, m, up, pool_);
-    cpu::SiluMul(gate, up, m * inter, gate);
+    cpu::SwiGlu(w.gate, w.up, gathered, m, gate, up, pool_);
     cpu::MatMul(w.down, gate, m, down, pool_);
     for (int64_t i = 0; i < m; ++i) std::copy_n(down + i * width, width, out + out_rows[i] * width);
     return absl::OkStatus();

@@ -362,6 +362,30 @@ const char* IsaName(Isa isa) {
   return "?";
 }
 
+namespace {
+
+// Rows [r0, r1) of y = x w^T, on the calling thread.
+void MatMulRows(Isa isa, const WeightMatrix& w, const float* x, int64_t n, float* y, int64_t r0,
+                int64_t r1) {
+  if (w.quantization != Quantization::kNone) {
+    // int4 with groups that are not a multiple of 32 columns takes the plain loop.
+    bool simd = isa == Isa::kAvx512 &&
+                (w.quantization == Quantization::kInt8PerRow || w.group_size % 32 == 0);
+    return simd ? MatMulRowsQuantizedAvx512(w, x, n, y, r0, r1)
+                : MatMulRowsScalar(w, x, n, y, r0, r1);
+  }
+  switch (isa) {
+    case Isa::kScalar:
+      return MatMulRowsScalar(w, x, n, y, r0, r1);
+    case Isa::kAvx2:
+      return MatMulRowsSimdAnyType<false>(w, x, n, y, r0, r1);
+    case Isa::kAvx512:
+      return MatMulRowsSimdAnyType<true>(w, x, n, y, r0, r1);
+  }
+}
+
+}  // namespace
+
 void MatMulWithIsa(Isa isa, const WeightMatrix& w, const float* x, int64_t n, float* y,
                    ThreadPool& pool) {
   if (n <= 0 || w.rows <= 0) return;
@@ -369,24 +393,29 @@ void MatMulWithIsa(Isa isa, const WeightMatrix& w, const float* x, int64_t n, fl
   // (results would not change if they did; it just keeps every block full).
   int64_t row_blocks = (w.rows + kRowBlock - 1) / kRowBlock;
   pool.ParallelFor(row_blocks, [&](int64_t b0, int64_t b1) {
-    int64_t r0 = b0 * kRowBlock;
-    int64_t r1 = std::min(w.rows, b1 * kRowBlock);
-    if (w.quantization != Quantization::kNone) {
-      // int4 with groups that are not a multiple of 32 columns takes the plain loop.
-      bool simd = isa == Isa::kAvx512 &&
-                  (w.quantization == Quantization::kInt8PerRow || w.group_size % 32 == 0);
-      return simd ? MatMulRowsQuantizedAvx512(w, x, n, y, r0, r1)
-                  : MatMulRowsScalar(w, x, n, y, r0, r1);
-    }
-    switch (isa) {
-      case Isa::kScalar:
-        return MatMulRowsScalar(w, x, n, y, r0, r1);
-      case Isa::kAvx2:
-        return MatMulRowsSimdAnyType<false>(w, x, n, y, r0, r1);
-      case Isa::kAvx512:
-        return MatMulRowsSimdAnyType<true>(w, x, n, y, r0, r1);
+    MatMulRows(isa, w, x, n, y, b0 * kRowBlock, std::min(w.rows, b1 * kRowBlock));
+  });
+}
+
+void SwiGluWithIsa(Isa isa, const WeightMatrix& gate, const WeightMatrix& up, const float* x,
+                   int64_t n, float* gate_out, float* up_out, ThreadPool& pool) {
+  if (n <= 0 || gate.rows <= 0) return;
+  const int64_t rows = gate.rows;
+  int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
+  pool.ParallelFor(row_blocks, [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * kRowBlock, r1 = std::min(rows, b1 * kRowBlock);
+    MatMulRows(isa, gate, x, n, gate_out, r0, r1);
+    MatMulRows(isa, up, x, n, up_out, r0, r1);
+    for (int64_t t = 0; t < n; ++t) {
+      SiluMul(gate_out + t * rows + r0, up_out + t * rows + r0, r1 - r0, gate_out + t * rows + r0);
     }
   });
+}
+
+void SwiGlu(const WeightMatrix& gate, const WeightMatrix& up, const float* x, int64_t n,
+            float* gate_out, float* up_out, ThreadPool& pool) {
+  static const Isa isa = DetectIsa();  // a property of the processor, computed once
+  SwiGluWithIsa(isa, gate, up, x, n, gate_out, up_out, pool);
 }
 
 void MatMul(const WeightMatrix& w, const float* x, int64_t n, float* y, ThreadPool& pool) {

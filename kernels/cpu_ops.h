@@ -52,6 +52,13 @@ void RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k, cons
                 int32_t* chosen, float* weights);
 
 // out[i] = silu(gate[i]) * up[i].
+// silu(x gate^T) * (x up^T) into gate_out (up_out is scratch of the same size): both matmuls
+// and the product in one parallel region, each thread on the same rows of both. Bitwise what
+// MatMul, MatMul and SiluMul give.
+void SwiGlu(const WeightMatrix& gate, const WeightMatrix& up, const float* x, int64_t n,
+            float* gate_out, float* up_out, ThreadPool& pool);
+void SwiGluWithIsa(Isa isa, const WeightMatrix& gate, const WeightMatrix& up, const float* x,
+                   int64_t n, float* gate_out, float* up_out, ThreadPool& pool);
 void SiluMul(const float* gate, const float* up, int64_t count, float* out);
 
 }  // namespace cpu

@@ -101,6 +101,28 @@ TEST_CASE("matmul is batch invariant: a token's result does not depend on its ne
   }
 }
 
+TEST_CASE("the fused SwiGLU is bitwise two matmuls and silu(gate) * up") {
+  for (auto [rows, cols, n] :
+       {std::tuple{37, 200, 1}, std::tuple{67, 130, 3}, std::tuple{128, 64, 9}}) {
+    Weights gate = RandomWeights(DType::kBF16, rows, cols, 11);
+    Weights up = RandomWeights(DType::kBF16, rows, cols, 12);
+    std::vector<float> x = RandomActivations(n * cols, 13);
+    for (Isa isa : SupportedIsas()) {
+      INFO(IsaName(isa) << " " << rows << "x" << cols << " n=" << n);
+      ThreadPool pool(2);
+      std::vector<float> g(n * rows), u(n * rows), expected(n * rows);
+      MatMulWithIsa(isa, gate.matrix, x.data(), n, g.data(), pool);
+      MatMulWithIsa(isa, up.matrix, x.data(), n, u.data(), pool);
+      for (int64_t i = 0; i < n * rows; ++i) {
+        expected[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(g) * u
+      }
+      std::vector<float> fused(n * rows, NAN), scratch(n * rows);
+      SwiGluWithIsa(isa, gate.matrix, up.matrix, x.data(), n, fused.data(), scratch.data(), pool);
+      for (int64_t i = 0; i < n * rows; ++i) REQUIRE(fused[i] == expected[i]);
+    }
+  }
+}
+
 TEST_CASE("rmsnorm, rope and silu match their formulas") {
   SECTION("rmsnorm") {
     std::vector<float> x = {1, 2, 3, 4, -1, 0, 0, 1};
