@@ -71,6 +71,13 @@ int32_t Argmax(const std::vector<float>& logits) {
 }  // namespace
 
 TokenChoice Sampler::Next(absl::Span<const float> raw) {
+  return Next(raw, 1, [](int parts, absl::FunctionRef<void(int)> body) {
+    for (int part = 0; part < parts; ++part) body(part);
+  });
+}
+
+TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run) {
+  parts = std::max(parts, 1);
   const int64_t vocab = static_cast<int64_t>(raw.size());
   std::vector<float>& logits = logits_;
   logits.assign(raw.begin(), raw.end());
@@ -105,31 +112,74 @@ TokenChoice Sampler::Next(absl::Span<const float> raw) {
     const float max_logit = logits[best];
     const bool pruned = params_.top_k == 0;
     if (pruned) {
+      // Each part takes the candidates of its own range of keys, found in token order, and
+      // sorts them; the parts' ranges follow each other, so their orders, one after another,
+      // are the whole order. The ranges split at quantiles of a sample of the candidates.
       const float floor = max_logit - 42.0f * params_.temperature;  // e^-42 < 2^-60
-      for (int32_t t = 0; t < vocab; ++t) {
-        if (logits[t] >= floor) keys.push_back(OrderKey(logits[t], t));
+      std::vector<uint64_t>& pivots = pivots_;
+      pivots.clear();
+      if (parts > 1) {
+        const int64_t stride = std::max<int64_t>(1, vocab / 1024);
+        for (int64_t t = 0; t < vocab; t += stride) {
+          if (logits[t] >= floor) pivots.push_back(OrderKey(logits[t], static_cast<int32_t>(t)));
+        }
+        std::sort(pivots.begin(), pivots.end());
+        std::vector<uint64_t> chosen;
+        for (int part = 1; part < parts && !pivots.empty(); ++part) {
+          chosen.push_back(
+              pivots[pivots.size() * static_cast<size_t>(part) / static_cast<size_t>(parts)]);
+        }
+        pivots.swap(chosen);
+      }
+      const int ranges = static_cast<int>(pivots.size()) + 1;
+      part_keys_.resize(static_cast<size_t>(ranges));
+      part_scratch_.resize(static_cast<size_t>(ranges));
+      run(ranges, [&](int part) {
+        const uint64_t low = part == 0 ? 0 : pivots[static_cast<size_t>(part - 1)];
+        const uint64_t high = part == ranges - 1 ? ~uint64_t{0} : pivots[static_cast<size_t>(part)];
+        const bool last = part == ranges - 1;
+        std::vector<uint64_t>& own = part_keys_[static_cast<size_t>(part)];
+        own.resize(static_cast<size_t>(vocab));
+        size_t count = 0;
+        for (int32_t t = 0; t < vocab; ++t) {  // without branches: whether a token is in the
+          const uint64_t key = OrderKey(logits[t], t);  // range is a coin toss
+          own[count] = key;
+          count += static_cast<size_t>((logits[t] >= floor) & (key >= low) & ((key < high) | last));
+        }
+        own.resize(count);
+        RadixSortByLogit(own, part_scratch_[static_cast<size_t>(part)]);  // in token order
+      });
+      if (ranges == 1) {
+        keys.swap(part_keys_[0]);
+      } else {
+        for (const std::vector<uint64_t>& own : part_keys_) {
+          keys.insert(keys.end(), own.begin(), own.end());
+        }
       }
     } else {
       keys.reserve(static_cast<size_t>(vocab));
       for (int32_t t = 0; t < vocab; ++t) keys.push_back(OrderKey(logits[t], t));
-    }
-    if (params_.top_k > 0) {
       const size_t keep = std::min<size_t>(keys.size(), params_.top_k);
       std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(keep - 1), keys.end());
       keys.resize(keep);
       std::sort(keys.begin(), keys.end());
-    } else {
-      RadixSortByLogit(keys, scratch_);  // the keys arrived in token order
     }
-    // Probabilities at this temperature over the kept candidates.
+    // Probabilities at this temperature over the kept candidates: the weights in parts, their
+    // sum in order.
     std::vector<double>& p = probabilities_;
     p.resize(keys.size());
-    double sum = 0;
     const double top = static_cast<double>(logits[TokenOf(keys[0])]);
-    for (size_t i = 0; i < keys.size(); ++i) {
-      sum += p[i] =
-          std::exp((static_cast<double>(logits[TokenOf(keys[i])]) - top) / params_.temperature);
-    }
+    const size_t count = keys.size();
+    run(parts, [&](int part) {
+      const size_t begin = count * static_cast<size_t>(part) / static_cast<size_t>(parts);
+      const size_t end = count * static_cast<size_t>(part + 1) / static_cast<size_t>(parts);
+      for (size_t i = begin; i < end; ++i) {
+        p[i] =
+            std::exp((static_cast<double>(logits[TokenOf(keys[i])]) - top) / params_.temperature);
+      }
+    });
+    double sum = 0;
+    for (double v : p) sum += v;
     for (double& v : p) v /= sum;
     size_t cut = p.size();
     if (params_.min_p > 0) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/types/span.h"
 
 namespace moed::model {
@@ -47,12 +48,22 @@ class Sampler {
   // Picks the next token and remembers it for the penalties.
   TokenChoice Next(absl::Span<const float> logits);
 
+  // Runs body(part) once for every part < parts, on as many threads as it has, and returns
+  // when every call has returned.
+  using PartRunner = absl::FunctionRef<void(int parts, absl::FunctionRef<void(int part)> body)>;
+  // The same token as Next(logits), with the passes over the vocabulary (candidates, their
+  // order, their weights) split into `parts` that `run` may run at once: for a sequence that
+  // samples alone while other threads are idle.
+  TokenChoice Next(absl::Span<const float> logits, int parts, PartRunner run);
+
  private:
   SamplingParams params_;
   std::mt19937_64 rng_;
   // Kept from token to token: a step allocates nothing once they have grown.
   std::vector<float> logits_;
   std::vector<uint64_t> keys_, scratch_;
+  std::vector<std::vector<uint64_t>> part_keys_, part_scratch_;  // one of each per part
+  std::vector<uint64_t> pivots_;  // where the parts' ranges of keys begin
   std::vector<double> probabilities_;
   absl::flat_hash_map<int32_t, int> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty

@@ -6,6 +6,8 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <thread>
+#include <vector>
 
 namespace moed::model {
 namespace {
@@ -229,19 +231,30 @@ TEST_CASE("the sampler draws exactly the tokens a full sort of the vocabulary dr
       params.frequency_penalty = v.frequency;
       params.seed = 11;
       Sampler sampler(params, {}, 0);
+      // The vocabulary's passes split into 2 or 3 parts, each part on a thread of its own.
+      Sampler split(params, {}, 0);
+      auto on_threads = [](int parts, absl::FunctionRef<void(int)> body) {
+        std::vector<std::thread> threads;
+        for (int part = 1; part < parts; ++part) threads.emplace_back([&, part] { body(part); });
+        body(0);
+        for (std::thread& t : threads) t.join();
+      };
       SortingSampler reference(params, 11);
       std::mt19937 rng(5);
       std::normal_distribution<float> normal(0.0f, spread > 0 ? spread : 1.0f);
       std::vector<float> logits(32000);
-      int differ = 0;
+      int differ = 0, split_differs = 0;
       for (int step = 0; step < 60; ++step) {
         for (float& l : logits) {
           l = spread > 0 ? normal(rng) : std::round(normal(rng) * 2.0f) / 2.0f;
         }
         if (spread == 6.0f) logits[step * 7] += 25.0f;  // a clear favourite, as trained models
-        differ += sampler.Next(logits).token != reference.Next(logits) ? 1 : 0;
+        const int32_t expected = reference.Next(logits);
+        differ += sampler.Next(logits).token != expected ? 1 : 0;
+        split_differs += split.Next(logits, 2 + step % 2, on_threads).token != expected ? 1 : 0;
       }
       CHECK(differ == 0);
+      CHECK(split_differs == 0);
     }
   }
 }

@@ -622,18 +622,30 @@ void Scheduler::Step(std::vector<std::shared_ptr<Sequence>>& running) {
     }
   }
   // The sequences whose prefix is all in sample a token, each from its own row with its own
-  // sampler: in parallel, then in order for everything else.
+  // sampler: in parallel (a sequence sampling alone splits its vocabulary over the threads),
+  // then in order for everything else.
   std::vector<size_t> sampling;
   for (size_t i = 0; i < owners.size(); ++i) {
     owners[i]->prefilled += chunk[i];
     if (owners[i]->prefilled >= owners[i]->context.size()) sampling.push_back(i);
   }
   std::vector<model::TokenChoice> choices(owners.size());
-  sampling_pool_.ParallelFor(sampling.size(), [&](size_t j) {
-    const size_t i = sampling[j];
+  auto row = [&](size_t i) {
+    return absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab);
+  };
+  if (sampling.size() == 1 && sampling_pool_.threads() > 1) {
+    const size_t i = sampling.front();
     choices[i] = owners[i]->sampler->Next(
-        absl::MakeConstSpan(out->logits.data() + static_cast<int64_t>(i) * vocab, vocab));
-  });
+        row(i), sampling_pool_.threads(), [&](int parts, absl::FunctionRef<void(int)> body) {
+          sampling_pool_.ParallelFor(static_cast<size_t>(parts),
+                                     [&](size_t part) { body(static_cast<int>(part)); });
+        });
+  } else {
+    sampling_pool_.ParallelFor(sampling.size(), [&](size_t j) {
+      const size_t i = sampling[j];
+      choices[i] = owners[i]->sampler->Next(row(i));
+    });
+  }
   for (size_t i = 0; i < owners.size(); ++i) {
     Sequence& seq = *owners[i];
     if (seq.prefilled < seq.context.size()) continue;  // more prefix to go

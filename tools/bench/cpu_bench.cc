@@ -282,6 +282,8 @@ int main(int argc, char** argv) {
   struct SamplerCase {
     const char* name;
     moed::model::SamplingParams params;
+    bool split = false;  // the vocabulary's passes split over 2 threads, as the scheduler does
+                         // for a sequence sampling alone
   };
   auto with = [](auto change) {
     moed::model::SamplingParams params;
@@ -292,8 +294,10 @@ int main(int argc, char** argv) {
   const SamplerCase sampler_cases[] = {
       {"greedy", with([](auto& p) { p.temperature = 0; })},
       {"temperature 0.8", with([](auto& p) { p.temperature = 0.8f; })},
+      {"  split over 2", with([](auto& p) { p.temperature = 0.8f; }), true},
       {"top-k 40", with([](auto& p) { p.top_k = 40; })},
       {"top-p 0.95", with([](auto& p) { p.top_p = 0.95f; })},
+      {"  split over 2", with([](auto& p) { p.top_p = 0.95f; }), true},
       {"min-p 0.05", with([](auto& p) { p.min_p = 0.05f; })},
       {"penalties", with([](auto& p) {
          p.presence_penalty = 0.5f;
@@ -310,15 +314,24 @@ int main(int argc, char** argv) {
   std::printf("%-18s %14s %10s %16s %10s\n", "parameters", "model's us", "of step",
               "trained-like us", "of step");
   const std::vector<int32_t> prompt(64, 7);
+  ThreadPool split_pool(2);
+  auto on_split_pool = [&](int parts, absl::FunctionRef<void(int)> body) {
+    split_pool.ParallelFor(parts, [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) body(static_cast<int>(part));
+    });
+  };
   for (const SamplerCase& sc : sampler_cases) {
     double per_call[2];
     int i = 0;
     for (const std::vector<float>* logits : {&step_logits, &trained}) {
       moed::model::Sampler sampler(sc.params, prompt, 0);
+      auto next = [&] {
+        return sc.split ? sampler.Next(*logits, 2, on_split_pool) : sampler.Next(*logits);
+      };
       constexpr int kCalls = 200;
-      for (int warm = 0; warm < 5; ++warm) sampler.Next(*logits);
+      for (int warm = 0; warm < 5; ++warm) next();
       auto start = Clock::now();
-      for (int call = 0; call < kCalls; ++call) sampler.Next(*logits);
+      for (int call = 0; call < kCalls; ++call) next();
       per_call[i++] = Seconds(start, Clock::now()) / kCalls;
     }
     std::printf("%-18s %14.1f %9.1f%% %16.1f %9.1f%%\n", sc.name, 1e6 * per_call[0],

@@ -1,8 +1,9 @@
 // moed-load: N concurrent streaming clients, M requests each, against a running daemon.
 // Checks that every stream ends with the expected finish reason and token count, and prints
 // throughput, time to first token, prefill and per-stream decode rates and inter-token latency
-// per token. With --engine-config, first runs the same requests one at a time on an engine built
-// in this process from the daemon's config file, and prints the daemon's rates against it.
+// per token. With --engine-config, first runs the same requests on an engine built in this
+// process from the daemon's config file (each client's r-th requests in one batch), and prints
+// the daemon's rates against it.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -19,6 +20,7 @@
 #include "CLI/CLI.hpp"
 #include "client/client.h"
 #include "model/sampler.h"
+#include "scheduler/worker_pool.h"
 #include "server/config.h"
 #include "server/engine.h"
 
@@ -88,11 +90,12 @@ std::vector<int32_t> PromptTokens(int client, int request, int count) {
   return tokens;
 }
 
-// The requests of client 0 run one at a time on an engine built from the daemon's config:
-// prefill, then `max_tokens` tokens sampled as the daemon samples them (temperature,
-// seed), each a step of its own, timed as a stream's messages would be.
-absl::StatusOr<Rates> EngineRates(const std::string& config_path, int requests, int prompt_count,
-                                  uint32_t max_tokens, float temperature) {
+// The same requests on an engine built from the daemon's config: round r runs every client's
+// r-th request together, one batch (prefill, then `max_tokens` steps of all of them), each
+// sequence sampled as the daemon samples it (temperature, seed) and, as the daemon does, the
+// step's sequences sampled in parallel. Each token is timed as a stream's message would be.
+absl::StatusOr<Rates> EngineRates(const std::string& config_path, int clients, int requests,
+                                  int prompt_count, uint32_t max_tokens, float temperature) {
   std::ifstream in(config_path);
   if (!in) return absl::NotFoundError(config_path + ": cannot read");
   std::stringstream text;
@@ -102,26 +105,51 @@ absl::StatusOr<Rates> EngineRates(const std::string& config_path, int requests, 
   auto engine = moed::server::BuildEngine(config);
   if (!engine.ok()) return engine.status();
   moed::model::Model& model = *engine->model;
+  const auto vocab = static_cast<size_t>(model.config().vocab_size);
+  // The scheduler's default (SchedulerOptions::sampling_threads 0).
+  moed::scheduler::WorkerPool sampling_pool(
+      std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 8));
   Rates rates;
   for (int r = 0; r < requests; ++r) {
-    StreamTimes stream;
-    const std::vector<int32_t> prompt = PromptTokens(0, r, prompt_count);
-    stream.prompt_tokens = static_cast<uint32_t>(prompt.size());
-    moed::model::SamplingParams params;
-    params.temperature = temperature;
-    params.seed = static_cast<uint64_t>(r);
-    moed::model::Sampler sampler(params, prompt, 0);
-    auto kv = model.NewKvCache(static_cast<int64_t>(prompt.size() + max_tokens + 1));
-    moed::model::SequenceInput input{kv.get(), prompt, false};
-    stream.sent = Clock::now();
-    for (uint32_t t = 0; t < max_tokens; ++t) {
-      auto out = model.Forward(absl::MakeSpan(&input, 1));
-      if (!out.ok()) return out.status();
-      const moed::model::TokenChoice choice = sampler.Next(absl::MakeConstSpan(out->logits));
-      stream.messages.push_back({Clock::now(), 1});
-      input.tokens = {choice.token};
+    std::vector<StreamTimes> streams(static_cast<size_t>(clients));
+    std::vector<std::unique_ptr<moed::model::KvCache>> caches;
+    std::vector<moed::model::SequenceInput> inputs;
+    std::vector<moed::model::Sampler> samplers;
+    for (int c = 0; c < clients; ++c) {
+      const std::vector<int32_t> prompt = PromptTokens(c, r, prompt_count);
+      streams[c].prompt_tokens = static_cast<uint32_t>(prompt.size());
+      moed::model::SamplingParams params;
+      params.temperature = temperature;
+      params.seed = static_cast<uint64_t>(c) * 1000 + static_cast<uint64_t>(r);
+      samplers.emplace_back(params, prompt, 0);
+      caches.push_back(model.NewKvCache(static_cast<int64_t>(prompt.size() + max_tokens + 1)));
+      inputs.push_back({caches.back().get(), prompt, false});
     }
-    rates.Add(stream);
+    const auto sent = Clock::now();
+    for (StreamTimes& stream : streams) stream.sent = sent;
+    for (uint32_t t = 0; t < max_tokens; ++t) {
+      auto out = model.Forward(absl::MakeSpan(inputs));
+      if (!out.ok()) return out.status();
+      auto row = [&](size_t i) {
+        return absl::MakeConstSpan(out->logits.data() + i * vocab, vocab);
+      };
+      if (inputs.size() == 1) {  // as the scheduler: a sequence alone splits its vocabulary
+        inputs[0].tokens = {samplers[0]
+                                .Next(row(0), sampling_pool.threads(),
+                                      [&](int parts, absl::FunctionRef<void(int)> body) {
+                                        sampling_pool.ParallelFor(
+                                            static_cast<size_t>(parts),
+                                            [&](size_t part) { body(static_cast<int>(part)); });
+                                      })
+                                .token};
+      } else {
+        sampling_pool.ParallelFor(
+            inputs.size(), [&](size_t i) { inputs[i].tokens = {samplers[i].Next(row(i)).token}; });
+      }
+      const auto now = Clock::now();
+      for (StreamTimes& stream : streams) stream.messages.push_back({now, 1});
+    }
+    for (const StreamTimes& stream : streams) rates.Add(stream);
   }
   return rates;
 }
@@ -146,9 +174,10 @@ int main(int argc, char** argv) try {
   app.add_option("--temperature", temperature, "sampling temperature (0: greedy)")
       ->capture_default_str();
   app.add_option("--engine-config", engine_config,
-                 "the daemon's JSON config file: first run client 0's requests one at a time on "
-                 "an engine built from it in this process, and print the daemon's rates against "
-                 "it (run the daemon with --config on the same file, idle meanwhile)");
+                 "the daemon's JSON config file: first run the same requests on an engine built "
+                 "from it in this process, every client's r-th request in one batch, and print "
+                 "the daemon's rates against it (run the daemon with --config on the same file, "
+                 "idle meanwhile)");
   CLI11_PARSE(app, argc, argv);
   if (!engine_config.empty() && !prompt.empty()) {
     std::cerr << "moed-load: --engine-config runs token-id prompts only (no --prompt)\n";
@@ -156,7 +185,8 @@ int main(int argc, char** argv) try {
   }
   std::optional<Rates> engine_rates;
   if (!engine_config.empty()) {
-    auto rates = EngineRates(engine_config, requests, prompt_tokens, max_tokens, temperature);
+    auto rates =
+        EngineRates(engine_config, clients, requests, prompt_tokens, max_tokens, temperature);
     if (!rates.ok()) {
       std::cerr << "moed-load: engine: " << rates.status() << "\n";
       return 1;
