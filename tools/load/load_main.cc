@@ -72,6 +72,14 @@ struct Rates {
     const uint64_t after_first = tokens - stream.messages.front().second;
     if (after_first > 0 && span > 0) decode_tps.push_back(after_first / span * 1e3);
   }
+  void Merge(const Rates& other) {
+    for (auto [to, from] : {std::pair{&ttft_ms, &other.ttft_ms},
+                            {&prefill_tps, &other.prefill_tps},
+                            {&decode_tps, &other.decode_tps},
+                            {&itl_ms, &other.itl_ms}}) {
+      to->insert(to->end(), from->begin(), from->end());
+    }
+  }
   void Print(const char* who) const {
     std::printf(
         "%-7s TTFT ms p50 %.1f p90 %.1f | prefill tok/s p50 %.0f | decode tok/s per "
@@ -94,17 +102,19 @@ std::vector<int32_t> PromptTokens(int client, int request, int count) {
 // r-th request together, one batch (prefill, then `max_tokens` steps of all of them), each
 // sequence sampled as the daemon samples it (temperature, seed) and, as the daemon does, the
 // step's sequences sampled in parallel. Each token is timed as a stream's message would be.
-absl::StatusOr<Rates> EngineRates(const std::string& config_path, int clients, int requests,
-                                  int prompt_count, uint32_t max_tokens, float temperature) {
+absl::StatusOr<moed::server::Engine> LoadEngine(const std::string& config_path) {
   std::ifstream in(config_path);
   if (!in) return absl::NotFoundError(config_path + ": cannot read");
   std::stringstream text;
   text << in.rdbuf();
   moed::server::DaemonConfig config;
   if (auto s = moed::server::ApplyConfigJson(text.str(), config_path, &config); !s.ok()) return s;
-  auto engine = moed::server::BuildEngine(config);
-  if (!engine.ok()) return engine.status();
-  moed::model::Model& model = *engine->model;
+  return moed::server::BuildEngine(config);
+}
+
+absl::StatusOr<Rates> EngineRates(moed::server::Engine& engine, int clients, int requests,
+                                  int prompt_count, uint32_t max_tokens, float temperature) {
+  moed::model::Model& model = *engine.model;
   const auto vocab = static_cast<size_t>(model.config().vocab_size);
   // The scheduler's default (SchedulerOptions::sampling_threads 0).
   moed::scheduler::WorkerPool sampling_pool(
@@ -158,7 +168,7 @@ absl::StatusOr<Rates> EngineRates(const std::string& config_path, int clients, i
 
 int main(int argc, char** argv) try {
   std::string server = "127.0.0.1:50051";
-  int clients = 8, requests = 4, prompt_tokens = 16;
+  int clients = 8, requests = 4, prompt_tokens = 16, rounds = 1;
   uint32_t max_tokens = 32;
   std::string prompt, engine_config;
   float temperature = 0.8f;
@@ -178,114 +188,145 @@ int main(int argc, char** argv) try {
                  "from it in this process, every client's r-th request in one batch, and print "
                  "the daemon's rates against it (run the daemon with --config on the same file, "
                  "idle meanwhile)");
+  app.add_option("--rounds", rounds,
+                 "run everything this many times; with --engine-config the engine and the daemon "
+                 "alternate, and the ratios are the medians of the rounds'")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
   if (!engine_config.empty() && !prompt.empty()) {
     std::cerr << "moed-load: --engine-config runs token-id prompts only (no --prompt)\n";
     return 2;
   }
-  std::optional<Rates> engine_rates;
+  std::optional<moed::server::Engine> engine;
   if (!engine_config.empty()) {
-    auto rates =
-        EngineRates(engine_config, clients, requests, prompt_tokens, max_tokens, temperature);
-    if (!rates.ok()) {
-      std::cerr << "moed-load: engine: " << rates.status() << "\n";
+    auto loaded = LoadEngine(engine_config);
+    if (!loaded.ok()) {
+      std::cerr << "moed-load: engine: " << loaded.status() << "\n";
       return 1;
     }
-    engine_rates = *std::move(rates);
+    engine = *std::move(loaded);
   }
 
   std::mutex mutex;
-  Rates daemon_rates;  // under mutex
+  Rates engine_rates, daemon_rates;                   // daemon_rates under mutex
+  std::vector<double> decode_ratios, prefill_ratios;  // one per round with an engine
   std::vector<double> ttft_ms, itl_ms;
   uint64_t bytes_staged = 0, expert_uses = 0, device_hits = 0;  // under mutex
   std::atomic<int> failures{0};
   std::atomic<uint64_t> tokens{0};
-  auto start = Clock::now();
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(std::max(0, clients)));
-  for (int c = 0; c < clients; ++c) {
-    threads.emplace_back([&, c] {
-      auto client = moed::client::Client::Create(server, std::chrono::minutes(10));
-      for (int r = 0; r < requests; ++r) {
-        moed::v1::GenerateRequest request;
-        if (prompt.empty()) {
-          for (int32_t token : PromptTokens(c, r, prompt_tokens))
-            request.add_prompt_token_ids(static_cast<uint32_t>(token));
-        } else {
-          request.set_prompt(prompt);
-        }
-        request.set_request_id("load-" + std::to_string(c) + "-" + std::to_string(r));
-        request.mutable_sampling()->set_max_tokens(max_tokens);
-        request.mutable_sampling()->set_temperature(temperature);
-        request.mutable_sampling()->set_seed(static_cast<uint64_t>(c) * 1000 +
-                                             static_cast<uint64_t>(r));
-        StreamTimes times;
-        request.mutable_sampling()->set_ignore_eos(true);
-        auto sent = Clock::now();
-        times.sent = sent;
-        auto previous = sent;
-        bool first = true;
-        uint64_t got = 0;
-        std::vector<double> local_itl;
-        double local_ttft = 0;
-        moed::v1::GenerateResponse last;
-        absl::Status status = client->Generate(request, [&](const moed::v1::GenerateResponse& m) {
-          auto now = Clock::now();
-          if (m.token_ids_size() > 0) {
-            double ms = std::chrono::duration<double, std::milli>(now - previous).count();
-            if (first) {
-              local_ttft = ms;
-              first = false;
-            } else {
-              local_itl.push_back(ms);
-            }
-            previous = now;
-            got += static_cast<uint64_t>(m.token_ids_size());
-            times.messages.push_back({now, static_cast<uint32_t>(m.token_ids_size())});
-          }
-          last = m;
-          return true;
-        });
-        bool ok = status.ok() && last.finish_reason() == moed::v1::FINISH_REASON_LENGTH &&
-                  got == max_tokens && last.usage().completion_tokens() == max_tokens;
-        if (!ok) {
-          ++failures;
-          std::lock_guard lock(mutex);
-          std::cerr << request.request_id() << ": "
-                    << (status.ok() ? "wrong finish or count" : status.ToString()) << "\n";
-          continue;
-        }
-        tokens += got;
-        std::lock_guard lock(mutex);
-        const moed::v1::ExpertStats& es = last.expert_stats();
-        bytes_staged += es.bytes_staged();
-        expert_uses += es.device_hits() + es.host_hits() + es.ssd_reads();
-        device_hits += es.device_hits();
-        ttft_ms.push_back(local_ttft);
-        itl_ms.insert(itl_ms.end(), local_itl.begin(), local_itl.end());
-        times.prompt_tokens = last.usage().prompt_tokens();
-        daemon_rates.Add(times);
+  double seconds = 0;  // the daemon's rounds
+  for (int round = 0; round < rounds; ++round) {
+    Rates engine_round, daemon_round;  // daemon_round under mutex
+    if (engine.has_value()) {
+      auto rates = EngineRates(*engine, clients, requests, prompt_tokens, max_tokens, temperature);
+      if (!rates.ok()) {
+        std::cerr << "moed-load: engine: " << rates.status() << "\n";
+        return 1;
       }
-    });
+      engine_round = *std::move(rates);
+      engine_rates.Merge(engine_round);
+    }
+    auto start = Clock::now();
+    std::vector<std::thread> threads;
+    threads.reserve(static_cast<size_t>(std::max(0, clients)));
+    for (int c = 0; c < clients; ++c) {
+      threads.emplace_back([&, c] {
+        auto client = moed::client::Client::Create(server, std::chrono::minutes(10));
+        for (int r = 0; r < requests; ++r) {
+          moed::v1::GenerateRequest request;
+          if (prompt.empty()) {
+            for (int32_t token : PromptTokens(c, r, prompt_tokens))
+              request.add_prompt_token_ids(static_cast<uint32_t>(token));
+          } else {
+            request.set_prompt(prompt);
+          }
+          request.set_request_id("load-" + std::to_string(c) + "-" + std::to_string(r));
+          request.mutable_sampling()->set_max_tokens(max_tokens);
+          request.mutable_sampling()->set_temperature(temperature);
+          request.mutable_sampling()->set_seed(static_cast<uint64_t>(c) * 1000 +
+                                               static_cast<uint64_t>(r));
+          StreamTimes times;
+          request.mutable_sampling()->set_ignore_eos(true);
+          auto sent = Clock::now();
+          times.sent = sent;
+          auto previous = sent;
+          bool first = true;
+          uint64_t got = 0;
+          std::vector<double> local_itl;
+          double local_ttft = 0;
+          moed::v1::GenerateResponse last;
+          absl::Status status = client->Generate(request, [&](const moed::v1::GenerateResponse& m) {
+            auto now = Clock::now();
+            if (m.token_ids_size() > 0) {
+              double ms = std::chrono::duration<double, std::milli>(now - previous).count();
+              if (first) {
+                local_ttft = ms;
+                first = false;
+              } else {
+                local_itl.push_back(ms);
+              }
+              previous = now;
+              got += static_cast<uint64_t>(m.token_ids_size());
+              times.messages.push_back({now, static_cast<uint32_t>(m.token_ids_size())});
+            }
+            last = m;
+            return true;
+          });
+          bool ok = status.ok() && last.finish_reason() == moed::v1::FINISH_REASON_LENGTH &&
+                    got == max_tokens && last.usage().completion_tokens() == max_tokens;
+          if (!ok) {
+            ++failures;
+            std::lock_guard lock(mutex);
+            std::cerr << request.request_id() << ": "
+                      << (status.ok() ? "wrong finish or count" : status.ToString()) << "\n";
+            continue;
+          }
+          tokens += got;
+          std::lock_guard lock(mutex);
+          const moed::v1::ExpertStats& es = last.expert_stats();
+          bytes_staged += es.bytes_staged();
+          expert_uses += es.device_hits() + es.host_hits() + es.ssd_reads();
+          device_hits += es.device_hits();
+          ttft_ms.push_back(local_ttft);
+          itl_ms.insert(itl_ms.end(), local_itl.begin(), local_itl.end());
+          times.prompt_tokens = last.usage().prompt_tokens();
+          daemon_round.Add(times);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    daemon_rates.Merge(daemon_round);
+    if (engine.has_value()) {
+      auto ratio = [](const std::vector<double>& daemon, const std::vector<double>& engine) {
+        const double e = Percentile(engine, 50);
+        return e > 0 ? Percentile(daemon, 50) / e : 0.0;
+      };
+      decode_ratios.push_back(ratio(daemon_round.decode_tps, engine_round.decode_tps));
+      prefill_ratios.push_back(ratio(daemon_round.prefill_tps, engine_round.prefill_tps));
+      if (rounds > 1) {
+        std::printf("round %d: daemon / engine: decode per stream %.2f, prefill %.2f (medians)\n",
+                    round + 1, decode_ratios.back(), prefill_ratios.back());
+      }
+    }
   }
-  for (auto& t : threads) t.join();
-  double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-  std::printf("clients %d x requests %d, %u tokens each: %d failed\n", clients, requests,
-              max_tokens, failures.load());
+  std::printf("clients %d x requests %d%s, %u tokens each: %d failed\n", clients, requests,
+              rounds > 1 ? (" x rounds " + std::to_string(rounds)).c_str() : "", max_tokens,
+              failures.load());
   std::printf("throughput   %.1f tokens/s (%.2f requests/s) over %.1f s\n", tokens.load() / seconds,
-              (clients * requests - failures.load()) / seconds, seconds);
+              (clients * requests * rounds - failures.load()) / seconds, seconds);
   std::printf("TTFT ms      p50 %.1f  p90 %.1f  p99 %.1f\n", Percentile(ttft_ms, 50),
               Percentile(ttft_ms, 90), Percentile(ttft_ms, 99));
   std::printf("ITL ms       p50 %.1f  p90 %.1f  p99 %.1f (between messages)\n",
               Percentile(itl_ms, 50), Percentile(itl_ms, 90), Percentile(itl_ms, 99));
-  if (engine_rates.has_value()) engine_rates->Print("engine");
+  if (engine.has_value()) engine_rates.Print("engine");
   daemon_rates.Print("daemon");
-  if (engine_rates.has_value()) {
-    const double engine_decode = Percentile(engine_rates->decode_tps, 50);
-    const double engine_prefill = Percentile(engine_rates->prefill_tps, 50);
-    std::printf("daemon / engine: decode per stream %.2f, prefill %.2f (medians)\n",
-                engine_decode > 0 ? Percentile(daemon_rates.decode_tps, 50) / engine_decode : 0,
-                engine_prefill > 0 ? Percentile(daemon_rates.prefill_tps, 50) / engine_prefill : 0);
+  if (engine.has_value()) {
+    std::printf(
+        "daemon / engine: decode per stream %.2f, prefill %.2f (medians%s)\n",
+        Percentile(decode_ratios, 50), Percentile(prefill_ratios, 50),
+        rounds > 1 ? (" of " + std::to_string(rounds) + " alternating rounds").c_str() : "");
   }
   if (bytes_staged > 0) {
     // From each request's expert_stats: bytes staged add up to the cache's own.
