@@ -19,6 +19,7 @@
 //     layer, as the running prefetcher scores them.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -590,6 +591,28 @@ int main(int argc, char** argv) try {
         results[i].push_back(*std::move(run));
       }
     }
+    // Runs alternate, so run r of every predictor saw the machine in the same minutes: a
+    // predictor's stall against no prefetch's at the same precision, run by run.
+    std::vector<std::string> paired(order.size());
+    for (size_t i = 0; i < order.size(); ++i) {
+      if (order[i].first == "off" || results[i].size() < 2) continue;
+      for (size_t j = 0; j < order.size(); ++j) {
+        if (order[j].first != "off" || order[j].second.label != order[i].second.label) continue;
+        int below = 0;
+        const int n = static_cast<int>(results[i].size());
+        for (int r = 0; r < n; ++r) {
+          below += results[i][r].stall_per_token < results[j][r].stall_per_token ? 1 : 0;
+        }
+        // One-sided sign test: the chance of `below` or more of n if neither were lower.
+        double p = 0;
+        for (int k = below; k <= n; ++k) {
+          p += std::exp(std::lgamma(n + 1.0) - std::lgamma(k + 1.0) - std::lgamma(n - k + 1.0) -
+                        n * std::log(2.0));
+        }
+        paired[i] = "  below off's stall in " + std::to_string(below) + " of " + std::to_string(n) +
+                    " paired runs (sign test p = " + std::to_string(p).substr(0, 5) + ")";
+      }
+    }
     for (size_t i = 0; i < order.size(); ++i) {
       std::vector<DecodeRun>& of = results[i];
       std::sort(of.begin(), of.end(), [](const DecodeRun& a, const DecodeRun& b) {
@@ -614,7 +637,7 @@ int main(int argc, char** argv) try {
       if (of.size() > 1) {
         std::printf("  (stall %.4f..%.4f)", of.front().stall_per_token, of.back().stall_per_token);
       }
-      std::printf("\n");
+      std::printf("%s\n", paired[i].c_str());
     }
   }
   std::printf(
