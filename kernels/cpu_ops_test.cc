@@ -54,8 +54,9 @@ std::vector<Isa> SupportedIsas() {
 TEST_CASE("matmul matches a double-precision loop for every dtype, ISA and odd shape") {
   ThreadPool pool(2);
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
-    for (auto [rows, cols, n] : {std::tuple{1, 1, 1}, std::tuple{5, 17, 3}, std::tuple{67, 130, 5},
-                                 std::tuple{128, 64, 8}}) {
+    using Shape = std::tuple<int64_t, int64_t, int64_t>;
+    for (auto [rows, cols, n] :
+         {Shape{1, 1, 1}, Shape{5, 17, 3}, Shape{67, 130, 5}, Shape{128, 64, 8}}) {
       Weights w = RandomWeights(dtype, rows, cols, rows * 31 + cols);
       std::vector<float> x = RandomActivations(n * cols, cols);
       for (Isa isa : SupportedIsas()) {
@@ -102,8 +103,9 @@ TEST_CASE("matmul is batch invariant: a token's result does not depend on its ne
 }
 
 TEST_CASE("the fused SwiGLU is bitwise two matmuls and silu(gate) * up") {
-  for (auto [rows, cols, n] :
-       {std::tuple{37, 200, 1}, std::tuple{67, 130, 3}, std::tuple{128, 64, 9}}) {
+  for (auto [rows, cols, n] : {std::tuple<int64_t, int64_t, int64_t>{37, 200, 1},
+                               std::tuple<int64_t, int64_t, int64_t>{67, 130, 3},
+                               std::tuple<int64_t, int64_t, int64_t>{128, 64, 9}}) {
     Weights gate = RandomWeights(DType::kBF16, rows, cols, 11);
     Weights up = RandomWeights(DType::kBF16, rows, cols, 12);
     std::vector<float> x = RandomActivations(n * cols, 13);

@@ -28,9 +28,10 @@ TEST_CASE("the same seed gives the same tokens, another seed other tokens") {
   SamplingParams p;
   p.seed = 42;
   std::vector<float> flat(50, 0.0f);
-  auto draw = [&](SamplingParams params) {
+  auto draw = [&](const SamplingParams& params) {
     Sampler sampler(params, {}, 7);
     std::vector<int32_t> tokens;
+    tokens.reserve(20);
     for (int i = 0; i < 20; ++i) tokens.push_back(sampler.Next(flat).token);
     return tokens;
   };
@@ -248,7 +249,8 @@ TEST_CASE("the sampler draws exactly the tokens a full sort of the vocabulary dr
         for (float& l : logits) {
           l = spread > 0 ? normal(rng) : std::round(normal(rng) * 2.0f) / 2.0f;
         }
-        if (spread == 6.0f) logits[step * 7] += 25.0f;  // a clear favourite, as trained models
+        if (spread == 6.0f)
+          logits[static_cast<size_t>(step) * 7] += 25.0f;  // a clear favourite, as trained models
         const int32_t expected = reference.Next(logits);
         differ += sampler.Next(logits).token != expected ? 1 : 0;
         split_differs += split.Next(logits, 2 + step % 2, on_threads).token != expected ? 1 : 0;

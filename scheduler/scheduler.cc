@@ -204,7 +204,7 @@ SchedulerStats Scheduler::stats() const {
   return stats_;
 }
 
-void Scheduler::Finish(Sequence& seq, FinishReason reason, absl::Status error,
+void Scheduler::Finish(Sequence& seq, FinishReason reason, const absl::Status& error,
                        const std::string& matched_stop) {
   StreamEvent event;
   if (error.ok() && reason != FinishReason::kCancelled && matched_stop.empty() &&

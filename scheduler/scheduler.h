@@ -220,7 +220,7 @@ class Scheduler {
   // Hands the routing to on_routing, settles the counters (running, KV bytes, completed),
   // frees the KV cache, then sends the last event (text still held back unless a stop
   // matched, finish reason, usage): whoever has the last event sees all of that done.
-  void Finish(Sequence& seq, FinishReason reason, absl::Status error,
+  void Finish(Sequence& seq, FinishReason reason, const absl::Status& error,
               const std::string& matched_stop = "");
 
   std::shared_ptr<model::Model> model_;

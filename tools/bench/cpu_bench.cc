@@ -80,7 +80,9 @@ double SweepGbps(const std::vector<std::pair<const uint8_t*, size_t>>& regions, 
   volatile float sink = 0;
   for (int rep = 0; rep < reps; ++rep) {
     auto start = Clock::now();
-    for (auto [data, bytes] : regions) {
+    for (const auto& region : regions) {
+      const uint8_t* data = region.first;
+      const size_t bytes = region.second;
       pool.ParallelFor(pool.size(), [&](int64_t b, int64_t e) {
         for (int64_t part = b; part < e; ++part) {
           size_t chunk = bytes / pool.size() / 256 * 256;
@@ -128,7 +130,7 @@ double ExpertGemvGbps(const std::vector<Expert>& experts, ThreadPool& pool, int 
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::string model_dir;
   int steps = 32;
   CLI::App app{"moed-bench-cpu: CPU kernels and decode against the memory-read ceiling"};
@@ -166,6 +168,7 @@ int main(int argc, char** argv) {
     experts.push_back(expert);
   }
   std::vector<std::pair<const uint8_t*, size_t>> regions;
+  regions.reserve(storage.size());
   for (auto& s : storage)
     regions.emplace_back(reinterpret_cast<const uint8_t*>(s.data()), s.size() * 2);
 
@@ -429,4 +432,7 @@ int main(int argc, char** argv) {
                 100 * rest / step_seconds);
   }
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "moed-bench-cpu: %s\n", e.what());
+  return 1;
 }

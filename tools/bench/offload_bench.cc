@@ -66,7 +66,7 @@ double StagerGbps(const moed::cache::Store& store,
   options.queue_depth = depth;
   options.max_request_bytes = block;
   auto reader = moed::cache::OpenIoUringReader(store.experts_path(), options,
-                                               [&](uint64_t, absl::Status status) {
+                                               [&](uint64_t, const absl::Status& status) {
                                                  std::lock_guard lock(mutex);
                                                  ++completed;
                                                  if (!status.ok()) ++failed;
@@ -78,6 +78,7 @@ double StagerGbps(const moed::cache::Store& store,
   }
   // One buffer per request in flight, reused.
   std::vector<moed::cache::AlignedBuffer> buffers;
+  buffers.reserve(static_cast<size_t>(depth));
   for (int i = 0; i < depth; ++i) buffers.push_back(*moed::cache::AlignedBuffer::Allocate(block));
   uint64_t bytes = 0, submitted = 0;
   auto start = Clock::now();
