@@ -51,7 +51,6 @@ void MlaAttention(const PagedKv& kv, int layer, const float* q, int64_t n, const
 void RouterTopK(const float* logits, int64_t n, int64_t experts, int64_t k, const RouterSpec& spec,
                 int32_t* chosen, float* weights);
 
-// out[i] = silu(gate[i]) * up[i].
 // silu(x gate^T) * (x up^T) into gate_out (up_out is scratch of the same size): both matmuls
 // and the product in one parallel region, each thread on the same rows of both. Bitwise what
 // MatMul, MatMul and SiluMul give.
@@ -59,6 +58,7 @@ void SwiGlu(const WeightMatrix& gate, const WeightMatrix& up, const float* x, in
             float* gate_out, float* up_out, ThreadPool& pool);
 void SwiGluWithIsa(Isa isa, const WeightMatrix& gate, const WeightMatrix& up, const float* x,
                    int64_t n, float* gate_out, float* up_out, ThreadPool& pool);
+// out[i] = silu(gate[i]) * up[i].
 void SiluMul(const float* gate, const float* up, int64_t count, float* out);
 
 }  // namespace cpu

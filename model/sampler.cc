@@ -124,12 +124,13 @@ TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run
           if (logits[t] >= floor) pivots.push_back(OrderKey(logits[t], static_cast<int32_t>(t)));
         }
         std::sort(pivots.begin(), pivots.end());
-        std::vector<uint64_t> chosen;
+        std::vector<uint64_t>& cuts = pivot_cuts_;  // the sample's quantiles
+        cuts.clear();
         for (int part = 1; part < parts && !pivots.empty(); ++part) {
-          chosen.push_back(
+          cuts.push_back(
               pivots[pivots.size() * static_cast<size_t>(part) / static_cast<size_t>(parts)]);
         }
-        pivots.swap(chosen);
+        pivots.swap(cuts);
       }
       const int ranges = static_cast<int>(pivots.size()) + 1;
       part_keys_.resize(static_cast<size_t>(ranges));

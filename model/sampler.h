@@ -63,7 +63,7 @@ class Sampler {
   std::vector<float> logits_;
   std::vector<uint64_t> keys_, scratch_;
   std::vector<std::vector<uint64_t>> part_keys_, part_scratch_;  // one of each per part
-  std::vector<uint64_t> pivots_;  // where the parts' ranges of keys begin
+  std::vector<uint64_t> pivots_, pivot_cuts_;  // where the parts' ranges of keys begin
   std::vector<double> probabilities_;
   absl::flat_hash_map<int32_t, int> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty

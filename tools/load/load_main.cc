@@ -98,10 +98,7 @@ std::vector<int32_t> PromptTokens(int client, int request, int count) {
   return tokens;
 }
 
-// The same requests on an engine built from the daemon's config: round r runs every client's
-// r-th request together, one batch (prefill, then `max_tokens` steps of all of them), each
-// sequence sampled as the daemon samples it (temperature, seed) and, as the daemon does, the
-// step's sequences sampled in parallel. Each token is timed as a stream's message would be.
+// An engine built from the daemon's config file, as the daemon builds its own.
 absl::StatusOr<moed::server::Engine> LoadEngine(const std::string& config_path) {
   std::ifstream in(config_path);
   if (!in) return absl::NotFoundError(config_path + ": cannot read");
@@ -112,6 +109,10 @@ absl::StatusOr<moed::server::Engine> LoadEngine(const std::string& config_path) 
   return moed::server::BuildEngine(config);
 }
 
+// The same requests on an engine built from the daemon's config: round r runs every client's
+// r-th request together, one batch (prefill, then `max_tokens` steps of all of them), each
+// sequence sampled as the daemon samples it (temperature, seed) and, as the daemon does, the
+// step's sequences sampled in parallel. Each token is timed as a stream's message would be.
 absl::StatusOr<Rates> EngineRates(moed::server::Engine& engine, int clients, int requests,
                                   int prompt_count, uint32_t max_tokens, float temperature) {
   moed::model::Model& model = *engine.model;
