@@ -245,9 +245,10 @@ void ParseTools(Fields& f, OpenAiRequest& r) {
     if (!tools->is_array()) return f.Fail("tools", "'tools' must be a list");
     for (size_t i = 0; i < tools->size(); ++i) {
       const Json& t = (*tools)[i];
-      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") ||
-          !t["function"].is_object() || !t["function"].contains("name") ||
-          !t["function"]["name"].is_string()) {
+      // Each member's type checked before it is read: nlohmann's value() throws on a mismatch.
+      if (!t.is_object() || !t.contains("type") || t["type"] != "function" ||
+          !t.contains("function") || !t["function"].is_object() ||
+          !t["function"].contains("name") || !t["function"]["name"].is_string()) {
         return f.Fail(absl::StrCat("tools[", i, "]"),
                       "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}");
       }

@@ -100,6 +100,11 @@ TEST_CASE("openai: wrong types and ranges are 400s naming the field") {
            {kChat, R"({"model": "m", )" + msg + R"(, "tool_choice": "required"})", "tool_choice"},
            {kChat, R"({"model": "m", )" + msg + R"(, "tools": [{"type": "retrieval"}]})",
             "tools[0]"},
+           // A tool whose type is not a string (found by the request fuzzer: it used to throw).
+           {kChat, R"({"model": "m", )" + msg + R"(, "tools": [{"type": {"name": "f"}}]})",
+            "tools[0]"},
+           {kChat, R"({"model": "m", )" + msg + R"(, "tools": [{"function": {"name": "f"}}]})",
+            "tools[0]"},
        }) {
     INFO(c.body);
     OpenAiError e = Refused(c.endpoint, c.body);
