@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "cache/expert_cache.h"
 #include "kernels/test_backend.h"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 #include "util/unshared_status.h"
@@ -390,9 +391,8 @@ TEST_CASE("sampled requests batched together get the tokens they get alone, samp
 TEST_CASE(
     "a damaged expert fails only the requests routed to it, and the others in its steps "
     "complete with the tokens of a fault-free run") {
-  const fs::path root =
-      fs::temp_directory_path() / ("moed_scheduler_fault_" + std::to_string(getpid()));
-  fs::remove_all(root);
+  const testing::ScratchDir scratch("moed_scheduler_fault");
+  const fs::path& root = scratch.path();
   REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", model::Architecture::kMixtral),
                                  (root / "m").string())
               .ok());
@@ -489,7 +489,6 @@ TEST_CASE(
   }
   CHECK(failed == users);
   CHECK(failed < static_cast<size_t>(requests));
-  fs::remove_all(root);
 }
 
 TEST_CASE("a prompt that cannot fit the KV budget is refused, naming the budget") {

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "kernels/backend.h"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -16,9 +17,8 @@ namespace {
 namespace fs = std::filesystem;
 
 TEST_CASE("the GPU memory fraction sizes the device tier from the memory free after the KV cache") {
-  const fs::path root =
-      fs::temp_directory_path() / ("moed_engine_test_" + std::to_string(getpid()));
-  fs::remove_all(root);
+  const testing::ScratchDir scratch("moed_engine_test");
+  const fs::path& root = scratch.path();
   tools::SynthSpec spec = *tools::PresetSpec("tiny", model::Architecture::kMixtral);
   REQUIRE(tools::WriteCheckpoint(spec, (root / "m").string()).ok());
   REQUIRE(tools::Pack((root / "m").string(), (root / "s").string(), tools::PackOptions{}).ok());
@@ -53,7 +53,6 @@ TEST_CASE("the GPU memory fraction sizes the device tier from the memory free af
   absl::StatusOr<Engine> tiny = BuildEngine(config);
   REQUIRE_FALSE(tiny.ok());
   CHECK(tiny.status().message().find("below the minimum") != std::string::npos);
-  fs::remove_all(root);
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include "kernels/quant.h"
 #include "kernels/test_backend.h"
 #include "model/model.h"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -1196,9 +1197,8 @@ constexpr model::Architecture kArchitectures[] = {
 
 TEST_CASE("every operator the models call is in the table, for every architecture and precision") {
   const std::set<std::pair<Op, WeightFormat>> covered = Covered();
-  const fs::path root =
-      fs::temp_directory_path() / ("moed_backend_ops_" + std::to_string(getpid()));
-  fs::remove_all(root);
+  const testing::ScratchDir scratch("moed_backend_ops");
+  const fs::path& root = scratch.path();
   std::set<std::pair<Op, WeightFormat>> all_seen;
   auto check = [&](RecordingBackend& recording, model::Model& model) {
     std::unique_ptr<model::KvCache> cache = model.NewKvCache(16);
@@ -1243,7 +1243,6 @@ TEST_CASE("every operator the models call is in the table, for every architectur
       }
     }
   }
-  fs::remove_all(root);
   // The models reach the quantized expert formats and the q/k norms: the check above is live.
   CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt4Grouped}) == 1);
   CHECK(all_seen.count({Op::kExpertFfn, WeightFormat::kInt8PerRow}) == 1);
@@ -1254,9 +1253,8 @@ TEST_CASE("every operator the models call is in the table, for every architectur
 }
 
 TEST_CASE("a device that cannot read host memory gets every weight copied or staged, bitwise") {
-  const fs::path root =
-      fs::temp_directory_path() / ("moed_device_only_" + std::to_string(getpid()));
-  fs::remove_all(root);
+  const testing::ScratchDir scratch("moed_device_only");
+  const fs::path& root = scratch.path();
   auto logits_of = [](model::Model& model) {
     std::unique_ptr<model::KvCache> cache = model.NewKvCache(16);
     model::SequenceInput input{cache.get(), {1, 2, 3, 4, 5}, true};
@@ -1305,7 +1303,6 @@ TEST_CASE("a device that cannot read host memory gets every weight copied or sta
       CHECK(device_only->outside == 0);
     }
   }
-  fs::remove_all(root);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "nlohmann/json.hpp"
+#include "tests/scratch_dir.h"
 
 namespace {
 
@@ -42,8 +43,8 @@ TEST_CASE("chat templates: every shared case renders byte for byte through moect
   const char* shared = std::getenv("MOED_SHARED_DIR");
   REQUIRE(shared != nullptr);
   const fs::path root = fs::path(shared) / "chat_templates";
-  const fs::path work = fs::temp_directory_path() / ("moed-chat-cases-" + std::to_string(getpid()));
-  fs::create_directories(work);
+  const moed::testing::ScratchDir scratch("moed-chat-cases");
+  const fs::path& work = scratch.path();
   int templates = 0, cases = 0, errors = 0;
   for (const auto& entry : fs::directory_iterator(root)) {
     if (!entry.is_directory()) continue;
@@ -75,7 +76,6 @@ TEST_CASE("chat templates: every shared case renders byte for byte through moect
       ++cases;
     }
   }
-  fs::remove_all(work);
   CHECK(templates == 12);
   CHECK(cases == 123);
   CHECK(errors == 13);

@@ -16,6 +16,7 @@
 #include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 
 namespace moed::model {
@@ -73,10 +74,8 @@ void CheckGoldenStore(const std::string& name) {
   REQUIRE(shared != nullptr);
   std::string dir = std::string(shared) + "/" + name;
   const std::string model_name = std::filesystem::path(name).filename().string();
-  std::filesystem::path store_dir =
-      std::filesystem::temp_directory_path() /
-      ("moed_golden_store_" + model_name + "_" + std::to_string(getpid()));
-  std::filesystem::remove_all(store_dir);
+  const testing::ScratchDir scratch("moed_golden_store_" + model_name);
+  const std::filesystem::path store_dir = scratch / "store";
   REQUIRE(tools::Pack(dir, store_dir.string(), tools::PackOptions{}).ok());
   auto store = cache::Store::Open(store_dir.string());
   REQUIRE(store.ok());
@@ -146,7 +145,6 @@ void CheckGoldenStore(const std::string& name) {
       }
     }
   }
-  std::filesystem::remove_all(store_dir);
 }
 
 TEST_CASE(

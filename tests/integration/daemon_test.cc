@@ -8,6 +8,7 @@
 #include "client/client.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/daemon_process.h"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -19,13 +20,12 @@ using grpc::health::v1::HealthCheckResponse;
 
 // One synthesized checkpoint shared by the tests of this binary.
 const fs::path& TestModel() {
+  static const ScratchDir scratch("moed_daemon_test");
   static const fs::path dir = [] {
-    fs::path path = fs::temp_directory_path() / ("moed_daemon_test_" + std::to_string(getpid()));
-    fs::remove_all(path);
     auto spec = tools::PresetSpec("tiny", model::Architecture::kQwen2Moe);
     REQUIRE(spec.ok());
-    REQUIRE(tools::WriteCheckpoint(*spec, (path / "tiny-qwen2").string()).ok());
-    return path / "tiny-qwen2";
+    REQUIRE(tools::WriteCheckpoint(*spec, (scratch / "tiny-qwen2").string()).ok());
+    return scratch / "tiny-qwen2";
   }();
   return dir;
 }

@@ -18,6 +18,7 @@
 #include "grpcpp/create_channel.h"
 #include "kernels/test_backend.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/scratch_dir.h"
 #include "tools/pack/pack.h"
 #include "tools/synth/synthesizer.h"
 
@@ -27,13 +28,12 @@ namespace {
 namespace fs = std::filesystem;
 
 const fs::path& Model() {
+  static const ScratchDir scratch("moed_generate_test");
   static const fs::path dir = [] {
-    fs::path path = fs::temp_directory_path() / ("moed_generate_test_" + std::to_string(getpid()));
-    fs::remove_all(path);
     REQUIRE(tools::WriteCheckpoint(*tools::PresetSpec("tiny", model::Architecture::kMixtral),
-                                   (path / "tiny").string())
+                                   (scratch / "tiny").string())
                 .ok());
-    return path / "tiny";
+    return scratch / "tiny";
   }();
   return dir;
 }

@@ -10,6 +10,7 @@
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "tests/scratch_dir.h"
 
 namespace moed::tools {
 namespace {
@@ -21,12 +22,6 @@ std::string ReadFile(const fs::path& path) {
   std::stringstream text;
   text << file.rdbuf();
   return text.str();
-}
-
-fs::path TempDir() {
-  fs::path dir = fs::temp_directory_path() / ("moed_synth_test_" + std::to_string(getpid()));
-  fs::create_directories(dir);
-  return dir;
 }
 
 // Parses a safetensors file independently of the writer: u64 LE header length, JSON header,
@@ -41,7 +36,8 @@ nlohmann::json SafetensorsHeader(const std::string& bytes) {
 }
 
 TEST_CASE("every architecture's tiny checkpoint is complete and consistent") {
-  fs::path root = TempDir();
+  const testing::ScratchDir scratch("moed_synth_test");
+  const fs::path& root = scratch.path();
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
                     model::Architecture::kQwen3Moe, model::Architecture::kOlmoe,
                     model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
@@ -97,11 +93,11 @@ TEST_CASE("every architecture's tiny checkpoint is complete and consistent") {
   for (const auto& entry : fs::directory_iterator(root)) {
     CHECK(entry.path().filename().string().find(".tmp-") == std::string::npos);
   }
-  fs::remove_all(root);
 }
 
 TEST_CASE("the same seed gives the same bytes, another seed other weights") {
-  fs::path root = TempDir();
+  const testing::ScratchDir scratch("moed_synth_test");
+  const fs::path& root = scratch.path();
   SynthSpec spec = *PresetSpec("tiny", model::Architecture::kMixtral);
   REQUIRE(WriteCheckpoint(spec, (root / "a").string()).ok());
   REQUIRE(WriteCheckpoint(spec, (root / "b").string()).ok());
@@ -115,11 +111,11 @@ TEST_CASE("the same seed gives the same bytes, another seed other weights") {
 
   absl::Status again = WriteCheckpoint(spec, (root / "a").string());
   CHECK(again.code() == absl::StatusCode::kAlreadyExists);
-  fs::remove_all(root);
 }
 
 TEST_CASE("weights have the intended scale") {
-  fs::path root = TempDir();
+  const testing::ScratchDir scratch("moed_synth_test");
+  const fs::path& root = scratch.path();
   SynthSpec spec = *PresetSpec("tiny", model::Architecture::kMixtral);
   spec.dtype = DType::kF32;
   REQUIRE(WriteCheckpoint(spec, (root / "f32").string()).ok());
@@ -149,7 +145,6 @@ TEST_CASE("weights have the intended scale") {
   CHECK(norm_mean == Approx(1.0).epsilon(0.05));
   auto [router_mean, router_std] = stats("model.layers.0.block_sparse_moe.gate.weight");
   CHECK(router_std == Approx(0.2).epsilon(0.1));
-  fs::remove_all(root);
 }
 
 TEST_CASE("impossible specs are refused") {
@@ -166,7 +161,8 @@ TEST_CASE("impossible specs are refused") {
 }
 
 TEST_CASE("the demo chat template renders ChatML with Hermes tool calls") {
-  fs::path root = TempDir() / "chat";
+  const testing::ScratchDir scratch("moed_synth_test");
+  const fs::path root = scratch / "chat";
   SynthSpec spec = *PresetSpec("tiny", model::Architecture::kMixtral);
   REQUIRE(WriteCheckpoint(spec, root.string()).ok());
   auto loaded = model::ChatTemplate::LoadForModel(root.string(), "");
@@ -213,7 +209,6 @@ TEST_CASE("the demo chat template renders ChatML with Hermes tool calls") {
 
   input.messages = nlohmann::ordered_json::parse(R"([{"role": "robot", "content": "x"}])");
   CHECK(chat.Render(input, std::tm{}).status().message() == "Unexpected message role: robot");
-  fs::remove_all(root);
 }
 
 }  // namespace
