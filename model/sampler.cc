@@ -2,15 +2,17 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 namespace moed::model {
 
 Sampler::Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt,
-                 uint64_t default_seed)
-    : params_(params), rng_(params.seed.value_or(default_seed)) {
+                 uint64_t default_seed, SamplerOptions options)
+    : params_(params), options_(options), rng_(params.seed.value_or(default_seed)) {
   for (int32_t token : prompt) seen_[token] = true;
 }
 
@@ -53,19 +55,196 @@ void RadixSortByLogit(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratc
   }
 }
 
-// The most likely token, ties to the lower id: the largest value with eight independent
-// running maxima (no loop-carried index, so the loop vectorizes), then its first position.
-int32_t Argmax(const std::vector<float>& logits) {
+// Whether token a comes before token b in sampling order: the higher logit first, ties to
+// the lower id.
+bool Before(const std::vector<float>& logits, int32_t a, int32_t b) {
+  return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+}
+
+struct Extremes {
+  int32_t best;  // the most likely token, ties to the lower id
+  float lowest;  // the smallest logit
+};
+
+// Eight independent running maxima and minima (no loop-carried index, so the loop
+// vectorizes), then the first position of the largest value.
+Extremes FindExtremes(const std::vector<float>& logits) {
   const size_t n = logits.size();
-  float lane[8];
-  std::fill(lane, lane + 8, logits[0]);
+  float high[8], low[8];
+  std::fill(high, high + 8, logits[0]);
+  std::fill(low, low + 8, logits[0]);
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) lane[j] = logits[i + j] > lane[j] ? logits[i + j] : lane[j];
+    for (int j = 0; j < 8; ++j) {
+      high[j] = logits[i + j] > high[j] ? logits[i + j] : high[j];
+      low[j] = logits[i + j] < low[j] ? logits[i + j] : low[j];
+    }
   }
-  float top = *std::max_element(lane, lane + 8);
-  for (; i < n; ++i) top = logits[i] > top ? logits[i] : top;
-  return static_cast<int32_t>(std::find(logits.begin(), logits.end(), top) - logits.begin());
+  float top = *std::max_element(high, high + 8);
+  float bottom = *std::min_element(low, low + 8);
+  for (; i < n; ++i) {
+    top = logits[i] > top ? logits[i] : top;
+    bottom = logits[i] < bottom ? logits[i] : bottom;
+  }
+  const auto best = std::find(logits.begin(), logits.end(), top) - logits.begin();
+  return {static_cast<int32_t>(best), bottom};
+}
+
+// N doubles, their comparisons' masks and their bits, in GCC's vector extension: lowered to
+// SSE2 (which every x86-64 has) for 2, and to AVX2 or AVX-512 for 4 and 8 inside functions
+// built for those (chosen at run time).
+template <int N>
+struct Simd;
+template <>
+struct Simd<2> {
+  using Doubles = double __attribute__((vector_size(16)));
+  using Mask = int64_t __attribute__((vector_size(16)));
+  using Bits = uint64_t __attribute__((vector_size(16)));
+  using Floats = float __attribute__((vector_size(8)));
+};
+template <>
+struct Simd<4> {
+  using Doubles = double __attribute__((vector_size(32)));
+  using Mask = int64_t __attribute__((vector_size(32)));
+  using Bits = uint64_t __attribute__((vector_size(32)));
+  using Floats = float __attribute__((vector_size(16)));
+};
+template <>
+struct Simd<8> {
+  using Doubles = double __attribute__((vector_size(64)));
+  using Mask = int64_t __attribute__((vector_size(64)));
+  using Bits = uint64_t __attribute__((vector_size(64)));
+  using Floats = float __attribute__((vector_size(32)));
+};
+
+// e^x in place: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^13 (the
+// remainder is below 2^-57), 2^n written into the exponent. Lanes below -80 are taken at -80;
+// NaN lanes give garbage that callers mask out. (By reference: vectors wider than the
+// baseline's registers must not cross a function's boundary by value.)
+template <int N>
+[[gnu::always_inline]] inline void ApproxExpInPlace(typename Simd<N>::Doubles& x) {
+  using Doubles = typename Simd<N>::Doubles;
+  using Bits = typename Simd<N>::Bits;
+  constexpr double kRoundingShift = 0x1.8p52;      // adding it rounds to an integer in the low bits
+  constexpr double kLn2Hi = 0x1.62e42fee00000p-1;  // n * kLn2Hi is exact for |n| < 2^21
+  constexpr double kLn2Lo = 0x1.a39ef35793c76p-33;
+  const Doubles low = Doubles{} - 80.0;
+  x = x < low ? low : x;
+  const Doubles shifted = x * 0x1.71547652b82fep0 + kRoundingShift;
+  const Doubles n = shifted - kRoundingShift;
+  const Doubles r = (x - n * kLn2Hi) - n * kLn2Lo;
+  // 1/k! for k = 13 down to 0, by Horner's rule.
+  Doubles series = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
+  series = series * r + 1.0 / 39916800.0;
+  series = series * r + 1.0 / 3628800.0;
+  series = series * r + 1.0 / 362880.0;
+  series = series * r + 1.0 / 40320.0;
+  series = series * r + 1.0 / 5040.0;
+  series = series * r + 1.0 / 720.0;
+  series = series * r + 1.0 / 120.0;
+  series = series * r + 1.0 / 24.0;
+  series = series * r + 1.0 / 6.0;
+  series = series * r + 0.5;
+  series = series * r + 1.0;
+  series = series * r + 1.0;
+  const Bits exponent =
+      (__builtin_bit_cast(Bits, shifted) - __builtin_bit_cast(uint64_t, kRoundingShift) + 1023)
+      << 52;
+  x = series * __builtin_bit_cast(Doubles, exponent);
+}
+
+constexpr int kBuckets = 1024;  // the fast path's buckets of logits
+constexpr int kWidestLanes = 8;
+
+// The fast path's pass over tokens [begin, end): each candidate's weight e^x, x = (l - top)/T,
+// added to its bucket's mass (mass[lane * (kBuckets + 1) + bucket], one row per lane, so that
+// neighbouring tokens never wait on each other's sum), its bucket written to buckets[t]
+// (kBuckets for a token that is no candidate). With min-p, the weight of the candidates it
+// surely keeps is summed, and `unsure` set if any candidate is too close to its cut to tell.
+struct WeighJob {
+  const float* logits;
+  int64_t begin, end;
+  double top, inverse_temperature, floor, scale;
+  bool min_p;
+  double log_min_p, min_p_unsure;
+  uint16_t* buckets;
+  double* mass;
+  double kept_mass = 0;
+  bool unsure = false;
+};
+
+// `count` (at most N, fewer only at the end) tokens of the pass from t. (Not a lambda: a
+// lambda's body would not be built for the enclosing function's instruction set.)
+template <int N>
+[[gnu::always_inline]] inline void WeighLanes(WeighJob& job, int64_t t, int count,
+                                              typename Simd<N>::Doubles& kept_mass,
+                                              typename Simd<N>::Mask& unsure) {
+  using S = Simd<N>;
+  const typename S::Doubles zero = {};
+  typename S::Floats raw;
+  for (int j = 0; j < N; ++j) raw[j] = -INFINITY;
+  std::memcpy(&raw, job.logits + t, sizeof(float) * static_cast<size_t>(count));
+  const typename S::Doubles l = __builtin_convertvector(raw, typename S::Doubles);
+  const typename S::Mask candidate = l >= job.floor;
+  const typename S::Doubles x = (l - job.top) * job.inverse_temperature;
+  typename S::Doubles w = x;
+  ApproxExpInPlace<N>(w);
+  w = candidate ? w : zero;
+  // The bucket, clamped and masked while still a double (cheaper than 64-bit integer compares,
+  // which SSE2 lacks), then rounded into the low bits.
+  const typename S::Doubles last = zero + (kBuckets - 1);
+  typename S::Doubles position = (job.top - l) * job.scale;
+  position = position < last ? position : last;
+  position = candidate ? position : last + 1;
+  const typename S::Bits index = __builtin_bit_cast(typename S::Bits, position + 0x1.8p52) -
+                                 __builtin_bit_cast(uint64_t, 0x1.8p52);
+  if (job.min_p) {
+    const typename S::Mask keep = x >= job.log_min_p + job.min_p_unsure;
+    unsure |= candidate & ~keep & (x > job.log_min_p - job.min_p_unsure);
+    kept_mass += (candidate & keep) ? w : zero;
+  }
+  // Through memory, one lane at a time: a scatter that adds cannot run on lanes.
+  alignas(64) uint64_t indices[N];
+  alignas(64) double weights[N];
+  std::memcpy(indices, &index, sizeof indices);
+  std::memcpy(weights, &w, sizeof weights);
+#pragma GCC unroll 8
+  for (int j = 0; j < count; ++j) {
+    job.buckets[t + j] = static_cast<uint16_t>(indices[j]);
+    job.mass[static_cast<size_t>(j) * (kBuckets + 1) + indices[j]] += weights[j];
+  }
+}
+
+template <int N>
+[[gnu::always_inline]] inline void WeighTokens(WeighJob& job) {
+  typename Simd<N>::Doubles kept_mass = {};
+  typename Simd<N>::Mask unsure = {};
+  int64_t t = job.begin;
+  for (; t + N <= job.end; t += N) WeighLanes<N>(job, t, N, kept_mass, unsure);
+  if (t < job.end) WeighLanes<N>(job, t, static_cast<int>(job.end - t), kept_mass, unsure);
+  for (int j = 0; j < N; ++j) {
+    job.kept_mass += kept_mass[j];
+    job.unsure = job.unsure || unsure[j] != 0;
+  }
+}
+
+void WeighTokensSse2(WeighJob& job) { WeighTokens<2>(job); }
+[[gnu::target("avx2")]] void WeighTokensAvx2(WeighJob& job) { WeighTokens<4>(job); }
+[[gnu::target("avx512f,avx512dq")]] void WeighTokensAvx512(WeighJob& job) { WeighTokens<8>(job); }
+
+// The widest lanes this CPU runs (2 when `widest` is off) and the pass built for them.
+std::pair<int, void (*)(WeighJob&)> WeighFor(bool widest) {
+  if (widest && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
+    return {8, WeighTokensAvx512};
+  }
+  if (widest && __builtin_cpu_supports("avx2")) return {4, WeighTokensAvx2};
+  return {2, WeighTokensSse2};
+}
+
+double ApproxExp1(double x) {
+  Simd<2>::Doubles lanes = Simd<2>::Doubles{} + x;
+  ApproxExpInPlace<2>(lanes);
+  return lanes[0];
 }
 
 }  // namespace
@@ -93,130 +272,26 @@ TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run
     logits[token] -=
         params_.presence_penalty + params_.frequency_penalty * static_cast<float>(count);
   }
-  auto by_logit = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  const int32_t best = Argmax(logits);
+  const Extremes extremes = FindExtremes(logits);
+  const int32_t best = extremes.best;
 
   TokenChoice choice;
   if (params_.temperature == 0.0f || params_.top_k == 1) {
     choice.token = best;
   } else {
-    // The candidates in sampling order (descending logit, ties to the lower id). Without
-    // top-k, only tokens whose weight exp((l - max) / T) reaches 2^-60: every other weight is
-    // below half an ulp of the sums below (which start at exp(0) = 1 and only grow), so it
-    // would change no sum and can never be drawn. Sampling then costs a partial pass over the
-    // vocabulary, not a sort of it, and gives the tokens a full sort would.
-    std::vector<uint64_t>& keys = keys_;
-    keys.clear();
-    const float max_logit = logits[best];
-    const bool pruned = params_.top_k == 0;
-    if (pruned) {
-      // Each part takes the candidates of its own range of keys, found in token order, and
-      // sorts them; the parts' ranges follow each other, so their orders, one after another,
-      // are the whole order. The ranges split at quantiles of a sample of the candidates.
-      const float floor = max_logit - 42.0f * params_.temperature;  // e^-42 < 2^-60
-      std::vector<uint64_t>& pivots = pivots_;
-      pivots.clear();
-      if (parts > 1) {
-        const int64_t stride = std::max<int64_t>(1, vocab / 1024);
-        for (int64_t t = 0; t < vocab; t += stride) {
-          if (logits[t] >= floor) pivots.push_back(OrderKey(logits[t], static_cast<int32_t>(t)));
-        }
-        std::sort(pivots.begin(), pivots.end());
-        std::vector<uint64_t>& cuts = pivot_cuts_;  // the sample's quantiles
-        cuts.clear();
-        for (int part = 1; part < parts && !pivots.empty(); ++part) {
-          cuts.push_back(
-              pivots[pivots.size() * static_cast<size_t>(part) / static_cast<size_t>(parts)]);
-        }
-        pivots.swap(cuts);
-      }
-      const int ranges = static_cast<int>(pivots.size()) + 1;
-      part_keys_.resize(static_cast<size_t>(ranges));
-      part_scratch_.resize(static_cast<size_t>(ranges));
-      run(ranges, [&](int part) {
-        const uint64_t low = part == 0 ? 0 : pivots[static_cast<size_t>(part - 1)];
-        const uint64_t high = part == ranges - 1 ? ~uint64_t{0} : pivots[static_cast<size_t>(part)];
-        const bool last = part == ranges - 1;
-        std::vector<uint64_t>& own = part_keys_[static_cast<size_t>(part)];
-        own.resize(static_cast<size_t>(vocab));
-        size_t count = 0;
-        for (int32_t t = 0; t < vocab; ++t) {  // without branches: whether a token is in the
-          const uint64_t key = OrderKey(logits[t], t);  // range is a coin toss
-          own[count] = key;
-          count += static_cast<size_t>((logits[t] >= floor) & (key >= low) & ((key < high) | last));
-        }
-        own.resize(count);
-        RadixSortByLogit(own, part_scratch_[static_cast<size_t>(part)]);  // in token order
-      });
-      if (ranges == 1) {
-        keys.swap(part_keys_[0]);
-      } else {
-        for (const std::vector<uint64_t>& own : part_keys_) {
-          keys.insert(keys.end(), own.begin(), own.end());
-        }
-      }
+    // The one number this token takes from the generator, drawn before either path runs so
+    // that the exact path, when the fast one cannot vouch for its answer, draws with it too.
+    const double canonical =
+        std::generate_canonical<double, std::numeric_limits<double>::digits>(rng_);
+    std::optional<int32_t> fast;
+    if (params_.top_k == 0 && options_.fast_path)
+      fast = FastDraw(best, extremes.lowest, canonical, parts, run);
+    if (fast.has_value()) {
+      choice.token = *fast;
+      ++counters_.fast_draws;
     } else {
-      keys.reserve(static_cast<size_t>(vocab));
-      for (int32_t t = 0; t < vocab; ++t) keys.push_back(OrderKey(logits[t], t));
-      const size_t keep = std::min<size_t>(keys.size(), params_.top_k);
-      std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(keep - 1), keys.end());
-      keys.resize(keep);
-      std::sort(keys.begin(), keys.end());
-    }
-    // Probabilities at this temperature over the kept candidates: the weights in parts, their
-    // sum in order.
-    std::vector<double>& p = probabilities_;
-    p.resize(keys.size());
-    const double top = static_cast<double>(logits[TokenOf(keys[0])]);
-    const size_t count = keys.size();
-    run(parts, [&](int part) {
-      const size_t begin = count * static_cast<size_t>(part) / static_cast<size_t>(parts);
-      const size_t end = count * static_cast<size_t>(part + 1) / static_cast<size_t>(parts);
-      for (size_t i = begin; i < end; ++i) {
-        p[i] =
-            std::exp((static_cast<double>(logits[TokenOf(keys[i])]) - top) / params_.temperature);
-      }
-    });
-    double sum = 0;
-    for (double v : p) sum += v;
-    for (double& v : p) v /= sum;
-    size_t cut = p.size();
-    if (params_.min_p > 0) {
-      double min_p_floor = params_.min_p * p[0];
-      cut = static_cast<size_t>(
-          std::find_if(p.begin(), p.end(), [&](double v) { return v < min_p_floor; }) - p.begin());
-    }
-    if (params_.top_p < 1.0f) {
-      double cumulative = 0;
-      for (size_t i = 0; i < cut; ++i) {
-        cumulative += p[i];
-        if (cumulative >= params_.top_p) {
-          cut = i + 1;
-          break;
-        }
-      }
-    }
-    cut = std::max<size_t>(cut, 1);
-    double kept = std::accumulate(p.begin(), p.begin() + static_cast<int64_t>(cut), 0.0);
-    double u = std::uniform_real_distribution<double>(0.0, kept)(rng_);
-    choice.token = TokenOf(keys[cut - 1]);
-    if (cut == keys.size() && pruned && keys.size() < static_cast<size_t>(vocab)) {
-      // Only when u rounds up to `kept`: the last token of the whole order, as a full sort.
-      int32_t last = 0;
-      for (int32_t t = 1; t < vocab; ++t) {
-        if (!by_logit(t, last)) last = t;
-      }
-      choice.token = last;
-    }
-    double cumulative = 0;
-    for (size_t i = 0; i < cut; ++i) {
-      cumulative += p[i];
-      if (u < cumulative) {
-        choice.token = TokenOf(keys[i]);
-        break;
-      }
+      choice.token = ExactDraw(best, canonical, parts, run);
+      ++counters_.exact_draws;
     }
   }
   if (params_.logprobs) {
@@ -231,13 +306,279 @@ TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run
       std::vector<int32_t> top(static_cast<size_t>(vocab));
       std::iota(top.begin(), top.end(), 0);
       size_t n = std::min<size_t>(top.size(), params_.top_logprobs);
-      std::partial_sort(top.begin(), top.begin() + static_cast<int64_t>(n), top.end(), by_logit);
+      std::partial_sort(top.begin(), top.begin() + static_cast<int64_t>(n), top.end(),
+                        [&](int32_t a, int32_t b) { return Before(logits, a, b); });
       for (size_t i = 0; i < n; ++i) choice.top_logprobs.emplace_back(top[i], logprob_of(top[i]));
     }
   }
   ++output_counts_[choice.token];
   seen_[choice.token] = true;
   return choice;
+}
+
+double ApproxExp(double x) { return ApproxExp1(x); }
+
+// Without top-k, the exact path's token is the first candidate (in sampling order) whose
+// running sum of normalised weights exceeds u = canonical * kept, where kept is that sum up to
+// top-p's and min-p's cut. Every such sum here, taken in another order from weights within
+// 2^-45 of the exact path's, lies within `margin` of the exact path's (error bounds of
+// recursive summation, both paths against the true sums). So where each decision clears the
+// margin, it is the exact path's decision; where one does not, the exact path decides (about
+// one draw in a million on a flat 32,000-token vocabulary). The order is needed only inside
+// one bucket of logits: the mass of the buckets before it is a sum of per-bucket sums.
+std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double canonical, int parts,
+                                         PartRunner run) {
+  const std::vector<float>& logits = logits_;
+  const int64_t vocab = static_cast<int64_t>(logits.size());
+  const double top = logits[best];
+  if (!std::isfinite(top)) return std::nullopt;
+  // The candidates are the exact path's: e^-42 < 2^-60 adds nothing to its sums.
+  const float floor = logits[best] - 42.0f * params_.temperature;
+  const double inverse_temperature = 1.0 / static_cast<double>(params_.temperature);
+  // Buckets split [max(lowest candidate), top] evenly; a higher logit never lands in a later
+  // bucket (every step of the index is monotonic), so bucket order is sampling order.
+  const double span = top - std::max(static_cast<double>(floor), static_cast<double>(lowest));
+  const double scale = span > 0 ? (kBuckets - 1) / span : 0.0;
+  const bool min_p = params_.min_p > 0;
+  const double log_min_p = min_p ? std::log(static_cast<double>(params_.min_p)) : 0.0;
+  constexpr double kMinPUnsure = 0x1p-40;  // in x = (l - top) / T; both paths' x and e^x agree
+                                           // to far better than this
+  const double margin =
+      options_.margin_scale *
+      ((8.0 * static_cast<double>(vocab + kBuckets) + 1024.0) * 0x1p-53 + 0x1p-40);
+
+  const auto [lanes, weigh] = WeighFor(options_.widest_simd);
+  const size_t part_stride = static_cast<size_t>(lanes) * (kBuckets + 1);
+  // Padded to whole blocks of eight with no bucket, for the search by blocks below.
+  buckets_.resize(static_cast<size_t>((vocab + 7) / 8 * 8));
+  std::fill(buckets_.begin() + vocab, buckets_.end(), uint16_t{kBuckets});
+  bucket_mass_.assign(static_cast<size_t>(parts) * part_stride, 0.0);
+  part_sums_.assign(static_cast<size_t>(parts) * 2, 0.0);
+  run(parts, [&](int part) {
+    WeighJob job{.logits = logits.data(),
+                 .begin = vocab * part / parts,
+                 .end = vocab * (part + 1) / parts,
+                 .top = top,
+                 .inverse_temperature = inverse_temperature,
+                 .floor = floor,
+                 .scale = scale,
+                 .min_p = min_p,
+                 .log_min_p = log_min_p,
+                 .min_p_unsure = kMinPUnsure,
+                 .buckets = buckets_.data(),
+                 .mass = bucket_mass_.data() + static_cast<size_t>(part) * part_stride};
+    weigh(job);
+    part_sums_[static_cast<size_t>(part) * 2] = job.kept_mass;
+    part_sums_[static_cast<size_t>(part) * 2 + 1] = job.unsure ? 1.0 : 0.0;
+  });
+
+  std::array<double, kBuckets> bucket_mass{};
+  double total = 0, kept_by_min_p = 0;
+  for (int part = 0; part < parts; ++part) {
+    const double* mass = bucket_mass_.data() + static_cast<size_t>(part) * part_stride;
+    for (int lane = 0; lane < lanes; ++lane) {
+      for (int b = 0; b < kBuckets; ++b) {
+        bucket_mass[static_cast<size_t>(b)] += mass[static_cast<size_t>(lane) * (kBuckets + 1) + b];
+      }
+    }
+    kept_by_min_p += part_sums_[static_cast<size_t>(part) * 2];
+    if (part_sums_[static_cast<size_t>(part) * 2 + 1] != 0) return std::nullopt;
+  }
+  for (double m : bucket_mass) total += m;
+  if (!(total > 0) || !std::isfinite(total)) return std::nullopt;
+  const double inverse_total = 1.0 / total;
+
+  // The first candidate whose running normalised mass exceeds `target`, with that running
+  // mass; nullopt where the mass before it or through it is within the margin of target.
+  struct Crossing {
+    uint64_t key;
+    double through;
+  };
+  auto cross = [&](double target) -> std::optional<Crossing> {
+    double before = 0;
+    bool first = true;  // no candidate precedes: nothing below to clear
+    int b = 0;
+    for (; b < kBuckets; ++b) {
+      const double m = bucket_mass[static_cast<size_t>(b)];
+      if ((before + m) * inverse_total > target) break;
+      before += m;
+      first = first && m == 0;
+    }
+    if (b == kBuckets) return std::nullopt;
+    std::vector<uint64_t>& members = members_;
+    members.clear();
+    // Eight buckets to a compare: most blocks hold no member.
+    using Block = uint16_t __attribute__((vector_size(16)));
+    using Halves = uint64_t __attribute__((vector_size(16)));
+    for (int64_t t = 0; t < vocab; t += 8) {
+      Block block;
+      std::memcpy(&block, &buckets_[static_cast<size_t>(t)], sizeof block);
+      const Halves hits = reinterpret_cast<Halves>(block == static_cast<uint16_t>(b));
+      if ((hits[0] | hits[1]) == 0) continue;
+      for (int64_t i = t; i < std::min(t + 8, vocab); ++i) {
+        if (buckets_[static_cast<size_t>(i)] == b) {
+          members.push_back(OrderKey(logits[i], static_cast<int32_t>(i)));
+        }
+      }
+    }
+    std::sort(members.begin(), members.end());
+    for (uint64_t key : members) {
+      const double l = logits[TokenOf(key)];
+      const double through = before + ApproxExp1((l - top) * inverse_temperature);
+      if (through * inverse_total > target) {
+        if (!first && target - before * inverse_total <= margin) return std::nullopt;
+        if (through * inverse_total - target <= margin) return std::nullopt;
+        return Crossing{key, through * inverse_total};
+      }
+      before = through;
+      first = false;
+    }
+    return std::nullopt;
+  };
+
+  double kept = min_p ? kept_by_min_p * inverse_total : 1.0;
+  if (params_.top_p < 1.0f) {
+    const std::optional<Crossing> cut = cross(params_.top_p);
+    if (!cut.has_value()) return std::nullopt;
+    const double x = (static_cast<double>(logits[TokenOf(cut->key)]) - top) * inverse_temperature;
+    // Past min-p's cut, top-p never came into play: min-p's kept mass, all before it, fell
+    // short of top_p by the margin.
+    if (!min_p || x >= log_min_p + kMinPUnsure) kept = cut->through;
+  }
+  const double u = canonical * kept;
+  if (kept - u <= margin) return std::nullopt;  // the draw could land on the cut itself
+  const std::optional<Crossing> drawn = cross(u);
+  if (!drawn.has_value()) return std::nullopt;
+  return TokenOf(drawn->key);
+}
+
+int32_t Sampler::ExactDraw(int32_t best, double canonical, int parts, PartRunner run) {
+  const std::vector<float>& logits = logits_;
+  const int64_t vocab = static_cast<int64_t>(logits.size());
+  int32_t token = 0;
+  // The candidates in sampling order (descending logit, ties to the lower id). Without
+  // top-k, only tokens whose weight exp((l - max) / T) reaches 2^-60: every other weight is
+  // below half an ulp of the sums below (which start at exp(0) = 1 and only grow), so it
+  // would change no sum and can never be drawn. Sampling then costs a partial pass over the
+  // vocabulary, not a sort of it, and gives the tokens a full sort would.
+  std::vector<uint64_t>& keys = keys_;
+  keys.clear();
+  const float max_logit = logits[best];
+  const bool pruned = params_.top_k == 0;
+  if (pruned) {
+    // Each part takes the candidates of its own range of keys, found in token order, and
+    // sorts them; the parts' ranges follow each other, so their orders, one after another,
+    // are the whole order. The ranges split at quantiles of a sample of the candidates.
+    const float floor = max_logit - 42.0f * params_.temperature;  // e^-42 < 2^-60
+    std::vector<uint64_t>& pivots = pivots_;
+    pivots.clear();
+    if (parts > 1) {
+      const int64_t stride = std::max<int64_t>(1, vocab / 1024);
+      for (int64_t t = 0; t < vocab; t += stride) {
+        if (logits[t] >= floor) pivots.push_back(OrderKey(logits[t], static_cast<int32_t>(t)));
+      }
+      std::sort(pivots.begin(), pivots.end());
+      std::vector<uint64_t>& cuts = pivot_cuts_;  // the sample's quantiles
+      cuts.clear();
+      for (int part = 1; part < parts && !pivots.empty(); ++part) {
+        cuts.push_back(
+            pivots[pivots.size() * static_cast<size_t>(part) / static_cast<size_t>(parts)]);
+      }
+      pivots.swap(cuts);
+    }
+    const int ranges = static_cast<int>(pivots.size()) + 1;
+    part_keys_.resize(static_cast<size_t>(ranges));
+    part_scratch_.resize(static_cast<size_t>(ranges));
+    run(ranges, [&](int part) {
+      const uint64_t low = part == 0 ? 0 : pivots[static_cast<size_t>(part - 1)];
+      const uint64_t high = part == ranges - 1 ? ~uint64_t{0} : pivots[static_cast<size_t>(part)];
+      const bool last = part == ranges - 1;
+      std::vector<uint64_t>& own = part_keys_[static_cast<size_t>(part)];
+      own.resize(static_cast<size_t>(vocab));
+      size_t count = 0;
+      for (int32_t t = 0; t < vocab; ++t) {           // without branches: whether a token is in the
+        const uint64_t key = OrderKey(logits[t], t);  // range is a coin toss
+        own[count] = key;
+        count += static_cast<size_t>((logits[t] >= floor) & (key >= low) & ((key < high) | last));
+      }
+      own.resize(count);
+      RadixSortByLogit(own, part_scratch_[static_cast<size_t>(part)]);  // in token order
+    });
+    if (ranges == 1) {
+      keys.swap(part_keys_[0]);
+    } else {
+      for (const std::vector<uint64_t>& own : part_keys_) {
+        keys.insert(keys.end(), own.begin(), own.end());
+      }
+    }
+  } else {
+    keys.reserve(static_cast<size_t>(vocab));
+    for (int32_t t = 0; t < vocab; ++t) keys.push_back(OrderKey(logits[t], t));
+    const size_t keep = std::min<size_t>(keys.size(), params_.top_k);
+    std::nth_element(keys.begin(), keys.begin() + static_cast<int64_t>(keep - 1), keys.end());
+    keys.resize(keep);
+    std::sort(keys.begin(), keys.end());
+  }
+  // Probabilities at this temperature over the kept candidates: the weights in parts, their
+  // sum in order.
+  std::vector<double>& p = probabilities_;
+  p.resize(keys.size());
+  const double top = static_cast<double>(logits[TokenOf(keys[0])]);
+  const size_t count = keys.size();
+  run(parts, [&](int part) {
+    const size_t begin = count * static_cast<size_t>(part) / static_cast<size_t>(parts);
+    const size_t end = count * static_cast<size_t>(part + 1) / static_cast<size_t>(parts);
+    for (size_t i = begin; i < end; ++i) {
+      p[i] = std::exp((static_cast<double>(logits[TokenOf(keys[i])]) - top) / params_.temperature);
+    }
+  });
+  double sum = 0;
+  for (double v : p) sum += v;
+  run(parts, [&](int part) {
+    const size_t begin = count * static_cast<size_t>(part) / static_cast<size_t>(parts);
+    const size_t end = count * static_cast<size_t>(part + 1) / static_cast<size_t>(parts);
+    for (size_t i = begin; i < end; ++i) p[i] /= sum;
+  });
+  size_t cut = count;
+  if (params_.min_p > 0) {
+    const double min_p_floor = params_.min_p * p[0];
+    cut = static_cast<size_t>(
+        std::find_if(p.begin(), p.end(), [&](double v) { return v < min_p_floor; }) - p.begin());
+  }
+  cut = std::max<size_t>(cut, 1);
+  // The normalised weights' running sums, as far as the cut needs them: top-p, the kept mass
+  // and the draw each read a prefix of the same additions in the same order, so that serial
+  // chain runs once.
+  std::vector<double>& running = running_sums_;
+  running.resize(cut);
+  const bool top_p = params_.top_p < 1.0f;
+  double cumulative = 0;
+  for (size_t i = 0; i < cut; ++i) {
+    cumulative += p[i];
+    running[i] = cumulative;
+    if (top_p && cumulative >= params_.top_p) {
+      cut = i + 1;
+      break;
+    }
+  }
+  const double kept = running[cut - 1];
+  const double u = canonical * kept;  // as std::uniform_real_distribution(0, kept) draws it
+  token = TokenOf(keys[cut - 1]);
+  if (cut == count && pruned && count < static_cast<size_t>(vocab)) {
+    // Only when u rounds up to `kept`: the last token of the whole order, as a full sort.
+    int32_t last = 0;
+    for (int32_t t = 1; t < vocab; ++t) {
+      if (!Before(logits, t, last)) last = t;
+    }
+    token = last;
+  }
+  for (size_t i = 0; i < cut; ++i) {
+    if (u < running[i]) {
+      token = TokenOf(keys[i]);
+      break;
+    }
+  }
+  return token;
 }
 
 StopMatcher::Result StopMatcher::Add(const std::string& delta) {

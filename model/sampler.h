@@ -40,10 +40,22 @@ struct TokenChoice {
   std::vector<std::pair<int32_t, float>> top_logprobs;
 };
 
+struct SamplerOptions {
+  // Draw through the fast path (weights on SIMD lanes, mass by logit buckets, no sort) when it
+  // can show that its token is the exact path's; off, every draw takes the exact path.
+  bool fast_path = true;
+  // Scales the margin by which the fast path's decisions must clear the rounding of either
+  // path; tests raise it to send every draw on to the exact path.
+  double margin_scale = 1.0;
+  // The fast path on the widest SIMD the CPU has (AVX-512 or AVX2); off, on SSE2's two lanes.
+  bool widest_simd = true;
+};
+
 class Sampler {
  public:
   // `prompt` feeds the repetition penalty; `default_seed` is used when params.seed is unset.
-  Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt, uint64_t default_seed);
+  Sampler(const SamplingParams& params, const std::vector<int32_t>& prompt, uint64_t default_seed,
+          SamplerOptions options = {});
 
   // Picks the next token and remembers it for the penalties.
   TokenChoice Next(absl::Span<const float> logits);
@@ -56,18 +68,43 @@ class Sampler {
   // samples alone while other threads are idle.
   TokenChoice Next(absl::Span<const float> logits, int parts, PartRunner run);
 
+  // Which path drew the sampled (not greedy) tokens so far.
+  struct Counters {
+    uint64_t fast_draws = 0;
+    uint64_t exact_draws = 0;
+  };
+  const Counters& counters() const { return counters_; }
+
  private:
+  // Both draw from logits_ (penalised), `best` being its argmax, with `canonical` in [0, 1)
+  // the generator's number for this token. The exact path sorts the candidates and sums their
+  // weights in that order, one after another; its tokens are the reference. The fast path
+  // returns nullopt where rounding could make its answer differ.
+  int32_t ExactDraw(int32_t best, double canonical, int parts, PartRunner run);
+  std::optional<int32_t> FastDraw(int32_t best, float lowest, double canonical, int parts,
+                                  PartRunner run);
+
   SamplingParams params_;
+  SamplerOptions options_;
+  Counters counters_;
   std::mt19937_64 rng_;
   // Kept from token to token: a step allocates nothing once they have grown.
   std::vector<float> logits_;
   std::vector<uint64_t> keys_, scratch_;
   std::vector<std::vector<uint64_t>> part_keys_, part_scratch_;  // one of each per part
   std::vector<uint64_t> pivots_, pivot_cuts_;  // where the parts' ranges of keys begin
-  std::vector<double> probabilities_;
+  std::vector<double> probabilities_, running_sums_;
+  std::vector<uint16_t> buckets_;    // the fast path's logit bucket of every token
+  std::vector<double> bucket_mass_;  // per part and lane, the weight in each bucket
+  std::vector<double> part_sums_;    // per part: min-p's kept weight, and whether it was unsure
+  std::vector<uint64_t> members_;    // one bucket's candidates
   absl::flat_hash_map<int32_t, int> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty
 };
+
+// e^x for x in [-80, 0] within 2^-50 of it, relative: the fast path's weights (exposed for its
+// test).
+double ApproxExp(double x);
 
 // Watches generated text for stop strings. Text that might be the start of a stop string is
 // held back until it is clear.

@@ -261,6 +261,105 @@ TEST_CASE("the sampler draws exactly the tokens a full sort of the vocabulary dr
   }
 }
 
+TEST_CASE("the fast path draws the exact path's tokens, and hands it every close call") {
+  struct Variant {
+    const char* name;
+    float temperature, top_p, min_p;
+  };
+  const Variant variants[] = {
+      {"temperature 0.8", 0.8f, 1.0f, 0.0f},
+      {"temperature 0.01", 0.01f, 1.0f, 0.0f},
+      {"temperature 50", 50.0f, 1.0f, 0.0f},
+      {"top-p 0.5", 1.0f, 0.5f, 0.0f},
+      {"top-p 0.01", 1.0f, 0.01f, 0.0f},
+      {"min-p 0.3", 0.7f, 1.0f, 0.3f},
+      {"min-p 1", 0.7f, 1.0f,
+       1.0f},  // only the top survives: decided at the margin, by the exact path
+      {"top-p 0.9, min-p 0.05", 1.3f, 0.9f, 0.05f},
+  };
+  struct Shape {
+    const char* name;
+    size_t vocab;
+    float spread;
+    bool masked;  // a third of the vocabulary at -infinity, as a grammar's mask leaves it
+  };
+  const Shape shapes[] = {{"flat", 32000, 0.4f, false},  {"trained-like", 32003, 6.0f, false},
+                          {"masked", 4097, 2.0f, true},  {"ties", 1001, 0.0f, false},
+                          {"one token", 1, 1.0f, false}, {"three tokens", 3, 1.0f, false}};
+  for (const Variant& v : variants) {
+    for (const Shape& shape : shapes) {
+      INFO(v.name << ", " << shape.name);
+      SamplingParams params;
+      params.temperature = v.temperature;
+      params.top_p = v.top_p;
+      params.min_p = v.min_p;
+      params.seed = 3;
+      Sampler fast(params, {}, 0);
+      Sampler narrow(params, {}, 0, SamplerOptions{.widest_simd = false});  // SSE2's two lanes
+      Sampler exact(params, {}, 0, SamplerOptions{.fast_path = false});
+      Sampler unsure(params, {}, 0, SamplerOptions{.margin_scale = 1e30});  // nothing clears it
+      SortingSampler reference(params, 3);
+      std::mt19937 rng(9);
+      std::normal_distribution<float> normal(0.0f, shape.spread > 0 ? shape.spread : 1.0f);
+      std::vector<float> logits(shape.vocab);
+      const int draws = 40;
+      int differ = 0;
+      for (int step = 0; step < draws; ++step) {
+        for (size_t t = 0; t < logits.size(); ++t) {
+          const float l = normal(rng);
+          logits[t] = shape.spread > 0 ? l : std::round(l);
+          if (shape.masked && t % 3 == 1) logits[t] = -INFINITY;
+        }
+        if (shape.spread == 6.0f) logits[static_cast<size_t>(step) * 11] += 25.0f;
+        const int32_t expected = reference.Next(logits);
+        differ += fast.Next(logits).token != expected ? 1 : 0;
+        differ += narrow.Next(logits).token != expected ? 1 : 0;
+        differ += exact.Next(logits).token != expected ? 1 : 0;
+        differ += unsure.Next(logits).token != expected ? 1 : 0;
+      }
+      CHECK(differ == 0);
+      CHECK(exact.counters().fast_draws == 0);
+      CHECK(unsure.counters().fast_draws == 0);
+      CHECK(unsure.counters().exact_draws == static_cast<uint64_t>(draws));
+      // A close call needs a running sum within about 1e-11 of the draw or a cut: with these
+      // draws, none but min-p 1's, whose one survivor sits exactly on the cut.
+      if (v.min_p == 1.0f) {
+        CHECK(fast.counters().exact_draws == static_cast<uint64_t>(draws));
+        CHECK(narrow.counters().exact_draws == static_cast<uint64_t>(draws));
+      } else {
+        CHECK(fast.counters().fast_draws == static_cast<uint64_t>(draws));
+        CHECK(narrow.counters().fast_draws == static_cast<uint64_t>(draws));
+      }
+    }
+  }
+}
+
+TEST_CASE("the fast path's exp is within 2^-50 of expl over [-80, 0]") {
+  long double worst = 0;
+  double worst_at = 0;
+  auto check = [&](double x) {
+    const long double expected = std::exp(static_cast<long double>(x));
+    const long double error =
+        std::fabs(static_cast<long double>(ApproxExp(x)) - expected) / expected;
+    if (error > worst) {
+      worst = error;
+      worst_at = x;
+    }
+  };
+  for (int i = 0; i <= 2000000; ++i) check(-80.0 * i / 2000000);
+  // Where the reduction switches multiples of ln 2, and either side of it.
+  for (int n = 0; n <= 115; ++n) {
+    const double at = -n * 0.6931471805599453 - 0.34657359027997264;
+    for (double x : {std::nextafter(at, 0.0), at, std::nextafter(at, -1.0)}) {
+      if (x >= -80.0) check(x);
+    }
+  }
+  check(-0.0);
+  check(-1e-300);
+  INFO("worst relative error " << static_cast<double>(worst) << " at " << worst_at);
+  CHECK(worst <= 0x1p-50L);
+}
+
 TEST_CASE("logprobs are reported when asked for, and only then") {
   std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f};
   SamplingParams without;

@@ -316,6 +316,7 @@ int main(int argc, char** argv) try {
     moed::model::SamplingParams params;
     bool split = false;  // the vocabulary's passes split over 2 threads, as the scheduler does
                          // for a sequence sampling alone
+    moed::model::SamplerOptions options = {};
   };
   auto with = [](auto change) {
     moed::model::SamplingParams params;
@@ -327,9 +328,12 @@ int main(int argc, char** argv) try {
       {"greedy", with([](auto& p) { p.temperature = 0; })},
       {"temperature 0.8", with([](auto& p) { p.temperature = 0.8f; })},
       {"  split over 2", with([](auto& p) { p.temperature = 0.8f; }), true},
+      {"  exact path", with([](auto& p) { p.temperature = 0.8f; }), false, {.fast_path = false}},
+      {"  SSE2 lanes", with([](auto& p) { p.temperature = 0.8f; }), false, {.widest_simd = false}},
       {"top-k 40", with([](auto& p) { p.top_k = 40; })},
       {"top-p 0.95", with([](auto& p) { p.top_p = 0.95f; })},
       {"  split over 2", with([](auto& p) { p.top_p = 0.95f; }), true},
+      {"  exact path", with([](auto& p) { p.top_p = 0.95f; }), false, {.fast_path = false}},
       {"min-p 0.05", with([](auto& p) { p.min_p = 0.05f; })},
       {"penalties", with([](auto& p) {
          p.presence_penalty = 0.5f;
@@ -352,11 +356,12 @@ int main(int argc, char** argv) try {
       for (int64_t part = begin; part < end; ++part) body(static_cast<int>(part));
     });
   };
+  moed::model::Sampler::Counters draws;  // of the rows on the default (fast) path
   for (const SamplerCase& sc : sampler_cases) {
     double per_call[2];
     int i = 0;
     for (const std::vector<float>* logits : {&step_logits, &trained}) {
-      moed::model::Sampler sampler(sc.params, prompt, 0);
+      moed::model::Sampler sampler(sc.params, prompt, 0, sc.options);
       auto next = [&] {
         return sc.split ? sampler.Next(*logits, 2, on_split_pool) : sampler.Next(*logits);
       };
@@ -365,11 +370,18 @@ int main(int argc, char** argv) try {
       auto start = Clock::now();
       for (int call = 0; call < kCalls; ++call) next();
       per_call[i++] = Seconds(start, Clock::now()) / kCalls;
+      if (sc.options.fast_path && sc.options.widest_simd) {
+        draws.fast_draws += sampler.counters().fast_draws;
+        draws.exact_draws += sampler.counters().exact_draws;
+      }
     }
     std::printf("%-18s %14.1f %9.1f%% %16.1f %9.1f%%\n", sc.name, 1e6 * per_call[0],
                 100 * per_call[0] / single_step_seconds, 1e6 * per_call[1],
                 100 * per_call[1] / single_step_seconds);
   }
+  std::printf(
+      "sampled draws on the fast path: %lu; left to the exact path (a close call, or top-k): %lu\n",
+      static_cast<unsigned long>(draws.fast_draws), static_cast<unsigned long>(draws.exact_draws));
 
   // A sampled single-sequence decode step by stage: every operator timed as it runs (the CPU
   // backend finishes each before returning), the sampler, and what is left (the engine's own
