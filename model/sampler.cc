@@ -66,22 +66,29 @@ struct Extremes {
   float lowest;  // the smallest logit
 };
 
-// Eight independent running maxima and minima (no loop-carried index, so the loop
-// vectorizes), then the first position of the largest value.
+// Running maxima and minima on two SSE2 registers' lanes, then the first position of the
+// largest value.
 Extremes FindExtremes(const std::vector<float>& logits) {
+  using Floats = float __attribute__((vector_size(16)));
   const size_t n = logits.size();
-  float high[8], low[8];
-  std::fill(high, high + 8, logits[0]);
-  std::fill(low, low + 8, logits[0]);
+  Floats high[2], low[2];
+  high[0] = high[1] = low[0] = low[1] = Floats{} + logits[0];
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      high[j] = logits[i + j] > high[j] ? logits[i + j] : high[j];
-      low[j] = logits[i + j] < low[j] ? logits[i + j] : low[j];
+    for (int k = 0; k < 2; ++k) {
+      Floats block;
+      std::memcpy(&block, &logits[i + 4 * static_cast<size_t>(k)], sizeof block);
+      high[k] = block > high[k] ? block : high[k];
+      low[k] = block < low[k] ? block : low[k];
     }
   }
-  float top = *std::max_element(high, high + 8);
-  float bottom = *std::min_element(low, low + 8);
+  float top = logits[0], bottom = logits[0];
+  for (int k = 0; k < 2; ++k) {
+    for (int j = 0; j < 4; ++j) {
+      top = high[k][j] > top ? high[k][j] : top;
+      bottom = low[k][j] < bottom ? low[k][j] : bottom;
+    }
+  }
   for (; i < n; ++i) {
     top = logits[i] > top ? logits[i] : top;
     bottom = logits[i] < bottom ? logits[i] : bottom;
@@ -154,10 +161,9 @@ template <int N>
 }
 
 constexpr int kBuckets = 1024;  // the fast path's buckets of logits
-constexpr int kWidestLanes = 8;
 
 // The fast path's pass over tokens [begin, end): each candidate's weight e^x, x = (l - top)/T,
-// added to its bucket's mass (mass[lane * (kBuckets + 1) + bucket], one row per lane, so that
+// added to its bucket's mass (mass[row * (kBuckets + 1) + bucket], one row per lane, so that
 // neighbouring tokens never wait on each other's sum), its bucket written to buckets[t]
 // (kBuckets for a token that is no candidate). With min-p, the weight of the candidates it
 // surely keeps is summed, and `unsure` set if any candidate is too close to its cut to tell.
@@ -173,58 +179,85 @@ struct WeighJob {
   bool unsure = false;
 };
 
-// `count` (at most N, fewer only at the end) tokens of the pass from t. (Not a lambda: a
-// lambda's body would not be built for the enclosing function's instruction set.)
+// The weights and buckets of N tokens' logits, into weights[0, N) and indices[0, N). (Not a lambda:
+// a lambda's body would not be built for the enclosing function's instruction set.)
 template <int N>
-[[gnu::always_inline]] inline void WeighLanes(WeighJob& job, int64_t t, int count,
+[[gnu::always_inline]] inline void WeighLanes(const WeighJob& job,
+                                              const typename Simd<N>::Floats& raw, double* weights,
+                                              uint64_t* indices,
                                               typename Simd<N>::Doubles& kept_mass,
-                                              typename Simd<N>::Mask& unsure) {
-  using S = Simd<N>;
-  const typename S::Doubles zero = {};
-  typename S::Floats raw;
-  for (int j = 0; j < N; ++j) raw[j] = -INFINITY;
-  std::memcpy(&raw, job.logits + t, sizeof(float) * static_cast<size_t>(count));
-  const typename S::Doubles l = __builtin_convertvector(raw, typename S::Doubles);
-  const typename S::Mask candidate = l >= job.floor;
-  const typename S::Doubles x = (l - job.top) * job.inverse_temperature;
-  typename S::Doubles w = x;
+                                              typename Simd<N>::Doubles& unsure) {
+  using Doubles = typename Simd<N>::Doubles;
+  // Scalars as whole vectors, and every compare inside the select that uses it: a compare
+  // kept as a mask, or against a bare scalar, is split into one per lane.
+  const Doubles zero = {};
+  const Doubles floor = zero + job.floor;
+  const Doubles l = __builtin_convertvector(raw, Doubles);
+  const Doubles x = (l - job.top) * job.inverse_temperature;
+  Doubles w = x;
   ApproxExpInPlace<N>(w);
-  w = candidate ? w : zero;
+  w = l < floor ? zero : w;  // a NaN logit weighs NaN, and the total sends the draw on
   // The bucket, clamped and masked while still a double (cheaper than 64-bit integer compares,
   // which SSE2 lacks), then rounded into the low bits.
-  const typename S::Doubles last = zero + (kBuckets - 1);
-  typename S::Doubles position = (job.top - l) * job.scale;
+  const Doubles last = zero + (kBuckets - 1);
+  Doubles position = (job.top - l) * job.scale;
   position = position < last ? position : last;
-  position = candidate ? position : last + 1;
-  const typename S::Bits index = __builtin_bit_cast(typename S::Bits, position + 0x1.8p52) -
-                                 __builtin_bit_cast(uint64_t, 0x1.8p52);
+  position = l < floor ? last + 1 : position;
+  const typename Simd<N>::Bits index =
+      __builtin_bit_cast(typename Simd<N>::Bits, position + 0x1.8p52) -
+      __builtin_bit_cast(uint64_t, 0x1.8p52);
   if (job.min_p) {
-    const typename S::Mask keep = x >= job.log_min_p + job.min_p_unsure;
-    unsure |= candidate & ~keep & (x > job.log_min_p - job.min_p_unsure);
-    kept_mass += (candidate & keep) ? w : zero;
+    const Doubles keep_from = zero + (job.log_min_p + job.min_p_unsure);
+    const Doubles cut_below = zero + (job.log_min_p - job.min_p_unsure);
+    kept_mass += keep_from <= x ? w : zero;  // w is 0 for no candidate
+    const Doubles near = cut_below < x ? zero + 1.0 : zero;
+    unsure += x < keep_from ? (l < floor ? zero : near) : zero;
   }
-  // Through memory, one lane at a time: a scatter that adds cannot run on lanes.
-  alignas(64) uint64_t indices[N];
-  alignas(64) double weights[N];
-  std::memcpy(indices, &index, sizeof indices);
-  std::memcpy(weights, &w, sizeof weights);
-#pragma GCC unroll 8
-  for (int j = 0; j < count; ++j) {
-    job.buckets[t + j] = static_cast<uint16_t>(indices[j]);
-    job.mass[static_cast<size_t>(j) * (kBuckets + 1) + indices[j]] += weights[j];
-  }
+  std::memcpy(weights, &w, sizeof w);
+  std::memcpy(indices, &index, sizeof index);
 }
 
+// Blocks of tokens in two loops: the lanes' arithmetic, whose iterations are independent and
+// overlap, then the adds into the buckets one token at a time (a scatter that adds cannot run
+// on lanes). In one loop, each token's add waited on its exp.
 template <int N>
 [[gnu::always_inline]] inline void WeighTokens(WeighJob& job) {
-  typename Simd<N>::Doubles kept_mass = {};
-  typename Simd<N>::Mask unsure = {};
-  int64_t t = job.begin;
-  for (; t + N <= job.end; t += N) WeighLanes<N>(job, t, N, kept_mass, unsure);
-  if (t < job.end) WeighLanes<N>(job, t, static_cast<int>(job.end - t), kept_mass, unsure);
+  constexpr int kBlock = 256;
+  alignas(64) double weights[kBlock];
+  alignas(64) uint64_t indices[kBlock];
+  typename Simd<N>::Doubles kept_mass = {}, unsure = {};
+  for (int64_t start = job.begin; start < job.end; start += kBlock) {
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, job.end - start));
+    int whole = 0;
+    for (; whole + N <= count; whole += N) {
+      typename Simd<N>::Floats raw;
+      std::memcpy(&raw, job.logits + start + whole, sizeof raw);
+      WeighLanes<N>(job, raw, weights + whole, indices + whole, kept_mass, unsure);
+    }
+    if (whole < count) {  // the last few tokens, the other lanes no candidates
+      typename Simd<N>::Floats raw;
+      for (int j = 0; j < N; ++j) raw[j] = -INFINITY;
+      std::memcpy(&raw, job.logits + start + whole,
+                  sizeof(float) * static_cast<size_t>(count - whole));
+      WeighLanes<N>(job, raw, weights + whole, indices + whole, kept_mass, unsure);
+    }
+    uint16_t* buckets = job.buckets + start;
+    int i = 0;
+    for (; i + N <= count; i += N) {
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) {
+        buckets[i + j] = static_cast<uint16_t>(indices[i + j]);
+        job.mass[static_cast<size_t>(j) * (kBuckets + 1) + indices[i + j]] += weights[i + j];
+      }
+    }
+    for (int j = 0; i < count; ++i, ++j) {
+      buckets[i] = static_cast<uint16_t>(indices[i]);
+      job.mass[static_cast<size_t>(j) * (kBuckets + 1) + indices[i]] += weights[i];
+    }
+  }
   for (int j = 0; j < N; ++j) {
     job.kept_mass += kept_mass[j];
-    job.unsure = job.unsure || unsure[j] != 0;
+    job.unsure = job.unsure || unsure[j] != 0.0;
   }
 }
 
@@ -244,6 +277,19 @@ std::pair<int, void (*)(WeighJob&)> WeighFor(bool widest) {
 double ApproxExp1(double x) {
   Simd<2>::Doubles lanes = Simd<2>::Doubles{} + x;
   ApproxExpInPlace<2>(lanes);
+  return lanes[0];
+}
+
+// The same on wider lanes, where the compiler may fuse multiplies and adds: not always the
+// same bits as on two.
+[[gnu::target("avx2")]] double ApproxExp4(double x) {
+  Simd<4>::Doubles lanes = Simd<4>::Doubles{} + x;
+  ApproxExpInPlace<4>(lanes);
+  return lanes[0];
+}
+[[gnu::target("avx512f,avx512dq")]] double ApproxExp8(double x) {
+  Simd<8>::Doubles lanes = Simd<8>::Doubles{} + x;
+  ApproxExpInPlace<8>(lanes);
   return lanes[0];
 }
 
@@ -316,7 +362,16 @@ TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run
   return choice;
 }
 
-double ApproxExp(double x) { return ApproxExp1(x); }
+double ApproxExp(double x, bool widest) {
+  switch (WeighFor(widest).first) {
+    case 8:
+      return ApproxExp8(x);
+    case 4:
+      return ApproxExp4(x);
+    default:
+      return ApproxExp1(x);
+  }
+}
 
 // Without top-k, the exact path's token is the first candidate (in sampling order) whose
 // running sum of normalised weights exceeds u = canonical * kept, where kept is that sum up to

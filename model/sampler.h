@@ -102,9 +102,10 @@ class Sampler {
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty
 };
 
-// e^x for x in [-80, 0] within 2^-50 of it, relative: the fast path's weights (exposed for its
-// test).
-double ApproxExp(double x);
+// e^x for x in [-80, 0] within 2^-50 of it, relative: the fast path's weights, computed as its
+// pass computes them on SSE2's two lanes or (widest) on the widest lanes the CPU has. Exposed
+// for its test.
+double ApproxExp(double x, bool widest);
 
 // Watches generated text for stop strings. Text that might be the start of a stop string is
 // held back until it is clear.
