@@ -207,11 +207,13 @@ template <int N>
       __builtin_bit_cast(typename Simd<N>::Bits, position + 0x1.8p52) -
       __builtin_bit_cast(uint64_t, 0x1.8p52);
   if (job.min_p) {
+    // A candidate's weight is at least e^-80 > 0, anything else's 0: w itself says which.
     const Doubles keep_from = zero + (job.log_min_p + job.min_p_unsure);
     const Doubles cut_below = zero + (job.log_min_p - job.min_p_unsure);
-    kept_mass += keep_from <= x ? w : zero;  // w is 0 for no candidate
-    const Doubles near = cut_below < x ? zero + 1.0 : zero;
-    unsure += x < keep_from ? (l < floor ? zero : near) : zero;
+    // (Each compare feeds one select: GCC splits a compare that feeds two into one per lane.)
+    const Doubles below_keep = x < keep_from ? w : zero;
+    kept_mass += w - below_keep;                  // exactly w or 0
+    unsure += cut_below < x ? below_keep : zero;  // nonzero: a candidate too near the cut
   }
   std::memcpy(weights, &w, sizeof w);
   std::memcpy(indices, &index, sizeof index);
