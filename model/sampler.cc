@@ -380,8 +380,8 @@ double ApproxExp(double x, bool widest) {
 // top-p's and min-p's cut. Every such sum here, taken in another order from weights within
 // 2^-45 of the exact path's, lies within `margin` of the exact path's (error bounds of
 // recursive summation, both paths against the true sums). So where each decision clears the
-// margin, it is the exact path's decision; where one does not, the exact path decides (about
-// one draw in a million on a flat 32,000-token vocabulary). The order is needed only inside
+// margin, it is the exact path's decision; where one does not, the exact path decides (a few
+// draws in a million on a flat 32,000-token vocabulary). The order is needed only inside
 // one bucket of logits: the mass of the buckets before it is a sum of per-bucket sums.
 std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double canonical, int parts,
                                          PartRunner run) {
