@@ -404,7 +404,9 @@ std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double cano
       options_.margin_scale *
       ((8.0 * static_cast<double>(vocab + kBuckets) + 1024.0) * 0x1p-53 + 0x1p-40);
 
-  const auto [lanes, weigh] = WeighFor(options_.widest_simd);
+  const std::pair<int, void (*)(WeighJob&)> pass = WeighFor(options_.widest_simd);
+  const int lanes = pass.first;
+  void (*const weigh)(WeighJob&) = pass.second;
   const size_t part_stride = static_cast<size_t>(lanes) * (kBuckets + 1);
   // Padded to whole blocks of eight with no bucket, for the search by blocks below.
   buckets_.resize(static_cast<size_t>((vocab + 7) / 8 * 8));

@@ -344,6 +344,7 @@ TEST_CASE(
   CHECK(scheduler.stats().kv_cache_budget_bytes <= budget);
   CHECK(scheduler.stats().kv_cache_budget_bytes > budget - f.model->kv_block_bytes());
   std::vector<std::shared_ptr<RequestHandle>> handles;
+  handles.reserve(requests);
   for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(ToContextEnd(i)));
   for (int i = 0; i < requests; ++i) {
     INFO("request " << i);
@@ -378,6 +379,7 @@ TEST_CASE("sampled requests batched together get the tokens they get alone, samp
     options.sampling_threads = threads;
     Scheduler scheduler(f.model, nullptr, options);
     std::vector<std::shared_ptr<RequestHandle>> handles;
+    handles.reserve(requests);
     for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(ToContextEnd(i)));
     for (int i = 0; i < requests; ++i) {
       INFO(threads << " sampling threads, request " << i);
@@ -426,6 +428,7 @@ TEST_CASE(
     };
     Scheduler scheduler(std::shared_ptr<model::Model>(*std::move(checkpoint)), nullptr, options);
     std::vector<std::shared_ptr<RequestHandle>> handles;
+    handles.reserve(requests);
     for (int i = 0; i < requests; ++i) handles.push_back(*scheduler.Submit(make(i)));
     for (auto& handle : handles) reference.push_back(Collect(*handle));
     for (int i = 0; i < 1000 && !scheduler.Idle(); ++i)

@@ -365,7 +365,8 @@ std::vector<OpCase> OpTable() {
                          REQUIRE(b.compute().Embed(table, mem.Put(tokens), n, out).ok());
                          std::vector<double> want;
                          for (int32_t token : tokens)
-                           for (int64_t c = 0; c < 37; ++c) want.push_back(dense[token * 37 + c]);
+                           for (int64_t c = 0; c < 37; ++c)
+                             want.push_back(dense[static_cast<int64_t>(token) * 37 + c]);
                          CheckClose(mem.Get(out, want.size()), want, {}, 0, 0);
                        }
                      }});
@@ -389,8 +390,9 @@ std::vector<OpCase> OpTable() {
                      CHECK(bad == 0);
                    }});
   // ---- norms: model width, per head (Qwen3) and whole projection (OLMoE); y may be x
-  for (auto [rows, width] :
+  for (const std::pair<int64_t, int64_t>& shape :
        std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {2, 37}, {8, 128}, {24, 16}, {3, 4096}}) {
+    const int64_t rows = shape.first, width = shape.second;  // (not bindings: lambdas capture them)
     cases.push_back({Op::kRmsNorm, WeightFormat::kF32, Shape({{"rows", rows}, {"width", width}}),
                      [rows, width](Backend& b) {
                        std::mt19937 rng(static_cast<uint32_t>(rows * width));
@@ -412,8 +414,11 @@ std::vector<OpCase> OpTable() {
                      }});
   }
   // ---- rope: positions far into the context, both thetas the architectures use
-  for (auto [heads, head_dim, theta] : std::vector<std::tuple<int64_t, int64_t, double>>{
+  for (const std::tuple<int64_t, int64_t, double>& shape :
+       std::vector<std::tuple<int64_t, int64_t, double>>{
            {1, 2, 1e4}, {3, 8, 1e6}, {4, 64, 1e4}, {2, 128, 1e6}}) {
+    const int64_t heads = std::get<0>(shape), head_dim = std::get<1>(shape);
+    const double theta = std::get<2>(shape);
     cases.push_back(
         {Op::kRope, WeightFormat::kF32, Shape({{"heads", heads}, {"head_dim", head_dim}, {"n", 8}}),
          [heads, head_dim, theta](Backend& b) {
@@ -597,7 +602,8 @@ std::vector<OpCase> OpTable() {
            // Token 0: every logit equal (all tied); token 1: pairs of equal logits.
            for (int64_t e = 0; e < experts; ++e) {
              logits[e] = 0.25f;
-             logits[experts + e] = static_cast<float>(e / 2);
+             const int64_t pair = e / 2;  // equal for 2k and 2k + 1
+             logits[experts + e] = static_cast<float>(pair);
            }
            std::vector<float> bias = Random(static_cast<size_t>(experts), rng, 0.05f);
            RouterSpec spec;
