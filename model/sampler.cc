@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -264,15 +263,20 @@ template <int N>
 }
 
 void WeighTokensSse2(WeighJob& job) { WeighTokens<2>(job); }
+#if defined(__x86_64__)
 [[gnu::target("avx2")]] void WeighTokensAvx2(WeighJob& job) { WeighTokens<4>(job); }
 [[gnu::target("avx512f,avx512dq")]] void WeighTokensAvx512(WeighJob& job) { WeighTokens<8>(job); }
+#endif
 
-// The widest lanes this CPU runs (2 when `widest` is off) and the pass built for them.
-std::pair<int, void (*)(WeighJob&)> WeighFor(bool widest) {
+// The widest lanes this CPU runs (2 when `widest` is off, or off x86-64) and the pass built for
+// them.
+std::pair<int, void (*)(WeighJob&)> WeighFor([[maybe_unused]] bool widest) {
+#if defined(__x86_64__)
   if (widest && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
     return {8, WeighTokensAvx512};
   }
   if (widest && __builtin_cpu_supports("avx2")) return {4, WeighTokensAvx2};
+#endif
   return {2, WeighTokensSse2};
 }
 
@@ -282,6 +286,7 @@ double ApproxExp1(double x) {
   return lanes[0];
 }
 
+#if defined(__x86_64__)
 // The same on wider lanes, where the compiler may fuse multiplies and adds: not always the
 // same bits as on two.
 [[gnu::target("avx2")]] double ApproxExp4(double x) {
@@ -294,6 +299,7 @@ double ApproxExp1(double x) {
   ApproxExpInPlace<8>(lanes);
   return lanes[0];
 }
+#endif
 
 }  // namespace
 
@@ -364,15 +370,18 @@ TokenChoice Sampler::Next(absl::Span<const float> raw, int parts, PartRunner run
   return choice;
 }
 
-double ApproxExp(double x, bool widest) {
+double ApproxExp(double x, [[maybe_unused]] bool widest) {
+#if defined(__x86_64__)
   switch (WeighFor(widest).first) {
     case 8:
       return ApproxExp8(x);
     case 4:
       return ApproxExp4(x);
     default:
-      return ApproxExp1(x);
+      break;
   }
+#endif
+  return ApproxExp1(x);
 }
 
 // Without top-k, the exact path's token is the first candidate (in sampling order) whose
@@ -518,8 +527,8 @@ int32_t Sampler::ExactDraw(int32_t best, double canonical, int parts, PartRunner
   // The candidates in sampling order (descending logit, ties to the lower id). Without
   // top-k, only tokens whose weight exp((l - max) / T) reaches 2^-60: every other weight is
   // below half an ulp of the sums below (which start at exp(0) = 1 and only grow), so it
-  // would change no sum and can never be drawn. Sampling then costs a partial pass over the
-  // vocabulary, not a sort of it, and gives the tokens a full sort would.
+  // would change no sum and can never be drawn: the tokens are those a sort of the whole
+  // vocabulary would give.
   std::vector<uint64_t>& keys = keys_;
   keys.clear();
   const float max_logit = logits[best];
