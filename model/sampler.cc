@@ -96,31 +96,15 @@ Extremes FindExtremes(const std::vector<float>& logits) {
   return {static_cast<int32_t>(best), bottom};
 }
 
-// N doubles, their comparisons' masks and their bits, in GCC's vector extension: lowered to
+// N doubles, their bits and N floats, in GCC's vector extension: lowered to
 // SSE2 (which every x86-64 has) for 2, and to AVX2 or AVX-512 for 4 and 8 inside functions
 // built for those (chosen at run time).
 template <int N>
-struct Simd;
-template <>
-struct Simd<2> {
-  using Doubles = double __attribute__((vector_size(16)));
-  using Mask = int64_t __attribute__((vector_size(16)));
-  using Bits = uint64_t __attribute__((vector_size(16)));
-  using Floats = float __attribute__((vector_size(8)));
-};
-template <>
-struct Simd<4> {
-  using Doubles = double __attribute__((vector_size(32)));
-  using Mask = int64_t __attribute__((vector_size(32)));
-  using Bits = uint64_t __attribute__((vector_size(32)));
-  using Floats = float __attribute__((vector_size(16)));
-};
-template <>
-struct Simd<8> {
-  using Doubles = double __attribute__((vector_size(64)));
-  using Mask = int64_t __attribute__((vector_size(64)));
-  using Bits = uint64_t __attribute__((vector_size(64)));
-  using Floats = float __attribute__((vector_size(32)));
+struct Simd {
+  // (typedef, not using: GCC keeps a dependent vector_size only on a typedef.)
+  typedef double Doubles __attribute__((vector_size(8 * N)));
+  typedef uint64_t Bits __attribute__((vector_size(8 * N)));
+  typedef float Floats __attribute__((vector_size(4 * N)));
 };
 
 // e^x in place: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^13 (the
