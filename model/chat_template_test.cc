@@ -8,6 +8,7 @@
 #include <random>
 
 #include "model/chat_output_parser.h"
+#include "tests/scratch_dir.h"
 
 namespace moed::model {
 namespace {
@@ -15,20 +16,9 @@ namespace {
 namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() /
-           ("moed-chat-" + std::to_string(getpid()) + "-" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  void Write(const std::string& name, const std::string& text) const {
-    std::ofstream(path / name, std::ios::binary) << text;
-  }
-  static inline int counter = 0;
-};
+void Write(const testing::ScratchDir& dir, const std::string& name, const std::string& text) {
+  std::ofstream(dir / name, std::ios::binary) << text;
+}
 
 std::string RenderOne(const ChatTemplate& t, Json messages, Json tools = nullptr) {
   ChatTemplateInput input;
@@ -44,49 +34,49 @@ std::string RenderOne(const ChatTemplate& t, Json messages, Json tools = nullptr
 const Json kHello = Json::parse(R"([{"role": "user", "content": "hi"}])");
 
 TEST_CASE("chat template: tokenizer_config.json string, with its special tokens") {
-  TempDir dir;
-  dir.Write("tokenizer_config.json", R"({"bos_token": {"content": "<s>", "special": true},
+  const testing::ScratchDir dir("moed-chat");
+  Write(dir, "tokenizer_config.json", R"({"bos_token": {"content": "<s>", "special": true},
     "eos_token": "</s>", "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"})");
-  auto t = ChatTemplate::LoadForModel(dir.path.string(), "");
+  auto t = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(t.ok());
   REQUIRE(t->has_value());
   CHECK(RenderOne(**t, kHello) == "<s>hi</s>");
 }
 
 TEST_CASE("chat template: absent tokens stay undefined, absent template is none") {
-  TempDir dir;
-  dir.Write("tokenizer_config.json",
-            R"({"bos_token": null, "chat_template": "[{{ bos_token is defined }}]"})");
-  auto t = ChatTemplate::LoadForModel(dir.path.string(), "");
+  const testing::ScratchDir dir("moed-chat");
+  Write(dir, "tokenizer_config.json",
+        R"({"bos_token": null, "chat_template": "[{{ bos_token is defined }}]"})");
+  auto t = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(t.ok());
   CHECK(RenderOne(**t, kHello) == "[False]");
-  TempDir empty;
-  empty.Write("tokenizer_config.json", R"({"eos_token": "</s>"})");
-  auto none = ChatTemplate::LoadForModel(empty.path.string(), "");
+  const testing::ScratchDir empty("moed-chat");
+  Write(empty, "tokenizer_config.json", R"({"eos_token": "</s>"})");
+  auto none = ChatTemplate::LoadForModel(empty.path().string(), "");
   REQUIRE(none.ok());
   CHECK(!none->has_value());
 }
 
 TEST_CASE("chat template: chat_template.jinja wins over the config, a given file over both") {
-  TempDir dir;
-  dir.Write("tokenizer_config.json", R"({"chat_template": "config"})");
-  dir.Write("chat_template.jinja", "jinja file\n");
-  dir.Write("override.jinja", "override");
-  auto beside = ChatTemplate::LoadForModel(dir.path.string(), "");
+  const testing::ScratchDir dir("moed-chat");
+  Write(dir, "tokenizer_config.json", R"({"chat_template": "config"})");
+  Write(dir, "chat_template.jinja", "jinja file\n");
+  Write(dir, "override.jinja", "override");
+  auto beside = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(beside.ok());
   CHECK(RenderOne(**beside, kHello) == "jinja file");
   auto given =
-      ChatTemplate::LoadForModel(dir.path.string(), (dir.path / "override.jinja").string());
+      ChatTemplate::LoadForModel(dir.path().string(), (dir.path() / "override.jinja").string());
   REQUIRE(given.ok());
   CHECK(RenderOne(**given, kHello) == "override");
-  CHECK((*given)->origin() == (dir.path / "override.jinja").string());
+  CHECK((*given)->origin() == (dir.path() / "override.jinja").string());
 }
 
 TEST_CASE("chat template: named templates: tool_use serves requests with tools") {
-  TempDir dir;
-  dir.Write("tokenizer_config.json", R"({"chat_template": [
+  const testing::ScratchDir dir("moed-chat");
+  Write(dir, "tokenizer_config.json", R"({"chat_template": [
     {"name": "default", "template": "plain"}, {"name": "tool_use", "template": "tools:{{ tools|length }}"}]})");
-  auto t = ChatTemplate::LoadForModel(dir.path.string(), "");
+  auto t = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(t.ok());
   CHECK(RenderOne(**t, kHello) == "plain");
   CHECK(
@@ -94,9 +84,9 @@ TEST_CASE("chat template: named templates: tool_use serves requests with tools")
       "tools:1");
   CHECK((*t)->names() == std::vector<std::string>{"default", "tool_use"});
 
-  dir.Write("tokenizer_config.json",
-            R"({"chat_template": [{"name": "tool_use", "template": "tools only"}]})");
-  auto tools_only = ChatTemplate::LoadForModel(dir.path.string(), "");
+  Write(dir, "tokenizer_config.json",
+        R"({"chat_template": [{"name": "tool_use", "template": "tools only"}]})");
+  auto tools_only = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(tools_only.ok());
   ChatTemplateInput plain;
   plain.messages = kHello;
@@ -106,18 +96,18 @@ TEST_CASE("chat template: named templates: tool_use serves requests with tools")
 }
 
 TEST_CASE("chat template: bad templates and configs are errors naming the file and line") {
-  TempDir dir;
-  dir.Write("tokenizer_config.json", R"({"chat_template": "ok\n{% if %}"})");
-  auto bad = ChatTemplate::LoadForModel(dir.path.string(), "");
+  const testing::ScratchDir dir("moed-chat");
+  Write(dir, "tokenizer_config.json", R"({"chat_template": "ok\n{% if %}"})");
+  auto bad = ChatTemplate::LoadForModel(dir.path().string(), "");
   REQUIRE(!bad.ok());
   CHECK(bad.status().message().find("tokenizer_config.json: chat template: template line 2:") !=
         std::string::npos);
-  dir.Write("tokenizer_config.json", R"({"chat_template": 5})");
-  CHECK(!ChatTemplate::LoadForModel(dir.path.string(), "").ok());
-  dir.Write("tokenizer_config.json", "{not json");
-  CHECK(!ChatTemplate::LoadForModel(dir.path.string(), "").ok());
-  dir.Write("tokenizer_config.json", "{}");
-  CHECK(ChatTemplate::LoadForModel(dir.path.string(), "/nonexistent.jinja").status().code() ==
+  Write(dir, "tokenizer_config.json", R"({"chat_template": 5})");
+  CHECK(!ChatTemplate::LoadForModel(dir.path().string(), "").ok());
+  Write(dir, "tokenizer_config.json", "{not json");
+  CHECK(!ChatTemplate::LoadForModel(dir.path().string(), "").ok());
+  Write(dir, "tokenizer_config.json", "{}");
+  CHECK(ChatTemplate::LoadForModel(dir.path().string(), "/nonexistent.jinja").status().code() ==
         absl::StatusCode::kNotFound);
 }
 

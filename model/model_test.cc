@@ -2,14 +2,13 @@
 // invariance, prefill/decode agreement and refusal of bad input.
 #include "model/model.h"
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 
 #include "kernels/test_backend.h"
 #include "model/generate.h"
+#include "tests/scratch_dir.h"
 #include "tools/reencode/reencode.h"
 #include "tools/synth/synthesizer.h"
 
@@ -17,15 +16,6 @@ namespace moed::model {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct TempDir {
-  TempDir() : path(fs::temp_directory_path() / ("moed_model_test_" + std::to_string(getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  fs::path path;
-};
 
 fs::path Synthesize(const fs::path& root, Architecture arch, const std::string& name) {
   auto spec = tools::PresetSpec("tiny", arch);
@@ -47,32 +37,32 @@ GreedyResult Run(const fs::path& dir, const std::vector<int32_t>& prompt, int st
 const std::vector<int32_t> kPrompt = {5, 300, 17, 42, 99, 7, 256};
 
 TEST_CASE("fp32 and sharded copies give bitwise the same logits, fp16 nearly") {
-  TempDir tmp;
+  const testing::ScratchDir tmp("moed_model_test");
   for (Architecture arch :
        {Architecture::kMixtral, Architecture::kQwen2Moe, Architecture::kQwen3Moe,
         Architecture::kOlmoe, Architecture::kDeepseekV2, Architecture::kDeepseekV3}) {
     INFO(ArchitectureShortName(arch));
     std::string name(ArchitectureShortName(arch));
-    fs::path source = Synthesize(tmp.path, arch, name);
+    fs::path source = Synthesize(tmp.path(), arch, name);
     GreedyResult reference = Run(source, kPrompt, 4);
 
     tools::ReencodeOptions f32{kernels::DType::kF32, 1};
-    REQUIRE(tools::Reencode(source.string(), (tmp.path / (name + "-f32")).string(), f32).ok());
+    REQUIRE(tools::Reencode(source.string(), (tmp.path() / (name + "-f32")).string(), f32).ok());
     tools::ReencodeOptions shards{kernels::DType::kBF16, 3};
     REQUIRE(
-        tools::Reencode(source.string(), (tmp.path / (name + "-sharded")).string(), shards).ok());
-    CHECK(fs::exists(tmp.path / (name + "-sharded") / "model-00003-of-00003.safetensors"));
-    CHECK(fs::exists(tmp.path / (name + "-sharded") / "model.safetensors.index.json"));
+        tools::Reencode(source.string(), (tmp.path() / (name + "-sharded")).string(), shards).ok());
+    CHECK(fs::exists(tmp.path() / (name + "-sharded") / "model-00003-of-00003.safetensors"));
+    CHECK(fs::exists(tmp.path() / (name + "-sharded") / "model.safetensors.index.json"));
     for (const char* variant : {"-f32", "-sharded"}) {
-      GreedyResult other = Run(tmp.path / (name + variant), kPrompt, 4);
+      GreedyResult other = Run(tmp.path() / (name + variant), kPrompt, 4);
       CHECK(other.prompt_logits == reference.prompt_logits);  // bf16 widens exactly
       CHECK(other.greedy_logits == reference.greedy_logits);
       CHECK(other.greedy == reference.greedy);
     }
 
     tools::ReencodeOptions f16{kernels::DType::kF16, 1};
-    REQUIRE(tools::Reencode(source.string(), (tmp.path / (name + "-f16")).string(), f16).ok());
-    GreedyResult half = Run(tmp.path / (name + "-f16"), kPrompt, 0);
+    REQUIRE(tools::Reencode(source.string(), (tmp.path() / (name + "-f16")).string(), f16).ok());
+    GreedyResult half = Run(tmp.path() / (name + "-f16"), kPrompt, 0);
     double worst = 0;
     for (size_t r = 0; r < half.prompt_logits.size(); ++r) {
       for (size_t i = 0; i < half.prompt_logits[r].size(); ++i) {
@@ -85,8 +75,8 @@ TEST_CASE("fp32 and sharded copies give bitwise the same logits, fp16 nearly") {
 }
 
 TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequences") {
-  TempDir tmp;
-  fs::path dir = Synthesize(tmp.path, Architecture::kQwen3Moe, "qwen3");
+  const testing::ScratchDir tmp("moed_model_test");
+  fs::path dir = Synthesize(tmp.path(), Architecture::kQwen3Moe, "qwen3");
   auto model = Model::Load(dir.string(), kernels::TestCpuBackend(2));
   REQUIRE(model.ok());
   const int64_t vocab = (*model)->config().vocab_size;
@@ -127,8 +117,8 @@ TEST_CASE("prefill and token-by-token decode agree bitwise, so do batched sequen
 }
 
 TEST_CASE("bad tokens and a full context are refused and change nothing") {
-  TempDir tmp;
-  fs::path dir = Synthesize(tmp.path, Architecture::kMixtral, "mixtral");
+  const testing::ScratchDir tmp("moed_model_test");
+  fs::path dir = Synthesize(tmp.path(), Architecture::kMixtral, "mixtral");
   auto model = Model::Load(dir.string(), kernels::TestCpuBackend(1));
   REQUIRE(model.ok());
   KvCache cache((*model)->backend().device(), (*model)->config(), 4);
@@ -145,8 +135,8 @@ TEST_CASE("bad tokens and a full context are refused and change nothing") {
 }
 
 TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the problem") {
-  TempDir tmp;
-  fs::path dir = Synthesize(tmp.path, Architecture::kMixtral, "mixtral");
+  const testing::ScratchDir tmp("moed_model_test");
+  fs::path dir = Synthesize(tmp.path(), Architecture::kMixtral, "mixtral");
   fs::path weights = dir / "model.safetensors";
 
   SECTION("truncated weights") {
@@ -177,7 +167,7 @@ TEST_CASE("corrupt and truncated checkpoints give errors naming the file and the
     CHECK(model.status().message().find(weights.string()) != std::string::npos);
   }
   SECTION("an index naming a file that is not there") {
-    fs::path sharded = tmp.path / "sharded";
+    fs::path sharded = tmp.path() / "sharded";
     REQUIRE(tools::Reencode(dir.string(), sharded.string(), {kernels::DType::kBF16, 2}).ok());
     fs::remove(sharded / "model-00002-of-00002.safetensors");
     auto model = Model::Load(sharded.string(), kernels::TestCpuBackend());

@@ -271,8 +271,8 @@ double ApproxExp1(double x) {
 }
 
 #if defined(__x86_64__)
-// The same on wider lanes, where the compiler may fuse multiplies and adds: not always the
-// same bits as on two.
+// The same on wider lanes. AVX-512 brings fused multiply-adds, which the compiler uses: not
+// always the same bits as on two lanes, so the test checks each width.
 [[gnu::target("avx2")]] double ApproxExp4(double x) {
   Simd<4>::Doubles lanes = Simd<4>::Doubles{} + x;
   ApproxExpInPlace<4>(lanes);
@@ -405,7 +405,7 @@ std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double cano
   buckets_.resize(static_cast<size_t>((vocab + 7) / 8 * 8));
   std::fill(buckets_.begin() + vocab, buckets_.end(), uint16_t{kBuckets});
   bucket_mass_.assign(static_cast<size_t>(parts) * part_stride, 0.0);
-  part_sums_.assign(static_cast<size_t>(parts) * 2, 0.0);
+  part_sums_.assign(static_cast<size_t>(parts), PartSums{});
   run(parts, [&](int part) {
     WeighJob job{.logits = logits.data(),
                  .begin = vocab * part / parts,
@@ -420,8 +420,7 @@ std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double cano
                  .buckets = buckets_.data(),
                  .mass = bucket_mass_.data() + static_cast<size_t>(part) * part_stride};
     weigh(job);
-    part_sums_[static_cast<size_t>(part) * 2] = job.kept_mass;
-    part_sums_[static_cast<size_t>(part) * 2 + 1] = job.unsure ? 1.0 : 0.0;
+    part_sums_[static_cast<size_t>(part)] = {job.kept_mass, job.unsure};
   });
 
   std::array<double, kBuckets> bucket_mass{};
@@ -433,8 +432,8 @@ std::optional<int32_t> Sampler::FastDraw(int32_t best, float lowest, double cano
         bucket_mass[static_cast<size_t>(b)] += mass[static_cast<size_t>(lane) * (kBuckets + 1) + b];
       }
     }
-    kept_by_min_p += part_sums_[static_cast<size_t>(part) * 2];
-    if (part_sums_[static_cast<size_t>(part) * 2 + 1] != 0) return std::nullopt;
+    kept_by_min_p += part_sums_[static_cast<size_t>(part)].kept_by_min_p;
+    if (part_sums_[static_cast<size_t>(part)].unsure) return std::nullopt;
   }
   for (double m : bucket_mass) total += m;
   if (!(total > 0) || !std::isfinite(total)) return std::nullopt;

@@ -90,13 +90,17 @@ class Sampler {
   std::mt19937_64 rng_;
   // Kept from token to token: a step allocates nothing once they have grown.
   std::vector<float> logits_;
-  std::vector<uint64_t> keys_, scratch_;
+  std::vector<uint64_t> keys_;
   std::vector<std::vector<uint64_t>> part_keys_, part_scratch_;  // one of each per part
   std::vector<uint64_t> pivots_, pivot_cuts_;  // where the parts' ranges of keys begin
   std::vector<double> probabilities_, running_sums_;
   std::vector<uint16_t> buckets_;    // the fast path's logit bucket of every token
   std::vector<double> bucket_mass_;  // per part and lane, the weight in each bucket
-  std::vector<double> part_sums_;    // per part: min-p's kept weight, and whether it was unsure
+  struct PartSums {
+    double kept_by_min_p = 0;  // the weight min-p surely keeps
+    bool unsure = false;       // a candidate too near min-p's cut to tell
+  };
+  std::vector<PartSums> part_sums_;  // the fast path's, per part
   std::vector<uint64_t> members_;    // one bucket's candidates
   absl::flat_hash_map<int32_t, int> output_counts_;
   absl::flat_hash_map<int32_t, bool> seen_;  // prompt and output, for repetition_penalty

@@ -1,8 +1,6 @@
 // The engine's set-up from the configuration: budgets resolved from what the device has free.
 #include "server/engine.h"
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <filesystem>
 

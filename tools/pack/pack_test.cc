@@ -2,8 +2,6 @@
 // bytes, and clear errors for corrupt, truncated or malformed stores.
 #include "tools/pack/pack.h"
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -16,6 +14,7 @@
 #include "kernels/test_backend.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
+#include "tests/scratch_dir.h"
 #include "tools/synth/synthesizer.h"
 #include "xxhash.h"
 
@@ -23,15 +22,6 @@ namespace moed::tools {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct TempDir {
-  TempDir() : path(fs::temp_directory_path() / ("moed_pack_test_" + std::to_string(getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  fs::path path;
-};
 
 std::string ReadFile(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -70,15 +60,15 @@ double MaxDiff(const model::GreedyResult& a, const model::GreedyResult& b) {
 
 TEST_CASE(
     "a store's source precision gives bitwise the checkpoint's logits, int8 and int4 stay close") {
-  TempDir tmp;
+  const testing::ScratchDir tmp("moed_pack_test");
   for (auto arch : {model::Architecture::kMixtral, model::Architecture::kQwen2Moe,
                     model::Architecture::kQwen3Moe, model::Architecture::kOlmoe,
                     model::Architecture::kDeepseekV2, model::Architecture::kDeepseekV3}) {
     std::string name(model::ArchitectureShortName(arch));
     INFO(name);
-    fs::path checkpoint = tmp.path / name;
+    fs::path checkpoint = tmp.path() / name;
     REQUIRE(WriteCheckpoint(*PresetSpec("tiny", arch), checkpoint.string()).ok());
-    fs::path store = tmp.path / (name + "-store");
+    fs::path store = tmp.path() / (name + "-store");
     REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{}).ok());
 
     auto model = model::Model::Load(checkpoint.string(), kernels::TestCpuBackend(2));
@@ -101,34 +91,35 @@ TEST_CASE(
 }
 
 TEST_CASE("packing is deterministic, atomic and refuses to overwrite") {
-  TempDir tmp;
-  fs::path checkpoint = tmp.path / "m";
+  const testing::ScratchDir tmp("moed_pack_test");
+  fs::path checkpoint = tmp.path() / "m";
   REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
               .ok());
-  REQUIRE(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).ok());
-  REQUIRE(Pack(checkpoint.string(), (tmp.path / "b").string(), PackOptions{}).ok());
+  REQUIRE(Pack(checkpoint.string(), (tmp.path() / "a").string(), PackOptions{}).ok());
+  REQUIRE(Pack(checkpoint.string(), (tmp.path() / "b").string(), PackOptions{}).ok());
   for (const char* file :
        {"manifest.json", "dense.bin", "experts.bin", "config.json", "tokenizer.json"}) {
-    CHECK(ReadFile(tmp.path / "a" / file) == ReadFile(tmp.path / "b" / file));
+    CHECK(ReadFile(tmp.path() / "a" / file) == ReadFile(tmp.path() / "b" / file));
   }
-  CHECK(Pack(checkpoint.string(), (tmp.path / "a").string(), PackOptions{}).code() ==
+  CHECK(Pack(checkpoint.string(), (tmp.path() / "a").string(), PackOptions{}).code() ==
         absl::StatusCode::kAlreadyExists);
   // A failed pack (no such checkpoint) leaves nothing behind.
-  CHECK_FALSE(Pack((tmp.path / "missing").string(), (tmp.path / "c").string(), PackOptions{}).ok());
-  for (const auto& entry : fs::directory_iterator(tmp.path)) {
+  CHECK_FALSE(
+      Pack((tmp.path() / "missing").string(), (tmp.path() / "c").string(), PackOptions{}).ok());
+  for (const auto& entry : fs::directory_iterator(tmp.path())) {
     CHECK(entry.path().filename().string().find(".tmp-") == std::string::npos);
     CHECK(entry.path().filename() != "c");
   }
   // Every blob is aligned for O_DIRECT.
-  auto store = cache::Store::Open((tmp.path / "a").string());
+  auto store = cache::Store::Open((tmp.path() / "a").string());
   REQUIRE(store.ok());
   for (const cache::BlobEntry& blob : (*store)->manifest().blobs) CHECK(blob.offset % 4096 == 0);
-  CHECK((*store)->manifest().blobs.size() == 2 * 8 * 3);  // layers x experts x precisions
+  CHECK((*store)->manifest().blobs.size() == size_t{2} * 8 * 3);  // layers x experts x precisions
 }
 
 TEST_CASE("a store takes the checkpoint's serving files and nothing else beside its weights") {
-  TempDir tmp;
-  fs::path checkpoint = tmp.path / "m";
+  const testing::ScratchDir tmp("moed_pack_test");
+  fs::path checkpoint = tmp.path() / "m";
   REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
               .ok());
   // What sits beside a downloaded checkpoint: its template and generation config, and files
@@ -138,23 +129,23 @@ TEST_CASE("a store takes the checkpoint's serving files and nothing else beside 
   std::ofstream(checkpoint / "model-q4.gguf") << std::string(1 << 16, 'w');
   std::ofstream(checkpoint / "README.md") << "# a model card";
   fs::create_directories(checkpoint / "original");
-  REQUIRE(Pack(checkpoint.string(), (tmp.path / "s").string(), PackOptions{}).ok());
+  REQUIRE(Pack(checkpoint.string(), (tmp.path() / "s").string(), PackOptions{}).ok());
   for (const char* file :
        {"config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json"}) {
     INFO(file);
-    CHECK(ReadFile(tmp.path / "s" / file) == ReadFile(checkpoint / file));
+    CHECK(ReadFile(tmp.path() / "s" / file) == ReadFile(checkpoint / file));
   }
-  CHECK_FALSE(fs::exists(tmp.path / "s" / "model-q4.gguf"));
-  CHECK_FALSE(fs::exists(tmp.path / "s" / "README.md"));
-  CHECK_FALSE(fs::exists(tmp.path / "s" / "original"));
+  CHECK_FALSE(fs::exists(tmp.path() / "s" / "model-q4.gguf"));
+  CHECK_FALSE(fs::exists(tmp.path() / "s" / "README.md"));
+  CHECK_FALSE(fs::exists(tmp.path() / "s" / "original"));
 }
 
 TEST_CASE("corrupt and truncated stores fail with errors that say where") {
-  TempDir tmp;
-  fs::path checkpoint = tmp.path / "m";
+  const testing::ScratchDir tmp("moed_pack_test");
+  fs::path checkpoint = tmp.path() / "m";
   REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
               .ok());
-  fs::path store = tmp.path / "s";
+  fs::path store = tmp.path() / "s";
   REQUIRE(
       Pack(checkpoint.string(), store.string(), PackOptions{{cache::Precision::kSource}, 64}).ok());
   auto opened = cache::Store::Open(store.string());
@@ -242,11 +233,11 @@ void EditManifest(const fs::path& store, const std::function<void(nlohmann::orde
 }
 
 TEST_CASE("manifests whose fields lie are refused with a Status, never a crash or a wild read") {
-  TempDir tmp;
-  fs::path checkpoint = tmp.path / "m";
+  const testing::ScratchDir tmp("moed_pack_test");
+  fs::path checkpoint = tmp.path() / "m";
   REQUIRE(WriteCheckpoint(*PresetSpec("tiny", model::Architecture::kMixtral), checkpoint.string())
               .ok());
-  fs::path store = tmp.path / "s";
+  fs::path store = tmp.path() / "s";
   REQUIRE(Pack(checkpoint.string(), store.string(), PackOptions{}).ok());
   const std::string original = ReadFile(store / "manifest.json");
   auto refused = [&](const std::function<void(nlohmann::ordered_json&)>& edit) {

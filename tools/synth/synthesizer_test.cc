@@ -1,7 +1,5 @@
 #include "tools/synth/synthesizer.h"
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
